@@ -1,0 +1,1 @@
+"""The ``xraydeconv`` command line (installed as the module ``xraydeconv.cli``)."""

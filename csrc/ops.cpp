@@ -1,0 +1,31 @@
+// The one schema file: every xraydeconv dispatcher op is declared here. Kernels register their
+// implementations per backend in csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL), and the Python side
+// (xraydeconv/ops.py) adds fake tensors and autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing xraydeconv._C from Python runs the static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(xraydeconv, m) {
+  // Max pooling that also returns the "switches": the uint8 position (row * kW + col) of the maximum
+  // inside its window, same shape as the output.
+  m.def("switch_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> (Tensor, Tensor)");
+  // The same into caller-provided buffers (for benchmarking the kernel without page faults).
+  m.def(
+      "switch_pool2d_out(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+      "Tensor(a!) out, Tensor(b!) switches) -> ()");
+  // Exact adjoint of the selection: every input position receives the sum of the pooled values whose
+  // switch points at it. output_size is the (H, W) of the pooling input.
+  m.def(
+      "switch_unpool2d(Tensor y, Tensor switches, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] output_size) -> Tensor");
+  m.def(
+      "switch_unpool2d_out(Tensor y, Tensor switches, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "Tensor(a!) out) -> ()");
+  // Read x at the switch positions: the adjoint of switch_unpool2d (its gradient w.r.t. y).
+  m.def("switch_gather2d(Tensor x, Tensor switches, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+}

@@ -1,0 +1,28 @@
+"""The 24 anatomy classes, in label order, shared by the IRMA grouping and the synthetic phantoms."""
+
+CLASS_NAMES: tuple[str, ...] = (
+    "whole-body",
+    "facial-cranium",
+    "skull",
+    "cervical-spine",
+    "thoracic-spine",
+    "lumbar-spine",
+    "sacrum-coccyx",
+    "hand",
+    "wrist",
+    "forearm",
+    "elbow",
+    "upper-arm",
+    "shoulder",
+    "chest-bones",
+    "chest",
+    "breast",
+    "abdomen",
+    "pelvis",
+    "foot",
+    "ankle",
+    "lower-leg",
+    "knee",
+    "upper-leg",
+    "hip",
+)
