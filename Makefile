@@ -8,7 +8,7 @@ STAMP := $(VENV)/.xraydeconv-installed
 TORCH_PIN ?= torch==2.13.0
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install browser clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -24,8 +24,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/xraydeconv demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The gallery test drives a real headless chromium; install Debian's when we are root with apt.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } \
+	  || echo "chromium not installed: the gallery browser test will be skipped"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
