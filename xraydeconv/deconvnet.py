@@ -1,0 +1,504 @@
+"""Zeiler & Fergus deconvnet: project the most activated filters of a conv layer back into the input.
+
+The parallel network is read from the live modules of ``model.features`` (or a plain ``nn.Sequential``):
+nothing is copied, BatchNorm is folded into the preceding conv's weight on every call, so a model that is
+still being trained is always projected with its current weights.
+
+Going down from the chosen layer, each step is the adjoint of the forward step: unpool with the
+max-pool switches recorded in the forward pass, rectify, and apply the transposed conv with the same
+(BatchNorm-folded) weights and no bias. With ``mode="map"`` this is exactly Captum's
+``NeuronDeconvolution`` with the selector ``(o[:, c] * o[:, c].detach()).sum((1, 2))``; guided backprop
+and the plain gradient are the same walk with a different rule at each ReLU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DeconvNet", "Projection", "MODES", "RANKS", "METHODS"]
+
+MODES = ("map", "max")
+RANKS = ("max", "mean")
+METHODS = ("deconvnet", "guided", "gradient")
+
+# Projections are run in chunks of at most this many (image, filter) pairs so memory stays bounded when a
+# whole batch of images is projected at once (25 maps of a 32x256x256 layer are ~200 MB in fp32).
+DEFAULT_CHUNK = 50
+
+
+@dataclass
+class Projection:
+    """The result of :meth:`DeconvNet.project`.
+
+    Attributes:
+        maps: (B, top_n, C_in, H, W) the projection of each selected filter into input space, in the
+            input's dtype; ``maps[b, k]`` belongs to filter ``channels[b, k]`` of image ``b``.
+        channels: (B, top_n) int64 filter indices of the start layer, strongest first.
+        activations: (B, top_n) the ranking score of each filter (max or mean of its activation map).
+        layer: the start layer as a non-negative conv-layer index (0 = first conv).
+        logits: (B, num_classes) the model's logits when it has a classifier, else None.
+    """
+
+    maps: Tensor
+    channels: Tensor
+    activations: Tensor
+    layer: int
+    logits: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def probs(self) -> Tensor | None:
+        """(B, num_classes) softmax of the logits, or None without a classifier."""
+        return None if self.logits is None else torch.softmax(self.logits.float(), dim=1)
+
+
+# --- the parallel network -------------------------------------------------------------------------------
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+
+
+def _is_switch_pool(m: nn.Module) -> bool:
+    # Recognised by its interface so this module never imports the model side of the package.
+    return hasattr(m, "forward_with_switches") and hasattr(m, "kernel_size")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@dataclass
+class _Step:
+    kind: str  # "conv" | "bn" | "relu" | "pool" | "skip"
+    module: nn.Module
+    name: str
+    bn: nn.BatchNorm2d | None = None  # the BatchNorm folded into this conv
+    conv_index: int = -1
+
+
+def _features_of(model: nn.Module) -> nn.Sequential:
+    if isinstance(model, nn.Sequential):
+        return model
+    feats = getattr(model, "features", None)
+    if isinstance(feats, nn.Sequential):
+        return feats
+    raise TypeError(
+        f"DeconvNet needs an nn.Sequential or a model with an nn.Sequential `.features`, got {type(model).__name__}"
+    )
+
+
+def _plan(features: nn.Sequential, prefix: str) -> list[_Step]:
+    steps: list[_Step] = []
+    n_conv = 0
+    for name, m in features.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros":
+                raise ValueError(f"{full}: only zero-padded convs can be projected (padding_mode={m.padding_mode})")
+            steps.append(_Step("conv", m, full, conv_index=n_conv))
+            n_conv += 1
+        elif isinstance(m, nn.BatchNorm2d):
+            if m.running_mean is None or m.running_var is None:
+                raise ValueError(f"{full}: BatchNorm2d without running statistics cannot be projected")
+            if steps and steps[-1].kind == "conv" and steps[-1].bn is None:
+                steps[-1].bn = m  # folded: the conv then stands for conv+BN
+            else:
+                steps.append(_Step("bn", m, full))
+        elif isinstance(m, nn.ReLU):
+            steps.append(_Step("relu", m, full))
+        elif isinstance(m, nn.MaxPool2d) or _is_switch_pool(m):
+            if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != (1, 1):
+                raise ValueError(f"{full}: dilated max pooling cannot be unpooled with switches")
+            steps.append(_Step("pool", m, full))
+        elif isinstance(m, _DROPOUTS):
+            steps.append(_Step("skip", m, full))
+        else:
+            steps.append(_Step("other", m, full))
+    return steps
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    return scale * bn.weight if bn.weight is not None else scale
+
+
+def _bn_forward(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    # Always the running statistics: projections use eval semantics even while the model trains.
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+# --- pooling with switches --------------------------------------------------------------------------------
+
+
+@dataclass
+class _PoolRecord:
+    """What the forward pass of one max pool leaves behind for the unpooling."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    input_size: tuple[int, int]
+    switches: Tensor | None = None  # uint8, same shape as the pooled output (xraydeconv.ops)
+    indices: Tensor | None = None  # int64 flat indices into the input plane (torch's own max_pool2d)
+
+
+def _ops():
+    try:
+        from xraydeconv import ops
+    except ImportError:
+        return None
+    return ops
+
+
+def _pool_forward(m: nn.Module, x: Tensor) -> tuple[Tensor, _PoolRecord]:
+    ks, st, pd = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
+    rec = _PoolRecord(ks, st, pd, (x.shape[-2], x.shape[-1]))
+    if _is_switch_pool(m):
+        out, rec.switches = m.forward_with_switches(x)
+        return out, rec
+    ops = _ops()
+    if ops is not None and ks[0] * ks[1] <= 255 and ops.has_kernels() and x.device.type in ("cpu", "cuda"):
+        out, rec.switches = ops.switch_pool2d(x, ks, st, pd, m.ceil_mode)
+        return out, rec
+    out, rec.indices = F.max_pool2d(x, ks, st, pd, 1, m.ceil_mode, return_indices=True)
+    return out, rec
+
+
+def _unpool(y: Tensor, rec: _PoolRecord, group: int) -> Tensor:
+    """Adjoint of the pooling selection for ``P = B * group`` signals; image ``p // group`` gave the switches."""
+    P, C, h, w = y.shape
+    H, W = rec.input_size
+    if rec.switches is not None:
+        ops = _ops()
+        sw = rec.switches
+        if group > 1:
+            sw = sw.repeat_interleave(group, dim=0)
+        if ops is not None and hasattr(ops, "switch_unpool2d"):
+            return ops.switch_unpool2d(y.contiguous(), sw, rec.kernel_size, rec.stride, rec.padding, (H, W))
+        idx = ops.switches_to_indices(sw, rec.kernel_size, rec.stride, rec.padding, (H, W))
+        idx = idx.view(P // group, group, C, h * w)
+    else:
+        idx = rec.indices.view(P // group, 1, C, h * w).expand(P // group, group, C, h * w)
+    out = y.new_zeros(P // group, group, C, H * W)
+    # scatter_add (not max_unpool2d's assignment) so that overlapping windows sum, as max-pool's gradient does
+    out.scatter_add_(3, idx, y.reshape(P // group, group, C, h * w))
+    return out.view(P, C, H, W)
+
+
+# --- the deconvnet --------------------------------------------------------------------------------------------
+
+
+class DeconvNet:
+    """Zeiler & Fergus deconvnet over a CNN's conv layers, sharing the model's weights.
+
+    Args:
+        model: an ``nn.Sequential`` of Conv2d / BatchNorm2d / ReLU / MaxPool2d / SwitchMaxPool2d (Dropout and
+            Identity are skipped), or a model holding such a Sequential as ``.features``; in the latter case a
+            ``.classifier`` gives the logits of :class:`Projection`.
+        chunk_size: at most this many (image, filter) projections are computed at once.
+
+    Example::
+
+        dn = DeconvNet(model)
+        p = dn.project(x, top_n=25)        # x: (B, 1, 256, 256)
+        p.maps.shape                       # (B, 25, 1, 256, 256)
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK) -> None:
+        self.model = model
+        self.features = _features_of(model)
+        prefix = "features." if self.features is not model else ""
+        self.steps = _plan(self.features, prefix)
+        self.conv_steps = [i for i, s in enumerate(self.steps) if s.kind == "conv"]
+        if not self.conv_steps:
+            raise ValueError("the model has no Conv2d layer in its features: nothing to project")
+        self.classifier = getattr(model, "classifier", None) if self.features is not model else None
+        self.chunk_size = max(1, int(chunk_size))
+        self._head: Callable[[Tensor], Tensor] | None = None
+
+    # ---- layers ----
+    @property
+    def num_layers(self) -> int:
+        """Number of conv layers (valid ``layer`` indices are ``-num_layers .. num_layers - 1``)."""
+        return len(self.conv_steps)
+
+    def layer_channels(self, layer: int | str = -1) -> int:
+        """Number of filters (output channels) of a conv layer."""
+        return self.steps[self.conv_steps[self.resolve_layer(layer)]].module.out_channels
+
+    def resolve_layer(self, layer: int | str) -> int:
+        """Turn ``layer`` into a non-negative conv index.
+
+        ``layer`` is either an int counting conv layers (negative from the end) or, as a str, the name of a module
+        as in ``named_modules`` (``"features.12"`` or ``"12"``) that must be a Conv2d or the BatchNorm/ReLU after one.
+        """
+        n = self.num_layers
+        if isinstance(layer, str):
+            for i, s in enumerate(self.steps):
+                if layer in (s.name, s.name.removeprefix("features.")):
+                    return self._conv_of_step(i, layer)
+                if s.bn is not None and layer in (self._bn_name(s), self._bn_name(s).removeprefix("features.")):
+                    return s.conv_index
+            raise ValueError(f"layer {layer!r}: no such module in the features")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+            raise ValueError(f"layer {layer}: out of range, the model has {n} conv layers (use {-n}..{n - 1})")
+        return layer % n
+
+    def _bn_name(self, s: _Step) -> str:
+        for name, m in self.features.named_children():
+            if m is s.bn:
+                return ("features." if self.features is not self.model else "") + name
+        return ""
+
+    def _conv_of_step(self, i: int, layer: str) -> int:
+        s = self.steps[i]
+        if s.kind == "conv":
+            return s.conv_index
+        if s.kind == "relu":
+            j = i - 1
+            while j >= 0 and self.steps[j].kind in ("skip", "bn"):
+                j -= 1
+            if j >= 0 and self.steps[j].kind == "conv":
+                return self.steps[j].conv_index
+        raise ValueError(f"layer {layer!r}: {type(s.module).__name__} is not a conv layer")
+
+    def _start_step(self, conv_index: int) -> int:
+        """Index of the step whose output starts the projection: the conv's ReLU (or the conv itself)."""
+        i = self.conv_steps[conv_index]
+        j = i + 1
+        while j < len(self.steps) and self.steps[j].kind in ("skip", "bn"):
+            j += 1
+        if j < len(self.steps) and self.steps[j].kind == "relu":
+            return j
+        return i
+
+    # ---- forward ----
+    def _forward(self, x: Tensor, start: int, guided: bool, need_all: bool):
+        records: dict[int, object] = {}
+        start_act = None
+        h = x
+        last = len(self.steps) - 1 if need_all else start
+        for i, s in enumerate(self.steps[: last + 1]):
+            if s.kind == "conv":
+                records[i] = (h.shape[-2], h.shape[-1])
+                h = s.module(h)
+                if s.bn is not None:
+                    h = _bn_forward(s.bn, h)
+            elif s.kind == "bn":
+                h = _bn_forward(s.module, h)
+            elif s.kind == "relu":
+                h = F.relu(h)
+                if guided and i < start:
+                    records[i] = h > 0
+            elif s.kind == "pool":
+                if i < start:
+                    h, records[i] = _pool_forward(s.module, h)
+                else:
+                    h = s.module(h)
+            elif s.kind == "skip":
+                pass
+            else:
+                if i <= start:
+                    raise ValueError(f"{s.name}: cannot project through a {type(s.module).__name__}")
+                h = s.module(h)
+            if i == start:
+                start_act = h
+        return start_act, records, h
+
+    def _logits(self, x: Tensor, feats_out: Tensor) -> Tensor | None:
+        # The features were just run, so the head alone gives the logits -- provided the model's forward is
+        # classifier(features(x)) or classifier(flatten(features(x))): checked against model(x) on the first call.
+        heads = (lambda f: self.classifier(f), lambda f: self.classifier(torch.flatten(f, 1)))
+        if self._head is None:
+            full = self.model(x)
+            self._head = self.model
+            for head in heads:
+                try:
+                    fast = head(feats_out)
+                except (RuntimeError, TypeError, ValueError):
+                    continue
+                if fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-5):
+                    self._head = head
+                    break
+            return full
+        return self.model(x) if self._head is self.model else self._head(feats_out)
+
+    # ---- backward walk ----
+    def _conv_transpose(self, g: Tensor, s: _Step, in_size: tuple[int, int]) -> Tensor:
+        conv: nn.Conv2d = s.module
+        w = conv.weight
+        if s.bn is not None:
+            w = w * _bn_scale(s.bn).to(w.dtype).view(-1, 1, 1, 1)
+        w = w.to(g.dtype)
+        stride, pad, dil = _pair(conv.stride), _padding_of(conv), _pair(conv.dilation)
+        k = (w.shape[-2], w.shape[-1])
+        out_pad = tuple(
+            in_size[d] - ((g.shape[-2 + d] - 1) * stride[d] - 2 * pad[d] + dil[d] * (k[d] - 1) + 1) for d in range(2)
+        )
+        return F.conv_transpose2d(g, w, None, stride, pad, out_pad, conv.groups, dil)
+
+    def _conv_transpose_single(self, a: Tensor, chans: Tensor, s: _Step, in_size: tuple[int, int]) -> Tensor:
+        """Transposed conv of signals that are non-zero in one channel only: (P, h, w) + channel ids -> (P, C_in, H, W).
+
+        Only the selected filter's weights take part (a grouped conv with one group per projection) instead of a
+        dense transposed conv that multiplies all the zero channels too.
+        """
+        conv: nn.Conv2d = s.module
+        w = conv.weight.index_select(0, chans)
+        if s.bn is not None:
+            w = w * _bn_scale(s.bn).index_select(0, chans).to(w.dtype).view(-1, 1, 1, 1)
+        w = w.to(a.dtype)
+        P = a.shape[0]
+        stride, pad, dil = _pair(conv.stride), _padding_of(conv), _pair(conv.dilation)
+        k = (w.shape[-2], w.shape[-1])
+        out_pad = tuple(
+            in_size[d] - ((a.shape[-2 + d] - 1) * stride[d] - 2 * pad[d] + dil[d] * (k[d] - 1) + 1) for d in range(2)
+        )
+        out = F.conv_transpose2d(a.unsqueeze(0), w, None, stride, pad, out_pad, P, dil)
+        return out.view(P, conv.in_channels, out.shape[-2], out.shape[-1])
+
+    def _walk_down(
+        self,
+        g: Tensor | None,
+        start: int,
+        records: dict,
+        method: str,
+        group: int,
+        first: tuple[Tensor, Tensor] | None,
+        img_slice: slice,
+    ) -> Tensor:
+        for i in range(start, -1, -1):
+            s = self.steps[i]
+            if s.kind == "conv":
+                if g is None:  # first step: one non-zero channel per projection
+                    g = self._conv_transpose_single(first[0], first[1], s, records[i])
+                else:
+                    g = self._conv_transpose(g, s, records[i])
+            elif g is None:
+                if s.kind == "bn":  # an unfoldable BatchNorm between the conv and its ReLU
+                    first = (first[0] * _bn_scale(s.module).to(first[0].dtype)[first[1]].view(-1, 1, 1), first[1])
+                continue  # the start ReLU itself: the start signal is already non-negative
+            elif s.kind == "relu":
+                if method == "deconvnet":
+                    g = F.relu(g)
+                else:
+                    mask = records[i][img_slice]
+                    P, C, H, W = g.shape
+                    g = g.view(-1, group, C, H, W) * mask.unsqueeze(1)
+                    g = (F.relu(g) if method == "guided" else g).view(P, C, H, W)
+            elif s.kind == "pool":
+                rec: _PoolRecord = records[i]
+                sub = _PoolRecord(
+                    rec.kernel_size,
+                    rec.stride,
+                    rec.padding,
+                    rec.input_size,
+                    None if rec.switches is None else rec.switches[img_slice],
+                    None if rec.indices is None else rec.indices[img_slice],
+                )
+                g = _unpool(g, sub, group)
+            elif s.kind == "bn":
+                g = g * _bn_scale(s.module).to(g.dtype).view(1, -1, 1, 1)
+        return g
+
+    @torch.no_grad()
+    def project(
+        self,
+        x: Tensor,
+        top_n: int = 25,
+        layer: int | str = -1,
+        mode: str = "map",
+        rank: str = "max",
+        method: str = "deconvnet",
+        channels: Tensor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Projection:
+        """Project the ``top_n`` most activated filters of a conv layer back into input space.
+
+        Args:
+            x: (B, C_in, H, W) input images (the model's dtype and device).
+            top_n: how many filters per image, 1 <= top_n <= the layer's channels.
+            layer: conv-layer index (``-1`` = last conv) or a module name; the projection starts at that conv's
+                ReLU output (at the conv/BatchNorm output when no ReLU follows it).
+            mode: ``"map"`` keeps the filter's whole activation map; ``"max"`` only its strongest activation
+                (the first maximum in row-major order), as in Zeiler & Fergus.
+            rank: order the filters by the ``"max"`` or the ``"mean"`` of their activation maps.
+            method: ``"deconvnet"`` (rectify the signal at each ReLU), ``"guided"`` (guided backprop: also mask by
+                the forward ReLU) or ``"gradient"`` (plain gradient: forward mask only).
+            channels: optional (B, top_n) int64 filter indices to project instead of the ranked top ones
+                (``activations`` then holds their scores under ``rank``).
+            progress: called with the number of images finished after each chunk.
+
+        Returns:
+            :class:`Projection` with ``maps`` (B, top_n, C_in, H, W), ``channels`` (B, top_n),
+            ``activations`` (B, top_n), ``layer`` and ``logits`` (B, num_classes) when the model has a classifier.
+
+        Raises:
+            ValueError: bad ``top_n``, ``layer``, ``mode``, ``rank``, ``method`` or input shape.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+        if rank not in RANKS:
+            raise ValueError(f"rank {rank!r}: use one of {', '.join(RANKS)}")
+        if method not in METHODS:
+            raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
+        first_conv: nn.Conv2d = self.steps[self.conv_steps[0]].module
+        if x.dim() != 4 or x.shape[1] != first_conv.in_channels:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}: expected (B, {first_conv.in_channels}, H, W) for this model"
+            )
+        li = self.resolve_layer(layer)
+        n_ch = self.layer_channels(li)
+        if channels is not None:
+            top_n = channels.shape[1]
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= n_ch:
+            raise ValueError(f"top_n {top_n}: must be between 1 and {n_ch}, the number of filters of conv layer {li}")
+        start = self._start_step(li)
+
+        act, records, feats_out = self._forward(x, start, method != "deconvnet", self.classifier is not None)
+        logits = self._logits(x, feats_out) if self.classifier is not None else None
+
+        B, C, h, w = act.shape
+        flat = act.reshape(B, C, h * w)
+        score = flat.amax(2) if rank == "max" else flat.mean(2)
+        if channels is None:
+            activations, chans = torch.topk(score, top_n, dim=1)
+        else:
+            chans = channels.to(device=x.device, dtype=torch.long)
+            if chans.shape[0] != B or chans.min() < 0 or chans.max() >= C:
+                raise ValueError(f"channels: expected ({B}, top_n) indices in 0..{C - 1}")
+            activations = score.gather(1, chans)
+
+        maps = x.new_empty(B, top_n, x.shape[1], x.shape[2], x.shape[3])
+        per_chunk = max(1, self.chunk_size // top_n)
+        for b0 in range(0, B, per_chunk):
+            b1 = min(B, b0 + per_chunk)
+            sel = chans[b0:b1]  # (k, top_n)
+            a = flat[b0:b1].gather(1, sel.unsqueeze(2).expand(-1, -1, h * w))  # (k, top_n, h*w)
+            if mode == "max":
+                pos = a.argmax(2, keepdim=True)
+                a = torch.zeros_like(a).scatter_(2, pos, a.gather(2, pos))
+            a = a.reshape(-1, h, w)
+            g = self._walk_down(None, start, records, method, top_n, (a, sel.reshape(-1)), slice(b0, b1))
+            maps[b0:b1] = g.view(b1 - b0, top_n, *g.shape[1:])
+            if progress is not None:
+                progress(b1 - b0)
+        return Projection(maps=maps, channels=chans, activations=activations, layer=li, logits=logits)
+
+
+def _padding_of(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        # padding="same": PyTorch pads symmetrically when the total is even, which it is for odd kernels
+        k, d = _pair(conv.kernel_size), _pair(conv.dilation)
+        tot = [d[i] * (k[i] - 1) for i in range(2)]
+        if any(t % 2 for t in tot):
+            raise ValueError("padding='same' with an even kernel cannot be projected")
+        return (tot[0] // 2, tot[1] // 2)
+    return _pair(conv.padding)
+
