@@ -1,0 +1,221 @@
+"""Checkpoints: one self-describing file per snapshot, written atomically, loadable with ``weights_only=True``.
+
+A checkpoint is a plain dict of tensors and primitive containers::
+
+    {"format": "xraydeconv-checkpoint", "version": 1,
+     "model_name": str, "model_kwargs": {"num_classes", "in_channels", "input_size"},
+     "class_names": [str], "input_size": int, "config": dict, "epoch": int, "step": int,
+     "metrics": dict, "state_dict": {name: Tensor},
+     "training": None | {"optimizer": ..., "scheduler": ..., "rng": ..., ...}}
+
+``training`` holds everything an exact resume needs (optimizer, LR scheduler, the torch / numpy / python
+RNG states, the augmentation generator and the position in the epoch); it is None in files meant only
+for inference. Because nothing but tensors, numbers, strings, lists and dicts is stored, loading never
+unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xraydeconv.errors import UserError
+from xraydeconv.models import MODEL_NAMES, build
+
+FORMAT = "xraydeconv-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model (weights loaded, eval mode) and what it was trained on."""
+
+    model: nn.Module
+    model_name: str
+    class_names: list[str]
+    input_size: int
+    config: dict
+    epoch: int
+    metrics: dict
+    sha256: str
+    step: int = 0
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # make the rename itself durable (a crash right after must not bring the old file back)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> dict:
+    """The torch (CPU and CUDA), numpy and python RNG states as tensors and lists."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state()`` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def model_kwargs(model: nn.Module, num_classes: int) -> dict:
+    """The ``build`` arguments that recreate ``model``'s architecture."""
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return {"num_classes": num_classes, "in_channels": first_conv.in_channels, "input_size": model.input_size}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_name: str,
+    class_names: list[str],
+    input_size: int,
+    config: dict,
+    epoch: int,
+    step: int = 0,
+    metrics: dict | None = None,
+    training: dict | None = None,
+) -> str:
+    """Write a checkpoint atomically (temp file + fsync + ``os.replace``) and return its sha256.
+
+    Args:
+        path: destination file; its folder is created if needed.
+        model: the network (unwrap DistributedDataParallel first).
+        model_name: one of ``MODEL_NAMES``.
+        class_names: label order of the logits.
+        input_size: side of the square training images.
+        config: the training configuration (primitives only).
+        epoch: completed epochs.
+        step: optimizer steps taken so far.
+        metrics: anything JSON-like worth keeping beside the weights.
+        training: optimizer / scheduler / RNG / data-position state for exact resume, or None.
+    """
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_name": model_name,
+        "model_kwargs": model_kwargs(model, len(class_names)),
+        "class_names": list(class_names),
+        "input_size": int(input_size),
+        "config": dict(config),
+        "epoch": int(epoch),
+        "step": int(step),
+        "metrics": dict(metrics or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "training": training,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, str]:
+    """Load and validate the raw checkpoint dict; returns it with the file's sha256.
+
+    Raises:
+        UserError: naming the file when it is missing, not a torch file, truncated, or not an xraydeconv
+            checkpoint of a known model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        raw = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip errors, unpickling errors, EOF: all mean "not a readable checkpoint"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {reason[:200]}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise UserError(f"{path}: not an xraydeconv checkpoint (no 'format: {FORMAT}' entry)")
+    if raw.get("version") != VERSION:
+        raise UserError(f"{path}: checkpoint version {raw.get('version')!r} is not supported (expected {VERSION})")
+    missing = [k for k in ("model_name", "model_kwargs", "class_names", "input_size", "state_dict") if k not in raw]
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if raw["model_name"] not in MODEL_NAMES:
+        raise UserError(f"{path}: unknown model {raw['model_name']!r} (known: {', '.join(MODEL_NAMES)})")
+    return raw, digest
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", pool_backend: str = "auto"
+) -> Checkpoint:
+    """Load a checkpoint and rebuild its model (weights loaded, eval mode).
+
+    Raises:
+        UserError: naming the file when it is missing, not a torch file, truncated, not ours, from an unknown
+            model, or when its weights do not fit the architecture.
+    """
+    raw, digest = read_checkpoint(path, map_location=map_location)
+    kwargs = dict(raw["model_kwargs"])
+    model = build(raw["model_name"], pool_backend=pool_backend, **kwargs)
+    try:
+        model.load_state_dict(raw["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path}: weights do not fit model {raw['model_name']!r}: {first[:200]}") from None
+    model.to(map_location).eval()
+    return Checkpoint(
+        model=model,
+        model_name=raw["model_name"],
+        class_names=list(raw["class_names"]),
+        input_size=int(raw["input_size"]),
+        config=dict(raw.get("config") or {}),
+        epoch=int(raw.get("epoch", 0)),
+        metrics=dict(raw.get("metrics") or {}),
+        sha256=digest,
+        step=int(raw.get("step", 0)),
+        path=Path(path),
+        raw=raw,
+    )
