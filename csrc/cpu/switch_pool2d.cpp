@@ -1,0 +1,287 @@
+// CPU max pooling with uint8 switches (the position of the maximum inside its window).
+//
+// NCHW: one task per range of output rows. Windows that lie fully inside the input run a loop
+// specialised at compile time for 2x2/s2 and 3x3/s2 (the compiler vectorises it over output columns);
+// windows clipped by padding or ceil_mode go through the generic scalar path.
+// NHWC: one task per range of output pixels, vectorised over channels.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../switch_pool_checks.h"
+#include "cpu_common.h"
+
+namespace xraydeconv {
+namespace cpu {
+namespace {
+
+template <typename T>
+struct PoolArgs {
+  const T* x;
+  T* out;
+  uint8_t* sw;
+  int64_t planes, H, W, OH, OW;
+  PoolGeometry g;
+};
+
+// NaN propagates like max_pool2d: a NaN replaces the running maximum and is never replaced by a number.
+template <typename A>
+XD_ALWAYS_INLINE bool beats(A v, A m) {
+  return v > m || v != v;
+}
+
+// One window clipped to the input: the first valid position is the starting maximum.
+template <typename T>
+XD_ALWAYS_INLINE void pool_clipped(const T* plane, int64_t H, int64_t W, const PoolGeometry& g, int64_t oh,
+                                   int64_t ow, T* out, uint8_t* sw) {
+  using A = acc_t<T>;
+  const int64_t h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
+  const int64_t hs = h0 > 0 ? h0 : 0, ws = w0 > 0 ? w0 : 0;
+  const int64_t he = h0 + g.kH < H ? h0 + g.kH : H, we = w0 + g.kW < W ? w0 + g.kW : W;
+  int64_t bh = hs, bw = ws;
+  A m = static_cast<A>(plane[hs * W + ws]);
+  for (int64_t ih = hs; ih < he; ++ih) {
+    for (int64_t iw = ws; iw < we; ++iw) {
+      const A v = static_cast<A>(plane[ih * W + iw]);
+      if (beats(v, m)) {
+        m = v;
+        bh = ih;
+        bw = iw;
+      }
+    }
+  }
+  *out = plane[bh * W + bw];
+  *sw = static_cast<uint8_t>((bh - h0) * g.kW + (bw - w0));
+}
+
+// n full windows in one output row; `in` points at the top-left of the first window. KH..SW are
+// compile-time constants for the specialised paths, 0 for the generic one (read from g).
+template <typename T, int KH, int KW, int SH, int SW>
+XD_ALWAYS_INLINE void pool_span(const T* XD_RESTRICT in, int64_t W, int64_t n, const PoolGeometry& g,
+                                T* XD_RESTRICT out, uint8_t* XD_RESTRICT sw) {
+  using A = acc_t<T>;
+  const int64_t kH = KH ? KH : g.kH, kW = KW ? KW : g.kW, sW = SW ? SW : g.sW;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* p = in + j * sW;
+    A m = static_cast<A>(p[0]);
+    uint8_t s = 0;
+#pragma GCC unroll 16
+    for (int64_t kh = 0; kh < kH; ++kh) {
+#pragma GCC unroll 16
+      for (int64_t kw = 0; kw < kW; ++kw) {
+        if (kh == 0 && kw == 0) continue;
+        const A v = static_cast<A>(p[kh * W + kw]);
+        const bool b = beats(v, m);
+        m = b ? v : m;
+        s = b ? static_cast<uint8_t>(kh * kW + kw) : s;
+      }
+    }
+    out[j] = static_cast<T>(m);
+    sw[j] = s;
+  }
+}
+
+template <typename T, int KH, int KW, int SH, int SW>
+XD_ALWAYS_INLINE void pool_nchw_rows(const PoolArgs<T>& a, int64_t begin, int64_t end) {
+  const PoolGeometry& g = a.g;
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
+  // output columns whose window lies fully inside the input
+  const int64_t ow_lo = (g.pW + g.sW - 1) / g.sW;
+  int64_t ow_hi = W + g.pW - g.kW >= 0 ? (W + g.pW - g.kW) / g.sW + 1 : 0;
+  ow_hi = ow_hi < OW ? ow_hi : OW;
+  if (ow_hi < ow_lo) ow_hi = ow_lo;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t plane = r / OH, oh = r - plane * OH;
+    const T* xp = a.x + plane * H * W;
+    T* op = a.out + r * OW;
+    uint8_t* sp = a.sw + r * OW;
+    const int64_t h0 = oh * g.sH - g.pH;
+    if (h0 < 0 || h0 + g.kH > H) {
+      for (int64_t ow = 0; ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
+      continue;
+    }
+    for (int64_t ow = 0; ow < ow_lo && ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
+    pool_span<T, KH, KW, SH, SW>(xp + h0 * W + ow_lo * g.sW - g.pW, W, ow_hi - ow_lo, g, op + ow_lo, sp + ow_lo);
+    for (int64_t ow = ow_hi; ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
+  }
+}
+
+// Channels-last: one output pixel is a run of C values, so the loops over C vectorise directly.
+template <typename T>
+XD_ALWAYS_INLINE void pool_nhwc_pixels(const PoolArgs<T>& a, int64_t C, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  const PoolGeometry& g = a.g;
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t n = idx / (OH * OW), rem = idx - n * OH * OW, oh = rem / OW, ow = rem - oh * OW;
+    const int64_t h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
+    const int64_t hs = h0 > 0 ? h0 : 0, ws = w0 > 0 ? w0 : 0;
+    const int64_t he = h0 + g.kH < H ? h0 + g.kH : H, we = w0 + g.kW < W ? w0 + g.kW : W;
+    T* XD_RESTRICT o = a.out + idx * C;
+    uint8_t* XD_RESTRICT s = a.sw + idx * C;
+    const T* base = a.x + n * H * W * C;
+    const T* first = base + (hs * W + ws) * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = first[c];
+    std::memset(s, static_cast<int>((hs - h0) * g.kW + (ws - w0)), static_cast<size_t>(C));
+    for (int64_t ih = hs; ih < he; ++ih) {
+      for (int64_t iw = ws; iw < we; ++iw) {
+        if (ih == hs && iw == ws) continue;
+        const uint8_t pos = static_cast<uint8_t>((ih - h0) * g.kW + (iw - w0));
+        const T* XD_RESTRICT p = base + (ih * W + iw) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const A v = static_cast<A>(p[c]);
+          const A m = static_cast<A>(o[c]);
+          const bool b = beats(v, m);
+          o[c] = b ? p[c] : o[c];
+          s[c] = b ? pos : s[c];
+        }
+      }
+    }
+  }
+}
+
+#if XD_MULTIVERSION
+template <typename T, int KH, int KW, int SH, int SW>
+XD_TARGET_AVX512 void pool_nchw_rows_avx512(const PoolArgs<T>& a, int64_t b, int64_t e) {
+  pool_nchw_rows<T, KH, KW, SH, SW>(a, b, e);
+}
+template <typename T, int KH, int KW, int SH, int SW>
+XD_TARGET_AVX2 void pool_nchw_rows_avx2(const PoolArgs<T>& a, int64_t b, int64_t e) {
+  pool_nchw_rows<T, KH, KW, SH, SW>(a, b, e);
+}
+template <typename T>
+XD_TARGET_AVX512 void pool_nhwc_pixels_avx512(const PoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
+  pool_nhwc_pixels<T>(a, C, b, e);
+}
+template <typename T>
+XD_TARGET_AVX2 void pool_nhwc_pixels_avx2(const PoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
+  pool_nhwc_pixels<T>(a, C, b, e);
+}
+#endif
+
+template <typename T, int KH, int KW, int SH, int SW>
+void pool_nchw_rows_any(const PoolArgs<T>& a, int64_t b, int64_t e) {
+#if XD_MULTIVERSION
+  // reduced-precision types convert through float in scalar code: no ISA variants for them
+  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case Isa::Avx512:
+        return pool_nchw_rows_avx512<T, KH, KW, SH, SW>(a, b, e);
+      case Isa::Avx2:
+        return pool_nchw_rows_avx2<T, KH, KW, SH, SW>(a, b, e);
+      default:
+        break;
+    }
+  }
+#endif
+  pool_nchw_rows<T, KH, KW, SH, SW>(a, b, e);
+}
+
+template <typename T>
+void pool_nhwc_pixels_any(const PoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
+#if XD_MULTIVERSION
+  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case Isa::Avx512:
+        return pool_nhwc_pixels_avx512<T>(a, C, b, e);
+      case Isa::Avx2:
+        return pool_nhwc_pixels_avx2<T>(a, C, b, e);
+      default:
+        break;
+    }
+  }
+#endif
+  pool_nhwc_pixels<T>(a, C, b, e);
+}
+
+template <typename T>
+void pool_nchw(const PoolArgs<T>& a) {
+  const PoolGeometry& g = a.g;
+  const int64_t rows = a.planes * a.OH;
+  auto run = [&](auto rows_fn) {
+    at::parallel_for(0, rows, grain_rows(a.OW * g.kH * g.kW / 2 + a.OW), [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
+  };
+  if (g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2) {
+    run(pool_nchw_rows_any<T, 2, 2, 2, 2>);
+  } else if (g.kH == 3 && g.kW == 3 && g.sH == 2 && g.sW == 2) {
+    run(pool_nchw_rows_any<T, 3, 3, 2, 2>);
+  } else {
+    run(pool_nchw_rows_any<T, 0, 0, 0, 0>);
+  }
+}
+
+template <typename T>
+void pool_nhwc(const PoolArgs<T>& a, int64_t C) {
+  const int64_t pixels = a.planes * a.OH * a.OW;  // planes = N here
+  at::parallel_for(0, pixels, grain_rows(C * a.g.kH * a.g.kW / 2 + C),
+                   [&](int64_t b, int64_t e) { pool_nhwc_pixels_any<T>(a, C, b, e); });
+}
+
+// Runs the kernel from x (any layout) into out/switches, which must be 4-D and contiguous in `fmt`.
+void pool_into(const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt, const at::Tensor& out4,
+               const at::Tensor& sw4) {
+  if (out4.numel() == 0) return;
+  const at::Tensor xc = x4.contiguous(fmt);
+  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
+  const int64_t OH = out4.size(2), OW = out4.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_pool2d", [&] {
+    PoolArgs<scalar_t> a{xc.const_data_ptr<scalar_t>(), out4.mutable_data_ptr<scalar_t>(),
+                         sw4.mutable_data_ptr<uint8_t>(), 0, H, W, OH, OW, g};
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      a.planes = N;
+      pool_nhwc(a, C);
+    } else {
+      a.planes = N * C;
+      pool_nchw(a);
+    }
+  });
+}
+
+at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
+
+std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     bool ceil_mode) {
+  const char* op = "switch_pool2d";
+  const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
+  const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
+  const at::MemoryFormat fmt = memory_format_of(x);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape[shape.size() - 2] = OH;
+  shape[shape.size() - 1] = OW;
+  at::Tensor out = at::empty(shape, x.options().memory_format(fmt));
+  at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
+  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
+  return {out, sw};
+}
+
+void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, bool ceil_mode, const at::Tensor& out, const at::Tensor& sw) {
+  const char* op = "switch_pool2d_out";
+  const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
+  const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
+  const at::MemoryFormat fmt = memory_format_of(x);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape[shape.size() - 2] = OH;
+  shape[shape.size() - 1] = OW;
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type(), op,
+                    ": out must have shape ", at::IntArrayRef(shape), " and dtype ", x.scalar_type(), ", got ",
+                    out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK(out.device() == x.device() && sw.device() == x.device(), op, ": out and switches must be on ",
+              x.device());
+  check_switches(op, out, sw);
+  TORCH_CHECK_VALUE(out.is_contiguous(fmt) && sw.is_contiguous(fmt), op,
+                    ": out and switches must be contiguous in the input's memory format (", fmt, ")");
+  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace xraydeconv
+
+TORCH_LIBRARY_IMPL(xraydeconv, CPU, m) {
+  m.impl("switch_pool2d", &xraydeconv::cpu::switch_pool2d_cpu);
+  m.impl("switch_pool2d_out", &xraydeconv::cpu::switch_pool2d_out_cpu);
+}
