@@ -1,9 +1,10 @@
 """DICOM decoding with pydicom (optional extra): Modality LUT, VOI LUT or window, MONOCHROME1 inverted.
 
 The result is what a radiologist's viewer shows by default, scaled to [0, 1]:
-stored values -> Modality LUT (rescale slope/intercept) -> VOI LUT sequence, else the first
-Window Center/Width (pydicom's ``apply_voi_lut``) -> normalised by the output range of that
-transform -> inverted when the image is MONOCHROME1 (high values displayed dark).
+stored values -> Modality LUT (rescale slope/intercept) -> the first VOI LUT of the VOI LUT
+sequence, else the first Window Center/Width (pydicom's ``apply_voi`` / ``apply_windowing``) ->
+normalised by the output range of that transform (for a LUT, the span of its table) ->
+inverted when the image is MONOCHROME1 (high values displayed dark).
 Without any VOI information the min..max of the modality values is used.
 """
 
@@ -54,6 +55,20 @@ def _window_range(ds: Any, apply_windowing: Any) -> tuple[float, float]:
     return float(probe[0]), float(probe[1])
 
 
+def _apply_voi_lut(values: np.ndarray, ds: Any, apply_voi: Any) -> tuple[np.ndarray, float, float]:
+    """The first VOI LUT, and the span of its table (some devices declare more bits than the table uses)."""
+    item = ds.VOILUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    if bits == 8:
+        # pydicom 3.0 indexes an 8-bit table through a uint8 array, wrapping inputs above 255; a 16-bit
+        # entry width holds the same values and indexes correctly
+        item.LUTDescriptor = [entries, first, 16]
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values).astype(np.int64)
+    table = apply_voi(np.arange(first, first + (entries or 2**16), dtype=np.int64), ds).astype(np.float64)
+    return apply_voi(values, ds).astype(np.float64), float(table.min()), float(table.max())
+
+
 def decode_dicom(path: Path) -> np.ndarray:
     """Decode a DICOM image to float32 (H, W) in [0, 1], as displayed (see the module docstring).
 
@@ -89,9 +104,7 @@ def decode_dicom(path: Path) -> np.ndarray:
     try:
         values = apply_modality_lut(arr, ds)
         if ds.get("VOILUTSequence"):
-            out = apply_voi(values, ds).astype(np.float64)
-            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-            lo, hi = 0.0, float(2**bits - 1)
+            out, lo, hi = _apply_voi_lut(values, ds, apply_voi)
         elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
             out = apply_windowing(values, ds)
             lo, hi = _window_range(ds, apply_windowing)

@@ -120,11 +120,11 @@ def read_imagefolder(
     class_names = class_order(root, folder_names, meta)
     label_of = {c: i for i, c in enumerate(class_names)}
 
-    if split in present:
+    missing = {s: val_fraction if s == "val" else test_fraction for s in ("val", "test") if s not in present}
+    if split in present and not (split == "train" and missing):
         source, carved = present[split], None
-    else:
-        source = present.get("train", root)
-        carved = {s: val_fraction if s == "val" else test_fraction for s in ("val", "test") if s not in present}
+    else:  # the split, or what train gives up to the missing splits, is carved out of train
+        source, carved = present.get("train", root), missing
     records: list[Record] = []
     for cdir in _subdirs(source):
         for path in _images_below(cdir):
