@@ -102,9 +102,10 @@ def test_train_split_counts_and_class_assignment(irma_root, caplog):
     }
     by_id = {r.meta["image_id"]: r.path for r in ds.records}
     assert by_id["1002"].name == "0001002.png"
-    assert by_id["1003"].parent.name == "ImageCLEFmed2009_train.02" and by_id["1003"].parent.parent.name == by_id[
-        "1003"
-    ].parent.name  # found in the twice-nested folder
+    assert (
+        by_id["1003"].parent.name == "ImageCLEFmed2009_train.02"
+        and by_id["1003"].parent.parent.name == by_id["1003"].parent.name
+    )  # found in the twice-nested folder
     rep = ds.report
     assert rep.rows == 13 and rep.images == 6
     assert rep.left_out == {"1121-120-300-700": 2, "1121-120-900-700": 1, "1121-120-a10-700": 1}
