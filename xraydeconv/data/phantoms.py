@@ -1,0 +1,250 @@
+"""Synthetic radiographs of the 24 anatomy classes, with landmark masks: the embedded default data set.
+
+Every film is a projection of simple 3-D shapes of bone and soft tissue (``phantoms_shapes``,
+``phantoms_anatomy``) seen through the view of its class (``phantoms_views``), developed with
+exposure, blur, noise and collimation (``phantoms_film``). A landmark mask is the set of pixels
+where that structure has non-zero thickness after pose and collimation.
+
+The tree written by :func:`generate` is an ImageFolder with masks beside the images::
+
+    DIR/dataset.json
+    DIR/{train,val,test}/<class>/<id>.png
+    DIR/{train,val,test}/<class>/<id>.landmarks/<landmark>.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+from .classes import CLASS_NAMES
+from .phantoms_anatomy import REGIONS, arm, leg, pelvis_bones
+from .phantoms_film import develop, sample_field
+from .phantoms_marker import draw_marker
+from .phantoms_shapes import Canvas, Pose
+from .phantoms_views import VIEWS, landmark_names
+
+FORMAT = "xraydeconv-phantoms"
+VERSION = 1
+SPLITS = ("train", "val", "test")
+BIASES = ("marker",)
+BIASED_SPLITS = ("train", "val")  # the shortcut is planted here; the test split stays clean
+MIN_SIZE, MAX_SIZE = 32, 2048
+
+__all__ = ["BIASES", "CLASS_LANDMARKS", "ensure_phantoms", "generate", "render_phantom", "split_counts"]
+
+CLASS_LANDMARKS: dict[str, list[str]] = {name: landmark_names(VIEWS[name]) for name in CLASS_NAMES}
+
+
+def _draw(canvas: Canvas, region: str, rng: np.random.Generator) -> None:
+    name, _, side = region.partition(":")
+    if name == "arm":
+        arm(canvas, rng, int(side))
+    elif name == "leg":
+        leg(canvas, rng, int(side))
+    elif name == "pelvis" and side:
+        pelvis_bones(canvas, rng, sides=(int(side),))
+    else:
+        REGIONS[name](canvas, rng)
+
+
+def render_phantom(class_name: str, rng: np.random.Generator, size: int = 256, *,
+                   bias: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Render one synthetic radiograph of ``class_name`` in memory.
+
+    Returns ``(image, masks)``: ``image`` float32 (size, size) in [0, 1], bright where the beam was
+    attenuated; ``masks`` maps each landmark of the class visible in this film to a bool
+    (size, size) array (landmarks cut off by pose or collimation are left out). With
+    ``bias="marker"`` the class's lead marker is drawn too and its mask is returned as ``"marker"``.
+    All randomness (anatomy, pose, laterality, exposure, noise, collimation) comes from ``rng``.
+    """
+    if class_name not in VIEWS:
+        raise UserError(f"class {class_name!r}: not one of the 24 phantom classes")
+    if bias not in (None, *BIASES):
+        raise UserError(f"bias {bias!r}: expected one of {', '.join(BIASES)} or none")
+    view = VIEWS[class_name]
+    wanted = CLASS_LANDMARKS[class_name]
+    for attempt in range(4):  # re-pose (rarely) when a landmark of the class falls outside the film
+        pose = Pose(size, scale=view.zoom * rng.uniform(0.88, 1.12),
+                    angle=view.angle + rng.uniform(-view.spin, view.spin),
+                    tx=rng.uniform(-0.07, 0.07), ty=rng.uniform(-0.07, 0.07), ox=view.origin[0], oy=view.origin[1])
+        canvas = Canvas(pose, keep=view.landmarks)
+        for region in view.draw:
+            _draw(canvas, region, rng)
+        field = sample_field(rng, size)
+        inside = np.zeros((size, size), bool)
+        inside[field[1]:field[3], field[0]:field[2]] = True
+        masks = {name: canvas.masks[name] & inside for name in wanted if name in canvas.masks}
+        masks = {name: m for name, m in masks.items() if m.any()}
+        if len(masks) == len(wanted) or attempt == 3:
+            break
+    att = canvas.att
+    if rng.random() < 0.5:  # laterality: a left-sided film is the mirror image of a right-sided one
+        att = att[:, ::-1]
+        masks = {name: m[:, ::-1] for name, m in masks.items()}
+        field = (size - field[2], field[1], size - field[0], field[3])
+    att = np.ascontiguousarray(att)
+    if bias == "marker":
+        masks["marker"] = draw_marker(att, CLASS_NAMES.index(class_name), field, rng)
+    image = develop(att, rng, field, bone=view.bone)
+    return image, {name: np.ascontiguousarray(m) for name, m in masks.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the tree on disk
+# ---------------------------------------------------------------------------------------------
+def split_counts(per_class: int, val_per_class: int | None = None, test_per_class: int | None = None,
+                 splits: Iterable[str] = SPLITS) -> dict[str, int]:
+    """Images per class in each split: ``per_class`` for train, N//5 (at least 2) for val and test by default."""
+    default = max(2, per_class // 5)
+    counts = {"train": per_class, "val": default if val_per_class is None else val_per_class,
+              "test": default if test_per_class is None else test_per_class}
+    for name, n in counts.items():
+        if n < 0:
+            raise UserError(f"{name} images per class: must be >= 0, got {n}")
+    wanted = tuple(splits)
+    for name in wanted:
+        if name not in SPLITS:
+            raise UserError(f"split {name!r}: expected one of {', '.join(SPLITS)}")
+    return {name: (n if name in wanted else 0) for name, n in counts.items()}
+
+
+def _manifest(counts: dict[str, int], size: int, seed: int, bias: str | None) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "classes": list(CLASS_NAMES),
+        "landmarks": {name: list(CLASS_LANDMARKS[name]) for name in CLASS_NAMES},
+        "size": size,
+        "seed": seed,
+        "per_class": counts,
+        "bias": bias,
+    }
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array, mode="L").save(path, format="PNG", compress_level=3)
+
+
+def _write_one(task: tuple[str, int, int], root: Path, size: int, seed: int, bias: str | None) -> int:
+    split, label, index = task
+    class_name = CLASS_NAMES[label]
+    # one independent stream per image: the tree does not depend on the number of workers or their order
+    rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), label, index]))
+    image, masks = render_phantom(class_name, rng, size, bias=bias if split in BIASED_SPLITS else None)
+    folder = root / split / class_name
+    stem = f"{index:06d}"
+    _save_png(np.round(image * 255.0).astype(np.uint8), folder / f"{stem}.png")
+    if masks:
+        lm_dir = folder / f"{stem}.landmarks"
+        lm_dir.mkdir()
+        for name, mask in masks.items():
+            _save_png(mask.astype(np.uint8) * 255, lm_dir / f"{name}.png")
+    return 1
+
+
+def _check_args(size: int, bias: str | None) -> None:
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise UserError(f"size: must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
+    if bias not in (None, *BIASES):
+        raise UserError(f"bias {bias!r}: expected one of {', '.join(BIASES)} or none")
+
+
+def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, seed: int = 0,
+             bias: str | None = None, splits: Sequence[str] = SPLITS, *, val_per_class: int | None = None,
+             test_per_class: int | None = None, workers: int | None = None, force: bool = False,
+             progress: bool = True) -> Path:
+    """Write a phantom data set to ``out_dir`` and return its path.
+
+    ``per_class`` training images per class; val and test get ``val_per_class`` / ``test_per_class``
+    (default ``max(2, per_class // 5)``). The same arguments give byte-identical files whatever
+    ``workers`` is. The tree is built in a temporary folder beside ``out_dir`` and renamed into place,
+    so a crash never leaves a half-written data set; an existing non-empty ``out_dir`` is an error
+    unless ``force`` (then it is replaced).
+    """
+    _check_args(size, bias)
+    counts = split_counts(per_class, val_per_class, test_per_class, splits)
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: folder exists and is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tasks = []
+        for split in SPLITS:
+            for label, class_name in enumerate(CLASS_NAMES):
+                if counts[split]:
+                    (tmp / split / class_name).mkdir(parents=True)
+                tasks += [(split, label, i) for i in range(counts[split])]
+        work = partial(_write_one, root=tmp, size=size, seed=seed, bias=bias)
+        workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc=f"phantoms -> {out.name}", unit="img", disable=not progress)
+        if workers == 1 or len(tasks) < 64:
+            for task in tasks:
+                bar.update(work(task))
+        else:
+            with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+                for done in pool.imap_unordered(work, tasks, chunksize=16):
+                    bar.update(done)
+        bar.close()
+        (tmp / "dataset.json").write_text(json.dumps(_manifest(counts, size, seed, bias), indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def default_cache_dir(per_class: int, size: int, seed: int, bias: str | None) -> Path:
+    """``$XRAYDECONV_CACHE`` (or ``~/.cache/xraydeconv``) / ``phantoms-<size>-<n>-<seed>[-<bias>]``."""
+    root = Path(os.environ.get("XRAYDECONV_CACHE") or Path.home() / ".cache" / "xraydeconv").expanduser()
+    return root / (f"phantoms-{size}-{per_class}-{seed}" + (f"-{bias}" if bias else ""))
+
+
+def ensure_phantoms(out_dir: str | os.PathLike | None = None, per_class: int = 200, size: int = 256, seed: int = 0,
+                    bias: str | None = None, splits: Sequence[str] = SPLITS, **kwargs) -> Path:
+    """Return a phantom tree made with these arguments, generating it only when none exists yet.
+
+    An existing tree is reused when its ``dataset.json`` equals the one these arguments would write;
+    a different tree in the same place is regenerated. ``out_dir`` defaults to :func:`default_cache_dir`.
+    Other keyword arguments go to :func:`generate`.
+    """
+    _check_args(size, bias)
+    out = Path(out_dir) if out_dir is not None else default_cache_dir(per_class, size, seed, bias)
+    counts = split_counts(per_class, kwargs.get("val_per_class"), kwargs.get("test_per_class"), splits)
+    if out.is_dir() and any(out.iterdir()):
+        existing = _read_manifest(out / "dataset.json")
+        if existing == _manifest(counts, size, seed, bias):
+            return out
+        if existing is None or existing.get("format") != FORMAT:
+            raise UserError(f"{out}: exists and is not a phantom data set; refusing to replace it")
+        kwargs["force"] = True  # a phantom tree made with other arguments: regenerate it
+    return generate(out, per_class, size, seed, bias, splits, **kwargs)
