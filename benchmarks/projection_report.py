@@ -1,0 +1,233 @@
+"""Ratio report for the top-n projection: xraydeconv DeconvNet vs Captum vs a plain-PyTorch Zeiler & Fergus.
+
+    OMP_WAIT_POLICY=passive python benchmarks/projection_report.py [--device cpu|cuda] [--batch 1] [--top-n 25]
+
+Contenders, run interleaved in the same process (medians over --repeat rounds, ratios to ours):
+
+* ``xraydeconv``: ``DeconvNet(model).project(x, top_n)``.
+* ``captum``: ``NeuronDeconvolution(model, relu).attribute(...)`` once per filter, as a user would write it.
+* ``plain``: the best plain-PyTorch deconvnet we could write: one shared forward recording the max-pool indices,
+  then all top-n projections as one batch through ``F.max_unpool2d`` + ``conv_transpose2d`` (BatchNorm folded).
+
+The net is ``xraydeconv.models.build("deeper")`` with random weights (the timing does not depend on training).
+Peak memory: the increase of ``ru_maxrss`` over the process start on CPU (measured in a child per contender, so
+that one contender's peak does not hide another's), ``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch is imported: spin-waiting distorts timings
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from xraydeconv.deconvnet import DeconvNet  # noqa: E402
+
+
+class _StandIn(nn.Module):
+    """The deeper net's layout with torch's MaxPool2d, for checkouts where xraydeconv.models cannot be built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers, c = [], 1
+        for width in (16, 32, 64, 128):
+            for _ in range(2):
+                layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+                c = width
+            layers.append(nn.MaxPool2d(2, 2))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c, 24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(name: str, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    try:
+        from xraydeconv.models import build
+
+        model = build(name, num_classes=24, in_channels=1, input_size=256)
+    except ImportError as exc:
+        print(f"(xraydeconv.models unavailable: {exc}; using a stand-in with the deeper net's layout)")
+        model = _StandIn()
+    for m in model.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval().to(device)
+
+
+def _relu_of_last_conv(features: nn.Sequential) -> nn.Module:
+    last = None
+    seen_conv = False
+    for m in features:
+        if isinstance(m, nn.Conv2d):
+            seen_conv = True
+        elif isinstance(m, nn.ReLU) and seen_conv:
+            last = m
+    return last
+
+
+def plain_zf(features: nn.Sequential, x: torch.Tensor, top_n: int) -> torch.Tensor:
+    """Plain-PyTorch deconvnet from the last conv's ReLU: shared forward, batched unpool + conv_transpose2d."""
+    mods = list(features)
+    start = max(i for i, m in enumerate(mods) if isinstance(m, nn.ReLU))
+    rec, h = {}, x
+    with torch.no_grad():
+        for i, m in enumerate(mods[: start + 1]):
+            if isinstance(m, nn.Conv2d):
+                rec[i] = h.shape[-2:]
+                h = m(h)
+            elif isinstance(m, nn.BatchNorm2d):
+                h = F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            elif isinstance(m, nn.ReLU):
+                h = F.relu(h)
+            elif hasattr(m, "kernel_size"):  # MaxPool2d / SwitchMaxPool2d
+                rec[i] = (h.shape[-2:], m.kernel_size, m.stride)
+                h, rec[(i, "idx")] = F.max_pool2d(h, m.kernel_size, m.stride, return_indices=True)
+        B, C = h.shape[:2]
+        score, chans = h.flatten(2).amax(2).topk(top_n, dim=1)
+        g = torch.zeros(B, top_n, *h.shape[1:], device=x.device, dtype=x.dtype)
+        sel = torch.arange(top_n, device=x.device)
+        for b in range(B):
+            g[b, sel, chans[b]] = h[b, chans[b]]
+        g = g.flatten(0, 1)
+        for i in range(start, -1, -1):
+            m = mods[i]
+            if isinstance(m, nn.Conv2d):
+                w = m.weight
+                if i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm2d):
+                    bn = mods[i + 1]
+                    w = w * (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).view(-1, 1, 1, 1)
+                g = F.conv_transpose2d(g, w, None, m.stride, m.padding)
+            elif isinstance(m, nn.ReLU) and i != start:
+                g = F.relu(g)
+            elif hasattr(m, "kernel_size") and not isinstance(m, nn.Conv2d):
+                size, k, s = rec[i]
+                idx = rec[(i, "idx")].repeat_interleave(top_n, 0)
+                g = F.max_unpool2d(g, idx, k, s, output_size=size)
+        return g.view(B, top_n, *g.shape[1:])
+
+
+def captum_zf(model: nn.Module, relu: nn.Module, x: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
+    from captum.attr import NeuronDeconvolution
+
+    out = []
+    for b in range(x.shape[0]):
+        for c in chans[b].tolist():
+            attr = NeuronDeconvolution(model, relu)
+            out.append(
+                attr.attribute(x[b : b + 1], neuron_selector=lambda o, c=c: (o[:, c] * o[:, c].detach()).sum((1, 2)))
+            )
+    return torch.cat(out)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_runners(args, model, x):
+    dn = DeconvNet(model)
+    relu = _relu_of_last_conv(model.features)
+    chans = dn.project(x, top_n=args.top_n).channels
+    runners = {
+        "xraydeconv": lambda: dn.project(x, top_n=args.top_n, precision=args.precision),
+        "plain": lambda: plain_zf(model.features, x, args.top_n),
+        "captum": lambda: captum_zf(model, relu, x, chans),
+    }
+    if args.precision != "fp32":
+        runners["xraydeconv-fp32"] = lambda: dn.project(x, top_n=args.top_n)
+    return runners
+
+
+def _peak_child(args, name: str) -> float:
+    """Peak RSS increase (MiB) of one contender, measured in a fresh process."""
+    cmd = [sys.executable, __file__, "--peak-of", name, "--device", args.device, "--batch", str(args.batch),
+           "--top-n", str(args.top_n), "--size", str(args.size), "--model", args.model, "--precision", args.precision]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, default=1, help="images per call (data-set throughput with batching)")
+    ap.add_argument("--top-n", type=int, default=25)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--model", default="deeper")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="xraydeconv's projection dtype")
+    ap.add_argument("--skip-captum", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--peak-of", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model = build_model(args.model, args.device)
+    x = torch.rand(args.batch, 1, args.size, args.size, device=args.device)
+
+    if args.peak_of:  # child: one contender, report its peak memory increase
+        runners = make_runners(args, model, x)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated()
+        runners[args.peak_of]()
+        _sync(args.device)
+        if args.device == "cuda":
+            print((torch.cuda.max_memory_allocated() - base_cuda) / 2**20)
+        else:
+            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        return
+
+    runners = make_runners(args, model, x)
+    if args.skip_captum:
+        runners.pop("captum")
+    # agreement first: the contenders compute the same maps
+    ours = runners["xraydeconv"]().maps if args.precision == "fp32" else None
+    if ours is not None:
+        ref = runners["plain"]()
+        err = ((ours - ref).norm() / ref.norm()).item()
+        print(f"plain vs xraydeconv rel. error: {err:.2e}")
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for fn in runners.values():  # warm-up
+        fn()
+    for _ in range(args.repeat):
+        for name, fn in runners.items():  # interleaved: each round runs every contender once
+            _sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peaks = {k: _peak_child(args, k) for k in runners}
+
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    print(f"# top-{args.top_n} projection, {args.model} net, {args.batch}x1x{args.size}x{args.size}, {args.device} "
+          f"({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {args.repeat}")
+    print(f"{'contender':<16} {'median s':>10} {'images/s':>10} {'vs ours':>9} {'peak MiB':>9}")
+    for k in runners:
+        print(f"{k:<16} {med[k]:>10.4f} {args.batch / med[k]:>10.2f} {med[k] / med['xraydeconv']:>8.2f}x "
+              f"{peaks[k]:>9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "median_s": med, "peak_mib": peaks, "times": times}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
