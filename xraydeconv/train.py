@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -275,8 +276,10 @@ def train(
     Returns:
         The content of ``metrics.json``.
     """
-    log = log or (lambda s: tqdm.write(s))
     info = distributed.from_env()
+    if not info.is_main:
+        log = lambda s: None  # noqa: E731  (one voice: rank 0 speaks for the job)
+    log = log or (lambda s: tqdm.write(s, file=sys.stderr))
     out = Path(out_dir)
     raw = None
     if resume:
