@@ -55,6 +55,7 @@ def irma_root(tmp_path):
     _png(imgs / "ImageCLEFmed2009_train.02" / "1003.png", 30)
     for i in (1004, 1005, 1006, 1007, 1008, 1009, 1010, 1012, 1013):
         _png(imgs / f"{i}.png")
+    _png(root / "copies" / "deeper" / "0001004.png", 99)  # a second copy of 1004, spelled differently
     _png(root / "test" / "02001.png")
     _png(root / "test" / "deep" / "2002.png")
     return root
@@ -113,6 +114,7 @@ def test_train_split_counts_and_class_assignment(irma_root, caplog):
     assert rep.no_code == 1 and rep.fallback_codes == 1
     assert rep.malformed == {"11-12-94-7": 1}
     assert rep.missing_images == 1 and rep.missing_examples == ["1011"]
+    assert rep.duplicates == 1 and by_id["1004"].name == "1004.png"  # the exact spelling wins
     # every row is accounted for
     assert rep.images + rep.left_out_rows + rep.no_code + sum(rep.malformed.values()) + rep.missing_images == rep.rows
     assert "left out 4 rows" in caplog.text and "300: 2" in caplog.text and "1 images not found" in caplog.text

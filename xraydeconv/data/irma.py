@@ -248,7 +248,7 @@ def read_irma(
             if len(report.missing_examples) < 5:
                 report.missing_examples.append(row.image_id)
             continue
-        if len({os.path.realpath(p) for p in candidates}) > 1:
+        if len(candidates) > 1 and len({os.path.realpath(p) for p in candidates}) > 1:
             report.duplicates += 1
         path = _pick(row.image_id, candidates)
         records.append(Record(path, label, mask_files(path), meta={"image_id": row.image_id, "irma_code": str(code)}))
