@@ -1,0 +1,299 @@
+// ATen binding of the CUDA switch-pooling kernels: checks arguments (the same checks and messages as
+// the CPU backend, from ../switch_pool_checks.h), allocates in the input's memory format, and calls
+// the raw-pointer launchers of switch_pool_kernels.cu on the current stream of the input's device.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../switch_pool_checks.h"
+#include "switch_pool_kernels.cuh"
+
+namespace xraydeconv {
+namespace cuda {
+namespace {
+
+at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
+
+void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(), "; all tensors must be on the same CUDA device");
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
+              ref.device());
+}
+
+PoolShape shape_of(const at::Tensor& in4, int64_t OH, int64_t OW, const PoolGeometry& g) {
+  return PoolShape{in4.size(0),
+                   in4.size(1),
+                   in4.size(2),
+                   in4.size(3),
+                   OH,
+                   OW,
+                   static_cast<int>(g.kH),
+                   static_cast<int>(g.kW),
+                   static_cast<int>(g.sH),
+                   static_cast<int>(g.sW),
+                   static_cast<int>(g.pH),
+                   static_cast<int>(g.pW)};
+}
+
+Layout layout_of(at::MemoryFormat fmt) { return fmt == at::MemoryFormat::ChannelsLast ? Layout::NHWC : Layout::NCHW; }
+
+// Calls f(type_tag) with the CUDA scalar type matching `st` (at::Half and __half share their bits).
+template <typename F>
+void dispatch_floating(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(float{});
+      return;
+    case at::kDouble:
+      f(double{});
+      return;
+    case at::kHalf:
+      f(__half{});
+      return;
+    case at::kBFloat16:
+      f(__nv_bfloat16{});
+      return;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": unsupported dtype ", st);
+  }
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+
+template <typename T>
+T* mptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Switch validation. The kernels raise a flag in device memory instead of reading out of bounds;
+// the flag is read back after the launch (one 4-byte copy and a stream sync), and only when it is
+// set are the switches copied to the host to name the first bad one in the error.
+
+bool switch_ok(int s, int64_t oh, int64_t ow, int64_t H, int64_t W, const PoolGeometry& g) {
+  if (s >= g.window()) return false;
+  const int64_t ih = oh * g.sH - g.pH + s / g.kW, iw = ow * g.sW - g.pW + s % g.kW;
+  return ih >= 0 && ih < H && iw >= 0 && iw < W;
+}
+
+void report_bad_switch(const char* op, const at::Tensor& sw4, int64_t H, int64_t W,
+                       const PoolGeometry& g) {
+  const at::Tensor host = sw4.cpu();
+  const uint8_t* p = host.const_data_ptr<uint8_t>();
+  const auto st = host.strides();
+  for (int64_t n = 0; n < host.size(0); ++n)
+    for (int64_t c = 0; c < host.size(1); ++c)
+      for (int64_t oh = 0; oh < host.size(2); ++oh)
+        for (int64_t ow = 0; ow < host.size(3); ++ow) {
+          const int s = p[n * st[0] + c * st[1] + oh * st[2] + ow * st[3]];
+          if (switch_ok(s, oh, ow, H, W, g)) continue;
+          TORCH_CHECK_VALUE(s < g.window(), op, ": switch value ", s, " at (", n, ", ", c, ", ", oh, ", ", ow,
+                            ") is outside its ", g.kH, "x", g.kW, " window (valid: 0..", g.window() - 1, ")");
+          TORCH_CHECK_VALUE(false, op, ": switch value ", s, " at (", n, ", ", c, ", ", oh, ", ", ow,
+                            ") points outside the ", H, "x", W, " input (into the padding)");
+        }
+  TORCH_CHECK(false, op, ": the kernel flagged an invalid switch that the host cannot find");
+}
+
+// A zeroed device flag for the kernels to raise.
+at::Tensor new_flag(const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor flag = at::empty({1}, like.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(flag.mutable_data_ptr(), 0, sizeof(int), stream));
+  return flag;
+}
+
+// Raises if the kernel flagged a bad switch. Skipped while the stream is being captured into a
+// CUDA graph (no synchronisation is allowed there; the kernels stay memory-safe regardless).
+void check_flag(const char* op, const at::Tensor& flag, const at::Tensor& sw4, int64_t H, int64_t W,
+                const PoolGeometry& g, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
+  int bad = 0;
+  C10_CUDA_CHECK(cudaMemcpyAsync(&bad, flag.const_data_ptr(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (bad != 0) report_bad_switch(op, sw4, H, W, g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pool.
+
+std::vector<int64_t> pooled_shape(const at::Tensor& x, int64_t OH, int64_t OW) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape[shape.size() - 2] = OH;
+  shape[shape.size() - 1] = OW;
+  return shape;
+}
+
+// x4 any layout; out4/sw4 4-D and contiguous in fmt.
+void pool_into(const char* op, const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt,
+               const at::Tensor& out4, const at::Tensor& sw4) {
+  if (out4.numel() == 0) return;
+  const at::Tensor xc = x4.contiguous(fmt);
+  const PoolShape s = shape_of(xc, out4.size(2), out4.size(3), g);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_floating(xc.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(launch_switch_pool2d<T>(cptr<T>(xc), mptr<T>(out4), mptr<uint8_t>(sw4), s, layout_of(fmt), stream));
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      bool ceil_mode) {
+  const char* op = "switch_pool2d";
+  const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
+  const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
+  check_cuda(op, "input", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = memory_format_of(x);
+  const std::vector<int64_t> shape = pooled_shape(x, OH, OW);
+  at::Tensor out = at::empty(shape, x.options().memory_format(fmt));
+  at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
+  pool_into(op, as4d(x), g, fmt, as4d(out), as4d(sw));
+  return {out, sw};
+}
+
+void switch_pool2d_out_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                            at::IntArrayRef padding, bool ceil_mode, const at::Tensor& out, const at::Tensor& sw) {
+  const char* op = "switch_pool2d_out";
+  const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
+  const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
+  check_cuda(op, "input", x);
+  const at::MemoryFormat fmt = memory_format_of(x);
+  const std::vector<int64_t> shape = pooled_shape(x, OH, OW);
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type(), op,
+                    ": out must have shape ", at::IntArrayRef(shape), " and dtype ", x.scalar_type(), ", got ",
+                    out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK(out.device() == x.device() && sw.device() == x.device(), op, ": out and switches must be on ",
+              x.device());
+  check_switches(op, out, sw);
+  TORCH_CHECK_VALUE(out.is_contiguous(fmt) && sw.is_contiguous(fmt), op,
+                    ": out and switches must be contiguous in the input's memory format (", fmt, ")");
+  const c10::cuda::CUDAGuard guard(x.device());
+  pool_into(op, as4d(x), g, fmt, as4d(out), as4d(sw));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unpool.
+
+void check_unpool_args(const char* op, const at::Tensor& y, const at::Tensor& sw, const PoolGeometry& g, int64_t H,
+                       int64_t W) {
+  check_spatial_dims(op, "y", y);
+  check_floating(op, "y", y);
+  check_cuda(op, "y", y);
+  check_switches(op, y, sw);
+  check_unpooled_size(op, H, W, y.size(-2), y.size(-1), g);
+}
+
+// y4/sw4 any layout; out4 4-D and contiguous in fmt.
+void unpool_into(const char* op, const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry& g,
+                 at::MemoryFormat fmt, const at::Tensor& out4) {
+  if (out4.numel() == 0) return;
+  const at::Tensor yc = y4.contiguous(fmt);
+  const at::Tensor sc = sw4.contiguous(fmt);
+  PoolShape s = shape_of(out4, yc.size(2), yc.size(3), g);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor flag = new_flag(yc, stream);
+  dispatch_floating(yc.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(launch_switch_unpool2d<T>(cptr<T>(yc), cptr<uint8_t>(sc), mptr<T>(out4), s, layout_of(fmt),
+                                             mptr<int>(flag), stream));
+  });
+  check_flag(op, flag, sc, s.H, s.W, g, stream);
+}
+
+at::Tensor switch_unpool2d_cuda(const at::Tensor& y, const at::Tensor& sw, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_size) {
+  const char* op = "switch_unpool2d";
+  const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(output_size.size() == 2, op, ": output_size must be (H, W), got ", output_size);
+  check_unpool_args(op, y, sw, g, output_size[0], output_size[1]);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::MemoryFormat fmt = memory_format_of(y);
+  std::vector<int64_t> shape = y.sizes().vec();
+  shape[shape.size() - 2] = output_size[0];
+  shape[shape.size() - 1] = output_size[1];
+  at::Tensor out = at::empty(shape, y.options().memory_format(fmt));
+  unpool_into(op, as4d(y), as4d(sw), g, fmt, as4d(out));
+  return out;
+}
+
+void switch_unpool2d_out_cuda(const at::Tensor& y, const at::Tensor& sw, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& out) {
+  const char* op = "switch_unpool2d_out";
+  const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(out.dim() == y.dim(), op, ": out must have as many dims as y (", y.dim(), "), got ", out.dim());
+  check_unpool_args(op, y, sw, g, out.size(-2), out.size(-1));
+  TORCH_CHECK(out.device() == y.device(), op, ": out is on ", out.device(), " but y is on ", y.device());
+  TORCH_CHECK_VALUE(out.scalar_type() == y.scalar_type(), op, ": out must have dtype ", y.scalar_type(), ", got ",
+                    out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes().slice(0, out.dim() - 2) == y.sizes().slice(0, y.dim() - 2), op,
+                    ": out has shape ", out.sizes(), " but y has shape ", y.sizes());
+  const at::MemoryFormat fmt = memory_format_of(y);
+  TORCH_CHECK_VALUE(out.is_contiguous(fmt), op, ": out must be contiguous in y's memory format (", fmt, ")");
+  const c10::cuda::CUDAGuard guard(y.device());
+  unpool_into(op, as4d(y), as4d(sw), g, fmt, as4d(out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather.
+
+at::Tensor switch_gather2d_cuda(const at::Tensor& x, const at::Tensor& sw, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "switch_gather2d";
+  const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
+  check_spatial_dims(op, "x", x);
+  check_floating(op, "x", x);
+  check_cuda(op, "x", x);
+  TORCH_CHECK_VALUE(sw.scalar_type() == at::kByte, op, ": switches must be uint8, got ", sw.scalar_type());
+  TORCH_CHECK(sw.device() == x.device(), op, ": switches are on ", sw.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(sw.dim() == x.dim() && sw.sizes().slice(0, sw.dim() - 2) == x.sizes().slice(0, x.dim() - 2), op,
+                    ": switches of shape ", sw.sizes(), " do not match x of shape ", x.sizes(),
+                    " in their leading dims");
+  const int64_t H = x.size(-2), W = x.size(-1);
+  check_unpooled_size(op, H, W, sw.size(-2), sw.size(-1), g);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = memory_format_of(x);
+  at::Tensor out = at::empty(sw.sizes(), x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor xc = as4d(x).contiguous(fmt);
+  const at::Tensor sc = as4d(sw).contiguous(fmt);
+  const at::Tensor o4 = as4d(out);
+  const PoolShape s = shape_of(xc, sc.size(2), sc.size(3), g);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor flag = new_flag(xc, stream);
+  dispatch_floating(xc.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(launch_switch_gather2d<T>(cptr<T>(xc), cptr<uint8_t>(sc), mptr<T>(o4), s, layout_of(fmt),
+                                             mptr<int>(flag), stream));
+  });
+  check_flag(op, flag, sc, H, W, g, stream);
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace xraydeconv
+
+TORCH_LIBRARY_IMPL(xraydeconv, CUDA, m) {
+  m.impl("switch_pool2d", &xraydeconv::cuda::switch_pool2d_cuda);
+  m.impl("switch_pool2d_out", &xraydeconv::cuda::switch_pool2d_out_cuda);
+  m.impl("switch_unpool2d", &xraydeconv::cuda::switch_unpool2d_cuda);
+  m.impl("switch_unpool2d_out", &xraydeconv::cuda::switch_unpool2d_out_cuda);
+  m.impl("switch_gather2d", &xraydeconv::cuda::switch_gather2d_cuda);
+}
