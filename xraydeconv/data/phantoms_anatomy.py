@@ -62,7 +62,8 @@ def head_lateral(cv: Canvas, rng: np.random.Generator) -> None:
     cv.arc(0.0, 1.1, 0.075, 0.065, 0, 180, 0.022, mu=BONE * 1.5, taper=0.1, landmark="sella")
     cv.ellipsoid(0.085, 1.06, 0.03, 0.05, 0.2, mu=BONE, landmark="sella")
     cv.ellipsoid(-0.13, 1.22, 0.12, 0.08, 0.2, mu=AIR)
-    cv.ellipsoid(0.27, 1.28, 0.26, 0.075, 0.35, angle=-18, mu=BONE, landmark="skull-base")
+    cv.ellipsoid(0.27, 1.28, 0.26, 0.075, 0.14, angle=-18, mu=BONE, landmark="skull-base")
+    cv.ellipsoid(0.38, 1.36, 0.07, 0.07, 0.1, mu=AIR, landmark="skull-base")  # external auditory canal
     cv.capsule(-0.78 * L, 1.04, -0.08, 1.1, 0.022, mu=BONE, landmark="skull-base")
     cv.arc(-0.7 * L, 1.05, 0.15, 0.17, 90, 290, 0.032, mu=BONE, landmark="orbits")
     cv.ellipsoid(-0.88 * L, 0.82, 0.07, 0.12, 0.2, mu=AIR)  # frontal sinus
@@ -216,7 +217,7 @@ def _ray(cv: Canvas, x: float, y: float, direction: float, bones: list[tuple[flo
     for length, r, key in bones:
         x1, y1 = x + dx * length, y + dy * length
         cv.long_bone(x, y, x1, y1, r * 1.15, r * 1.05, cortex=0.4, landmark=key)
-        cv.ellipsoid(x1 - dx * r * 0.4, y1 - dy * r * 0.4, r * 1.2, r * 0.9, r, angle=direction, mu=BONE * 0.4,
+        cv.ellipsoid(x1 - dx * r * 0.9, y1 - dy * r * 0.9, r * 0.8, r * 1.3, r, angle=direction, mu=BONE * 0.35,
                      landmark=key)
         x, y = x1 + dx * gap, y1 + dy * gap
 
@@ -224,17 +225,19 @@ def _ray(cv: Canvas, x: float, y: float, direction: float, bones: list[tuple[flo
 def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     """Humerus, elbow, radius and ulna, carpals, metacarpals, phalanges and their soft tissue."""
     b = _u(rng, 0.94, 1.06)
-    cv.capsule(s * 1.82, 3.5, s * 1.95, 6.6, 0.5, 0.42, depth=1.0, mu=SOFT)
-    cv.capsule(s * 1.95, 6.6, s * 2.0, 9.4, 0.42, 0.28, depth=0.85, mu=SOFT)
-    cv.ellipsoid(s * 2.0, 10.0, 0.42, 0.55, 0.16, mu=SOFT)
+    cv.capsule(s * 1.82, 3.5, s * 2.0, 9.45, 0.5, 0.27, depth=0.9, mu=SOFT)
+    cv.ellipsoid(s * 2.08, 10.05, 0.5, 0.6, 0.16, mu=SOFT)
     cv.cancellous(s * 1.76, 3.76, 0.27, 0.28, c=0.26, landmark="humeral-head")
     cv.cancellous(s * 1.98, 3.72, 0.12, 0.16, c=0.2, landmark="humeral-head")  # greater tuberosity
-    cv.long_bone(s * 1.86, 3.9, s * 1.95, 6.45 * b, 0.12, 0.11, landmark="humerus-shaft")
     ye = 6.65 * b
-    cv.cancellous(s * 1.96, ye - 0.05, 0.33, 0.15, c=0.2, power=4.0, landmark="distal-humerus")
-    cv.ellipsoid(s * 1.96, ye - 0.08, 0.1, 0.08, 0.08, mu=-BONE * 0.6)  # olecranon fossa
-    cv.cancellous(s * 1.8, ye - 0.02, 0.13, 0.17, landmark="olecranon")
-    cv.cancellous(s * 2.15, ye + 0.2, 0.1, 0.07, c=0.1, landmark="radial-head")
+    cv.long_bone(s * 1.86, 3.9, s * 1.95, ye - 0.3, 0.12, 0.15, landmark="humerus-shaft")
+    cv.cancellous(s * 1.96, ye - 0.12, 0.3, 0.13, c=0.09, power=4.0, landmark="distal-humerus")
+    cv.cancellous(s * 2.1, ye, 0.12, 0.11, c=0.1, landmark="distal-humerus")  # capitellum
+    cv.cancellous(s * 1.86, ye, 0.13, 0.1, c=0.1, landmark="distal-humerus")  # trochlea
+    cv.cancellous(s * 1.64, ye - 0.12, 0.07, 0.06, c=0.06, landmark="distal-humerus")  # medial epicondyle
+    cv.ellipsoid(s * 1.96, ye - 0.12, 0.09, 0.07, 0.06, mu=-BONE * 0.5)  # olecranon fossa
+    cv.cancellous(s * 1.83, ye - 0.04, 0.1, 0.16, c=0.08, landmark="olecranon")
+    cv.cancellous(s * 2.13, ye + 0.2, 0.1, 0.06, c=0.09, landmark="radial-head")
     yw = 9.3 * b
     cv.long_bone(s * 2.15, ye + 0.28, s * 2.2, yw - 0.1, 0.055, 0.1, landmark="radius")
     cv.long_bone(s * 1.8, ye + 0.1, s * 1.82, yw - 0.08, 0.08, 0.05, landmark="ulna")
@@ -249,11 +252,11 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
         cv.cancellous(s * x, yw + y, a, c2, angle=s * (35 if k == 0 else 0), c=0.07,
                       landmark="carpal-bones")
     # metacarpals and fingers fan out downwards; the thumb leaves from the trapezium
-    bases = (2.35, 2.2, 2.06, 1.93, 1.82)
+    bases = (2.38, 2.24, 2.08, 1.93, 1.8)
     lengths = (0.42, 0.66, 0.64, 0.58, 0.54)
     phal = ((0.3, 0.0, 0.22), (0.4, 0.24, 0.17), (0.45, 0.28, 0.18), (0.42, 0.26, 0.17), (0.33, 0.18, 0.15))
     for f in range(5):
-        direction = 90 - s * 30 if f == 0 else 90 + s * (f - 2.2) * 7
+        direction = 90 - s * 32 if f == 0 else 90 + s * (f - 2.3) * 8
         x0, y0 = s * bases[f] + (s * 0.04 if f == 0 else 0), yw + (0.42 if f == 0 else 0.5)
         dx, dy = math.cos(math.radians(direction)), math.sin(math.radians(direction))
         L = lengths[f] * b
@@ -268,31 +271,30 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
 def leg(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     """Femur, knee with patella, tibia and fibula, ankle mortise and the foot seen end-on."""
     b = _u(rng, 0.95, 1.05)
-    cv.capsule(s * 1.1, 10.2, s * 0.92, 14.3, 0.78, 0.55, depth=0.85, mu=SOFT)
-    cv.capsule(s * 0.92, 14.5, s * 0.9, 18.2, 0.55, 0.33, depth=0.9, mu=SOFT)
-    cv.ellipsoid(s * 0.98, 18.85, 0.45, 0.38, 0.9, mu=SOFT)
+    cv.capsule(s * 1.1, 10.2, s * 0.9, 18.55, 0.78, 0.36, depth=0.85, mu=SOFT)
+    cv.ellipsoid(s * 0.95, 18.9, 0.5, 0.3, 0.3, mu=SOFT)
     cv.cancellous(s * 0.95, 10.0, 0.23, 0.23, landmark="femoral-head")
     cv.long_bone(s * 0.98, 10.05, s * 1.36, 10.36, 0.14, landmark="femoral-neck")
     cv.cancellous(s * 1.47, 10.3, 0.17, 0.24, landmark="greater-trochanter")
     cv.cancellous(s * 1.18, 10.68, 0.07, 0.1, landmark="lesser-trochanter")
     yk = 14.3 * b
     cv.long_bone(s * 1.36, 10.42, s * 0.94, yk - 0.25, 0.15, 0.14, landmark="femur-shaft")
-    cv.cancellous(s * 0.92, yk - 0.18, 0.33, 0.22, c=0.25, power=4.0, landmark="femoral-condyles")
+    cv.cancellous(s * 0.92, yk - 0.18, 0.33, 0.2, c=0.12, power=4.0, landmark="femoral-condyles")
     for c in (-1, 1):
-        cv.cancellous(s * (0.92 + 0.2 * c), yk, 0.18, 0.19, c=0.25, landmark="femoral-condyles")
+        cv.cancellous(s * (0.92 + 0.2 * c), yk, 0.18, 0.19, c=0.14, landmark="femoral-condyles")
     cv.ellipsoid(s * 0.92, yk + 0.05, 0.07, 0.1, 0.2, mu=-BONE * 0.4)  # intercondylar notch
     cv.cancellous(s * 0.93, yk - 0.22, 0.18, 0.23, c=0.12, landmark="patella")
     cv.ellipsoid(s * 0.92, yk + 0.23, 0.45, 0.05, 0.3, mu=0.0, landmark="joint-space")
-    cv.cancellous(s * 0.92, yk + 0.38, 0.42, 0.14, c=0.25, power=4.0, landmark="tibial-plateau")
+    cv.cancellous(s * 0.92, yk + 0.38, 0.42, 0.14, c=0.13, power=4.0, landmark="tibial-plateau")
     cv.cancellous(s * 1.27, yk + 0.55, 0.09, 0.1, landmark="fibular-head")
     ya = 18.3 * b
     cv.long_bone(s * 0.93, yk + 0.45, s * 0.86, ya - 0.15, 0.14, 0.12, landmark="tibia")
     cv.long_bone(s * 1.27, yk + 0.6, s * 1.2, ya, 0.05, 0.05, landmark="fibula")
-    cv.cancellous(s * 0.86, ya - 0.1, 0.28, 0.14, c=0.22, power=4.0, landmark="tibial-plafond")
+    cv.cancellous(s * 0.86, ya - 0.1, 0.26, 0.13, c=0.1, power=4.0, landmark="tibial-plafond")
     cv.cancellous(s * 0.62, ya + 0.03, 0.08, 0.15, landmark="malleoli")
     cv.cancellous(s * 1.2, ya + 0.12, 0.08, 0.18, landmark="malleoli")
-    cv.cancellous(s * 0.9, ya + 0.22, 0.27, 0.15, c=0.2, landmark="talus")
-    cv.cancellous(s * 0.95, ya + 0.55, 0.3, 0.2, c=0.3, landmark="calcaneus")
+    cv.cancellous(s * 0.9, ya + 0.2, 0.25, 0.14, c=0.13, landmark="talus")
+    cv.cancellous(s * 0.95, ya + 0.5, 0.26, 0.14, c=0.15, landmark="calcaneus")
 
 
 def foot_dp(cv: Canvas, rng: np.random.Generator) -> None:
@@ -300,8 +302,8 @@ def foot_dp(cv: Canvas, rng: np.random.Generator) -> None:
     b = _u(rng, 0.94, 1.06)
     cv.ellipsoid(0.0, 0.3, 0.38, 0.75, 0.28, mu=SOFT)
     cv.ellipsoid(0.02, -0.55, 0.4, 0.32, 0.12, mu=SOFT)
-    cv.cancellous(0.02, 0.95, 0.22, 0.24, c=0.3, landmark="tarsal-bones")  # calcaneus
-    cv.cancellous(-0.08, 0.68, 0.18, 0.2, c=0.25, landmark="tarsal-bones")  # talus
+    cv.cancellous(0.04, 0.98, 0.17, 0.26, c=0.14, landmark="tarsal-bones")  # calcaneus
+    cv.cancellous(-0.07, 0.68, 0.14, 0.19, angle=-10, c=0.12, landmark="tarsal-bones")  # talus
     cv.cancellous(-0.14, 0.42, 0.14, 0.09, angle=-15, landmark="tarsal-bones")  # navicular
     cv.cancellous(0.14, 0.43, 0.12, 0.14, landmark="tarsal-bones")  # cuboid
     for k, x in enumerate((-0.22, -0.1, 0.01)):
@@ -337,7 +339,7 @@ def breast(cv: Canvas, rng: np.random.Generator) -> None:
     for _ in range(int(rng.integers(10, 22))):
         r, a = _u(rng, 0.15, 0.85) * reach, _u(rng, -0.9, 0.9)
         x, y = 1.05 - r * math.cos(a), 0.15 + 0.8 * r * math.sin(a) / reach
-        cv.ellipsoid(x, y, _u(rng, 0.06, 0.28), _u(rng, 0.04, 0.14), _u(rng, 0.05, 0.15) * density,
+        cv.ellipsoid(x, y, _u(rng, 0.06, 0.28), _u(rng, 0.04, 0.14), _u(rng, 0.03, 0.09) * density,
                      angle=math.degrees(a) + _u(rng, -20, 20), mu=GLAND, landmark="fibroglandular-tissue")
     for _ in range(int(rng.integers(6, 12))):  # Cooper's ligaments
         a = _u(rng, -0.9, 0.9)

@@ -40,7 +40,7 @@ VIEWS: dict[str, View] = {
         landmarks={"orbits": "orbits", "maxillary-sinuses": "maxillary-sinuses", "mandible": "mandible",
                    "teeth": "teeth", "nasal-septum": "nasal-septum"}),
     "skull": View(
-        ("head_lateral",), (0.0, 1.12), 0.95,
+        ("head_lateral",), (0.0, 1.15), 0.82,
         landmarks={"vault": "vault", "sella": "sella", "orbits": "orbits", "skull-base": "skull-base"}),
     "cervical-spine": View(
         ("head_lateral",), (0.1, 2.4), 1.05, spin=8.0,
@@ -59,7 +59,7 @@ VIEWS: dict[str, View] = {
         landmarks={"sacrum": "sacrum", "coccyx": "coccyx", "sacroiliac-joints": "sacroiliac-joints",
                    "sacral-foramina": "sacral-foramina"}),
     "hand": View(
-        ("arm:-1",), (-2.05, 10.25), 0.95, angle=180.0, spin=15.0,
+        ("arm:-1",), (-2.08, 10.4), 0.85, angle=180.0, spin=15.0,
         landmarks={"phalanges": "phalanges", "metacarpals": "metacarpals", "carpal-bones": "carpal-bones"}),
     "wrist": View(
         ("arm:-1",), (-2.05, 9.55), 1.9, angle=180.0, spin=15.0,

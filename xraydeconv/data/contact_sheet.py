@@ -1,0 +1,167 @@
+"""One picture of a data set: a few films of every class with their landmark outlines in colour.
+
+Works on any ImageFolder tree (``<class>/<image>``, optionally under ``train/ val/ test/``) whose
+landmark masks, if any, sit beside the images as ``<stem>.landmarks/<name>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+
+Example = tuple[Path, dict[str, Path]]
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _landmarks(image: Path) -> dict[str, Path]:
+    folder = image.with_name(image.stem + ".landmarks")
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() == ".png"}
+
+
+def find_examples(root: str | os.PathLike, per_class: int = 2,
+                  split: str | None = None) -> tuple[Path, list[tuple[str, list[Example]]]]:
+    """The first ``per_class`` images of each class and their landmark masks.
+
+    ``split`` picks ``root/<split>``; by default the first of train, val, test that exists, else
+    ``root`` itself. Classes come in the order of ``dataset.json`` when there is one, else sorted.
+    Returns the folder read and ``[(class, [(image, {landmark: mask}), ...]), ...]``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder")
+    if split is not None:
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such split folder")
+    else:
+        folder = next((root / s for s in SPLITS if (root / s).is_dir()), root)
+    order: list[str] = []
+    meta = root / "dataset.json"
+    if meta.is_file():
+        try:
+            order = [str(c) for c in json.loads(meta.read_text()).get("classes", [])]
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"{meta}: not readable JSON ({exc})") from exc
+    present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.endswith(".landmarks"))
+    classes = [c for c in order if c in present] + [c for c in present if c not in order]
+    result = []
+    for name in classes:
+        images = _images(folder / name)[:per_class]
+        if images:
+            result.append((name, [(p, _landmarks(p)) for p in images]))
+    if not result:
+        raise UserError(f"{folder}: no class folders with images (expected <class>/<image>.png)")
+    return folder, result
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _letterbox(path: Path, tile: int, resample: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Fit the image in a tile×tile square keeping its aspect; returns the tile and the box it fills."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("L")
+    except OSError as exc:
+        raise UserError(f"{path}: not a readable image ({exc})") from exc
+    w, h = img.size
+    s = tile / max(w, h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    x0, y0 = (tile - nw) // 2, (tile - nh) // 2
+    canvas = Image.new("L", (tile, tile), 0)
+    canvas.paste(img.resize((nw, nh), resample), (x0, y0))
+    return canvas, (x0, y0, nw, nh)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def _colours(n: int) -> list[tuple[int, int, int]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [tuple(int(255 * c) for c in cmap(i % 10)[:3]) for i in range(n)]
+
+
+def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: int = 2, split: str | None = None,
+                  tile: int = 128, columns: int = 6) -> Path:
+    """Write a PNG grid of ``per_class`` images per class with landmark outlines and a legend.
+
+    Each class is a block titled with its name; each landmark gets its own colour, listed under the
+    block. ``columns`` blocks per row. The file is written to a temporary name beside ``out`` and
+    renamed, so it is never half-written.
+    """
+    if per_class < 1:
+        raise UserError(f"per-class: must be >= 1, got {per_class}")
+    if tile < 32:
+        raise UserError(f"tile: must be >= 32 pixels, got {tile}")
+    _, examples = find_examples(root, per_class, split)
+    names = sorted({lm for _, ex in examples for _, lms in ex for lm in lms})
+    colour = dict(zip(names, _colours(len(names))))
+    most = max((len({lm for _, lms in ex for lm in lms}) for _, ex in examples), default=0)
+    title_font, text_font = _font(14), _font(11)
+    gap, pad, title_h, line_h = 3, 10, 20, 13
+    block_w = per_class * tile + (per_class - 1) * gap
+    block_h = title_h + tile + 4 + line_h * ((most + 1) // 2)
+    columns = max(1, min(columns, len(examples)))
+    rows = -(-len(examples) // columns)
+    sheet = Image.new("RGB", (pad + columns * (block_w + pad), pad + rows * (block_h + pad)), (18, 18, 18))
+    draw = ImageDraw.Draw(sheet)
+    for b, (name, ex) in enumerate(examples):
+        bx = pad + (b % columns) * (block_w + pad)
+        by = pad + (b // columns) * (block_h + pad)
+        draw.text((bx, by + 2), name, fill=(240, 240, 240), font=title_font)
+        seen: list[str] = []
+        for i, (path, lms) in enumerate(ex):
+            gray, (x0, y0, w, h) = _letterbox(path, tile, Image.BILINEAR)
+            rgb = np.repeat(np.asarray(gray)[:, :, None], 3, axis=2)
+            for lm, mpath in lms.items():
+                m, _ = _letterbox(mpath, tile, Image.NEAREST)
+                edge = _outline(np.asarray(m) > 127)
+                rgb[edge] = colour[lm]
+                if lm not in seen:
+                    seen.append(lm)
+            sheet.paste(Image.fromarray(rgb), (bx + i * (tile + gap), by + title_h))
+        half = block_w // 2
+        for j, lm in enumerate(seen):
+            draw.text((bx + (j % 2) * half, by + title_h + tile + 3 + line_h * (j // 2)), lm, fill=colour[lm],
+                      font=text_font)
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: the contact sheet is a PNG; give a file name ending in .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            sheet.save(fh, format="PNG", optimize=True)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
