@@ -1,0 +1,71 @@
+"""Heat maps and pictures from projections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xraydeconv import render
+
+
+def test_filter_heatmaps_are_magnitudes_normalised_per_filter():
+    maps = torch.zeros(2, 3, 2, 8, 8)
+    maps[0, 0, 0, 1, 1] = -4.0  # a negative reconstruction is as strong as a positive one
+    maps[0, 0, 1, 1, 1] = 1.0
+    maps[0, 0, 0, 5, 5] = 1.5
+    maps[0, 1, 0, 2, 2] = 0.001  # tiny filters still reach 1 after normalisation
+    h = render.filter_heatmaps(maps)
+    assert h.shape == (2, 3, 8, 8)
+    assert h[0, 0, 1, 1] == pytest.approx(1.0)
+    assert h[0, 0, 5, 5] == pytest.approx(0.5)
+    assert h[0, 1, 2, 2] == pytest.approx(1.0)
+    assert torch.equal(h[1], torch.zeros(3, 8, 8))  # all-zero maps stay zero, no NaN
+
+
+def test_combined_heatmap_gives_each_filter_the_same_say():
+    maps = torch.zeros(1, 2, 1, 4, 4)
+    maps[0, 0, 0, 0, 0] = 100.0
+    maps[0, 1, 0, 3, 3] = 1.0
+    h = render.heatmap(maps)
+    assert h.shape == (1, 4, 4)
+    assert h[0, 0, 0] == pytest.approx(1.0) and h[0, 3, 3] == pytest.approx(1.0)
+    assert render.heatmap(maps, top=1)[0, 3, 3] == 0
+
+
+def test_overlay_uses_the_matplotlib_colormap_and_keeps_cold_areas():
+    import matplotlib
+
+    img = torch.full((1, 4, 4), 0.5)
+    heat = torch.zeros(4, 4)
+    heat[0, 0] = 1.0
+    rgb = render.overlay(img, heat, cmap="viridis", alpha=1.0)
+    assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+    expected = np.round(np.array(matplotlib.colormaps["viridis"](1.0)[:3]) * 255)
+    assert np.abs(rgb[0, 0].astype(int) - expected).max() <= 1
+    assert (rgb[3, 3] == 128).all()  # heat 0: the radiograph shows through unchanged
+    with pytest.raises(ValueError, match="colormap"):
+        render.overlay(img, heat, cmap="no-such-map")
+
+
+def test_grid_and_side_by_side_layout(tmp_path):
+    img = torch.rand(1, 32, 32)
+    heats = torch.rand(7, 32, 32)
+    grid = render.focus_grid(img, heats, list(range(7)), [float(k) for k in range(7)], cols=5)
+    one = render.focus_grid(img, heats[:1], [0], [1.0])
+    assert grid.shape[1] == 5 * (one.shape[1] - 12) + 6 * 6  # 5 columns of tiles and gaps
+    assert grid.shape[0] > 2 * 32
+    pair = render.side_by_side([render.to_rgb(img), render.to_rgb(img)], ["a", "b"])
+    assert pair.shape[1] == 2 * 32 + 3 * 6
+    p = render.save_png(pair, tmp_path / "pair.png")
+    assert np.array_equal(np.asarray(Image.open(p)), pair)
+    assert [f.name for f in tmp_path.iterdir()] == ["pair.png"]  # no temp file left behind
+
+
+def test_importing_the_package_does_not_import_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, xraydeconv, xraydeconv.deconvnet; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -1,0 +1,190 @@
+"""Heat maps from deconvnet projections, and the pictures made of them (overlay, per-filter grid, focus views).
+
+A projection is a signed reconstruction of the input pattern a filter responds to; its sign says which
+polarity of the pattern (bright or dark edge) drives the filter, not whether a region matters. A heat map is
+therefore the **magnitude** of the channel-summed projection, ``|sum_c maps[:, :, c]|``, normalised per filter
+to [0, 1]. The combined map of the top-n filters is the mean of their normalised heat maps, renormalised to
+[0, 1], so that every selected filter has the same say however large its reconstruction is.
+
+Colours come from matplotlib's colormaps (only ``matplotlib.colormaps``; pyplot is never imported), pictures
+are composed with PIL and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+__all__ = [
+    "filter_heatmaps",
+    "heatmap",
+    "normalise",
+    "to_rgb",
+    "overlay",
+    "focus_grid",
+    "side_by_side",
+    "save_png",
+]
+
+DEFAULT_CMAP = "jet"
+
+
+def normalise(maps: Tensor, dims: int = 2) -> Tensor:
+    """Scale each map (the last ``dims`` dims) to [0, 1] by its maximum; all-zero maps stay zero."""
+    peak = maps.flatten(-dims).amax(-1).clamp_min(torch.finfo(maps.dtype).tiny)
+    return maps / peak.view(*peak.shape, *([1] * dims))
+
+
+def filter_heatmaps(maps: Tensor) -> Tensor:
+    """Per-filter heat maps.
+
+    Args:
+        maps: (B, top_n, C_in, H, W) projections (``Projection.maps``), or (top_n, C_in, H, W) for one image.
+    Returns:
+        (B, top_n, H, W) float32 (or (top_n, H, W)): ``|sum over C_in|`` normalised per filter to [0, 1].
+    """
+    return normalise(maps.float().sum(-3).abs())
+
+
+def heatmap(maps: Tensor, top: int | None = None) -> Tensor:
+    """Combined heat map of the (first ``top``) filters of each image.
+
+    Args:
+        maps: (B, top_n, C_in, H, W) projections, strongest filter first; or (B, top_n, H, W) per-filter heat maps.
+        top: combine only the ``top`` strongest filters (default: all).
+    Returns:
+        (B, H, W) float32 in [0, 1]: the mean of the per-filter normalised heat maps, renormalised.
+    """
+    heats = filter_heatmaps(maps) if maps.dim() == 5 else maps.float()
+    if top is not None:
+        heats = heats[:, :top]
+    return normalise(heats.mean(1))
+
+
+def to_rgb(image: Tensor | np.ndarray) -> np.ndarray:
+    """(C, H, W) or (H, W) image in [0, 1] (1 or 3 channels) -> (H, W, 3) uint8."""
+    a = image.detach().float().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else np.moveaxis(a[:3], 0, -1)
+    a = np.clip(a, 0.0, 1.0)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    return (a * 255.0 + 0.5).astype(np.uint8)
+
+
+def _colormap(name: str):
+    import matplotlib  # the colormap registry only: importing it does not start a GUI backend
+
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError:
+        raise ValueError(f"colormap {name!r}: not a matplotlib colormap") from None
+
+
+def overlay(
+    image: Tensor | np.ndarray, heat: Tensor | np.ndarray, cmap: str = DEFAULT_CMAP, alpha: float = 0.6
+) -> np.ndarray:
+    """Colour a heat map over the radiograph, opacity growing with intensity (cold areas show the image).
+
+    Args:
+        image: (C, H, W) or (H, W) in [0, 1].
+        heat: (H, W) in [0, 1].
+        cmap: a matplotlib colormap name.
+        alpha: opacity where the heat map is 1.
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    base = to_rgb(image).astype(np.float32) / 255.0
+    h = heat.detach().float().cpu().numpy() if isinstance(heat, Tensor) else np.asarray(heat, dtype=np.float32)
+    h = np.clip(h, 0.0, 1.0)
+    colour = _colormap(cmap)(h)[..., :3].astype(np.float32)
+    a = (alpha * h)[..., None]
+    return ((base * (1.0 - a) + colour * a) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _labelled(tile: np.ndarray, label: str, size: int) -> Image.Image:
+    im = Image.fromarray(tile)
+    if label:
+        band = max(12, size)
+        out = Image.new("RGB", (im.width, im.height + band + 4), (255, 255, 255))
+        out.paste(im, (0, band + 4))
+        ImageDraw.Draw(out).text((3, 2), label, fill=(0, 0, 0), font=_font(size))
+        return out
+    return im
+
+
+def side_by_side(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, gap: int = 6) -> np.ndarray:
+    """Tiles (H, W, 3) uint8 of equal height placed in a row with a caption above each (Fig. 2/3 style)."""
+    return focus_grid_tiles(tiles, labels, cols=len(tiles), gap=gap)
+
+
+def focus_grid_tiles(
+    tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, cols: int = 5, gap: int = 6
+) -> np.ndarray:
+    """Lay out (H, W, 3) uint8 tiles in a grid, each with an optional caption; returns (H', W', 3) uint8."""
+    if not tiles:
+        raise ValueError("no tiles to lay out")
+    labels = list(labels) if labels is not None else [""] * len(tiles)
+    size = max(11, tiles[0].shape[0] // 14)
+    ims = [_labelled(t, lab, size) for t, lab in zip(tiles, labels)]
+    tw, th = max(i.width for i in ims), max(i.height for i in ims)
+    cols = max(1, min(cols, len(ims)))
+    rows = (len(ims) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * tw + (cols + 1) * gap, rows * th + (rows + 1) * gap), (255, 255, 255))
+    for k, im in enumerate(ims):
+        r, c = divmod(k, cols)
+        sheet.paste(im, (gap + c * (tw + gap), gap + r * (th + gap)))
+    return np.asarray(sheet)
+
+
+def focus_grid(
+    image: Tensor | np.ndarray,
+    heats: Tensor | np.ndarray,
+    channels: Sequence[int],
+    activations: Sequence[float],
+    cols: int = 5,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = 0.6,
+) -> np.ndarray:
+    """Per-filter focus grid (Fig. 1/4 style): each filter's heat map over the image, captioned
+    ``#rank ch <channel> a=<activation>``.
+
+    Args:
+        image: (C, H, W) or (H, W) in [0, 1].
+        heats: (top_n, H, W) per-filter heat maps in [0, 1].
+        channels, activations: top_n filter ids and their ranking scores.
+    Returns:
+        (H', W', 3) uint8 RGB.
+    """
+    tiles = [overlay(image, heats[k], cmap, alpha) for k in range(len(channels))]
+    labels = [f"#{k + 1} ch {int(c)} a={float(a):.3g}" for k, (c, a) in enumerate(zip(channels, activations))]
+    return focus_grid_tiles(tiles, labels, cols=cols)
+
+
+def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an (H, W, 3) uint8 array as PNG atomically (a temp file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
