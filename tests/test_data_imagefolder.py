@@ -75,13 +75,18 @@ def test_phantom_generator_output_is_readable(tmp_path):
     phantoms = pytest.importorskip("xraydeconv.data.phantoms")
     if not hasattr(phantoms, "generate"):
         pytest.skip("the phantom generator is not part of this build")
-    root = phantoms.generate(tmp_path / "ph", per_class=1, size=64, seed=1, splits=("train",))
+    root = phantoms.generate(
+        tmp_path / "ph", per_class=1, size=64, seed=1, splits=("train",), workers=1, progress=False
+    )
     ds = open_dataset(root, "train", input_size=64)
     assert ds.format == "phantoms" and ds.class_names == list(CLASS_NAMES) and len(ds) == 24
     with_masks = [i for i in range(len(ds)) if ds.records[i].landmarks]
     assert with_masks, "the phantom tree carries landmark masks"
-    for name, m in ds.landmark_masks(with_masks[0]).items():
-        assert m.shape == (64, 64) and m.dtype == bool, name
+    for i in with_masks:
+        masks = ds.landmark_masks(i)
+        assert set(masks) <= set(ds.landmark_names[ds.class_names[ds.records[i].label]])
+        for name, m in masks.items():
+            assert m.shape == (64, 64) and m.dtype == bool, name
 
 
 def test_landmark_masks_are_letterboxed_like_the_image(tmp_path):
