@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../switch_pool_checks.h"
+#include "avx512_2x2.h"
 #include "cpu_common.h"
 
 namespace xraydeconv {
@@ -83,7 +84,8 @@ XD_ALWAYS_INLINE void pool_span(const T* XD_RESTRICT in, int64_t W, int64_t n, c
   }
 }
 
-template <typename T, int KH, int KW, int SH, int SW>
+// kAvx512: called from the AVX-512 variant, which has a hand-vectorised float 2x2/s2 row.
+template <typename T, int KH, int KW, int SH, int SW, bool kAvx512 = false>
 XD_ALWAYS_INLINE void pool_nchw_rows(const PoolArgs<T>& a, int64_t begin, int64_t end) {
   const PoolGeometry& g = a.g;
   const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
@@ -103,7 +105,16 @@ XD_ALWAYS_INLINE void pool_nchw_rows(const PoolArgs<T>& a, int64_t begin, int64_
       continue;
     }
     for (int64_t ow = 0; ow < ow_lo && ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
-    pool_span<T, KH, KW, SH, SW>(xp + h0 * W + ow_lo * g.sW - g.pW, W, ow_hi - ow_lo, g, op + ow_lo, sp + ow_lo);
+    const T* in = xp + h0 * W + ow_lo * g.sW - g.pW;
+#if XD_MULTIVERSION
+    if constexpr (kAvx512 && std::is_same_v<T, float> && KH == 2 && KW == 2 && SH == 2 && SW == 2) {
+      pool_span_2x2_f32(in, in + W, ow_hi - ow_lo, op + ow_lo, sp + ow_lo);
+    } else {
+      pool_span<T, KH, KW, SH, SW>(in, W, ow_hi - ow_lo, g, op + ow_lo, sp + ow_lo);
+    }
+#else
+    pool_span<T, KH, KW, SH, SW>(in, W, ow_hi - ow_lo, g, op + ow_lo, sp + ow_lo);
+#endif
     for (int64_t ow = ow_hi; ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
   }
 }
@@ -145,7 +156,7 @@ XD_ALWAYS_INLINE void pool_nhwc_pixels(const PoolArgs<T>& a, int64_t C, int64_t 
 #if XD_MULTIVERSION
 template <typename T, int KH, int KW, int SH, int SW>
 XD_TARGET_AVX512 void pool_nchw_rows_avx512(const PoolArgs<T>& a, int64_t b, int64_t e) {
-  pool_nchw_rows<T, KH, KW, SH, SW>(a, b, e);
+  pool_nchw_rows<T, KH, KW, SH, SW, true>(a, b, e);
 }
 template <typename T, int KH, int KW, int SH, int SW>
 XD_TARGET_AVX2 void pool_nchw_rows_avx2(const PoolArgs<T>& a, int64_t b, int64_t e) {

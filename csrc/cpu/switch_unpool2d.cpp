@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../switch_pool_checks.h"
+#include "avx512_2x2.h"
 #include "cpu_common.h"
 #include "switch_validate.h"
 
@@ -30,7 +31,8 @@ struct UnpoolArgs {
 };
 
 // Tiling windows, NCHW: output row ih lies in window row oh = ih / KH at offset kh = ih % KH.
-template <typename T, int KH, int KW>
+// kAvx512: called from the AVX-512 variant, which has a hand-vectorised float 2x2 row.
+template <typename T, int KH, int KW, bool kAvx512 = false>
 XD_ALWAYS_INLINE void unpool_tiled_rows(const UnpoolArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
   const int64_t kH = KH ? KH : a.g.kH, kW = KW ? KW : a.g.kW;
@@ -46,6 +48,11 @@ XD_ALWAYS_INLINE void unpool_tiled_rows(const UnpoolArgs<T>& a, int64_t begin, i
     const T* XD_RESTRICT yr = a.y + (plane * OH + oh) * OW;
     const uint8_t* XD_RESTRICT sr = a.sw + (plane * OH + oh) * OW;
     const int64_t base = kh * kW;
+#if XD_MULTIVERSION
+    if constexpr (kAvx512 && std::is_same_v<T, float> && KH == 2 && KW == 2) {
+      unpool_row_2x2_f32(yr, sr, full, kh, o);
+    } else
+#endif
     for (int64_t ow = 0; ow < full; ++ow) {
       const T v = yr[ow];
       const uint8_t s = sr[ow];
@@ -125,7 +132,7 @@ XD_ALWAYS_INLINE void unpool_gather_pixels(const UnpoolArgs<T>& a, int64_t C, in
 #if XD_MULTIVERSION
 template <typename T, int KH, int KW>
 XD_TARGET_AVX512 void unpool_tiled_rows_avx512(const UnpoolArgs<T>& a, int64_t b, int64_t e) {
-  unpool_tiled_rows<T, KH, KW>(a, b, e);
+  unpool_tiled_rows<T, KH, KW, true>(a, b, e);
 }
 template <typename T, int KH, int KW>
 XD_TARGET_AVX2 void unpool_tiled_rows_avx2(const UnpoolArgs<T>& a, int64_t b, int64_t e) {
