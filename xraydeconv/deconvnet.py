@@ -172,7 +172,7 @@ def _pool_forward(m: nn.Module, x: Tensor) -> tuple[Tensor, _PoolRecord]:
         out, rec.switches = m.forward_with_switches(x)
         return out, rec
     ops = _ops()
-    if ops is not None and ks[0] * ks[1] <= 255 and ops.has_kernels() and x.device.type in ("cpu", "cuda"):
+    if ops is not None and ks[0] * ks[1] <= 255 and ops.has_kernels(x.device) and x.device.type in ("cpu", "cuda"):
         out, rec.switches = ops.switch_pool2d(x, ks, st, pd, m.ceil_mode)
         return out, rec
     out, rec.indices = F.max_pool2d(x, ks, st, pd, 1, m.ceil_mode, return_indices=True)
@@ -213,10 +213,8 @@ def _unpool(y: Tensor, rec: _PoolRecord, group: int) -> Tensor:
     if rec.indices is None:
         ops = _ops()
         sw = rec.switches.repeat_interleave(group, dim=0) if group > 1 else rec.switches
-        if hasattr(ops, "switch_unpool2d"):
-            return ops.switch_unpool2d(y.contiguous(), sw, rec.kernel_size, rec.stride, rec.padding, (H, W))
-        idx = ops.switches_to_indices(sw, rec.kernel_size, rec.stride, rec.padding, (H, W))
-        idx = idx.view(P // group, group, C, h * w)
+        unpool = ops.switch_unpool2d if ops.has_kernels(y.device) else ops.native_switch_unpool2d
+        return unpool(y.contiguous(), sw, rec.kernel_size, rec.stride, rec.padding, (H, W))
     else:
         idx = rec.indices.view(P // group, 1, C, h * w).expand(P // group, group, C, h * w)
     out = y.new_zeros(P // group, group, C, H * W)

@@ -1,0 +1,163 @@
+"""`xraydeconv project` end to end: outputs, manifest, gallery, and every bad input of the issue."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from xraydeconv.cli.main import main
+
+from xraydeconv import checkpoint, models
+from xraydeconv.data.classes import CLASS_NAMES
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    torch.manual_seed(0)
+    model = models.build("deeper", num_classes=len(CLASS_NAMES), input_size=SIZE)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    checkpoint.save_checkpoint(root / "net.pt", model, model_name="deeper", class_names=list(CLASS_NAMES),
+                               input_size=SIZE, config={}, epoch=1)
+    rng = np.random.default_rng(0)
+    for name, shape in (("hand.png", (80, 60)), ("knee.png", (64, 64)), ("sub/hand.png", (70, 90))):
+        (root / name).parent.mkdir(exist_ok=True)
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8), mode="L").save(root / name)
+    (root / "notes.png").write_text("not an image")
+    Image.fromarray(np.zeros((3, 4), np.uint8), mode="L").save(root / "tiny.png")
+    (root / "empty").mkdir()
+    data = root / "data" / "test"
+    for cls in ("hand", "knee"):
+        (data / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray((rng.random((SIZE, SIZE)) * 255).astype(np.uint8), mode="L").save(data / cls / f"{i}.png")
+    return root
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["xraydeconv", "project", "--quiet", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+        sys.exit(0)
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_project_images(work, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "proj"
+    code, err = run(monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), "--images", str(work / "hand.png"),
+                    "--images", str(work / "knee.png"), str(work / "sub/hand.png"), "--top-n", "6", "--out", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["gallery.json", "hand", "hand-2", "index.html", "knee"]
+    man = json.loads((out / "hand" / "manifest.json").read_text())
+    ck = checkpoint.load_checkpoint(work / "net.pt")
+    assert man["checkpoint_sha256"] == ck.sha256 and man["model"] == "deeper"
+    assert man["layer"] == 7 and man["top_n"] == 6 and len(man["channels"]) == 6
+    assert man["torch_version"] == torch.__version__ and man["predicted_class"] in CLASS_NAMES
+    assert 0 < man["predicted_probability"] <= 1 and man["true_class"] is None
+    assert man["input_file"] == str(work / "hand.png")
+    assert np.load(out / "hand" / "maps.npy").shape == (6, SIZE, SIZE)
+    # the saved channels are the ones the library ranks first
+    from xraydeconv.data import load_image
+    from xraydeconv.deconvnet import DeconvNet
+
+    p = DeconvNet(ck.model).project(load_image(work / "hand.png", SIZE)[None], top_n=6)
+    assert man["channels"] == p.channels[0].tolist()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_project_data_set_with_truth(work, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "proj"
+    code, err = run(monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), "--data", str(work / "data"),
+                    "--limit", "3", "--top-n", "5", "--layer", "3", "--batch-size", "2", "--out", str(out))
+    assert code == 0, err
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 3
+    mans = [json.loads((f / "manifest.json").read_text()) for f in folders]
+    assert all(m["true_class"] in ("hand", "knee") and m["layer"] == 3 for m in mans)
+    page = (out / "index.html").read_text()
+    assert page.count('<div class="card') == 3
+    n_mis = sum(m["true_class"] != m["predicted_class"] for m in mans)
+    assert f'data-misclassified-count="{n_mis}"' in page
+
+
+def _bad(work, tmp_path, monkeypatch, capsys, *args, match: str):
+    out = tmp_path / "proj"
+    code, err = run(monkeypatch, capsys, "--out", str(out), *args)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no temp folder left
+    return lines[0]
+
+
+def test_bad_checkpoints(work, tmp_path, monkeypatch, capsys):
+    torch.save({"weights": torch.zeros(3)}, tmp_path.parent / "other.pt")
+    data = (work / "net.pt").read_bytes()
+    (tmp_path.parent / "cut.pt").write_bytes(data[: len(data) // 2])
+    img = str(work / "hand.png")
+    _bad(work, tmp_path, monkeypatch, capsys, "--checkpoint", str(tmp_path.parent / "other.pt"), img,
+         match="other.pt")
+    _bad(work, tmp_path, monkeypatch, capsys, "--checkpoint", str(tmp_path.parent / "cut.pt"), img, match="cut.pt")
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--top-n", "129"], "--top-n 129"),
+        (["--top-n", "0"], "--top-n 0"),
+        (["--layer", "8"], "out of range"),
+        (["--layer", "features.6"], "not a conv layer"),  # the first max pool
+        (["--layer", "nope"], "no such module"),
+        (["--cmap", "nope"], "--cmap"),
+    ],
+)
+def test_bad_arguments(work, tmp_path, monkeypatch, capsys, args, match):
+    _bad(work, tmp_path, monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), str(work / "hand.png"), *args,
+         match=match)
+
+
+@pytest.mark.parametrize(
+    "inputs,match",
+    [
+        (["hand.png", "notes.png"], "notes.png"),  # a non-image file among the inputs
+        (["tiny.png"], "tiny.png"),  # far smaller than the model's input
+        (["missing.png"], "missing.png"),
+        (["--data", "empty"], "empty"),  # an empty folder
+    ],
+)
+def test_bad_inputs(work, tmp_path, monkeypatch, capsys, inputs, match):
+    args = [a if a.startswith("--") else str(work / a) for a in inputs]
+    _bad(work, tmp_path, monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), *args, match=match)
+
+
+def test_out_not_empty_is_kept(work, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run(monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), str(work / "hand.png"),
+                    "--out", str(out))
+    assert code == 2 and "not empty" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, err = run(monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), str(work / "hand.png"),
+                    "--top-n", "2", "--out", str(out), "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["gallery.json", "hand", "index.html"]
+
+
+def test_help_reads_like_a_manual(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["xraydeconv", "project", "--help"])
+    main()  # click returns after printing the help (no error, nothing to exit with)
+    text = capsys.readouterr().out
+    for word in ("--checkpoint", "--top-n", "manifest.json", "index.html", "Examples"):
+        assert word in text
