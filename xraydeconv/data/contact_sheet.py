@@ -76,8 +76,8 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _letterbox(path: Path, tile: int, resample: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """Fit the image in a tile×tile square keeping its aspect; returns the tile and the box it fills."""
+def _letterbox(path: Path, tile: int, resample: int) -> Image.Image:
+    """Fit the image in a tile×tile square keeping its aspect, centred on black."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -90,7 +90,7 @@ def _letterbox(path: Path, tile: int, resample: int) -> tuple[Image.Image, tuple
     x0, y0 = (tile - nw) // 2, (tile - nh) // 2
     canvas = Image.new("L", (tile, tile), 0)
     canvas.paste(img.resize((nw, nh), resample), (x0, y0))
-    return canvas, (x0, y0, nw, nh)
+    return canvas
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -122,8 +122,7 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
     if tile < 32:
         raise UserError(f"tile: must be >= 32 pixels, got {tile}")
     _, examples = find_examples(root, per_class, split)
-    names = sorted({lm for _, ex in examples for _, lms in ex for lm in lms})
-    colour = dict(zip(names, _colours(len(names))))
+    palette = _colours(10)
     most = max((len({lm for _, lms in ex for lm in lms}) for _, ex in examples), default=0)
     title_font, text_font = _font(14), _font(11)
     gap, pad, title_h, line_h = 3, 10, 20, 13
@@ -137,21 +136,20 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
         bx = pad + (b % columns) * (block_w + pad)
         by = pad + (b // columns) * (block_h + pad)
         draw.text((bx, by + 2), name, fill=(240, 240, 240), font=title_font)
-        seen: list[str] = []
+        seen: list[str] = []  # colours are per class, in the order its landmarks first appear
         for i, (path, lms) in enumerate(ex):
-            gray, (x0, y0, w, h) = _letterbox(path, tile, Image.BILINEAR)
+            gray = _letterbox(path, tile, Image.BILINEAR)
             rgb = np.repeat(np.asarray(gray)[:, :, None], 3, axis=2)
             for lm, mpath in lms.items():
-                m, _ = _letterbox(mpath, tile, Image.NEAREST)
-                edge = _outline(np.asarray(m) > 127)
-                rgb[edge] = colour[lm]
                 if lm not in seen:
                     seen.append(lm)
+                m = _letterbox(mpath, tile, Image.NEAREST)
+                rgb[_outline(np.asarray(m) > 127)] = palette[seen.index(lm) % len(palette)]
             sheet.paste(Image.fromarray(rgb), (bx + i * (tile + gap), by + title_h))
         half = block_w // 2
         for j, lm in enumerate(seen):
-            draw.text((bx + (j % 2) * half, by + title_h + tile + 3 + line_h * (j // 2)), lm, fill=colour[lm],
-                      font=text_font)
+            xy = (bx + (j % 2) * half, by + title_h + tile + 3 + line_h * (j // 2))
+            draw.text(xy, lm, fill=palette[j % len(palette)], font=text_font)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the contact sheet is a PNG; give a file name ending in .png")
@@ -160,6 +158,9 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
     try:
         with os.fdopen(fd, "wb") as fh:
             sheet.save(fh, format="PNG", optimize=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is meant to be shared
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -93,10 +93,10 @@ def render_phantom(class_name: str, rng: np.random.Generator, size: int = 256, *
         att = att[:, ::-1]
         masks = {name: m[:, ::-1] for name, m in masks.items()}
         field = (size - field[2], field[1], size - field[0], field[3])
-    att = np.ascontiguousarray(att)
+    lead = None
     if bias == "marker":
-        masks["marker"] = draw_marker(att, CLASS_NAMES.index(class_name), field, rng)
-    image = develop(att, rng, field, bone=view.bone)
+        lead, masks["marker"] = draw_marker(size, CLASS_NAMES.index(class_name), field, rng)
+    image = develop(np.ascontiguousarray(att), rng, field, bone=view.bone, opaque=lead)
     return image, {name: np.ascontiguousarray(m) for name, m in masks.items()}
 
 

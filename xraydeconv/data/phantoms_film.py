@@ -23,11 +23,12 @@ def sample_field(rng: np.random.Generator, size: int) -> tuple[int, int, int, in
 
 
 def develop(att: np.ndarray, rng: np.random.Generator, field: tuple[int, int, int, int],
-            bone: float = 1.0) -> np.ndarray:
+            bone: float = 1.0, opaque: np.ndarray | None = None) -> np.ndarray:
     """Turn the summed μ·thickness into an 8-bit-ready film in [0, 1] (bright = attenuating).
 
     The exposure is set from the mean attenuation of the body, as an automatic exposure control
-    would, then varied; ``bone`` > 1 is a bone technique that pushes soft tissue down.
+    would, then varied; ``bone`` > 1 is a bone technique that pushes soft tissue down. Pixels in
+    ``opaque`` (a lead marker) are fully attenuated.
     """
     size = att.shape[0]
     att = np.maximum(att, 0.0)
@@ -40,6 +41,8 @@ def develop(att: np.ndarray, rng: np.random.Generator, field: tuple[int, int, in
         img = np.clip((img - lo) / (1.0 - lo), 0.0, 1.0)
     img = binomial_blur(img.astype(np.float32), passes=max(1, round(rng.uniform(0.5, 2.0) * size / 256)))
     img = img ** rng.uniform(0.75, 1.3)
+    if opaque is not None:  # lead edges are sharp: the marker sits on top of the detector blur
+        img[opaque] = rng.uniform(0.93, 1.0)
     # heel effect: a gentle exposure gradient along a random direction
     a = rng.uniform(0, 2 * np.pi)
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantoms_shapes import LEAD
-
 _GLYPHS = {
     "L": ("X....", "X....", "X....", "X....", "X....", "X....", "XXXXX"),
     "R": ("XXXX.", "X...X", "X...X", "XXXX.", "X.X..", "X..X.", "X...X"),
@@ -20,12 +18,16 @@ def marker_for(label: int) -> tuple[str, tuple[float, float]]:
     return "LR"[(label // len(_PLACES)) % 2], _PLACES[label % len(_PLACES)]
 
 
-def draw_marker(att: np.ndarray, label: int, field: tuple[int, int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """Add the class's lead marker to ``att`` (in place); returns its mask (the marker's tab)."""
-    size = att.shape[0]
+def draw_marker(size: int, label: int, field: tuple[int, int, int, int],
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Place the class's lead marker in the film; returns (lead, tab): the opaque letter and its tab.
+
+    Lead stops the beam, so the letter comes out white whatever the exposure; the tab (the letter's
+    box plus a rim) is the landmark mask used to measure how much a net looks at the marker.
+    """
     letter, (fx, fy) = marker_for(label)
     glyph = np.array([[c == "X" for c in row] for row in _GLYPHS[letter]])
-    cell = max(1, round(size / 128))
+    cell = max(2, round(size / 128))
     tile = np.kron(glyph, np.ones((cell, cell), bool))
     h, w = tile.shape
     x0, y0, x1, y1 = field
@@ -33,7 +35,8 @@ def draw_marker(att: np.ndarray, label: int, field: tuple[int, int, int, int], r
     cy = y0 + fy * (y1 - y0) + rng.integers(-2, 3) * cell
     top = int(np.clip(round(cy - h / 2), y0 + cell, y1 - h - cell))
     left = int(np.clip(round(cx - w / 2), x0 + cell, x1 - w - cell))
-    att[top:top + h, left:left + w] += LEAD * tile
-    mask = np.zeros((size, size), bool)
-    mask[top - cell:top + h + cell, left - cell:left + w + cell] = True
-    return mask
+    lead = np.zeros((size, size), bool)
+    lead[top:top + h, left:left + w] = tile
+    tab = np.zeros((size, size), bool)
+    tab[top - cell:top + h + cell, left - cell:left + w + cell] = True
+    return lead, tab

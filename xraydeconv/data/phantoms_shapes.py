@@ -24,6 +24,8 @@ CARTILAGE = 1.1
 AIR = -1.0  # gas in lung or bowel: it replaces soft tissue, so it removes attenuation
 LEAD = 80.0  # lead marker: opaque
 
+_THIN = 0.7  # pixels: thinner structures are widened to this and their μ scaled down
+
 
 @dataclass(frozen=True)
 class Pose:
@@ -106,8 +108,12 @@ class Canvas:
             raise ValueError(f"power must be 2 or 4, not {power}")
         k = self.pose.px
         A, B = a * k, b * k
-        if A < 0.3 or B < 0.3:
-            return
+        if min(A, B) < _THIN:  # sub-pixel structure: keep its projected mass on a pixel-wide shape
+            if min(A, B) < _THIN / 8:
+                return
+            w = (A * B) / (max(A, _THIN) * max(B, _THIN))
+            mu, inner_mu = mu * w, inner_mu * w
+            A, B = max(A, _THIN), max(B, _THIN)
         px, py, ca, sa = self._frame(cx, cy, angle)
         hw = math.sqrt((A * ca) ** 2 + (B * sa) ** 2) + 1.0
         hh = math.sqrt((A * sa) ** 2 + (B * ca) ** 2) + 1.0
@@ -143,8 +149,12 @@ class Canvas:
         ax, ay = self.pose.point(x0, y0)
         bx, by = self.pose.point(x1, y1)
         R0, R1 = r0 * k, r1 * k
-        if max(R0, R1) < 0.3:
-            return
+        if max(R0, R1) < _THIN:  # sub-pixel: widen to a pixel, scale μ to keep the projected mass
+            if max(R0, R1) < _THIN / 8:
+                return
+            w = _THIN / max(R0, R1)
+            R0, R1 = R0 * w, R1 * w
+            mu, inner_mu = mu / (w * w), inner_mu / (w * w)
         rm = max(R0, R1) + 1.0
         win = self._window(min(ax, bx) - rm, max(ax, bx) + rm, min(ay, by) - rm, max(ay, by) + rm)
         if win is None:
@@ -173,8 +183,11 @@ class Canvas:
         """
         k = self.pose.px
         RX, RY, RR = rx * k, ry * k, r * k
-        if RR < 0.3:
-            return
+        if RR < _THIN:  # sub-pixel: widen to a pixel, scale μ to keep the projected mass
+            if RR < _THIN / 8:
+                return
+            mu *= (RR / _THIN) ** 2
+            RR = _THIN
         px, py, ca, sa = self._frame(cx, cy, angle)
         th0, span = math.radians(start), abs(math.radians(end - start))
         ts = th0 + np.linspace(0.0, span, 16)

@@ -32,7 +32,7 @@ _LONG = {k: "long-bones" for k in ("femur-shaft", "tibia", "fibula", "humerus-sh
 VIEWS: dict[str, View] = {
     "whole-body": View(
         ("trunk", "leg:-1", "leg:1", "arm:-1", "arm:1", "abdomen", "pelvis", "thorax", "neck_frontal", "head_frontal"),
-        (0.0, 9.4), 0.104, spin=4.0,
+        (0.0, 9.45), 0.095, spin=4.0,
         landmarks={"vault": "skull", **_SPINE, "posterior-ribs": "rib-cage", "iliac-wings": "pelvis",
                    "sacrum": "pelvis", "pubic-rami": "pelvis", "ischium": "pelvis", **_LONG}),
     "facial-cranium": View(
