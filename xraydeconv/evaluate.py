@@ -1,0 +1,590 @@
+"""Evaluation of a trained checkpoint: accuracy, confusion, what the misclassified images were looked at, and
+how well the projected heat maps agree with radiological landmarks.
+
+For every image that has landmark masks, the top-n filters of the last conv layer are projected with the
+deconvnet; the per-filter heat maps and their combination (``xraydeconv.render``: the mean of the normalised
+per-filter magnitudes, exactly the map the gallery shows) are scored with :mod:`xraydeconv.metrics` against
+
+- the union of the image's landmarks ("a landmark of the true class": the masks lying beside an image are
+  those of its own class), overall and per class, for the combined map and for each filter;
+- every landmark on its own;
+- the ``marker`` mask separately: the planted shortcut of ``xraydeconv data phantoms --bias marker``, which is
+  never a radiological landmark and is left out of the union.
+
+With ``occlusion=True`` each landmark (and their union) is also hidden in turn (:mod:`xraydeconv.occlusion`)
+to measure what the class probability and the top filters lose.
+
+Everything is built in a temporary folder beside ``out`` and moved into place at the end, so a failed run
+(bad masks, wrong checkpoint) leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xraydeconv import metrics
+from xraydeconv.errors import UserError
+
+__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown"]
+
+REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "report.md", "confusion.png", "misclassified"
+MARKER = "marker"
+UNION = "all landmarks"
+METRIC_KEYS = ("pointing_game", "relevance_mass", "relevance_rank")
+
+
+@dataclass
+class EvalOptions:
+    """Settings of one evaluation run (also stored in the report)."""
+
+    split: str = "test"
+    top_n: int = 25
+    occlusion: bool = False
+    batch_size: int = 16
+    max_misclassified: int = 24
+    tolerance: int = 0  # pointing-game tolerance in pixels
+    precision: str = "fp32"  # of the deconvnet's downward pass
+    device: str = "cpu"
+    landmarks: bool = True  # False: accuracy and misclassified projections only
+    limit: int | None = None  # only the first N images of the split
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+
+def resolve_data(ckpt, data: str | os.PathLike | None) -> Path:
+    """The data folder to evaluate on: ``data``, else the one the checkpoint was trained on (phantoms when none)."""
+    if data is not None:
+        p = Path(data)
+        if not p.is_dir():
+            raise UserError(f"{p}: data directory does not exist")
+        return p
+    cfg = ckpt.config or {}
+    if cfg.get("data"):
+        p = Path(cfg["data"])
+        if not p.is_dir():
+            raise UserError(f"{p}: the checkpoint's training data is gone; pass --data DIR")
+        return p
+    from xraydeconv.data.phantoms import ensure_phantoms
+
+    return ensure_phantoms(
+        per_class=int(cfg.get("phantoms_per_class", 200)),
+        size=int(cfg.get("input_size", ckpt.input_size)),
+        seed=int(cfg.get("phantom_seed", 0)),
+    )
+
+
+def check_classes(ckpt_path: str | os.PathLike, ckpt_classes: Sequence[str], data: Path, ds_classes: Sequence[str]):
+    """UserError (one line) when the checkpoint's label order differs from the data set's."""
+    a, b = list(ckpt_classes), list(ds_classes)
+    if a == b:
+        return
+    only_ckpt = [c for c in a if c not in b]
+    only_data = [c for c in b if c not in a]
+    if only_ckpt or only_data:
+        detail = []
+        if only_ckpt:
+            detail.append(f"not in the data: {', '.join(only_ckpt[:5])}{' ...' if len(only_ckpt) > 5 else ''}")
+        if only_data:
+            detail.append(f"not in the checkpoint: {', '.join(only_data[:5])}{' ...' if len(only_data) > 5 else ''}")
+        why = "; ".join(detail)
+    else:
+        why = "same names in another order"
+    raise UserError(
+        f"{ckpt_path}: the checkpoint's {len(a)} classes differ from the {len(b)} classes of {data} ({why})"
+    )
+
+
+def _check_landmarks(ds, i: int, masks: dict[str, np.ndarray]) -> None:
+    """UserError for a mask naming a landmark its class does not have (when the data set declares them)."""
+    rec = ds.records[i]
+    cls = ds.class_names[rec.label]
+    known = set(ds.landmark_names.get(cls, ()))
+    if not known:
+        return
+    for name in masks:
+        if name != MARKER and name not in known:
+            where = rec.landmarks.get(name)
+            if where is None and name in getattr(rec, "boxes", {}):
+                where = rec.boxes[name][0].source
+            raise UserError(
+                f"{where or rec.path}: unknown landmark {name!r} for class {cls} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+
+
+# --- landmark agreement ---------------------------------------------------------------------------------------
+
+
+def _stats(pg: np.ndarray, rm: np.ndarray, rr: np.ndarray, area: np.ndarray) -> dict[str, float]:
+    sc = metrics.LandmarkScores(pg, rm, rr, area)
+    s = sc.summary()
+    s["mass_over_area"] = s["relevance_mass"] / s["area_share"] if s["area_share"] > 0 else float("nan")
+    return s
+
+
+@dataclass
+class LandmarkAgreement:
+    """Accumulates metric scores batch by batch; :meth:`result` gives the tables of the report."""
+
+    class_names: list[str]
+    tolerance: int = 0
+    _labels: list[int] = field(default_factory=list)
+    _union: list[np.ndarray] = field(default_factory=list)  # (4,) per image: pg, rm, rr, area of the combined map
+    _filters: list[np.ndarray] = field(default_factory=list)  # (3,) per image: mean over filters of pg, rm, rr
+    _filter_hits: list[np.ndarray] = field(default_factory=list)  # (N,) per image: pointing game of each filter
+    _marker: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    _named: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, labels: Sequence[int], filter_heats: torch.Tensor, combined: torch.Tensor, masks: list[dict]) -> None:
+        """Score one batch.
+
+        Args:
+            labels: (B,) true labels.
+            filter_heats: (B, N, H, W) per-filter heat maps.
+            combined: (B, H, W) the combined top-n heat map.
+            masks: per image, landmark name -> bool (H, W); images without masks are skipped.
+        """
+        size = tuple(combined.shape[-2:])
+        keep = [b for b, m in enumerate(masks) if any(n != MARKER for n in m)]
+        if keep:
+            union = np.stack([metrics.landmark_union(masks[b], size, exclude=(MARKER,)) for b in keep])
+            comb = combined[keep]
+            sc = metrics.score_landmarks(comb, union, tolerance=self.tolerance)
+            filt = filter_heats[keep]
+            fpg = metrics.pointing_game(filt, union, tolerance=self.tolerance)
+            frm = metrics.relevance_mass(filt, union)
+            frr = metrics.relevance_rank(filt, union)
+            for j, b in enumerate(keep):
+                self._labels.append(int(labels[b]))
+                self._union.append(
+                    np.array([sc.pointing_game[j], sc.relevance_mass[j], sc.relevance_rank[j], sc.area_share[j]])
+                )
+                with np.errstate(invalid="ignore"):
+                    self._filters.append(np.array([np.nanmean(fpg[j]), np.nanmean(frm[j]), np.nanmean(frr[j])]))
+                self._filter_hits.append(fpg[j])
+        # each landmark on its own, and the marker, batched per name
+        by_name: dict[str, list[int]] = {}
+        for b, m in enumerate(masks):
+            for n in m:
+                key = MARKER if n == MARKER else f"{self.class_names[int(labels[b])]}/{n}"
+                by_name.setdefault(key, []).append(b)
+        for key, idx in by_name.items():
+            name = MARKER if key == MARKER else key.split("/", 1)[1]
+            s = np.stack([masks[b][name] for b in idx])
+            sc = metrics.score_landmarks(combined[idx], s, tolerance=self.tolerance)
+            rows = np.stack([sc.pointing_game, sc.relevance_mass, sc.relevance_rank, sc.area_share], axis=1)
+            if key == MARKER:
+                self._marker.extend((int(labels[b]), r) for b, r in zip(idx, rows))
+            else:
+                self._named.setdefault(key, []).extend(rows)
+
+    @property
+    def n_images(self) -> int:
+        return len(self._labels)
+
+    def result(self) -> dict | None:
+        """The landmark tables (None when no image had landmark masks)."""
+        if not self._labels and not self._marker:
+            return None
+        out: dict = {"tolerance": self.tolerance}
+        if self._labels:
+            u = np.stack(self._union)
+            f = np.stack(self._filters)
+            lab = np.array(self._labels)
+            out["overall"] = _stats(u[:, 0], u[:, 1], u[:, 2], u[:, 3])
+            out["per_filter"] = {
+                "pointing_game": float(np.nanmean(f[:, 0])),
+                "relevance_mass": float(np.nanmean(f[:, 1])),
+                "relevance_rank": float(np.nanmean(f[:, 2])),
+                # images where at least one of the top-n filters points at a landmark
+                "any_filter_hits": float(np.mean([np.nansum(h) > 0 for h in self._filter_hits])),
+                "n": int(len(f)),
+            }
+            out["per_class"] = {}
+            for c, name in enumerate(self.class_names):
+                sel = lab == c
+                if sel.any():
+                    out["per_class"][name] = _stats(u[sel, 0], u[sel, 1], u[sel, 2], u[sel, 3])
+        out["per_landmark"] = {}
+        for key in sorted(self._named):
+            r = np.stack(self._named[key])
+            out["per_landmark"][key] = _stats(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+        if self._marker:
+            r = np.stack([row for _, row in self._marker])
+            out["marker"] = _stats(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+        else:
+            out["marker"] = None
+        return out
+
+
+@dataclass
+class _OcclusionTally:
+    class_names: list[str]
+    rows: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+
+    def add(self, labels: Sequence[int], res) -> None:
+        for j, name in enumerate(res.names):
+            for b in range(len(labels)):
+                if np.isnan(res.prob_drop[b, j]):
+                    continue
+                key = name if name in (MARKER, UNION) else f"{self.class_names[int(labels[b])]}/{name}"
+                self.rows.setdefault(key, []).append(
+                    (float(res.prob_drop[b, j]), float(res.filter_drop[b, j]), float(res.area_share[b, j]))
+                )
+
+    def result(self) -> dict | None:
+        if not self.rows:
+            return None
+        out = {}
+        for key in sorted(self.rows, key=lambda k: (k not in (UNION, MARKER), k)):
+            r = np.array(self.rows[key], dtype=np.float64)
+            fd = r[:, 1]
+            out[key] = {
+                "prob_drop": float(r[:, 0].mean()),
+                "filter_drop": float(np.nanmean(fd)) if (~np.isnan(fd)).any() else float("nan"),
+                "area_share": float(r[:, 2].mean()),
+                "n": int(len(r)),
+            }
+        return out
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty (use --overwrite to replace it)")
+    if not out.absolute().parent.exists():
+        raise UserError(f"{out.absolute().parent}: no such folder for --out")
+
+
+def _finalise(tmp: Path, out: Path) -> None:
+    """Move the finished temp folder into place, replacing ``out`` only now that everything is written."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    from xraydeconv.training_plots import plot_confusion
+
+    plot_confusion(confusion, class_names, path, title=title)
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    options: EvalOptions | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluate ``checkpoint`` on a split of ``data`` and write ``report.json``, ``report.md``,
+    ``confusion.png`` and ``misclassified/`` (projection folders + ``index.html``) into ``out``.
+
+    Returns:
+        The report (the content of ``report.json``).
+    Raises:
+        UserError: unreadable checkpoint, missing data, classes that differ, bad masks or box files, bad options.
+    """
+    from tqdm import tqdm
+
+    import xraydeconv
+    from xraydeconv import render
+    from xraydeconv.checkpoint import load_checkpoint
+    from xraydeconv.data import open_dataset
+    from xraydeconv.deconvnet import DeconvNet
+    from xraydeconv.gallery import write_gallery
+    from xraydeconv.projection_io import unique_folder, write_image_folder, write_json
+
+    opt = options or EvalOptions()
+    log = log or (lambda s: tqdm.write(s, file=sys.stderr))
+    out = Path(out)
+    for name, value in (("--top-n", opt.top_n), ("--batch-size", opt.batch_size), ("--limit", opt.limit)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+    if opt.max_misclassified < 0 or opt.tolerance < 0:
+        raise UserError("--max-misclassified and --tolerance must be >= 0")
+    _prepare_out(out, overwrite)
+    t0 = time.perf_counter()
+    dev = _device(opt.device)
+    ckpt = load_checkpoint(checkpoint, map_location=dev)
+    root = resolve_data(ckpt, data)
+    ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size)
+    check_classes(checkpoint, ckpt.class_names, root, ds.class_names)
+    if len(ds) == 0:
+        raise UserError(f"{root}: the {opt.split} split has no images")
+    dn = DeconvNet(ckpt.model)
+    n_filters = dn.layer_channels(-1)
+    if opt.top_n > n_filters:
+        raise UserError(f"--top-n {opt.top_n}: the last conv layer of {ckpt.model_name} has only {n_filters} filters")
+    model = ckpt.model.eval()
+    classes = list(ckpt.class_names)
+    k = len(classes)
+    n = len(ds) if opt.limit is None else min(opt.limit, len(ds))
+
+    confusion = np.zeros((k, k), dtype=np.int64)
+    agreement = LandmarkAgreement(classes, tolerance=opt.tolerance)
+    occl = _OcclusionTally(classes)
+    misclassified: list[dict] = []
+    gallery_rows: list[dict] = []
+    taken: set[str] = set()
+    t_project = 0.0
+    base = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": ckpt.sha256,
+        "model": ckpt.model_name,
+        "epoch": ckpt.epoch,
+        "layer": dn.resolve_layer(-1),
+        "layer_module": dn.steps[dn.conv_steps[-1]].name,
+        "top_n": opt.top_n,
+        "mode": "map",
+        "rank": "max",
+        "method": "deconvnet",
+        "precision": opt.precision,
+        "input_size": ckpt.input_size,
+        "xraydeconv_version": xraydeconv.__version__,
+        "torch_version": torch.__version__,
+    }
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    try:
+        mis_dir = tmp / MISCLASSIFIED_DIR
+        mis_dir.mkdir()
+        with tqdm(total=n, desc=f"evaluating {ckpt.model_name}", unit="img", file=sys.stderr,
+                  disable=not progress) as bar:
+            for b0 in range(0, n, opt.batch_size):
+                idx = list(range(b0, min(n, b0 + opt.batch_size)))
+                x = torch.stack([ds[i][0] for i in idx]).to(dev)
+                y = [int(ds.records[i].label) for i in idx]
+                masks = [ds.landmark_masks(i) if opt.landmarks else {} for i in idx]
+                for i, m in zip(idx, masks):
+                    _check_landmarks(ds, i, m)
+                with torch.no_grad():
+                    probs = torch.softmax(model(x).float(), dim=1).cpu()
+                pred = probs.argmax(1).tolist()
+                for t, p in zip(y, pred):
+                    confusion[t, p] += 1
+                wrong = [j for j in range(len(idx)) if pred[j] != y[j]]
+                show = wrong[: max(0, opt.max_misclassified - len(misclassified))]
+                need = sorted(set(show) | {j for j, m in enumerate(masks) if m})
+                if need:
+                    tp = time.perf_counter()
+                    p = dn.project(x[need], top_n=opt.top_n, precision=opt.precision)
+                    t_project += time.perf_counter() - tp
+                    heats = render.filter_heatmaps(p.maps.cpu())
+                    combined = render.heatmap(heats)
+                    pos = {j: r for r, j in enumerate(need)}
+                    with_masks = [j for j in need if masks[j]]
+                    if with_masks:
+                        rows = [pos[j] for j in with_masks]
+                        agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
+                                      [masks[j] for j in with_masks])
+                    for j in show:
+                        i, r = idx[j], pos[j]
+                        path = ds.records[i].path
+                        folder = unique_folder(path.stem, taken)
+                        m = dict(base, input_file=str(path), input_name=path.name,
+                                 true_class=classes[y[j]], predicted_class=classes[pred[j]],
+                                 predicted_probability=float(probs[j, pred[j]]),
+                                 true_probability=float(probs[j, y[j]]))
+                        man = write_image_folder(mis_dir / folder, x[j].cpu(), p.maps[r].cpu(), p.channels[r].cpu(),
+                                                 p.activations[r].cpu(), m)
+                        gallery_rows.append({"folder": folder, "manifest": man})
+                        misclassified.append({
+                            "image": str(path), "true": classes[y[j]], "predicted": classes[pred[j]],
+                            "probability": float(probs[j, pred[j]]), "true_probability": float(probs[j, y[j]]),
+                            "folder": f"{MISCLASSIFIED_DIR}/{folder}",
+                        })
+                if opt.occlusion and any(masks):
+                    from xraydeconv.occlusion import occlude_landmarks
+
+                    js = [j for j, m in enumerate(masks) if m]
+                    occ_masks = []
+                    for j in js:
+                        mm = dict(masks[j])
+                        if any(nm != MARKER for nm in mm):
+                            mm[UNION] = metrics.landmark_union(masks[j], tuple(x.shape[-2:]), exclude=(MARKER,))
+                        occ_masks.append(mm)
+                    res = occlude_landmarks(model, x[js].cpu(), occ_masks, [y[j] for j in js], top_n=opt.top_n,
+                                            batch_size=max(8, opt.batch_size))
+                    occl.add([y[j] for j in js], res)
+                bar.update(len(idx))
+
+        n_wrong = int(confusion.sum() - np.trace(confusion))
+        per_class = {}
+        for c, name in enumerate(classes):
+            tot = int(confusion[c].sum())
+            if tot:
+                per_class[name] = {"accuracy": float(confusion[c, c] / tot), "n": tot}
+        report = {
+            "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "model": ckpt.model_name,
+                           "epoch": ckpt.epoch, "input_size": ckpt.input_size},
+            "data": {"root": str(root), "format": getattr(ds, "format", None), "split": opt.split,
+                     "images": n},
+            "options": asdict(opt),
+            "class_names": classes,
+            "accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
+            "misclassified_count": n_wrong,
+            "per_class_accuracy": per_class,
+            "confusion": confusion.tolist(),
+            "misclassified": misclassified,
+            "landmarks": agreement.result(),
+            "occlusion": occl.result() if opt.occlusion else None,
+            "timing": {"seconds": time.perf_counter() - t0, "projection_seconds": t_project,
+                       "threads": torch.get_num_threads(), "device": str(dev),
+                       "machine": platform.processor() or platform.machine()},
+            "versions": {"xraydeconv": xraydeconv.__version__, "torch": torch.__version__},
+            "files": {"markdown": REPORT_MD, "confusion": CONFUSION_PNG,
+                      "misclassified_gallery": f"{MISCLASSIFIED_DIR}/index.html"},
+        }
+        _confusion_png(confusion, classes, tmp / CONFUSION_PNG,
+                       f"{ckpt.model_name} on {opt.split}: {100 * report['accuracy']:.1f} %")
+        write_gallery(mis_dir, gallery_rows, title=f"misclassified by {ckpt.model_name}",
+                      info={"model": ckpt.model_name, "split": opt.split, "shown": len(gallery_rows),
+                            "misclassified": n_wrong})
+        report["timing"]["seconds"] = time.perf_counter() - t0
+        write_json(report, tmp / REPORT_JSON)
+        md = render_markdown(report)
+        (tmp / f".{REPORT_MD}.tmp").write_text(md, encoding="utf-8")
+        os.replace(tmp / f".{REPORT_MD}.tmp", tmp / REPORT_MD)
+        _finalise(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+# --- Markdown ---------------------------------------------------------------------------------------------------
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f} %"
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}×"
+
+
+def agreement_row(label: str, s: dict) -> str:
+    """One Markdown table row: pointing game, relevance mass, relevance rank, area share, mass / area, n."""
+    return (
+        f"| {label} | {_pct(s['pointing_game'])} | {_pct(s['relevance_mass'])} | {_pct(s['relevance_rank'])} "
+        f"| {_pct(s['area_share'])} | {_x(s.get('mass_over_area'))} | {s['n']} |"
+    )
+
+
+AGREEMENT_HEADER = (
+    "| | Pointing game | Relevance mass | Relevance rank | Area share | Mass / area | Images |\n"
+    "|---|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def render_markdown(report: dict) -> str:
+    """``report.md``: the report's tables for people."""
+    ck, d = report["checkpoint"], report["data"]
+    lines = [
+        f"# Evaluation of `{ck['model']}` (epoch {ck['epoch']})",
+        "",
+        f"Checkpoint `{ck['path']}` (sha256 `{ck['sha256'][:12]}…`), data `{d['root']}`, {d['split']} split, "
+        f"{d['images']} images, input {ck['input_size']}×{ck['input_size']}.",
+        "",
+        f"**Accuracy: {_pct(report['accuracy'])}** ({report['misclassified_count']} misclassified). "
+        f"Confusion matrix: [{CONFUSION_PNG}]({CONFUSION_PNG}).",
+        "",
+        "## Per-class accuracy",
+        "",
+        "| Class | Accuracy | Images |",
+        "|---|---:|---:|",
+    ]
+    for name, r in report["per_class_accuracy"].items():
+        lines.append(f"| {name} | {_pct(r['accuracy'])} | {r['n']} |")
+    lm = report.get("landmarks")
+    top_n = report["options"]["top_n"]
+    lines += ["", "## Landmark agreement", ""]
+    if lm is None:
+        lines.append("No landmark masks in this split: nothing to score.")
+    else:
+        tol = f", pointing-game tolerance {lm['tolerance']} px" if lm["tolerance"] else ""
+        lines += [
+            f"Heat maps of the top-{top_n} filters of the last conv layer (deconvnet projections) against the "
+            f"union of each image's landmarks{tol}. Chance level of the relevance mass is the area share; "
+            "*mass / area* above 1 means the map concentrates on the landmarks.",
+            "",
+            AGREEMENT_HEADER,
+        ]
+        if "overall" in lm:
+            lines.append(agreement_row(f"combined top-{top_n} map", lm["overall"]))
+            pf = lm["per_filter"]
+            lines.append(
+                f"| single filter (mean of {top_n}) | {_pct(pf['pointing_game'])} | {_pct(pf['relevance_mass'])} "
+                f"| {_pct(pf['relevance_rank'])} | | | {pf['n']} |"
+            )
+        if lm.get("marker"):
+            lines.append(agreement_row("**marker** (planted shortcut)", lm["marker"]))
+        if lm.get("per_class"):
+            lines += ["", "### Per class (combined map vs the union of the class's landmarks)", "", AGREEMENT_HEADER]
+            lines += [agreement_row(c, s) for c, s in lm["per_class"].items()]
+        if lm.get("per_landmark"):
+            lines += ["", "### Per landmark (combined map)", "", AGREEMENT_HEADER]
+            lines += [agreement_row(c, s) for c, s in lm["per_landmark"].items()]
+    occ = report.get("occlusion")
+    if occ:
+        lines += [
+            "",
+            "## Occlusion sensitivity",
+            "",
+            "Each landmark filled with the image's mean in turn: the drop of the true-class probability and the "
+            f"mean relative drop of the top-{top_n} filters' maximal activation.",
+            "",
+            "| Occluded | Probability drop | Filter activation drop | Area share | Images |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key, r in occ.items():
+            lines.append(f"| {key} | {_pct(r['prob_drop'])} | {_pct(r['filter_drop'])} | {_pct(r['area_share'])} "
+                         f"| {r['n']} |")
+    mis = report["misclassified"]
+    lines += ["", "## Misclassified images", ""]
+    if not mis:
+        lines.append("None.")
+    else:
+        lines.append(f"Top-{top_n} projections of each (gallery: [{MISCLASSIFIED_DIR}/index.html]"
+                     f"({MISCLASSIFIED_DIR}/index.html)); {len(mis)} of {report['misclassified_count']} shown.")
+        lines += ["", "| Image | True | Predicted | Probability | Projection |", "|---|---|---|---:|---|"]
+        for r in mis:
+            lines.append(f"| {Path(r['image']).name} | {r['true']} | {r['predicted']} | {_pct(r['probability'])} "
+                         f"| [overlay]({r['folder']}/overlay.png) · [grid]({r['folder']}/grid.png) |")
+    t = report["timing"]
+    lines += ["", f"Took {t['seconds']:.1f} s ({t['projection_seconds']:.1f} s projecting) on {t['device']}, "
+              f"{t['threads']} threads, torch {report['versions']['torch']}."]
+    return "\n".join(lines) + "\n"
