@@ -120,3 +120,16 @@ def test_dataset_pickles_for_spawned_workers(tree, tmp_path):
         expect = _epoch(ds)
         clone = pickle.loads(pickle.dumps(ds))
         assert torch.equal(_epoch(clone), expect)
+
+
+def test_two_readers_share_one_disk_store(tree, tmp_path, decodes):
+    # e.g. two training ranks on one machine: neither truncates the file the other maps
+    cache_dir = tmp_path / "cache"
+    a, b = _open(tree, cache_dir=cache_dir), _open(tree, cache_dir=cache_dir)
+    expect = _epoch(_open(tree, cache=False))
+    decodes.clear()
+    for i in range(len(a)):
+        (a if i % 2 else b)[i]
+    assert len(decodes) == 12 and a.cached == b.cached == 12
+    assert torch.equal(_epoch(a), expect) and torch.equal(_epoch(b), expect) and len(decodes) == 12
+    assert a.cache_file.exists() and sorted(p.name for p in cache_dir.iterdir()) == [a.cache_file.name]

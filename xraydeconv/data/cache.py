@@ -102,17 +102,47 @@ class DecodedCache:
             if data is not None and data.shape == (n, s, s) and data.dtype == np.uint8:
                 self._data, self._complete = data, True
                 return
-        resume = self._partial.exists() and self._flags.exists()
-        if resume:
+        for _ in range(3):
+            if self._open_partial(n, s):
+                return
+            self._create_partial(n, s)
+        raise UserError(f"{self._partial}: cannot open the image cache (remove the file to rebuild it)")
+
+    def _open_partial(self, n: int, s: int) -> bool:
+        if not (self._partial.exists() and self._flags.exists()):
+            return False
+        try:
+            data = np.load(self._partial, mmap_mode="r+")
+            flags = np.memmap(self._flags, dtype=np.uint8, mode="r+")
+        except (OSError, ValueError):
+            data = flags = None
+        if data is None or data.shape != (n, s, s) or data.dtype != np.uint8 or flags.shape[0] < n:
+            # damaged: start again (the next attempt creates fresh files)
+            for f in (self._partial, self._flags):
+                f.unlink(missing_ok=True)
+            return False
+        self._data, self._filled = data, flags[:n]
+        return True
+
+    def _create_partial(self, n: int, s: int) -> None:
+        """Create zeroed data + flag files under private names, then link them into place.
+
+        Linking never replaces a file, so a process that already maps the shared store (another rank,
+        another run) is never pulled from under; whichever pair lands first is used by everyone.
+        """
+        tag = f".{os.getpid()}.tmp"
+        tmp_data, tmp_flags = Path(f"{self._partial}{tag}"), Path(f"{self._flags}{tag}")
+        np.lib.format.open_memmap(tmp_data, mode="w+", dtype=np.uint8, shape=(n, s, s)).flush()
+        np.memmap(tmp_flags, dtype=np.uint8, mode="w+", shape=(max(n, 1),)).flush()
+        for tmp, final in ((tmp_flags, self._flags), (tmp_data, self._partial)):
             try:
-                self._data = np.load(self._partial, mmap_mode="r+")
-                self._filled = np.memmap(self._flags, dtype=np.uint8, mode="r+")
-                resume = self._data.shape == (n, s, s) and self._filled.shape == (n,)
-            except (OSError, ValueError):
-                resume = False
-        if not resume:
-            self._data = np.lib.format.open_memmap(self._partial, mode="w+", dtype=np.uint8, shape=(n, s, s))
-            self._filled = np.memmap(self._flags, dtype=np.uint8, mode="w+", shape=(max(n, 1),))[:n]
+                os.link(tmp, final)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not final.exists():
+                    os.replace(tmp, final)
+            tmp.unlink(missing_ok=True)
 
     def _finish(self) -> None:
         """Every row of the disk store is filled: publish it under its final name."""
