@@ -227,3 +227,40 @@ def test_bad_arguments():
         DeconvNet(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.ReLU())).project(
             torch.rand(1, 1, 9, 9), top_n=1
         )
+
+
+@pytest.mark.parametrize("name", ["shallow", "deeper"])
+@pytest.mark.parametrize("backend", ["native", "auto"])
+def test_package_models_with_switch_pooling_equal_captum(name, backend):
+    import copy
+
+    from xraydeconv.models import build
+
+    torch.manual_seed(0)
+    model = build(name, num_classes=24, input_size=48, pool_backend=backend)
+    _randomise_bn(model, torch.Generator().manual_seed(1))
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(2))
+    p32 = DeconvNet(model.eval()).project(x, top_n=3)
+    assert torch.allclose(p32.logits, model(x), atol=1e-5)
+    # float64: in fp32 a random 8-layer net has max-pool windows whose two largest values differ in the 6th
+    # digit, and the two implementations may then take different switches; in float64 they must agree exactly
+    model = model.double()
+    x = x.double()
+    p = DeconvNet(model).project(x, top_n=3)
+    assert torch.equal(p.channels, p32.channels)
+    # Captum hooks every ReLU: give the reference copy non-inplace ones (same function)
+    ref_model = copy.deepcopy(model)
+    for i, m in enumerate(ref_model.features):
+        if isinstance(m, nn.ReLU):
+            ref_model.features[i] = nn.ReLU()
+    ref = _captum(captum_attr.NeuronDeconvolution, ref_model, _relus(ref_model.features)[-1], x, p.channels)
+    assert _rel_err(p.maps, ref) <= 1e-10
+
+
+def test_bf16_walk_is_close_to_fp32():
+    net = _net("bn_overlap", seed=6)
+    x = torch.rand(2, 1, 45, 45, generator=torch.Generator().manual_seed(9))
+    dn = DeconvNet(net)
+    a, b = dn.project(x, top_n=4), dn.project(x, top_n=4, precision="bf16")
+    assert b.maps.dtype == torch.float32 and torch.equal(a.channels, b.channels)
+    assert _rel_err(b.maps, a.maps) <= 3e-2
