@@ -80,9 +80,10 @@ T* mptr(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Switch validation. The kernels raise a flag in device memory instead of reading out of bounds;
-// the flag is read back after the launch (one 4-byte copy and a stream sync), and only when it is
-// set are the switches copied to the host to name the first bad one in the error.
+// Switch validation. The kernels raise a flag instead of reading out of bounds. The flag lives in
+// pinned host memory that the device writes through its mapping, so checking it costs no extra
+// launch or copy, only a sync of the current stream; only when it is raised are the switches copied
+// to the host to name the first bad one in the error.
 
 bool switch_ok(int s, int64_t oh, int64_t ow, int64_t H, int64_t W, const PoolGeometry& g) {
   if (s >= g.window()) return false;
@@ -90,8 +91,7 @@ bool switch_ok(int s, int64_t oh, int64_t ow, int64_t H, int64_t W, const PoolGe
   return ih >= 0 && ih < H && iw >= 0 && iw < W;
 }
 
-void report_bad_switch(const char* op, const at::Tensor& sw4, int64_t H, int64_t W,
-                       const PoolGeometry& g) {
+void report_bad_switch(const char* op, const at::Tensor& sw4, int64_t H, int64_t W, const PoolGeometry& g) {
   const at::Tensor host = sw4.cpu();
   const uint8_t* p = host.const_data_ptr<uint8_t>();
   const auto st = host.strides();
@@ -109,24 +109,42 @@ void report_bad_switch(const char* op, const at::Tensor& sw4, int64_t H, int64_t
   TORCH_CHECK(false, op, ": the kernel flagged an invalid switch that the host cannot find");
 }
 
-// A zeroed device flag for the kernels to raise.
-at::Tensor new_flag(const at::Tensor& like, cudaStream_t stream) {
-  at::Tensor flag = at::empty({1}, like.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(flag.mutable_data_ptr(), 0, sizeof(int), stream));
-  return flag;
-}
+struct SwitchFlag {
+  at::Tensor host;          // pinned int32, zeroed before the launch
+  int* device = nullptr;    // its device mapping; null while the stream is captured into a CUDA graph
+  at::Tensor device_flag;   // fallback when the pinned memory has no device mapping
+};
 
-// Raises if the kernel flagged a bad switch. Skipped while the stream is being captured into a
-// CUDA graph (no synchronisation is allowed there; the kernels stay memory-safe regardless).
-void check_flag(const char* op, const at::Tensor& flag, const at::Tensor& sw4, int64_t H, int64_t W,
-                const PoolGeometry& g, cudaStream_t stream) {
+SwitchFlag new_flag(const at::Tensor& like, cudaStream_t stream) {
+  SwitchFlag f;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return;
-  int bad = 0;
-  C10_CUDA_CHECK(cudaMemcpyAsync(&bad, flag.const_data_ptr(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+  // no synchronisation is allowed while capturing: skip the report (the kernels stay memory-safe)
+  if (capture != cudaStreamCaptureStatusNone) return f;
+  f.host = at::empty({1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int* h = static_cast<int*>(f.host.mutable_data_ptr());
+  *h = 0;
+  void* d = nullptr;
+  if (cudaHostGetDevicePointer(&d, h, 0) == cudaSuccess && d != nullptr) {
+    f.device = static_cast<int*>(d);
+  } else {
+    (void)cudaGetLastError();  // clear the error of the failed query
+    f.device_flag = at::empty({1}, like.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(f.device_flag.mutable_data_ptr(), 0, sizeof(int), stream));
+    f.device = static_cast<int*>(f.device_flag.mutable_data_ptr());
+  }
+  return f;
+}
+
+void check_flag(const char* op, const SwitchFlag& f, const at::Tensor& sw4, int64_t H, int64_t W,
+                const PoolGeometry& g, cudaStream_t stream) {
+  if (f.device == nullptr) return;
+  if (f.device_flag.defined()) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(f.host.mutable_data_ptr(), f.device_flag.const_data_ptr(), sizeof(int),
+                                   cudaMemcpyDeviceToHost, stream));
+  }
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  if (bad != 0) report_bad_switch(op, sw4, H, W, g);
+  if (*static_cast<const volatile int*>(f.host.const_data_ptr()) != 0) report_bad_switch(op, sw4, H, W, g);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -208,11 +226,11 @@ void unpool_into(const char* op, const at::Tensor& y4, const at::Tensor& sw4, co
   const at::Tensor sc = sw4.contiguous(fmt);
   PoolShape s = shape_of(out4, yc.size(2), yc.size(3), g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor flag = new_flag(yc, stream);
+  const SwitchFlag flag = new_flag(yc, stream);
   dispatch_floating(yc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(launch_switch_unpool2d<T>(cptr<T>(yc), cptr<uint8_t>(sc), mptr<T>(out4), s, layout_of(fmt),
-                                             mptr<int>(flag), stream));
+                                             flag.device, stream));
   });
   check_flag(op, flag, sc, s.H, s.W, g, stream);
 }
@@ -276,11 +294,11 @@ at::Tensor switch_gather2d_cuda(const at::Tensor& x, const at::Tensor& sw, at::I
   const at::Tensor o4 = as4d(out);
   const PoolShape s = shape_of(xc, sc.size(2), sc.size(3), g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor flag = new_flag(xc, stream);
+  const SwitchFlag flag = new_flag(xc, stream);
   dispatch_floating(xc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(launch_switch_gather2d<T>(cptr<T>(xc), cptr<uint8_t>(sc), mptr<T>(o4), s, layout_of(fmt),
-                                             mptr<int>(flag), stream));
+                                             flag.device, stream));
   });
   check_flag(op, flag, sc, H, W, g, stream);
   return out;

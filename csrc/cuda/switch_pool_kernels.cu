@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       bottom.v[2 * t + 1] = s == 3 ? v : z;
       invalid |= s > 3;
     }
-    if (invalid) *bad = 1;
+    if (invalid && bad != nullptr) *bad = 1;
     T* p = out + (I(2) * r) * W + I(2 * V) * j;
     store_vec<T, 2 * V>(p, top);
     store_vec<T, 2 * V>(p + W, bottom);
@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       d.v[t] = s == 3 ? v : z;
       invalid |= s > 3;
     }
-    if (invalid) *bad = 1;
+    if (invalid && bad != nullptr) *bad = 1;
     T* p = out + ((I(2) * r) * W + I(2) * ow) * C + I(VC) * cv;
     store_vec<T, VC>(p, a);
     store_vec<T, VC>(p + C, b);
@@ -413,7 +413,7 @@ __device__ __forceinline__ T gather_windows(int h, int w, int H, int W, int OH, 
       }
     }
   }
-  if (invalid) *bad = 1;
+  if (invalid && bad != nullptr) *bad = 1;
   return hit ? from_acc<T>(sum) : zero<T>();
 }
 
@@ -458,7 +458,7 @@ __device__ __forceinline__ T read_switch(const T* plane, int s, int oh, int ow, 
                                          const Window& g, int* bad) {
   const int h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
   if (!switch_valid(s, h0, w0, H, W, g)) {
-    *bad = 1;
+    if (bad != nullptr) *bad = 1;
     return zero<T>();
   }
   const int row = static_cast<int>(g.by_kW.div(static_cast<uint32_t>(s)));
