@@ -203,3 +203,8 @@ def test_label_file_errors_name_file_and_line(tmp_path):
     bad.write_text("image_id;irma_code\n1;1121-120-200-700\n")
     rows = read_label_file(bad)
     assert rows[0].code == "1121-120-200-700" and rows[0].fallback  # only the generic column exists
+
+
+def test_pointing_one_level_too_high_says_where_the_label_files_are(irma_root):
+    with pytest.raises(UserError, match=r"label files are in .*imageclef; give that folder"):
+        open_dataset(irma_root.parent)

@@ -134,6 +134,10 @@ def detect_format(root: Path) -> str:
         return "imageclef2009"
     if locate_mura(root) is not None:
         return "mura"
+    # label files one level down would otherwise make their image folders look like classes
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if is_irma(sub):
+            raise UserError(f"{root}: the ImageCLEF 2009 label files are in {sub}; give that folder")
     return "imagefolder"
 
 
@@ -180,12 +184,10 @@ def open_dataset(
         raise UserError(f"class map: applies to ImageCLEF 2009 / IRMA data only, but {root} is {fmt}")
     if fmt == "imageclef2009":
         records, class_names, report = read_irma(root, split, class_map, val_fraction, seed)
-        landmark_names: dict[str, list[str]] = {}
+        found: dict[str, set[str]] = {}
         for r in records:
-            for name in r.landmarks:
-                landmark_names.setdefault(class_names[r.label], [])
-                if name not in landmark_names[class_names[r.label]]:
-                    landmark_names[class_names[r.label]].append(name)
+            found.setdefault(class_names[r.label], set()).update(r.landmarks)
+        landmark_names = {c: sorted(v) for c, v in found.items()}
     elif fmt == "mura":
         mura_root = locate_mura(root)
         assert mura_root is not None
