@@ -1,0 +1,284 @@
+"""The whole story in one command (``xraydeconv demo``): phantoms, the three nets of Table 1, their projections,
+landmark agreement and a gallery to open in a browser.
+
+Steps, each reusing what an earlier run in the same folder already finished:
+
+1. generate the synthetic phantoms (or reuse them from the cache);
+2. train ``shallow``, ``deeper`` and ``deeper-aug`` (``xraydeconv.table1``) and print Table 1;
+3. evaluate every net on the test split (``xraydeconv.evaluate``): accuracy, landmark agreement, misclassified
+   images with their projections;
+4. project the top-n filters of every net for a sample of test images (one per class) into a gallery;
+5. write the comparison of the three nets (``landmarks.md``) and an ``index.html`` over everything.
+
+Sizes: the default preset (``TrainConfig.demo``) finishes in about 15 minutes on a 2-core CPU; ``full`` is the
+256-pixel run (GPU recommended); ``quick`` is a tiny run for tests (under a minute).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from xraydeconv.errors import UserError
+
+__all__ = ["DemoSettings", "PRESETS", "run_demo", "landmark_table_markdown"]
+
+SETTINGS_FILE = "demo.json"
+LANDMARKS_MD, LANDMARKS_JSON, INDEX = "landmarks.md", "landmarks.json", "index.html"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What one demo run is: the preset, its data and its projection settings (stored in ``demo.json``)."""
+
+    preset: str = "demo"  # "demo" | "full" | "quick"
+    top_n: int = 25
+    sample_per_class: int = 1
+    phantom_seed: int = 0
+    seed: int = 0
+
+
+# preset -> (TrainConfig factory name, overrides of the training configuration)
+PRESETS: dict[str, tuple[str, dict]] = {
+    "demo": ("demo", {}),
+    "full": ("full", {}),
+    # a tiny run that exercises every step: 32 px phantoms, 2 training images per class, one epoch
+    "quick": ("demo", {"epochs": 1, "input_size": 32, "phantoms_per_class": 2, "batch_size": 16,
+                       "checkpoint_every": 0}),
+}
+
+
+def _train_config(settings: DemoSettings, model: str, data: Path):
+    from xraydeconv.train import TrainConfig
+
+    factory, overrides = PRESETS[settings.preset]
+    make = TrainConfig.demo if factory == "demo" else TrainConfig.full
+    return make(model, **{**overrides, "seed": settings.seed, "phantom_seed": settings.phantom_seed,
+                          "data": str(data)})
+
+
+def _check_settings(out: Path, settings: DemoSettings) -> None:
+    """A demo folder holds one kind of run: refuse to mix presets (training would silently resume the other)."""
+    f = out / SETTINGS_FILE
+    if f.is_file():
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{f}: unreadable; remove it or choose another --out") from None
+        if old != asdict(settings):
+            diff = ", ".join(f"{k}={old.get(k)!r}" for k in asdict(settings) if old.get(k) != asdict(settings)[k])
+            raise UserError(f"{out}: holds a demo run with other settings ({diff}); choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists, is not empty and holds no demo run; choose another --out")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _sample(ds, per_class: int) -> list[int]:
+    """The first ``per_class`` images of every class, in class order."""
+    picked: dict[int, list[int]] = {}
+    for i, r in enumerate(ds.records):
+        lst = picked.setdefault(int(r.label), [])
+        if len(lst) < per_class:
+            lst.append(i)
+    return [i for c in sorted(picked) for i in picked[c]]
+
+
+def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class: int, progress: bool) -> int:
+    """Project the top-n filters of a checkpoint for a per-class sample of the test split into ``out`` (a gallery).
+
+    The folder is built beside ``out`` and moved into place at the end. Returns the number of images.
+    """
+    import shutil
+    import tempfile
+
+    from tqdm import tqdm
+
+    import xraydeconv
+    from xraydeconv.checkpoint import load_checkpoint
+    from xraydeconv.data import open_dataset
+    from xraydeconv.deconvnet import DeconvNet
+    from xraydeconv.gallery import write_gallery
+    from xraydeconv.projection_io import unique_folder, write_image_folder
+
+    ckpt = load_checkpoint(ckpt_path)
+    ds = open_dataset(data, split="test", input_size=ckpt.input_size)
+    dn = DeconvNet(ckpt.model)
+    top_n = min(top_n, dn.layer_channels(-1))
+    idx = _sample(ds, per_class)
+    classes = ckpt.class_names
+    base = {"checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt.sha256, "model": ckpt.model_name,
+            "epoch": ckpt.epoch, "layer": dn.resolve_layer(-1), "layer_module": dn.steps[dn.conv_steps[-1]].name,
+            "top_n": top_n, "mode": "map", "rank": "max", "method": "deconvnet", "input_size": ckpt.input_size,
+            "xraydeconv_version": xraydeconv.__version__, "torch_version": torch.__version__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        rows, taken = [], set()
+        with tqdm(total=len(idx), desc=f"projecting {ckpt.model_name}", unit="img", file=sys.stderr,
+                  disable=not progress) as bar:
+            for b0 in range(0, len(idx), 8):
+                chunk = idx[b0 : b0 + 8]
+                x = torch.stack([ds[i][0] for i in chunk])
+                p = dn.project(x, top_n=top_n)
+                probs = p.probs
+                for j, i in enumerate(chunk):
+                    rec = ds.records[i]
+                    true = classes[int(rec.label)]
+                    k = int(probs[j].argmax())
+                    folder = unique_folder(f"{true}-{rec.path.stem}", taken)
+                    m = dict(base, input_file=str(rec.path), input_name=f"{true}/{rec.path.name}", true_class=true,
+                             predicted_class=classes[k], predicted_probability=float(probs[j, k]),
+                             true_probability=float(probs[j, int(rec.label)]))
+                    man = write_image_folder(tmp / folder, x[j], p.maps[j], p.channels[j], p.activations[j], m)
+                    rows.append({"folder": folder, "manifest": man})
+                bar.update(len(chunk))
+        write_gallery(tmp, rows, title=f"xraydeconv projections: {ckpt.model_name}",
+                      info={"model": ckpt.model_name, "top-n": top_n, "split": "test"})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(idx)
+
+
+def _fmt(v, pct=True) -> str:
+    if v is None or v != v:  # None or NaN
+        return "–"
+    return f"{100 * v:.1f} %" if pct else f"{v:.2f}×"
+
+
+def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
+    """The three nets side by side: accuracy and landmark agreement of the combined top-n map (and per filter)."""
+    lines = [
+        f"| Model | Test accuracy | Pointing game (top-{top_n}) | Relevance mass | Area share | Mass / area "
+        "| Relevance rank | Pointing game (single filter) | Images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rep in reports.items():
+        lm = rep.get("landmarks") or {}
+        o = lm.get("overall") or {}
+        pf = lm.get("per_filter") or {}
+        lines.append(
+            f"| `{name}` | {_fmt(rep['accuracy'])} | {_fmt(o.get('pointing_game'))} | {_fmt(o.get('relevance_mass'))} "
+            f"| {_fmt(o.get('area_share'))} | {_fmt(o.get('mass_over_area'), pct=False)} "
+            f"| {_fmt(o.get('relevance_rank'))} | {_fmt(pf.get('pointing_game'))} | {o.get('n', 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _index_html(out: Path, table1_md: str, landmarks_md: str, models: list[str], settings: DemoSettings) -> str:
+    def table(md: str) -> str:
+        rows = [r for r in md.strip().splitlines() if r.startswith("|") and not set(r) <= set("|-: ")]
+        cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+        if not cells:
+            return ""
+        head = "".join(f"<th>{html.escape(c.replace('`', ''))}</th>" for c in cells[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c.replace('`', ''))}</td>" for c in r) + "</tr>"
+                       for r in cells[1:])
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    links = "".join(
+        f"<li><b>{html.escape(m)}</b>: <a href='gallery/{m}/index.html'>projections of a test sample</a> · "
+        f"<a href='eval/{m}/report.md'>evaluation report</a> · "
+        f"<a href='eval/{m}/misclassified/index.html'>misclassified images</a> · "
+        f"<a href='eval/{m}/confusion.png'>confusion matrix</a> · <a href='{m}/curves.png'>training curves</a></li>"
+        for m in models
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>xraydeconv demo</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:70em}}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}</style></head>
+<body><h1>xraydeconv demo ({html.escape(settings.preset)} preset)</h1>
+<h2>Table 1: test accuracy on the synthetic phantoms</h2>{table(table1_md)}
+<h2>Landmark agreement of the top-{settings.top_n} filters</h2>{table(landmarks_md)}
+<h2>Pictures</h2><ul>{links}</ul>
+</body></html>
+"""
+
+
+def run_demo(
+    out: str | os.PathLike = "runs/demo",
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run every step of the demo into ``out``; returns ``{"table1": rows, "landmarks": {model: report}}``.
+
+    Finished steps of an earlier run with the same settings are reused (training resumes where it stopped).
+    """
+    from xraydeconv.data.phantoms import ensure_phantoms
+    from xraydeconv.evaluate import EvalOptions, evaluate
+    from xraydeconv.models import MODEL_NAMES
+    from xraydeconv.table1 import TABLE_MD, train_all
+
+    settings = settings or DemoSettings()
+    if settings.preset not in PRESETS:
+        raise UserError(f"preset {settings.preset!r}: choose one of {', '.join(PRESETS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    _check_settings(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / SETTINGS_FILE, json.dumps(asdict(settings), indent=2) + "\n")
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    probe = _train_config(settings, "deeper", Path("."))
+    echo(f"[1/5] phantoms: {probe.phantoms_per_class} training images per class, {probe.input_size} px")
+    data = ensure_phantoms(per_class=probe.phantoms_per_class, size=probe.input_size, seed=settings.phantom_seed,
+                           progress=progress)
+    timings["phantoms"] = time.perf_counter() - t0
+    echo(f"      {data}")
+
+    echo("[2/5] training shallow, deeper and deeper-aug")
+    t = time.perf_counter()
+    rows = train_all(out, lambda name: _train_config(settings, name, data), resume=True, progress=progress)
+    timings["training"] = time.perf_counter() - t
+    echo("")
+    echo((out / TABLE_MD).read_text(encoding="utf-8"))
+
+    echo("[3/5] evaluating every net on the test split (accuracy, landmark agreement, misclassified)")
+    t = time.perf_counter()
+    reports = {}
+    (out / "eval").mkdir(exist_ok=True)
+    for name in MODEL_NAMES:
+        reports[name] = evaluate(out / name / "best.pt", out / "eval" / name, data=data,
+                                 options=EvalOptions(top_n=settings.top_n), overwrite=True, progress=progress)
+    timings["evaluation"] = time.perf_counter() - t
+
+    echo(f"[4/5] projecting the top-{settings.top_n} filters of a test sample ({settings.sample_per_class} per class)")
+    t = time.perf_counter()
+    for name in MODEL_NAMES:
+        project_sample(out / name / "best.pt", data, out / "gallery" / name, settings.top_n,
+                       settings.sample_per_class, progress)
+    timings["projection"] = time.perf_counter() - t
+
+    echo("[5/5] landmark agreement of the three nets")
+    table = landmark_table_markdown(reports, settings.top_n)
+    _write_text(out / LANDMARKS_MD, table)
+    summary = {name: {"accuracy": r["accuracy"], "landmarks": r["landmarks"]} for name, r in reports.items()}
+    timings["total"] = time.perf_counter() - t0
+    _write_text(out / LANDMARKS_JSON, json.dumps({"data": str(data), "top_n": settings.top_n, "models": summary,
+                                                  "timings": timings, "threads": torch.get_num_threads()},
+                                                 indent=2) + "\n")
+    _write_text(out / INDEX, _index_html(out, (out / TABLE_MD).read_text(encoding="utf-8"), table,
+                                         list(MODEL_NAMES), settings))
+    echo(table)
+    echo(f"done in {timings['total'] / 60:.1f} min. Open {(out / INDEX).absolute()}")
+    return {"table1": rows, "landmarks": reports, "data": str(data), "timings": timings}
