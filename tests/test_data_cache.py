@@ -133,3 +133,16 @@ def test_two_readers_share_one_disk_store(tree, tmp_path, decodes):
     assert len(decodes) == 12 and a.cached == b.cached == 12
     assert torch.equal(_epoch(a), expect) and torch.equal(_epoch(b), expect) and len(decodes) == 12
     assert a.cache_file.exists() and sorted(p.name for p in cache_dir.iterdir()) == [a.cache_file.name]
+
+
+def test_preload_decodes_everything_once_on_threads(tree, tmp_path, decodes, capsys):
+    ds = _open(tree)
+    ds[3]
+    assert ds.preload(workers=2) == 11 and ds.cached == 12
+    assert "decoding imagefolder train" in capsys.readouterr().err  # the progress bar
+    assert ds.preload() == 0 and len(decodes) == 12
+    _epoch(ds)
+    assert len(decodes) == 12
+    disk = _open(tree, cache_dir=tmp_path / "cache")
+    assert disk.preload(workers=2, progress=False) == 12 and disk.cache_file.exists()
+    assert _open(tree, cache=False).preload() == 0  # nothing to keep without a cache

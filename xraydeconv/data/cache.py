@@ -172,6 +172,14 @@ class DecodedCache:
             self._finish()
         return arr
 
+    def missing(self) -> list[int]:
+        """Rows not decoded yet (all rows when caching is off)."""
+        if not self.enabled:
+            return list(range(len(self)))
+        if self._complete:
+            return []
+        return np.flatnonzero(self._filled == 0).tolist()
+
     @property
     def filled(self) -> int:
         """How many rows are already decoded."""

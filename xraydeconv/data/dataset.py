@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from xraydeconv.data import preprocess as _pre
 from xraydeconv.data.cache import DecodedCache
@@ -91,6 +94,25 @@ class XrayDataset(Dataset):
     def cached(self) -> int:
         """How many images are already decoded and cached."""
         return self._cache.filled
+
+    def preload(self, workers: int | None = None, progress: bool = True) -> int:
+        """Decode every image not cached yet, on ``workers`` threads (default: the CPU count), with a
+        progress bar on stderr; returns how many were decoded. A no-op once everything is cached.
+
+        Pillow and pydicom release the GIL while decoding, so threads use several cores without
+        copying the data set into worker processes.
+        """
+        if not self._cache.enabled:
+            return 0
+        todo = self._cache.missing()
+        if not todo:
+            return 0
+        workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        bar = tqdm(total=len(todo), desc=f"decoding {self.format} {self.split}", unit="img", disable=not progress)
+        with bar, ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(self._cache.__getitem__, todo):
+                bar.update()
+        return len(todo)
 
     @property
     def cache_file(self) -> Path | None:
