@@ -194,9 +194,19 @@ def test_class_map_is_refused_for_other_formats(tmp_path):
 
 def test_label_file_errors_name_file_and_line(tmp_path):
     bad = tmp_path / TRAIN_FILE
-    bad.write_text(HEADER + "\n" + _row("1", "1121-120-200-700") + "\n1;2;3\n")
-    with pytest.raises(UserError, match=rf"{TRAIN_FILE}:3: expected 8 fields, got 3"):
+    bad.write_text(HEADER + "\n" + _row("1", "1121-120-200-700") + "\n" + _row("2", "x") + ";extra\n")
+    with pytest.raises(UserError, match=rf"{TRAIN_FILE}:3: expected 8 fields, got 9"):
         read_label_file(bad)
+    bad.write_bytes((HEADER + "\n1;caf\xe9\n").encode("latin-1"))
+    with pytest.raises(UserError, match=rf"{TRAIN_FILE}: not UTF-8 text"):
+        read_label_file(bad)
+    # Windows line endings, a trailing ';' on every line and an empty trailing code are all fine
+    bad.write_text(HEADER + ";\r\n" + _row("1", "1121-120-200-700") + ";\r\n2;1121-120-500-700;;;;;;\r\n")
+    rows = read_label_file(bad)
+    assert [(r.image_id, r.code, r.fallback) for r in rows] == [
+        ("1", "1121-120-200-700", False),
+        ("2", "1121-120-500-700", True),
+    ]
     bad.write_text("id;code\n1;2\n")
     with pytest.raises(UserError, match="no image_id column"):
         read_label_file(bad)

@@ -9,15 +9,15 @@ The code used per row is ``08_irma_code`` (the 2009 task's full code), falling b
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from xraydeconv.data.csvfile import read_rows
 from xraydeconv.data.landmarks import mask_files
 from xraydeconv.data.record import Record
 from xraydeconv.data.report import LoadReport
@@ -90,25 +90,17 @@ class ClassMap:
     @classmethod
     def load(cls, path: str | Path) -> ClassMap:
         """Read a ``prefix,class`` CSV; errors name the file and row."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such class map file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: cannot read the class map ({exc})") from None
-        return cls._parse(text.splitlines(), str(path))
+        return cls._parse(read_rows(Path(path), what="class map file"), str(path))
 
     @classmethod
-    def _parse(cls, lines: list[str], source: str) -> ClassMap:
+    def _parse(cls, rows: Iterable[tuple[int, list[str]]], source: str) -> ClassMap:
         entries: dict[str, str] = {}
-        reader = csv.reader(lines)
-        for row in reader:
-            where = f"{source}: row {reader.line_num}"
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+        for line, row in rows:
+            where = f"{source}: row {line}"
+            if row[0].lstrip().startswith("#") or [c.strip().lower() for c in row] == ["prefix", "class"]:
                 continue
-            if [c.strip().lower() for c in row] == ["prefix", "class"]:
-                continue
+            if len(row) == 1:
+                row = [row[0], ""]  # "5," : the class is empty
             if len(row) != 2:
                 raise UserError(f"{where}: expected 2 fields prefix,class, got {len(row)}")
             prefix, name = row[0].strip().lower(), row[1].strip()
@@ -121,8 +113,8 @@ class ClassMap:
     @classmethod
     def default(cls) -> ClassMap:
         """The shipped 24-class grouping (class order = ``CLASS_NAMES``)."""
-        res = resources.files("xraydeconv") / "resources" / DEFAULT_CLASS_MAP
-        return cls._parse(res.read_text(encoding="utf-8").splitlines(), f"xraydeconv/resources/{DEFAULT_CLASS_MAP}")
+        with resources.as_file(resources.files("xraydeconv") / "resources" / DEFAULT_CLASS_MAP) as path:
+            return cls._parse(read_rows(path, what="class map file"), f"xraydeconv/resources/{DEFAULT_CLASS_MAP}")
 
     @classmethod
     def coerce(cls, value: ClassMap | str | Path | Mapping[str, str] | None) -> ClassMap:
@@ -153,35 +145,30 @@ class LabelRow:
 
 def read_label_file(path: Path) -> list[LabelRow]:
     """Parse one ImageCLEF 2009 label file; errors name the file and line."""
-    try:
-        fh = open(path, newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     rows: list[LabelRow] = []
-    with fh:
-        reader = csv.reader(fh, delimiter=";")
-        header = [c.strip() for c in next(reader, [])]
-        if "image_id" not in header:
-            raise UserError(f"{path}:1: not an ImageCLEF 2009 label file (no image_id column in the header)")
-        columns = [header.index(c) for c in CODE_COLUMNS if c in header]
-        if not columns:
-            raise UserError(f"{path}:1: no IRMA code column ({', '.join(CODE_COLUMNS)}) in the header")
-        id_col = header.index("image_id")
-        for row in reader:
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != len(header):
-                raise UserError(f"{path}:{reader.line_num}: expected {len(header)} fields, got {len(row)}")
-            image_id = row[id_col].strip()
-            if not image_id or image_id == MISSING:
-                raise UserError(f"{path}:{reader.line_num}: empty image_id")
-            code, fallback = None, False
-            for rank, col in enumerate(columns):
-                value = row[col].strip()
-                if value and value != MISSING:
-                    code, fallback = value, rank > 0 or header[columns[0]] != CODE_COLUMNS[0]
-                    break
-            rows.append(LabelRow(reader.line_num, image_id, code, fallback))
+    lines = read_rows(path, delimiter=";", what="label file")
+    first = next(lines, None)
+    header = [c.strip() for c in first[1]] if first else []
+    if "image_id" not in header:
+        raise UserError(f"{path}:1: not an ImageCLEF 2009 label file (no image_id column in the header)")
+    columns = [header.index(c) for c in CODE_COLUMNS if c in header]
+    if not columns:
+        raise UserError(f"{path}:1: no IRMA code column ({', '.join(CODE_COLUMNS)}) in the header")
+    id_col = header.index("image_id")
+    for line, row in lines:
+        if len(row) > len(header):
+            raise UserError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}")
+        row += [""] * (len(header) - len(row))  # empty trailing fields were dropped: missing values
+        image_id = row[id_col].strip()
+        if not image_id or image_id == MISSING:
+            raise UserError(f"{path}:{line}: empty image_id")
+        code, fallback = None, False
+        for rank, col in enumerate(columns):
+            value = row[col].strip()
+            if value and value != MISSING:
+                code, fallback = value, rank > 0 or header[columns[0]] != CODE_COLUMNS[0]
+                break
+        rows.append(LabelRow(line, image_id, code, fallback))
     return rows
 
 

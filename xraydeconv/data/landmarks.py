@@ -10,7 +10,6 @@ so one file at the root can serve every split. Both kinds are letterboxed exactl
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from xraydeconv.data.csvfile import read_rows
 from xraydeconv.errors import UserError
 
 MASK_FOLDER_SUFFIX = ".landmarks"
@@ -81,39 +81,32 @@ def read_boxes(csv_path: Path, images: list[Path]) -> dict[Path, dict[str, list[
     for p in by_rel.values():
         by_name.setdefault(p.name, []).append(p)
     out: dict[Path, dict[str, list[Box]]] = {}
-    try:
-        fh = open(csv_path, newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise UserError(f"{csv_path}: cannot read ({exc.strerror})") from None
-    with fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or tuple(c.strip().lower() for c in header) != BOX_HEADER:
-            raise UserError(f"{csv_path}:1: header must be {','.join(BOX_HEADER)}")
-        for row in reader:
-            where = f"{csv_path}:{reader.line_num}"
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(BOX_HEADER):
-                raise UserError(f"{where}: expected {len(BOX_HEADER)} fields, got {len(row)}")
-            image, name = row[0].strip(), row[1].strip()
-            if not name:
-                raise UserError(f"{where}: empty landmark name")
-            try:
-                x0, y0, x1, y1 = (float(c) for c in row[2:])
-            except ValueError:
-                raise UserError(f"{where}: coordinates must be numbers, got {','.join(row[2:])}") from None
-            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or min(x0, y0) < 0 or x1 <= x0 or y1 <= y0:
-                raise UserError(f"{where}: need 0 <= x0 < x1 and 0 <= y0 < y1, got {x0},{y0},{x1},{y1}")
-            target = by_rel.get(image.replace("\\", "/"))
-            if target is None:
-                named = by_name.get(image, [])
-                if len(named) > 1:
-                    raise UserError(f"{where}: image name {image} is ambiguous, give its path relative to {base}")
-                if not named:
-                    if (base / image).is_file():
-                        continue  # an image of another split, for a file kept at the root
-                    raise UserError(f"{where}: image {image} is not in the data set below {base}")
-                target = named[0]
-            out.setdefault(target, {}).setdefault(name, []).append(Box(x0, y0, x1, y1, where))
+    lines = read_rows(csv_path, what="landmark box file")
+    first = next(lines, None)
+    if first is None or tuple(c.strip().lower() for c in first[1]) != BOX_HEADER:
+        raise UserError(f"{csv_path}:1: header must be {','.join(BOX_HEADER)}")
+    for line, row in lines:
+        where = f"{csv_path}:{line}"
+        if len(row) != len(BOX_HEADER):
+            raise UserError(f"{where}: expected {len(BOX_HEADER)} fields, got {len(row)}")
+        image, name = row[0].strip(), row[1].strip()
+        if not name:
+            raise UserError(f"{where}: empty landmark name")
+        try:
+            x0, y0, x1, y1 = (float(c) for c in row[2:])
+        except ValueError:
+            raise UserError(f"{where}: coordinates must be numbers, got {','.join(row[2:])}") from None
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or min(x0, y0) < 0 or x1 <= x0 or y1 <= y0:
+            raise UserError(f"{where}: need 0 <= x0 < x1 and 0 <= y0 < y1, got {x0},{y0},{x1},{y1}")
+        target = by_rel.get(image.replace("\\", "/"))
+        if target is None:
+            named = by_name.get(image, [])
+            if len(named) > 1:
+                raise UserError(f"{where}: image name {image} is ambiguous, give its path relative to {base}")
+            if not named:
+                if (base / image).is_file():
+                    continue  # an image of another split, for a file kept at the root
+                raise UserError(f"{where}: image {image} is not in the data set below {base}")
+            target = named[0]
+        out.setdefault(target, {}).setdefault(name, []).append(Box(x0, y0, x1, y1, where))
     return out
