@@ -97,12 +97,21 @@ def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _kernel_devices() -> dict[str, bool]:
+    if not _extension.load():
+        return {}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {dev: has("xraydeconv::switch_pool2d", key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+# fixed once the extension is loaded; a plain dict so that torch.compile reads it as a constant
+_KERNELS: dict[str, bool] = _kernel_devices()
+
+
 def has_kernels(device: str | torch.device = "cpu") -> bool:
     """True when ``xraydeconv._C`` is built and has kernels for ``device`` ("cpu" or "cuda")."""
-    if not _extension.load():
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("xraydeconv::switch_pool2d", key)
+    dev = device if isinstance(device, str) else device.type
+    return _KERNELS.get(dev.split(":")[0], False)
 
 
 def _require(t: Tensor) -> None:
