@@ -10,7 +10,8 @@
 # or the tests fail, after printing everything it got.
 #
 # Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16),
-# GPU_CHECK_PYTEST_ARGS (-x), GPU_CHECK_SKIP_BUILD=1 to reuse an extension built before.
+# GPU_CHECK_PYTEST_ARGS (-x), GPU_CHECK_SKIP_BUILD=1 to reuse an extension built before,
+# GPU_CHECK_SKIP_PROJECTION=1 to leave out section 4.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 
@@ -308,7 +309,10 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 section "4. projection report"
-if [ -f benchmarks/projection_report.py ]; then
+if [ "${GPU_CHECK_SKIP_PROJECTION:-0}" = "1" ]; then
+  projection_status="skipped (GPU_CHECK_SKIP_PROJECTION=1)"
+  echo "$projection_status"
+elif [ -f benchmarks/projection_report.py ]; then
   if timeout 120 "$PY" benchmarks/projection_report.py --device cuda 2>&1 | tee "$LOGS/projection.txt"; then
     projection_status="ok"
   else
