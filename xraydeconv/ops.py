@@ -390,11 +390,10 @@ def native_switch_unpool2d(
     """:func:`switch_unpool2d` on ``F.max_unpool2d`` (tiling windows) or a scatter-add (overlapping or padded)."""
     k, s, p = _geometry(kernel_size, stride, padding)
     size = _default_unpooled_size(y, k, s, p) if output_size is None else _pair(tuple(output_size)[-2:], "output_size")
-    oh, ow = switches.shape[-2], switches.shape[-1]
-    if not (oh == _pooled_size(size[0], k[0], s[0], p[0], False) or oh == _pooled_size(size[0], k[0], s[0], p[0], True)):
-        raise ValueError(f"output_size {size} does not pool to the switches' size ({oh}, {ow})")
-    if not (ow == _pooled_size(size[1], k[1], s[1], p[1], False) or ow == _pooled_size(size[1], k[1], s[1], p[1], True)):
-        raise ValueError(f"output_size {size} does not pool to the switches' size ({oh}, {ow})")
+    pooled = (switches.shape[-2], switches.shape[-1])
+    for ax in (0, 1):
+        if pooled[ax] not in (_pooled_size(size[ax], k[ax], s[ax], p[ax], c) for c in (False, True)):
+            raise ValueError(f"output_size {size} does not pool to the switches' size {pooled}")
     idx = switches_to_indices(switches, k, s, p, size)
     if s[0] >= k[0] and s[1] >= k[1] and p == (0, 0):
         return F.max_unpool2d(y, idx, k, s, p, output_size=size)
