@@ -146,3 +146,16 @@ def test_preload_decodes_everything_once_on_threads(tree, tmp_path, decodes, cap
     disk = _open(tree, cache_dir=tmp_path / "cache")
     assert disk.preload(workers=2, progress=False) == 12 and disk.cache_file.exists()
     assert _open(tree, cache=False).preload() == 0  # nothing to keep without a cache
+
+
+def test_no_room_for_the_memory_cache_falls_back_to_decoding(tree, monkeypatch, decodes, caplog):
+    import xraydeconv.data.cache as cache_mod
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(cache_mod.mmap, "mmap", refuse)
+    ds = _open(tree)
+    assert "no room for an in-memory cache of 12 images" in caplog.text
+    a, b = _epoch(ds), _epoch(ds)
+    assert torch.equal(a, b) and len(decodes) == 24 and ds.cached == 0

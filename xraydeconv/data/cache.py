@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from xraydeconv.errors import UserError
+
+log = logging.getLogger("xraydeconv.data")
 
 # bump when decoding/letterboxing changes so that stale disk caches are not reused
 PREPROCESS_VERSION = 1
@@ -82,7 +85,16 @@ class DecodedCache:
         n, s = len(self.paths), self.input_size
         if self.cache_dir is None:
             # anonymous MAP_SHARED: lazily zero-filled, inherited by forked DataLoader workers
-            buf = mmap.mmap(-1, max(1, n * s * s + n))
+            try:
+                buf = mmap.mmap(-1, max(1, n * s * s + n))
+            except (OSError, ValueError, OverflowError):
+                log.warning(
+                    "%s: no room for an in-memory cache of %d images at %dx%d (%.1f GiB); decoding on every "
+                    "access instead (a cache_dir keeps them on disk)",
+                    self.name, n, s, s, n * s * s / 2**30,
+                )  # fmt: skip
+                self.enabled = False
+                return
             self._data = np.frombuffer(buf, dtype=np.uint8, count=n * s * s).reshape(n, s, s)
             self._filled = np.frombuffer(buf, dtype=np.uint8, count=n, offset=n * s * s)
             return
