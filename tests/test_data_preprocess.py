@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from xraydeconv.data import load_image
@@ -132,3 +134,25 @@ def test_bad_input_size_is_refused(tmp_path):
     Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(tmp_path / "x.png")
     with pytest.raises(UserError, match="input_size"):
         load_image(tmp_path / "x.png", 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 3000), w=st.integers(1, 3000), size=st.integers(8, 512))
+def test_letterbox_geometry_properties(h, w, size):
+    g = Letterbox.fit(h, w, size)
+    assert max(g.height, g.width) == size and min(g.height, g.width) >= 1
+    assert g.top == (size - g.height) // 2 and g.left == (size - g.width) // 2
+    # aspect kept to within rounding of one pixel on the short side
+    scale = size / max(h, w)
+    assert abs(g.height - h * scale) <= 0.5 + 1e-9 or g.height == 1
+    assert abs(g.width - w * scale) <= 0.5 + 1e-9 or g.width == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(4, 120), w=st.integers(4, 120), size=st.integers(8, 64))
+def test_full_mask_covers_exactly_the_image_area(h, w, size):
+    g = Letterbox.fit(h, w, size)
+    image = g.apply(np.ones((h, w), dtype=np.float32))
+    mask = g.apply_mask(np.ones((h, w), dtype=bool))
+    np.testing.assert_array_equal(mask, image > 0.5)
+    assert mask.sum() == g.height * g.width
