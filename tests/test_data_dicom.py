@@ -122,3 +122,22 @@ def test_missing_pydicom_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pydicom)
     with pytest.raises(UserError, match=r"pip install xraydeconv\[dicom\]"):
         decode_image(path)
+
+
+def test_multiframe_gives_the_first_frame_and_rgb_its_luminance(tmp_path):
+    frames = np.stack([RAMP, RAMP[::-1]])
+    path = write_dicom(tmp_path / "mf.dcm", pixels=RAMP)
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 2
+    ds.PixelData = frames.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    np.testing.assert_allclose(decode_image(path), RAMP / 4032.0, atol=1e-6)
+
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 1] = 255  # pure green
+    ds = pydicom.dcmread(write_dicom(tmp_path / "c.dcm"))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+    np.testing.assert_allclose(decode_image(tmp_path / "c.dcm"), 0.587, atol=1e-3)
