@@ -172,6 +172,8 @@ def test_flat_tree_is_carved_into_disjoint_deterministic_splits(tmp_path):
     parts = {s: open_dataset(root, s, input_size=40, val_fraction=0.1, test_fraction=0.2, seed=7) for s in
              ("train", "val", "test")}  # fmt: skip
     assert parts["train"].class_names == ["apple", "zebra"]  # sorted: not all among CLASS_NAMES
+    assert parts["train"].report.skipped == {".txt": 1}  # counted, not silently dropped
+    assert "ignored 1 files that are not images (.txt: 1)" in parts["train"].report.summary()
     sets = {s: {r.path for r in ds.records} for s, ds in parts.items()}
     assert [len(sets[s]) for s in ("train", "val", "test")] == [28, 4, 8]
     assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
@@ -239,3 +241,14 @@ def test_xraydataset_from_records(tmp_path):
     assert ds.landmark_names == {"x": [], "y": []} and ds.landmark_masks(0) == {}
     with pytest.raises(IndexError):
         ds[1]
+
+
+def test_tiff_and_bmp_files_are_images_too(tmp_path):
+    root = tmp_path / "data"
+    (root / "knee").mkdir(parents=True)
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(root / "knee" / "a.tif")
+    Image.fromarray(np.full((20, 20), 51, dtype=np.uint8)).save(root / "knee" / "b.bmp")
+    ds = open_dataset(root, input_size=20, val_fraction=0.0, test_fraction=0.0)
+    assert [r.path.suffix for r in ds.records] == [".tif", ".bmp"] and not ds.report.skipped
+    assert float(ds[0][0].max()) == pytest.approx(round(40000 / 65535 * 255) / 255)  # 16-bit TIFF by bit depth
+    assert float(ds[1][0].max()) == pytest.approx(51 / 255)

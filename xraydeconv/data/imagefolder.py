@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from xraydeconv.data.classes import CLASS_NAMES
@@ -68,13 +69,17 @@ def _subdirs(folder: Path) -> list[Path]:
     )
 
 
-def _images_below(folder: Path) -> list[Path]:
+def _images_below(folder: Path, skipped: Counter[str]) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith(MASK_FOLDER_SUFFIX))
-        found.extend(
-            Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and f.lower().endswith(SUFFIXES)
-        )
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            if f.lower().endswith(SUFFIXES):
+                found.append(Path(dirpath) / f)
+            else:
+                skipped[Path(f).suffix.lower() or f] += 1
     return found
 
 
@@ -126,11 +131,12 @@ def read_imagefolder(
     else:  # the split, or what train gives up to the missing splits, is carved out of train
         source, carved = present.get("train", root), missing
     records: list[Record] = []
+    skipped: Counter[str] = Counter()
     for cdir in _subdirs(source):
-        for path in _images_below(cdir):
+        for path in _images_below(cdir, skipped):
             records.append(Record(path, label_of[cdir.name], mask_files(path)))
     if not records:
-        raise UserError(f"{source}: no images (.png, .jpg, .jpeg, .dcm) in its class folders")
+        raise UserError(f"{source}: no images ({', '.join(SUFFIXES)}) in its class folders")
     by_path = {r.path: r for r in records}
     for csv_dir in dict.fromkeys([source, root]):
         if (csv_dir / BOX_FILE).is_file():
@@ -156,5 +162,5 @@ def read_imagefolder(
         fmt = "dicom"
     else:
         fmt = "imagefolder"
-    report = LoadReport(fmt, root, split)
+    report = LoadReport(fmt, root, split, skipped=dict(skipped.most_common()))
     return records, class_names, landmark_names, report

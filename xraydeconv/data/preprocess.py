@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from xraydeconv.errors import UserError
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 SUFFIXES: tuple[str, ...] = IMAGE_SUFFIXES + DICOM_SUFFIXES
 

@@ -19,7 +19,8 @@ class LoadReport:
     number of rows, ``malformed`` each unparsable code, ``no_code`` counts rows with every code column
     ``\\N``, ``fallback_codes`` rows whose 2009 code was missing so an older column was used,
     ``missing_images`` rows whose image file was not found (``missing_examples`` lists a few ids) and
-    ``duplicates`` ids found at several paths (the shallowest was used).
+    ``duplicates`` ids found at several paths (the shallowest was used). For folder formats ``skipped``
+    counts the files below the class folders that are not images, by suffix.
     """
 
     format: str
@@ -35,6 +36,7 @@ class LoadReport:
     missing_images: int = 0
     missing_examples: list[str] = field(default_factory=list)
     duplicates: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def left_out_rows(self) -> int:
@@ -67,10 +69,13 @@ class LoadReport:
             text += f"; left out {self.no_code} rows without any code"
         if self.missing_images:
             text += f"; {self.missing_images} images not found (e.g. {', '.join(self.missing_examples)})"
+        if self.skipped:
+            kinds = ", ".join(f"{k}: {n}" for k, n in self.skipped.items())
+            text += f"; ignored {sum(self.skipped.values())} files that are not images ({kinds})"
         if self.duplicates:
             text += f"; {self.duplicates} ids found at several paths (used the shallowest)"
         return text
 
     def log(self) -> None:
-        dropped = self.left_out or self.malformed or self.no_code or self.missing_images
+        dropped = self.left_out or self.malformed or self.no_code or self.missing_images or self.skipped
         log.log(logging.WARNING if dropped else logging.INFO, "%s", self.summary())
