@@ -1,0 +1,118 @@
+"""SwitchMaxPool2d as a drop-in for nn.MaxPool2d, on both backends, eagerly and under torch.compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from xraydeconv import _extension, ops
+from xraydeconv.nn import SwitchMaxPool2d
+
+pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
+
+DEVICES = [pytest.param("cpu", id="cpu")]
+if torch.cuda.is_available() and ops.has_kernels("cuda"):
+    DEVICES.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+
+GEOMETRIES = [
+    {"kernel_size": 2},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+    {"kernel_size": (2, 3), "stride": (1, 2), "padding": (1, 0)},
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["kernel", "native", "auto"])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_same_forward_and_gradient_as_max_pool(device, backend, geometry):
+    ours = SwitchMaxPool2d(**geometry, backend=backend)
+    ref = nn.MaxPool2d(**geometry)
+    x = torch.randn(2, 3, 11, 14, device=device, requires_grad=True)
+    out, expected = ours(x), ref(x)
+    assert torch.equal(out, expected)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, g)
+    (grad_ref,) = torch.autograd.grad(expected, x, g)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_backends_give_the_same_switches_and_unpool(device, geometry):
+    x = torch.randn(2, 4, 12, 13, device=device)
+    kernel = SwitchMaxPool2d(**geometry, backend="kernel")
+    native = SwitchMaxPool2d(**geometry, backend="native")
+    (out_k, sw_k), (out_n, sw_n) = kernel.forward_with_switches(x), native.forward_with_switches(x)
+    assert torch.equal(out_k, out_n) and torch.equal(sw_k, sw_n) and sw_k.dtype == torch.uint8
+    torch.testing.assert_close(kernel.unpool(out_k, sw_k, x.shape[-2:]), native.unpool(out_n, sw_n, x.shape[-2:]))
+    # each unpooled maximum sits where it came from, once per window that chose it
+    back = kernel.unpool(out_k, sw_k, x.shape[-2:])
+    chosen = kernel.unpool(torch.ones_like(out_k), sw_k, x.shape[-2:])
+    torch.testing.assert_close(back, x * chosen)
+    assert int(chosen.sum()) == out_k.numel()
+
+
+def test_attributes_are_pairs_and_repr_reads_well():
+    m = SwitchMaxPool2d(3, padding=1, ceil_mode=True)
+    assert m.kernel_size == (3, 3) and m.stride == (3, 3) and m.padding == (1, 1) and m.ceil_mode
+    assert "kernel_size=(3, 3)" in repr(m) and "backend='auto'" in repr(m)
+    assert list(m.state_dict()) == []
+    assert copy.deepcopy(m).kernel_size == (3, 3)
+
+
+def test_auto_uses_the_kernels_when_built():
+    assert SwitchMaxPool2d(2).uses_kernel(torch.zeros(1, 1, 2, 2))
+    assert not SwitchMaxPool2d(2, backend="native").uses_kernel(torch.zeros(1, 1, 2, 2))
+
+
+def test_from_max_pool():
+    m = SwitchMaxPool2d.from_max_pool(nn.MaxPool2d(3, 2, 1, ceil_mode=True), backend="native")
+    assert (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.backend) == ((3, 3), (2, 2), (1, 1), True, "native")
+    with pytest.raises(ValueError, match="dilation"):
+        SwitchMaxPool2d.from_max_pool(nn.MaxPool2d(2, dilation=2))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        SwitchMaxPool2d(2, backend="cudnn")
+    with pytest.raises(ValueError, match="255"):
+        SwitchMaxPool2d(16)
+    with pytest.raises(ValueError, match="half"):
+        SwitchMaxPool2d(2, padding=2)
+
+
+def test_kernel_backend_without_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(_extension, "_loaded", False)
+    monkeypatch.setattr(_extension, "_error", "No module named 'xraydeconv._C'")
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
+        SwitchMaxPool2d(2, backend="kernel")
+
+
+def _small_net(backend: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        SwitchMaxPool2d(2, backend=backend),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        SwitchMaxPool2d(3, 2, 1, ceil_mode=True, backend=backend),
+    )
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_on_a_module(compile_backend):
+    net = _small_net("kernel")
+    x = torch.randn(2, 1, 16, 18, requires_grad=True)
+    ref = net(x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, backend=compile_backend)
+    got = compiled(x)
+    (g_got,) = torch.autograd.grad(got.sum(), x)
+    # inductor may reorder the convolutions' sums (1e-7 differences); the pooling itself is exact
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-4)
