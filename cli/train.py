@@ -21,7 +21,6 @@ _CONFIG_OPTIONS = {
     "per_class": "phantoms_per_class",
     "augment": "augment",
     "checkpoint_every": "checkpoint_every",
-    "channels_last": "channels_last",
     "deterministic": "deterministic",
 }
 
@@ -50,8 +49,11 @@ _CONFIG_OPTIONS = {
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--checkpoint-every", type=int, default=None,
               help="Steps between mid-epoch resume.pt snapshots (0: only at epoch ends). [default: 50]")
-@click.option("--channels-last", is_flag=True, default=False, help="Channels-last memory format for the convolutions.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Channels-last memory format for the convolutions. [default: on]")
 @click.option("--deterministic", is_flag=True, default=False, help="Deterministic algorithms (exact resume on GPU).")
+@click.option("--pool-backend", type=click.Choice(["auto", "kernel", "native"]), default=None,
+              help="Max-pool implementation: our switch kernels or PyTorch's own ops. [default: auto]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest snapshot.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(

@@ -13,10 +13,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from test_train_resume import make_tiny_imagefolder
+from xraydeconv.cli.main import cli
 
 from xraydeconv import distributed
 from xraydeconv.checkpoint import load_checkpoint, read_checkpoint
-from xraydeconv.cli.main import cli
 from xraydeconv.errors import UserError
 from xraydeconv.train import TrainConfig, train
 

@@ -37,6 +37,8 @@ from xraydeconv.models import AUGMENTED, MODEL_NAMES, build, count_parameters
 
 LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
 CURVES, CONFUSION = "curves.png", "confusion.png"
+# how a run is executed, not what it computes: may change when a run is resumed
+RUNTIME_FIELDS = ("device", "threads", "num_workers", "pool_backend", "channels_last")
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainConfig:
         threads: CPU threads for torch; None uses all cores (divided among local ranks).
         checkpoint_every: optimizer steps between mid-epoch ``resume.pt`` snapshots (0: epoch ends only).
         num_workers: DataLoader worker processes (0 is right when the decoded images are cached in memory).
-        channels_last: run the convolutions in channels-last memory format.
+        channels_last: run the convolutions in channels-last memory format (faster for oneDNN on CPU).
         deterministic: ``torch.use_deterministic_algorithms(True)``; needed for bit-exact resume on GPU.
         pool_backend: ``SwitchMaxPool2d`` backend (``"auto"``, ``"kernel"``, ``"native"``).
     """
@@ -81,7 +83,7 @@ class TrainConfig:
     threads: int | None = None
     checkpoint_every: int = 50
     num_workers: int = 0
-    channels_last: bool = False
+    channels_last: bool = True
     deterministic: bool = False
     pool_backend: str = "auto"
 
@@ -267,8 +269,8 @@ def train(
     ``confusion.png`` into ``out_dir`` (only rank 0 writes under ``torchrun``).
 
     Args:
-        cfg: the run's configuration (ignored in favour of the stored one when resuming, except ``device``,
-            ``threads`` and ``num_workers``).
+        cfg: the run's configuration; when resuming, only its ``RUNTIME_FIELDS`` are used and the rest
+            comes from the snapshot.
         out_dir: output folder; must not hold a run already unless ``resume`` is set.
         resume: continue the run in ``out_dir`` from its latest snapshot (from scratch if it has none yet).
         log: one-line messages (default: ``tqdm.write`` to stderr).
@@ -287,8 +289,8 @@ def train(
         raw = _latest_resume_state(out)
         if raw is not None:
             stored = TrainConfig.from_dict(raw["config"])
-            cfg = TrainConfig(**{**stored.to_dict(), "device": cfg.device, "threads": cfg.threads,
-                                 "num_workers": cfg.num_workers})
+            runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
+            cfg = TrainConfig(**{**stored.to_dict(), **runtime})
         else:
             log(f"note: {out} holds no snapshot yet; starting from the beginning")
     elif (out / LAST).exists() or (out / RESUME).exists():
