@@ -1,0 +1,292 @@
+"""Kernel vs native ratio report for the switch-pooling ops (the engine of ``xraydeconv bench``).
+
+Both sides run interleaved in one process (kernel, native, ``copy_`` of the same bytes, round after
+round), so machine noise hits them alike; medians are reported. Every operation is measured twice:
+the allocating call (what a model pays, page faults of fresh outputs included) and the kernel alone
+writing into preallocated buffers (``*_out`` ops against native ``out=`` variants).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from xraydeconv import ops
+
+FULL_SHAPES: tuple[tuple[int, int, int, int], ...] = ((32, 64, 128, 128), (8, 256, 32, 32), (1, 64, 256, 256))
+QUICK_SHAPES: tuple[tuple[int, int, int, int], ...] = ((8, 64, 128, 128), (8, 256, 32, 32), (1, 64, 128, 128))
+LAYOUTS = ("nchw", "channels_last")
+MiB = 2**20
+
+
+@dataclass
+class Row:
+    """One operation at one shape, layout and thread count: medians in ms and derived figures."""
+
+    op: str
+    shape: tuple[int, ...]
+    layout: str
+    threads: int
+    kernel_ms: float
+    native_ms: float
+    copy_ms: float  # copy_ of as many bytes as the kernel side moves, into an existing buffer
+    kernel_bytes: int
+    native_bytes: int
+    switch_bytes: int
+    index_bytes: int
+
+    @property
+    def speedup(self) -> float:
+        return self.native_ms / self.kernel_ms
+
+    @property
+    def kernel_gbs(self) -> float:
+        return self.kernel_bytes / self.kernel_ms / 1e6
+
+    @property
+    def native_gbs(self) -> float:
+        return self.native_bytes / self.native_ms / 1e6
+
+    @property
+    def copy_fraction(self) -> float:
+        """Kernel bandwidth as a fraction of ``copy_`` bandwidth for the same bytes."""
+        return self.copy_ms / self.kernel_ms
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            speedup=self.speedup,
+            kernel_gbs=self.kernel_gbs,
+            native_gbs=self.native_gbs,
+            copy_fraction=self.copy_fraction,
+        )
+        return d
+
+
+@dataclass
+class Report:
+    machine: dict
+    repeats: int
+    rows: list[Row] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"machine": self.machine, "repeats": self.repeats, "rows": [r.as_dict() for r in self.rows]}
+
+
+def machine_info(device: str) -> dict:
+    """CPU model, instruction sets, torch version and (on CUDA) the GPU name."""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": device}
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    info["cpu"] = model
+    info["cpu_cores"] = os.cpu_count()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        isa = "avx512"
+    elif {"avx2", "fma", "bmi2"} <= flags:
+        isa = "avx2"
+    else:
+        isa = "baseline"
+    cap = os.environ.get("XRAYDECONV_CPU_ISA")
+    info["kernel_isa"] = isa if cap is None else f"{isa} (capped by XRAYDECONV_CPU_ISA={cap})"
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "(unset)")
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timed_cuda(fn: Callable[[], object]) -> float:
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+
+        return timed_cuda
+
+    def timed_cpu(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return timed_cpu
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> dict[str, float]:
+    """Median ms of each function, calling them round-robin ``repeats`` times after two warm-up rounds."""
+    timed = _timer(device)
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(timed(fn))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _cases(x: torch.Tensor) -> Iterator[tuple[str, Callable[[], object], Callable[[], object], int, int]]:
+    """(op, kernel call, native call, kernel bytes moved, native bytes moved) for one input, 2x2/s2 pooling."""
+    k, s, p, d = [2, 2], [2, 2], [0, 0], [1, 1]
+    size = list(x.shape[-2:])
+    out, sw = ops.switch_pool2d(x, k, s)
+    ref, idx = F.max_pool2d(x, k, s, return_indices=True)
+    out_buf, sw_buf = torch.empty_like(out), torch.empty_like(sw)
+    ref_buf, idx_buf = torch.empty_like(ref), torch.empty_like(idx)
+    unpool_buf = torch.empty_like(x)
+    grad = torch.randn_like(out)
+    xg = x.detach().clone().requires_grad_(True)
+    pool_k, pool_n = _nbytes(x, out, sw), _nbytes(x, ref, idx)
+    un_k, un_n = _nbytes(out, sw, x), _nbytes(ref, idx, x)
+
+    yield "pool", lambda: ops.switch_pool2d(x, k, s), lambda: F.max_pool2d(x, k, s, return_indices=True), pool_k, pool_n
+    yield (
+        "pool out=",
+        lambda: torch.ops.xraydeconv.switch_pool2d_out(x, k, s, p, False, out_buf, sw_buf),
+        lambda: torch.ops.aten.max_pool2d_with_indices.out(x, k, s, p, d, False, out=ref_buf, indices=idx_buf),
+        pool_k,
+        pool_n,
+    )
+
+    def fwd_bwd_kernel() -> object:
+        return torch.autograd.grad(ops.switch_pool2d(xg, k, s)[0], xg, grad)
+
+    def fwd_bwd_native() -> object:
+        return torch.autograd.grad(F.max_pool2d(xg, k, s), xg, grad)
+
+    yield "pool fwd+bwd", fwd_bwd_kernel, fwd_bwd_native, pool_k + _nbytes(grad, sw, x), pool_n + _nbytes(grad, idx, x)
+    yield (
+        "pool bwd",
+        lambda: torch.ops.xraydeconv.switch_unpool2d(grad, sw, k, s, p, size),
+        lambda: torch.ops.aten.max_pool2d_with_indices_backward(grad, x, k, s, p, d, False, idx),
+        un_k,
+        un_n,
+    )
+    yield (
+        "unpool",
+        lambda: torch.ops.xraydeconv.switch_unpool2d(out, sw, k, s, p, size),
+        lambda: F.max_unpool2d(ref, idx, k, s, output_size=size),
+        un_k,
+        un_n,
+    )
+    yield (
+        "unpool out=",
+        lambda: torch.ops.xraydeconv.switch_unpool2d_out(out, sw, k, s, p, unpool_buf),
+        lambda: torch.ops.aten.max_unpool2d.out(ref, idx, size, out=unpool_buf),
+        un_k,
+        un_n,
+    )
+
+
+def run_report(
+    device: str = "cpu",
+    threads: Sequence[int] | None = None,
+    repeats: int = 15,
+    quick: bool = False,
+    shapes: Sequence[tuple[int, int, int, int]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Measure every (shape, layout, thread count, op) and return the rows.
+
+    Args:
+        device: "cpu" or "cuda" (CUDA times with events, synchronising around each call).
+        threads: CPU thread counts to run at (``torch.set_num_threads``); default: the current count.
+        repeats: timed rounds per measurement (the median is kept).
+        quick: smaller shapes, for a first look in a few seconds.
+        shapes: explicit (N, C, H, W) shapes instead of the defaults.
+        progress: called with a short label before each measurement.
+    """
+    if not ops.has_kernels(device):
+        raise RuntimeError(f"xraydeconv._C has no {device} kernels in this build")
+    shapes = list(shapes or (QUICK_SHAPES if quick else FULL_SHAPES))
+    thread_counts = list(threads or [torch.get_num_threads()])
+    report = Report(machine=machine_info(device), repeats=repeats)
+    before = torch.get_num_threads()
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        for n_threads in thread_counts:
+            torch.set_num_threads(n_threads)
+            for shape in shapes:
+                for layout in LAYOUTS:
+                    x = torch.randn(shape, device=device, generator=gen)
+                    if layout == "channels_last":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    for op, kernel_fn, native_fn, k_bytes, n_bytes in _cases(x):
+                        if progress is not None:
+                            progress(f"{op} {tuple(shape)} {layout} {n_threads}t")
+                        src = torch.empty(k_bytes // 2, dtype=torch.uint8, device=device)
+                        dst = torch.empty_like(src)
+                        med = time_interleaved(
+                            {"kernel": kernel_fn, "native": native_fn, "copy": lambda d=dst, s=src: d.copy_(s)},
+                            repeats,
+                            device,
+                        )
+                        pooled = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
+                        report.rows.append(
+                            Row(
+                                op=op,
+                                shape=tuple(shape),
+                                layout=layout,
+                                threads=n_threads,
+                                kernel_ms=med["kernel"],
+                                native_ms=med["native"],
+                                copy_ms=med["copy"],
+                                kernel_bytes=k_bytes,
+                                native_bytes=n_bytes,
+                                switch_bytes=pooled,
+                                index_bytes=8 * pooled,
+                            )
+                        )
+                        del src, dst
+                    del x
+    finally:
+        torch.set_num_threads(before)
+    return report
+
+
+def format_report(report: Report) -> str:
+    """The ratio table as plain text (one line per row, machine header first)."""
+    m = report.machine
+    lines = [
+        f"machine: {m.get('cpu')} ({m.get('cpu_cores')} cores, kernels: {m.get('kernel_isa')})"
+        + (f", GPU: {m['gpu']}" if "gpu" in m else ""),
+        f"torch {m.get('torch')}, device {m.get('device')}, OMP_WAIT_POLICY={m.get('omp_wait_policy')}, "
+        f"median of {report.repeats} interleaved rounds; 2x2/s2 max pooling, float32",
+        "speed-up = native ms / kernel ms; copy_ = kernel bandwidth as a fraction of copy_ of the same bytes",
+        "",
+    ]
+    header = (
+        f"{'op':<13} {'shape':<18} {'layout':<13} {'thr':>3} {'kernel ms':>10} {'native ms':>10} {'speed-up':>8} "
+        f"{'kern GB/s':>9} {'nat GB/s':>9} {'copy_':>6} {'switch MiB':>10} {'index MiB':>9}"
+    )
+    lines += [header, "-" * len(header)]
+    for r in report.rows:
+        lines.append(
+            f"{r.op:<13} {'x'.join(map(str, r.shape)):<18} {r.layout:<13} {r.threads:>3} {r.kernel_ms:>10.2f} "
+            f"{r.native_ms:>10.2f} {r.speedup:>7.2f}x {r.kernel_gbs:>9.1f} {r.native_gbs:>9.1f} "
+            f"{r.copy_fraction:>5.0%} {r.switch_bytes / MiB:>10.1f} {r.index_bytes / MiB:>9.1f}"
+        )
+    return "\n".join(lines)
