@@ -1,0 +1,97 @@
+"""`xraydeconv demo --quick` end to end: every step runs, every promised file is there, a rerun reuses the work."""
+
+import json
+import re
+import sys
+
+import pytest
+
+from xraydeconv.models import MODEL_NAMES
+
+
+def _main(args, capsys):
+    from xraydeconv.cli.main import main
+
+    old = sys.argv
+    sys.argv = ["xraydeconv", *map(str, args)]
+    try:
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_quick_demo(tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.setenv("XRAYDECONV_CACHE", str(cache))
+    out = tmp_path / "demo"
+    code, stdout, err = _main(["demo", "--quick", "--top-n", "4", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+
+    # Table 1 and the landmark table are printed, and where to look
+    assert "| Shallow CNN (`shallow`) |" in stdout and "Deeper CNN + data augmentation" in stdout
+    assert "Pointing game (top-4)" in stdout
+    assert f"Open {(out / 'index.html').absolute()}" in stdout
+
+    assert list(cache.iterdir()) == [cache / "phantoms-32-2-0"]
+    for name in MODEL_NAMES:
+        assert (out / name / "best.pt").is_file()
+        ev = json.loads((out / "eval" / name / "report.json").read_text())
+        assert ev["data"]["split"] == "test" and ev["data"]["images"] == 48
+        assert ev["landmarks"]["overall"]["n"] == 48
+        gallery = out / "gallery" / name
+        assert (gallery / "index.html").is_file()
+        folders = [p for p in gallery.iterdir() if p.is_dir()]
+        assert len(folders) == 24  # one test image per class
+        man = json.loads((folders[0] / "manifest.json").read_text())
+        assert man["top_n"] == 4 and man["model"] == name
+
+    rows = json.loads((out / "table1.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == list(MODEL_NAMES)
+    lm = json.loads((out / "landmarks.json").read_text())
+    assert set(lm["models"]) == set(MODEL_NAMES)
+    for m in lm["models"].values():
+        o = m["landmarks"]["overall"]
+        assert 0 <= o["pointing_game"] <= 1 and 0 < o["area_share"] < 1
+    assert (out / "landmarks.md").read_text().count("\n") == 2 + len(MODEL_NAMES)
+
+    # every relative link of the front page points at a file that exists
+    page = (out / "index.html").read_text()
+    links = re.findall(r"href='([^']+)'", page)
+    assert len(links) == 5 * len(MODEL_NAMES)
+    for link in links:
+        assert (out / link).is_file(), link
+
+    # a second run reuses the trained nets
+    stamp = {n: (out / n / "best.pt").stat().st_mtime_ns for n in MODEL_NAMES}
+    code, stdout, err = _main(["demo", "--quick", "--top-n", "4", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert {n: (out / n / "best.pt").stat().st_mtime_ns for n in MODEL_NAMES} == stamp
+
+    # other settings in the same folder are refused, in one line
+    code, _, err = _main(["demo", "--quick", "--top-n", "5", "--out", out, "--quiet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "other settings" in err and "top_n=4" in err
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = _main(["demo", "--quick", "--out", tmp_path], capsys)
+    assert code == 2 and "holds no demo run" in err
+    code, _, err = _main(["demo", "--quick", "--top-n", "0", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "--top-n" in err and not (tmp_path / "x").exists()
+
+
+def test_demo_help_reads_like_a_manual(capsys):
+    code, stdout, _ = _main(["demo", "--help"], capsys)
+    assert code == 0
+    for word in ("--quick", "--full", "Table 1", "index.html", "gallery/<model>/", "runs/demo"):
+        assert word in stdout
