@@ -29,6 +29,7 @@ from PIL import Image
 from ..errors import UserError
 from .classes import CLASS_NAMES
 from .phantoms_anatomy import REGIONS, arm, leg, pelvis_bones
+from .phantoms_clutter import add_clutter
 from .phantoms_film import develop, sample_field
 from .phantoms_marker import draw_marker
 from .phantoms_shapes import Canvas, Pose
@@ -66,7 +67,8 @@ def render_phantom(class_name: str, rng: np.random.Generator, size: int = 256, *
     attenuated; ``masks`` maps each landmark of the class visible in this film to a bool
     (size, size) array (landmarks cut off by pose or collimation are left out). With
     ``bias="marker"`` the class's lead marker is drawn too and its mask is returned as ``"marker"``.
-    All randomness (anatomy, pose, laterality, exposure, noise, collimation) comes from ``rng``.
+    All randomness (anatomy, pose, laterality, foreign bodies, exposure, noise, collimation) comes
+    from ``rng``.
     """
     if class_name not in VIEWS:
         raise UserError(f"class {class_name!r}: not one of the 24 phantom classes")
@@ -75,9 +77,9 @@ def render_phantom(class_name: str, rng: np.random.Generator, size: int = 256, *
     view = VIEWS[class_name]
     wanted = CLASS_LANDMARKS[class_name]
     for attempt in range(4):  # re-pose (rarely) when a landmark of the class falls outside the film
-        pose = Pose(size, scale=view.zoom * rng.uniform(0.88, 1.12),
-                    angle=view.angle + rng.uniform(-view.spin, view.spin),
-                    tx=rng.uniform(-0.07, 0.07), ty=rng.uniform(-0.07, 0.07), ox=view.origin[0], oy=view.origin[1])
+        pose = Pose(size, scale=view.zoom * float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
+                    angle=view.angle + rng.uniform(-1.5, 1.5) * view.spin,
+                    tx=rng.uniform(-0.14, 0.14), ty=rng.uniform(-0.14, 0.14), ox=view.origin[0], oy=view.origin[1])
         canvas = Canvas(pose, keep=view.landmarks)
         for region in view.draw:
             _draw(canvas, region, rng)
@@ -89,6 +91,7 @@ def render_phantom(class_name: str, rng: np.random.Generator, size: int = 256, *
         if len(masks) == len(wanted) or attempt == 3:
             break
     att = canvas.att
+    add_clutter(att, rng)
     if rng.random() < 0.5:  # laterality: a left-sided film is the mirror image of a right-sided one
         att = att[:, ::-1]
         masks = {name: m[:, ::-1] for name, m in masks.items()}

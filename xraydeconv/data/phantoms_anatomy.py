@@ -98,7 +98,7 @@ def head_lateral(cv: Canvas, rng: np.random.Generator) -> None:
 # ---------------------------------------------------------------------------------------------
 def trunk(cv: Canvas, rng: np.random.Generator) -> None:
     """Soft tissue of the whole trunk in one piece, so that regions drawn together do not overlap."""
-    hab = _u(rng, 0.9, 1.15)
+    hab = _u(rng, 0.8, 1.25)
     cv.capsule(0, 3.7, 0, 10.0, 1.5 * hab, 1.68 * hab, depth=0.64, mu=SOFT)
     cv.capsule(-1.65, 3.62, 1.65, 3.62, 0.42, depth=1.2, mu=SOFT)  # shoulders
 
@@ -224,7 +224,7 @@ def _ray(cv: Canvas, x: float, y: float, direction: float, bones: list[tuple[flo
 
 def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     """Humerus, elbow, radius and ulna, carpals, metacarpals, phalanges and their soft tissue."""
-    b = _u(rng, 0.94, 1.06)
+    b = _u(rng, 0.9, 1.1)
     cv.capsule(s * 1.82, 3.5, s * 2.0, 9.45, 0.5, 0.27, depth=0.9, mu=SOFT)
     cv.ellipsoid(s * 2.08, 10.05, 0.5, 0.6, 0.16, mu=SOFT)
     cv.cancellous(s * 1.76, 3.76, 0.27, 0.28, c=0.26, landmark="humeral-head")
@@ -270,7 +270,7 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
 
 def leg(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     """Femur, knee with patella, tibia and fibula, ankle mortise and the foot seen end-on."""
-    b = _u(rng, 0.95, 1.05)
+    b = _u(rng, 0.9, 1.1)
     cv.capsule(s * 1.1, 10.2, s * 0.9, 18.55, 0.78, 0.36, depth=0.85, mu=SOFT)
     cv.ellipsoid(s * 0.95, 18.9, 0.5, 0.3, 0.3, mu=SOFT)
     cv.cancellous(s * 0.95, 10.0, 0.23, 0.23, landmark="femoral-head")
@@ -299,7 +299,7 @@ def leg(cv: Canvas, rng: np.random.Generator, s: int) -> None:
 
 def foot_dp(cv: Canvas, rng: np.random.Generator) -> None:
     """Right foot from above, toes up: tarsals, metatarsals, phalanges, sesamoids."""
-    b = _u(rng, 0.94, 1.06)
+    b = _u(rng, 0.9, 1.1)
     cv.ellipsoid(0.0, 0.3, 0.38, 0.75, 0.28, mu=SOFT)
     cv.ellipsoid(0.02, -0.55, 0.4, 0.32, 0.12, mu=SOFT)
     cv.cancellous(0.04, 0.98, 0.17, 0.26, c=0.14, landmark="tarsal-bones")  # calcaneus

@@ -34,13 +34,13 @@ def develop(att: np.ndarray, rng: np.random.Generator, field: tuple[int, int, in
     att = np.maximum(att, 0.0)
     body = att > 0.05 * float(att.max() or 1.0)
     ref = float(att[body].mean()) if body.any() else 1.0
-    k = rng.uniform(0.75, 1.15) / ref
+    k = rng.uniform(0.6, 1.3) / ref
     img = 1.0 - np.exp(-k * att)
     if bone != 1.0:
         lo = 0.22 * (bone - 1.0)
         img = np.clip((img - lo) / (1.0 - lo), 0.0, 1.0)
-    img = binomial_blur(img.astype(np.float32), passes=max(1, round(rng.uniform(0.5, 2.0) * size / 256)))
-    img = img ** rng.uniform(0.75, 1.3)
+    img = binomial_blur(img.astype(np.float32), passes=max(1, round(rng.uniform(0.5, 3.0) * size / 256)))
+    img = img ** float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
     if opaque is not None:  # lead edges are sharp: the marker sits on top of the detector blur
         img[opaque] = rng.uniform(0.93, 1.0)
     # heel effect: a gentle exposure gradient along a random direction
@@ -54,6 +54,6 @@ def develop(att: np.ndarray, rng: np.random.Generator, field: tuple[int, int, in
         outside = binomial_blur(outside, 1)
         level = rng.uniform(0.78, 0.95) if rng.random() < 0.5 else rng.uniform(0.0, 0.08)
         img = img * (1.0 - outside) + level * outside
-    sigma = rng.uniform(0.008, 0.035)
+    sigma = rng.uniform(0.01, 0.06)
     img = img + sigma * np.sqrt(np.clip(img, 0.0, 1.0) + 0.03) * rng.standard_normal((size, size), np.float32)
     return np.clip(img, 0.0, 1.0).astype(np.float32)
