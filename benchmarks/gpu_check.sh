@@ -296,12 +296,9 @@ fi
 
 section "3b. xraydeconv bench --device cuda"
 if "$PY" -m xraydeconv.cli.main bench --help >/dev/null 2>&1; then
-  if timeout 150 "$PY" -m xraydeconv.cli.main bench --device cuda --json "$LOGS/bench.json" 2>&1 |
-    tee "$LOGS/bench.txt"; then
-    bench_status="ok"
-  else
-    bench_status="FAILED"
-  fi
+  timeout 150 "$PY" -m xraydeconv.cli.main bench --device cuda --json "$LOGS/bench.json" 2>&1 | tee "$LOGS/bench.txt"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then bench_status="ok"; else bench_status="FAILED (exit $rc)"; fi
 else
   bench_status="skipped (the bench command is not available)"
   echo "$bench_status"
@@ -313,11 +310,9 @@ if [ "${GPU_CHECK_SKIP_PROJECTION:-0}" = "1" ]; then
   projection_status="skipped (GPU_CHECK_SKIP_PROJECTION=1)"
   echo "$projection_status"
 elif [ -f benchmarks/projection_report.py ]; then
-  if timeout 120 "$PY" benchmarks/projection_report.py --device cuda 2>&1 | tee "$LOGS/projection.txt"; then
-    projection_status="ok"
-  else
-    projection_status="FAILED"
-  fi
+  timeout 120 "$PY" benchmarks/projection_report.py --device cuda 2>&1 | tee "$LOGS/projection.txt"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then projection_status="ok"; else projection_status="FAILED (exit $rc)"; fi
 else
   projection_status="skipped (benchmarks/projection_report.py not found)"
   echo "$projection_status"

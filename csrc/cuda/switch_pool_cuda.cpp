@@ -26,11 +26,6 @@ void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(), "; all tensors must be on the same CUDA device");
 }
 
-void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the input is on ",
-              ref.device());
-}
-
 PoolShape shape_of(const at::Tensor& in4, int64_t OH, int64_t OW, const PoolGeometry& g) {
   return PoolShape{in4.size(0),
                    in4.size(1),
@@ -80,10 +75,9 @@ T* mptr(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Switch validation. The kernels raise a flag instead of reading out of bounds. The flag lives in
-// pinned host memory that the device writes through its mapping, so checking it costs no extra
-// launch or copy, only a sync of the current stream; only when it is raised are the switches copied
-// to the host to name the first bad one in the error.
+// Switch validation. The kernels raise a flag in device memory instead of reading out of bounds; it is
+// read back after the launch (a 4-byte copy and a sync of the current stream), and only when it is
+// raised are the switches copied to the host to name the first bad one in the error.
 
 bool switch_ok(int s, int64_t oh, int64_t ow, int64_t H, int64_t W, const PoolGeometry& g) {
   if (s >= g.window()) return false;
@@ -110,9 +104,8 @@ void report_bad_switch(const char* op, const at::Tensor& sw4, int64_t H, int64_t
 }
 
 struct SwitchFlag {
-  at::Tensor host;          // pinned int32, zeroed before the launch
-  int* device = nullptr;    // its device mapping; null while the stream is captured into a CUDA graph
-  at::Tensor device_flag;   // fallback when the pinned memory has no device mapping
+  at::Tensor device_flag;  // int32 on the device, zeroed before the launch
+  int* device = nullptr;   // null while the stream is captured into a CUDA graph
 };
 
 SwitchFlag new_flag(const at::Tensor& like, cudaStream_t stream) {
@@ -121,30 +114,19 @@ SwitchFlag new_flag(const at::Tensor& like, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   // no synchronisation is allowed while capturing: skip the report (the kernels stay memory-safe)
   if (capture != cudaStreamCaptureStatusNone) return f;
-  f.host = at::empty({1}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-  int* h = static_cast<int*>(f.host.mutable_data_ptr());
-  *h = 0;
-  void* d = nullptr;
-  if (cudaHostGetDevicePointer(&d, h, 0) == cudaSuccess && d != nullptr) {
-    f.device = static_cast<int*>(d);
-  } else {
-    (void)cudaGetLastError();  // clear the error of the failed query
-    f.device_flag = at::empty({1}, like.options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(f.device_flag.mutable_data_ptr(), 0, sizeof(int), stream));
-    f.device = static_cast<int*>(f.device_flag.mutable_data_ptr());
-  }
+  f.device_flag = at::empty({1}, like.options().dtype(at::kInt));
+  f.device = static_cast<int*>(f.device_flag.mutable_data_ptr());
+  C10_CUDA_CHECK(cudaMemsetAsync(f.device, 0, sizeof(int), stream));
   return f;
 }
 
 void check_flag(const char* op, const SwitchFlag& f, const at::Tensor& sw4, int64_t H, int64_t W,
                 const PoolGeometry& g, cudaStream_t stream) {
   if (f.device == nullptr) return;
-  if (f.device_flag.defined()) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(f.host.mutable_data_ptr(), f.device_flag.const_data_ptr(), sizeof(int),
-                                   cudaMemcpyDeviceToHost, stream));
-  }
+  int bad = 0;
+  C10_CUDA_CHECK(cudaMemcpyAsync(&bad, f.device, sizeof(int), cudaMemcpyDeviceToHost, stream));
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  if (*static_cast<const volatile int*>(f.host.const_data_ptr()) != 0) report_bad_switch(op, sw4, H, W, g);
+  if (bad != 0) report_bad_switch(op, sw4, H, W, g);
 }
 
 // ---------------------------------------------------------------------------------------------

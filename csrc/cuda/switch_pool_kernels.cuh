@@ -11,7 +11,7 @@
 //   switch_gather2d  out = x read at the switch positions (the adjoint of switch_unpool2d).
 // Both readers of switches set *bad_switch = 1 (and read nothing out of bounds) when a switch points
 // outside its window or into the padding; the caller zeroes the flag first and inspects it afterwards.
-// bad_switch may point at mapped (pinned) host memory, or be null to skip the report.
+// bad_switch may be null to skip the report (e.g. while a CUDA graph is being captured).
 #pragma once
 
 #include <cuda_bf16.h>
