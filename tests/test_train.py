@@ -151,7 +151,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
 def test_torchrun_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
     """shallow has no BatchNorm and no dropout, so 2 ranks x 2 images average to the same step as 1 x 4."""
     args = ["train", "--model", "shallow", "--data", str(data), "--input-size", "32", "--epochs", "2",
-            "--batch-size", "4", "--threads", "1", "--quiet", "--lr", "0.01"]
+            "--batch-size", "4", "--threads", "1", "--quiet", "--lr", "0.01", "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

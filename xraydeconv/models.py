@@ -32,6 +32,17 @@ AUGMENTED: frozenset[str] = frozenset({"deeper-aug"})
 DEEPER_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
 
 
+class GlobalAvgPool2d(nn.Module):
+    """(B, C, H, W) -> (B, C, 1, 1) mean over the spatial positions, for any H and W.
+
+    Equal to ``nn.AdaptiveAvgPool2d(1)``, but its backward is a plain broadcast, which CUDA can run under
+    ``torch.use_deterministic_algorithms(True)`` (adaptive pooling's CUDA backward refuses to).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class AnatomyNet(nn.Module):
     """A conv feature extractor followed by a global-average-pool classifier.
 
@@ -46,7 +57,7 @@ class AnatomyNet(nn.Module):
         super().__init__()
         self.features = features
         self.classifier = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
+            GlobalAvgPool2d(),
             nn.Flatten(1),
             nn.Dropout(dropout),
             nn.Linear(feature_channels, num_classes),

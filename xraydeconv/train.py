@@ -174,8 +174,11 @@ def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if info.world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count():
+            raise UserError(f"--device {name}: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine but "
+                            f"{torch.cuda.device_count()} GPU(s); start one process per GPU or use --device cpu")
         if name == "cuda":
-            return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+            return torch.device("cuda", info.local_rank)
     try:
         return torch.device(name)
     except RuntimeError:
@@ -301,6 +304,8 @@ def train(
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     if cfg.deterministic:
+        if device.type == "cuda":  # cuBLAS needs a fixed workspace to be deterministic
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     distributed.init(info, device)
