@@ -8,14 +8,15 @@ _GLYPHS = {
     "L": ("X....", "X....", "X....", "X....", "X....", "X....", "XXXXX"),
     "R": ("XXXX.", "X...X", "X...X", "XXXX.", "X.X..", "X..X.", "X...X"),
 }
-# places inside the collimated field (fractions of its width, height): 4 top, 4 bottom, 2 left, 2 right
-_PLACES = ((0.1, 0.08), (0.37, 0.08), (0.63, 0.08), (0.9, 0.08), (0.1, 0.92), (0.37, 0.92), (0.63, 0.92),
-           (0.9, 0.92), (0.06, 0.37), (0.06, 0.63), (0.94, 0.37), (0.94, 0.63))
+# one place per class inside the collimated field (fractions of its width, height):
+# 8 along the top, 8 along the bottom, 4 down each side, as a technologist would tape a marker
+_PLACES = tuple([((k + 0.5) / 8, 0.07) for k in range(8)] + [((k + 0.5) / 8, 0.93) for k in range(8)]
+                + [(0.05, 0.2 + 0.2 * k) for k in range(4)] + [(0.95, 0.2 + 0.2 * k) for k in range(4)])
 
 
 def marker_for(label: int) -> tuple[str, tuple[float, float]]:
-    """The (letter, place) of class ``label``: 12 places × 2 letters cover 24 classes one to one."""
-    return "LR"[(label // len(_PLACES)) % 2], _PLACES[label % len(_PLACES)]
+    """The (letter, place) of class ``label``: a place of its own (24 places), the letter L or R alternating."""
+    return "LR"[label % 2], _PLACES[label % len(_PLACES)]
 
 
 def draw_marker(size: int, label: int, field: tuple[int, int, int, int],
@@ -27,12 +28,12 @@ def draw_marker(size: int, label: int, field: tuple[int, int, int, int],
     """
     letter, (fx, fy) = marker_for(label)
     glyph = np.array([[c == "X" for c in row] for row in _GLYPHS[letter]])
-    cell = max(2, round(size / 128))
+    cell = max(2, round(size / 85))  # 3 px at 256: a 15×21 px letter
     tile = np.kron(glyph, np.ones((cell, cell), bool))
     h, w = tile.shape
     x0, y0, x1, y1 = field
-    cx = x0 + fx * (x1 - x0) + rng.integers(-2, 3) * cell
-    cy = y0 + fy * (y1 - y0) + rng.integers(-2, 3) * cell
+    cx = x0 + fx * (x1 - x0) + rng.integers(-1, 2) * cell
+    cy = y0 + fy * (y1 - y0) + rng.integers(-1, 2) * cell
     top = int(np.clip(round(cy - h / 2), y0 + cell, y1 - h - cell))
     left = int(np.clip(round(cx - w / 2), x0 + cell, x1 - w - cell))
     lead = np.zeros((size, size), bool)
