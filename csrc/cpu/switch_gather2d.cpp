@@ -74,6 +74,7 @@ at::Tensor switch_gather2d_cpu(const at::Tensor& x, const at::Tensor& sw, at::In
   check_unpooled_size(op, H, W, sw.size(-2), sw.size(-1), g);
   const at::MemoryFormat fmt = memory_format_of(x);
   at::Tensor out = at::empty(sw.sizes(), x.options().memory_format(fmt));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   const at::Tensor xc = as4d(x).contiguous(fmt);
   const at::Tensor sc = as4d(sw).contiguous(fmt);
   validate_switches(op, sc, H, W, g);

@@ -264,6 +264,8 @@ std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::In
   shape[shape.size() - 1] = OW;
   at::Tensor out = at::empty(shape, x.options().memory_format(fmt));
   at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  advise_huge_pages(sw.data_ptr(), sw.nbytes());
   pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
   return {out, sw};
 }

@@ -66,6 +66,34 @@ XD_ALWAYS_INLINE void unpool_tiled_rows(const UnpoolArgs<T>& a, int64_t begin, i
   }
 }
 
+// Tiling windows, NHWC: one task per range of output rows (n, ih); every element written once,
+// vectorised over channels.
+template <typename T>
+XD_ALWAYS_INLINE void unpool_tiled_rows_nhwc(const UnpoolArgs<T>& a, int64_t C, int64_t begin, int64_t end) {
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW, kH = a.g.kH, kW = a.g.kW;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / H, ih = r - n * H;
+    const int64_t oh = ih / kH, kh = ih - oh * kH;
+    T* XD_RESTRICT o = a.out + r * W * C;
+    int64_t iw_done = 0;
+    if (oh < OH) {
+      const T* XD_RESTRICT yr = a.y + (n * OH + oh) * OW * C;
+      const uint8_t* XD_RESTRICT sr = a.sw + (n * OH + oh) * OW * C;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        for (int64_t kw = 0; kw < kW && ow * kW + kw < W; ++kw) {
+          const uint8_t pos = static_cast<uint8_t>(kh * kW + kw);
+          T* XD_RESTRICT oo = o + (ow * kW + kw) * C;
+          const T* XD_RESTRICT yy = yr + ow * C;
+          const uint8_t* XD_RESTRICT ss = sr + ow * C;
+          for (int64_t c = 0; c < C; ++c) oo[c] = ss[c] == pos ? yy[c] : T(0);
+        }
+      }
+      iw_done = std::min(W, OW * kW);
+    }
+    for (int64_t i = iw_done * C; i < W * C; ++i) o[i] = T(0);  // pixels no window covers
+  }
+}
+
 // Range of window indices covering input coordinate i along one axis (empty when lo > hi).
 XD_ALWAYS_INLINE void covering(int64_t i, int64_t k, int64_t s, int64_t p, int64_t n_out, int64_t& lo, int64_t& hi) {
   const int64_t u = i + p;
@@ -139,6 +167,14 @@ XD_TARGET_AVX2 void unpool_tiled_rows_avx2(const UnpoolArgs<T>& a, int64_t b, in
   unpool_tiled_rows<T, KH, KW>(a, b, e);
 }
 template <typename T>
+XD_TARGET_AVX512 void unpool_tiled_rows_nhwc_avx512(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
+  unpool_tiled_rows_nhwc<T>(a, C, b, e);
+}
+template <typename T>
+XD_TARGET_AVX2 void unpool_tiled_rows_nhwc_avx2(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
+  unpool_tiled_rows_nhwc<T>(a, C, b, e);
+}
+template <typename T>
 XD_TARGET_AVX512 void unpool_gather_pixels_avx512(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
   unpool_gather_pixels<T>(a, C, b, e);
 }
@@ -163,6 +199,23 @@ void unpool_tiled_rows_any(const UnpoolArgs<T>& a, int64_t b, int64_t e) {
   }
 #endif
   unpool_tiled_rows<T, KH, KW>(a, b, e);
+}
+
+template <typename T>
+void unpool_tiled_rows_nhwc_any(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
+#if XD_MULTIVERSION
+  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case Isa::Avx512:
+        return unpool_tiled_rows_nhwc_avx512<T>(a, C, b, e);
+      case Isa::Avx2:
+        return unpool_tiled_rows_nhwc_avx2<T>(a, C, b, e);
+      default:
+        break;
+    }
+  }
+#endif
+  unpool_tiled_rows_nhwc<T>(a, C, b, e);
 }
 
 template <typename T>
@@ -193,14 +246,19 @@ void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, yc.scalar_type(), "switch_unpool2d", [&] {
     UnpoolArgs<scalar_t> a{yc.const_data_ptr<scalar_t>(), sc.const_data_ptr<uint8_t>(),
                            out4.mutable_data_ptr<scalar_t>(), 0, H, W, OH, OW, g};
+    const bool tiled = g.sH == g.kH && g.sW == g.kW && g.pH == 0 && g.pW == 0;
     if (fmt == at::MemoryFormat::ChannelsLast) {
       a.planes = N;
-      at::parallel_for(0, N * H * W, grain_rows(2 * C),
-                       [&](int64_t b, int64_t e) { unpool_gather_pixels_any<scalar_t>(a, C, b, e); });
+      if (tiled) {
+        at::parallel_for(0, N * H, grain_rows(W * C),
+                         [&](int64_t b, int64_t e) { unpool_tiled_rows_nhwc_any<scalar_t>(a, C, b, e); });
+      } else {
+        at::parallel_for(0, N * H * W, grain_rows(2 * C),
+                         [&](int64_t b, int64_t e) { unpool_gather_pixels_any<scalar_t>(a, C, b, e); });
+      }
       return;
     }
     a.planes = N * C;
-    const bool tiled = g.sH == g.kH && g.sW == g.kW && g.pH == 0 && g.pW == 0;
     const int64_t rows = N * C * H, grain = grain_rows(W);
     if (tiled && g.kH == 2 && g.kW == 2) {
       at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { unpool_tiled_rows_any<scalar_t, 2, 2>(a, b, e); });
@@ -233,6 +291,7 @@ at::Tensor switch_unpool2d_cpu(const at::Tensor& y, const at::Tensor& sw, at::In
   shape[shape.size() - 2] = output_size[0];
   shape[shape.size() - 1] = output_size[1];
   at::Tensor out = at::empty(shape, y.options().memory_format(fmt));
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   unpool_into(as4d(y), as4d(sw), g, fmt, as4d(out), op);
   return out;
 }
