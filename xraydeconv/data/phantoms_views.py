@@ -51,7 +51,7 @@ VIEWS: dict[str, View] = {
         landmarks={"thoracic-bodies": "vertebral-bodies", "pedicles": "pedicles", "rib-heads": "rib-heads",
                    "transverse-processes": "transverse-processes"}),
     "lumbar-spine": View(
-        ("trunk", "thorax", "abdomen", "pelvis"), (0.0, 8.15), 0.62, spin=6.0, bone=1.3,
+        ("trunk", "thorax", "abdomen", "pelvis"), (0.0, 8.15), 0.68, spin=6.0, bone=1.3,
         landmarks={"lumbar-bodies": "vertebral-bodies", "pedicles": "pedicles",
                    "transverse-processes": "transverse-processes"}),
     "sacrum-coccyx": View(
@@ -91,7 +91,7 @@ VIEWS: dict[str, View] = {
         landmarks={"pectoral-muscle": "pectoral-muscle", "fibroglandular-tissue": "fibroglandular-tissue",
                    "nipple": "nipple"}),
     "abdomen": View(
-        ("trunk", "thorax", "abdomen", "pelvis"), (0.0, 8.1), 0.45, spin=6.0,
+        ("trunk", "thorax", "abdomen", "pelvis"), (0.0, 8.1), 0.42, spin=6.0,
         landmarks={"liver-shadow": "liver-shadow", "bowel-gas": "bowel-gas", "lumbar-bodies": "lumbar-spine",
                    "psoas": "psoas"}),
     "pelvis": View(
