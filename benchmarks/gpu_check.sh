@@ -11,7 +11,8 @@
 #
 # Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16),
 # GPU_CHECK_PYTEST_ARGS (-x), GPU_CHECK_SKIP_BUILD=1 to reuse an extension built before,
-# GPU_CHECK_SKIP_PROJECTION=1 to leave out section 4.
+# GPU_CHECK_SKIP_PROJECTION=1 to leave out section 4, GPU_CHECK_KEEP_COMPILER=1 to build with $CXX / c++
+# instead of /usr/bin/g++.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 
@@ -76,11 +77,28 @@ section "1. build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOB
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = "1" ]; then
   build_status="skipped (GPU_CHECK_SKIP_BUILD=1)"
 else
+  # A toolchain whose libstdc++ differs from the one the Python process loads (seen: /opt/gcc on the
+  # lent H100 image) builds an extension that crashes formatting numbers into error messages: prefer
+  # the system compiler, which matches, and fall back to the default one if it cannot build.
+  default_cxx=${CXX:-c++}
+  if [ "${GPU_CHECK_KEEP_COMPILER:-0}" != "1" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+  fi
+  echo "C++ compiler: ${CXX:-c++} ($("${CXX:-c++}" --version 2>/dev/null | head -1)); default was $default_cxx"
   t0=$(date +%s)
   if timeout 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$LOGS/build.log" 2>&1; then
-    build_status="ok in $(($(date +%s) - t0)) s"
+    build_status="ok in $(($(date +%s) - t0)) s with ${CXX:-c++}"
+  elif [ "${CXX:-c++}" != "$default_cxx" ]; then
+    echo "build with $CXX failed; retrying with $default_cxx"
+    mv "$LOGS/build.log" "$LOGS/build-system-compiler.log"
+    if [ "$default_cxx" = "c++" ]; then unset CXX CC; else export CXX=$default_cxx; unset CC; fi
+    if timeout 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$LOGS/build.log" 2>&1; then
+      build_status="ok in $(($(date +%s) - t0)) s with $default_cxx"
+    else
+      build_status="FAILED after $(($(date +%s) - t0)) s"
+    fi
   else
-    build_status="FAILED after $(($(date +%s) - t0)) s (exit $?)"
+    build_status="FAILED after $(($(date +%s) - t0)) s"
   fi
   grep -E "error:|ptxas (error|warning)" "$LOGS/build.log" | head -20
   echo "build: $build_status"
@@ -101,6 +119,23 @@ EOF
   build_status="$build_status, but the CUDA kernels are not registered"
   finish
   return 1
+fi
+# An argument error whose message holds numbers must come back as a ValueError, not a crash.
+"$PY" - <<'EOF'
+import torch
+from xraydeconv import _extension
+_extension.require()
+try:
+    torch.ops.xraydeconv.switch_pool2d(torch.zeros(1, 1, 1, 4, 4, device="cuda"), [2, 2], [2, 2], [0, 0], False)
+except ValueError as exc:
+    print("error messages ok:", str(exc).splitlines()[0][:100])
+EOF
+rc=$?
+if [ "$rc" -ne 0 ]; then
+  echo "error: formatting an error message crashed the extension (exit $rc): it was built with a C++ toolchain"
+  echo "whose libstdc++ differs from the one loaded at run time; rebuild with the system compiler"
+  echo "(CXX=/usr/bin/g++ CC=/usr/bin/gcc) or put that toolchain's libstdc++ first on LD_LIBRARY_PATH"
+  build_status="$build_status, but error messages crash (libstdc++ mismatch, exit $rc)"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +360,8 @@ finish
 main 2>&1 | tee "$LOGS/gpu_check.log"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-  for f in gpu_check.log build.log pytest.log kernel_bench.json bench.json bench.txt projection.txt; do
+  for f in gpu_check.log build.log build-system-compiler.log pytest.log kernel_bench.json bench.json bench.txt \
+    projection.txt; do
     if [ -f "$LOGS/$f" ]; then cp "$LOGS/$f" "$OUT/"; fi
   done
   echo "logs copied to \$OUT"
