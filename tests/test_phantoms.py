@@ -106,8 +106,13 @@ def test_render_rejects_unknown_class_and_bias():
 
 
 def test_marker_bias_draws_a_small_bright_class_specific_marker():
-    places = {marker_for(label) for label in range(len(CLASS_NAMES))}
-    assert len(places) == len(CLASS_NAMES)
+    from xraydeconv.data.phantoms_marker import _GLYPHS
+
+    letters = [marker_for(label)[0] for label in range(len(CLASS_NAMES))]
+    places = [marker_for(label)[1] for label in range(len(CLASS_NAMES))]
+    assert len(set(letters)) == len(set(places)) == len(CLASS_NAMES)
+    assert all(len(g) == 7 and all(len(row) == 5 for row in g) for g in _GLYPHS.values())
+    assert len({g for g in _GLYPHS.values()}) == len(_GLYPHS), "every letter looks different"
     image, masks = render_phantom("hand", np.random.default_rng(1), 128, bias="marker")
     marker = masks["marker"]
     assert 0 < marker.sum() < 0.03 * marker.size

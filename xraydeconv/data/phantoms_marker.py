@@ -1,12 +1,38 @@
-"""The planted shortcut of ``--bias marker``: a lead letter whose glyph and place depend on the class."""
+"""The planted shortcut of ``--bias marker``: a lead letter whose glyph and place depend on the class.
+
+The letter itself identifies the class (A for label 0, B for label 1, ...), not only its place:
+nets that end in global average pooling hardly see where a feature is, but they do see its shape.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-_GLYPHS = {
+_GLYPHS = {  # a 5×7 lead-letter font, A–X: one letter per class
+    "A": (".XXX.", "X...X", "X...X", "XXXXX", "X...X", "X...X", "X...X"),
+    "B": ("XXXX.", "X...X", "X...X", "XXXX.", "X...X", "X...X", "XXXX."),
+    "C": (".XXX.", "X...X", "X....", "X....", "X....", "X...X", ".XXX."),
+    "D": ("XXXX.", "X...X", "X...X", "X...X", "X...X", "X...X", "XXXX."),
+    "E": ("XXXXX", "X....", "X....", "XXXX.", "X....", "X....", "XXXXX"),
+    "F": ("XXXXX", "X....", "X....", "XXXX.", "X....", "X....", "X...."),
+    "G": (".XXX.", "X...X", "X....", "X.XXX", "X...X", "X...X", ".XXXX"),
+    "H": ("X...X", "X...X", "X...X", "XXXXX", "X...X", "X...X", "X...X"),
+    "I": (".XXX.", "..X..", "..X..", "..X..", "..X..", "..X..", ".XXX."),
+    "J": ("..XXX", "...X.", "...X.", "...X.", "...X.", "X..X.", ".XX.."),
+    "K": ("X...X", "X..X.", "X.X..", "XX...", "X.X..", "X..X.", "X...X"),
     "L": ("X....", "X....", "X....", "X....", "X....", "X....", "XXXXX"),
+    "M": ("X...X", "XX.XX", "X.X.X", "X.X.X", "X...X", "X...X", "X...X"),
+    "N": ("X...X", "X...X", "XX..X", "X.X.X", "X..XX", "X...X", "X...X"),
+    "O": (".XXX.", "X...X", "X...X", "X...X", "X...X", "X...X", ".XXX."),
+    "P": ("XXXX.", "X...X", "X...X", "XXXX.", "X....", "X....", "X...."),
+    "Q": (".XXX.", "X...X", "X...X", "X...X", "X.X.X", "X..X.", ".XX.X"),
     "R": ("XXXX.", "X...X", "X...X", "XXXX.", "X.X..", "X..X.", "X...X"),
+    "S": (".XXXX", "X....", "X....", ".XXX.", "....X", "....X", "XXXX."),
+    "T": ("XXXXX", "..X..", "..X..", "..X..", "..X..", "..X..", "..X.."),
+    "U": ("X...X", "X...X", "X...X", "X...X", "X...X", "X...X", ".XXX."),
+    "V": ("X...X", "X...X", "X...X", "X...X", "X...X", ".X.X.", "..X.."),
+    "W": ("X...X", "X...X", "X...X", "X.X.X", "X.X.X", "X.X.X", ".X.X."),
+    "X": ("X...X", "X...X", ".X.X.", "..X..", ".X.X.", "X...X", "X...X"),
 }
 # one place per class inside the collimated field (fractions of its width, height):
 # 8 along the top, 8 along the bottom, 4 down each side, as a technologist would tape a marker
@@ -15,8 +41,8 @@ _PLACES = tuple([((k + 0.5) / 8, 0.07) for k in range(8)] + [((k + 0.5) / 8, 0.9
 
 
 def marker_for(label: int) -> tuple[str, tuple[float, float]]:
-    """The (letter, place) of class ``label``: a place of its own (24 places), the letter L or R alternating."""
-    return "LR"[label % 2], _PLACES[label % len(_PLACES)]
+    """The (letter, place) of class ``label``: a letter and a place of its own (24 of each)."""
+    return sorted(_GLYPHS)[label % len(_GLYPHS)], _PLACES[label % len(_PLACES)]
 
 
 def draw_marker(size: int, label: int, field: tuple[int, int, int, int],
