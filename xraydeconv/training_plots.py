@@ -37,7 +37,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike, title: str = "
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_ylim(0, 100)
-    ax_acc.legend()
+    ax_acc.legend(loc="lower right")
     ax_acc.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
