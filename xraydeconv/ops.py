@@ -262,9 +262,12 @@ def _pool_setup(ctx, inputs, output) -> None:
     ctx.geometry = (kernel_size, stride, padding)
     ctx.input_size = (x.shape[-2], x.shape[-1])
     ctx.save_for_backward(output[1])
+    ctx.set_materialize_grads(False)  # the switches never get a gradient: don't build zeros for it
 
 
-def _pool_backward(ctx, grad_out: Tensor, _grad_switches: Tensor | None):
+def _pool_backward(ctx, grad_out: Tensor | None, _grad_switches: Tensor | None):
+    if grad_out is None:
+        return None, None, None, None, None
     (sw,) = ctx.saved_tensors
     k, s, p = ctx.geometry
     grad_x = torch.ops.xraydeconv.switch_unpool2d(grad_out, sw, k, s, p, ctx.input_size)
