@@ -114,14 +114,20 @@ XD_ALWAYS_INLINE void scatter_range_3x3(const ScatterArgs& a, int64_t begin, int
     for (int64_t i = 0; i < h; ++i) {
       for (int64_t j = 0; j < w; ++j) {
         const int64_t base = (i * w + j) * C;
-        std::fill(cnt.begin(), cnt.end(), 0);
-        for (int64_t c = 0; c < C; ++c) {
-          const float v = gp[base + c];
-          if (!(v > 0.f)) continue;  // the deconvnet's rectification: zeros, negatives (and NaN) add nothing
-          const int64_t s = sp ? std::min<int64_t>(sp[base + c], npos - 1) : 0;
-          idx[s * C + cnt[s]] = static_cast<int32_t>(c);
-          val[s * C + cnt[s]] = v;
-          ++cnt[s];
+        // branch-free listing (the signs are as good as random: a branch per value would mispredict half the
+        // time), one pass per switch value so that each count stays in a register
+        for (int64_t s = 0; s < npos; ++s) {
+          int32_t* XD_RESTRICT li = idx.data() + s * C;
+          float* XD_RESTRICT lv = val.data() + s * C;
+          int64_t m = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            const float v = gp[base + c];
+            li[m] = static_cast<int32_t>(c);
+            lv[m] = v;
+            // the deconvnet's rectification: zeros, negatives (and NaN) add nothing
+            m += (v > 0.f) & (!sp || sp[base + c] == s);
+          }
+          cnt[s] = m;
         }
         for (int64_t s = 0; s < npos; ++s) {
           const int64_t n = cnt[s];
