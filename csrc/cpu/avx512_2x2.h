@@ -36,11 +36,13 @@ XD_TARGET_AVX512_ONLY inline void pool_span_2x2_f32(const float* r0, const float
     const __m512 b0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * j), b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * j + 16);
     __m512 m = _mm512_permutex2var_ps(a0, even, a1);
     __m128i s = _mm_setzero_si128();
-    // row-major window order; a later position wins only when strictly greater, or NaN
+    // row-major window order; a later position wins when strictly greater, or when it is the first NaN
     const __m512 cand[3] = {_mm512_permutex2var_ps(a0, odd, a1), _mm512_permutex2var_ps(b0, even, b1),
                             _mm512_permutex2var_ps(b0, odd, b1)};
     for (int c = 0; c < 3; ++c) {
-      const __mmask16 win = _mm512_cmp_ps_mask(cand[c], m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(cand[c], cand[c], _CMP_UNORD_Q);
+      const __mmask16 first_nan =
+          _mm512_cmp_ps_mask(cand[c], cand[c], _CMP_UNORD_Q) & _mm512_cmp_ps_mask(m, m, _CMP_ORD_Q);
+      const __mmask16 win = _mm512_cmp_ps_mask(cand[c], m, _CMP_GT_OQ) | first_nan;
       m = _mm512_mask_mov_ps(m, win, cand[c]);
       s = _mm_mask_mov_epi8(s, win, _mm_set1_epi8(static_cast<char>(c + 1)));
     }
