@@ -72,7 +72,7 @@ def test_report_on_phantoms(phantoms, ckpt24, tmp_path):
     assert (out / "misclassified" / "index.html").is_file()
 
     lm = rep["landmarks"]
-    assert lm["overall"]["n"] == 12
+    assert lm["overall"]["n"] == 12 and lm["baseline_image"]["n"] == 12
     for key in ("pointing_game", "relevance_mass", "relevance_rank", "area_share"):
         assert 0.0 <= lm["overall"][key] <= 1.0
     # validation images of the biased phantoms carry the marker, reported apart from the landmarks
@@ -107,8 +107,11 @@ def test_agreement_accumulator_knows_the_answer():
         masks.append({"bone": lm, MARKER: mk})
     heats[0, :, 0, 0] = 1.0  # image 0 looks at the landmark with every filter
     heats[1, :, 7, 7] = 1.0  # image 1 looks at the marker
-    acc.add([0, 1], heats, heats.mean(1), masks)
+    images = torch.zeros(2, 8, 8)
+    images[:, 6:, 6:] = 1.0  # a bright marker, dark landmarks: the brightness baseline points at the marker
+    acc.add([0, 1], heats, heats.mean(1), masks, images=images)
     res = acc.result()
+    assert res["baseline_image"]["pointing_game"] == 0.0 and res["baseline_image"]["relevance_mass"] == 0.0
     assert res["overall"]["pointing_game"] == 0.5 and res["overall"]["area_share"] == pytest.approx(4 / 64)
     assert res["per_class"]["a"]["relevance_mass"] == 1.0 and res["per_class"]["b"]["relevance_mass"] == 0.0
     assert res["marker"]["pointing_game"] == 0.5 and res["marker"]["relevance_mass"] == 0.5

@@ -178,6 +178,14 @@ def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
             f"| {_fmt(o.get('area_share'))} | {_fmt(o.get('mass_over_area'), pct=False)} "
             f"| {_fmt(o.get('relevance_rank'))} | {_fmt(pf.get('pointing_game'))} | {o.get('n', 0)} |"
         )
+    base = next((r["landmarks"]["baseline_image"] for r in reports.values()
+                 if (r.get("landmarks") or {}).get("baseline_image")), None)
+    if base is not None:
+        lines.append(
+            f"| the image itself (no net) | | {_fmt(base['pointing_game'])} | {_fmt(base['relevance_mass'])} "
+            f"| {_fmt(base['area_share'])} | {_fmt(base['mass_over_area'], pct=False)} "
+            f"| {_fmt(base['relevance_rank'])} | | {base['n']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -259,7 +267,9 @@ def run_demo(
     (out / "eval").mkdir(exist_ok=True)
     for name in MODEL_NAMES:
         reports[name] = evaluate(out / name / "best.pt", out / "eval" / name, data=data,
-                                 options=EvalOptions(top_n=settings.top_n), overwrite=True, progress=progress)
+                                 options=EvalOptions(top_n=settings.top_n,
+                                                     max_misclassified=4 if settings.preset == "quick" else 24),
+                                 overwrite=True, progress=progress)
     timings["evaluation"] = time.perf_counter() - t
 
     echo(f"[4/5] projecting the top-{settings.top_n} filters of a test sample ({settings.sample_per_class} per class)")

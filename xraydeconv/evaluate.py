@@ -146,8 +146,16 @@ class LandmarkAgreement:
     _filter_hits: list[np.ndarray] = field(default_factory=list)  # (N,) per image: pointing game of each filter
     _marker: list[tuple[int, np.ndarray]] = field(default_factory=list)
     _named: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _baseline: list[np.ndarray] = field(default_factory=list)  # (4,) per image: the image itself as heat map
 
-    def add(self, labels: Sequence[int], filter_heats: torch.Tensor, combined: torch.Tensor, masks: list[dict]) -> None:
+    def add(
+        self,
+        labels: Sequence[int],
+        filter_heats: torch.Tensor,
+        combined: torch.Tensor,
+        masks: list[dict],
+        images: torch.Tensor | None = None,
+    ) -> None:
         """Score one batch.
 
         Args:
@@ -155,6 +163,8 @@ class LandmarkAgreement:
             filter_heats: (B, N, H, W) per-filter heat maps.
             combined: (B, H, W) the combined top-n heat map.
             masks: per image, landmark name -> bool (H, W); images without masks are skipped.
+            images: (B, H, W) the inputs, scored as heat maps themselves: the baseline of a "map" that only
+                follows bright bone, which a net's maps must beat to show more than where the body is.
         """
         size = tuple(combined.shape[-2:])
         keep = [b for b, m in enumerate(masks) if any(n != MARKER for n in m)]
@@ -166,6 +176,11 @@ class LandmarkAgreement:
             fpg = metrics.pointing_game(filt, union, tolerance=self.tolerance)
             frm = metrics.relevance_mass(filt, union)
             frr = metrics.relevance_rank(filt, union)
+            if images is not None:
+                base = metrics.score_landmarks(images[keep], union, tolerance=self.tolerance)
+                self._baseline.extend(
+                    np.stack([base.pointing_game, base.relevance_mass, base.relevance_rank, base.area_share], axis=1)
+                )
             for j, b in enumerate(keep):
                 self._labels.append(int(labels[b]))
                 self._union.append(
@@ -212,6 +227,9 @@ class LandmarkAgreement:
                 "any_filter_hits": float(np.mean([np.nansum(h) > 0 for h in self._filter_hits])),
                 "n": int(len(f)),
             }
+            if self._baseline:
+                r = np.stack(self._baseline)
+                out["baseline_image"] = _stats(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
             out["per_class"] = {}
             for c, name in enumerate(self.class_names):
                 sel = lab == c
@@ -409,7 +427,7 @@ def evaluate(
                     if with_masks:
                         rows = [pos[j] for j in with_masks]
                         agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
-                                      [masks[j] for j in with_masks])
+                                      [masks[j] for j in with_masks], images=x[with_masks].float().mean(1).cpu())
                     for j in show:
                         i, r = idx[j], pos[j]
                         path = ds.records[i].path
@@ -550,6 +568,8 @@ def render_markdown(report: dict) -> str:
                 f"| single filter (mean of {top_n}) | {_pct(pf['pointing_game'])} | {_pct(pf['relevance_mass'])} "
                 f"| {_pct(pf['relevance_rank'])} | | | {pf['n']} |"
             )
+        if lm.get("baseline_image"):
+            lines.append(agreement_row("baseline: the image itself as heat map", lm["baseline_image"]))
         if lm.get("marker"):
             lines.append(agreement_row("**marker** (planted shortcut)", lm["marker"]))
         if lm.get("per_class"):
