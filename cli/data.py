@@ -58,8 +58,8 @@ def phantoms(out: Path, per_class: int, val_per_class: int | None, test_per_clas
     Each film is a projection of simple 3-D shapes of bone and soft tissue (ellipsoids, capsules,
     bent tubes): the path length through each shape is computed analytically per pixel and the
     film is 1 - exp(-k·Σ μ·t), so bone is bright over soft tissue. Pose, scale, rotation,
-    laterality (mirroring), exposure, blur, noise and collimation vary from film to film; the class
-    is told by its anatomy only.
+    laterality (mirroring), body size, foreign bodies (electrodes, wires), exposure, blur, noise
+    and collimation vary from film to film; the class is told by its anatomy only.
 
     \b
     OUTPUT (an ImageFolder tree the loaders read like real data)
@@ -72,10 +72,12 @@ def phantoms(out: Path, per_class: int, val_per_class: int | None, test_per_clas
 
     \b
     BIAS
-      --bias marker puts a small lead letter (L or R) at a class-specific place on every train
-      and val film and writes its mask as <id>.landmarks/marker.png; test films stay clean. A net
-      that takes the shortcut loses accuracy on the test split and its projections sit on the
-      marker. "marker" is not listed among the anatomical landmarks of dataset.json.
+      --bias marker puts a small lead letter on every train and val film, like a technologist's
+      initials marker: the letter (A for the first class ... X for the 24th) and its place
+      belong to the class. Its mask is written as <id>.landmarks/marker.png; test films stay
+      clean (identical to the unbiased tree's). A net that takes the shortcut loses accuracy on
+      the test split and its projections sit on the marker. "marker" is not listed among the
+      anatomical landmarks of dataset.json.
 
     \b
     EXAMPLES

@@ -271,8 +271,8 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
 def leg(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     """Femur, knee with patella, tibia and fibula, ankle mortise and the foot seen end-on."""
     b = _u(rng, 0.9, 1.1)
-    cv.capsule(s * 1.1, 10.2, s * 0.9, 18.55, 0.78, 0.36, depth=0.85, mu=SOFT)
-    cv.ellipsoid(s * 0.95, 18.9, 0.5, 0.3, 0.3, mu=SOFT)
+    cv.capsule(s * 1.1, 10.2, s * 0.92, 19.1, 0.78, 0.38, depth=0.85, mu=SOFT)  # runs on past the heel
+    cv.ellipsoid(s * 0.95, 19.05, 0.48, 0.3, 0.25, mu=SOFT)  # the foot, seen end-on
     cv.cancellous(s * 0.95, 10.0, 0.23, 0.23, landmark="femoral-head")
     cv.long_bone(s * 0.98, 10.05, s * 1.36, 10.36, 0.14, landmark="femoral-neck")
     cv.cancellous(s * 1.47, 10.3, 0.17, 0.24, landmark="greater-trochanter")
