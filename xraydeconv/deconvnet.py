@@ -223,6 +223,21 @@ def _unpool(y: Tensor, rec: _PoolRecord, group: int) -> Tensor:
     return out.view(P, C, H, W)
 
 
+# Transposed convs into fewer channels than this stay dense (see DeconvNet._scatter_ok).
+SPARSE_MIN_CHANNELS = 8
+
+
+def _has_scatter_kernel(t: Tensor) -> bool:
+    """The sparse deconvnet step of xraydeconv._C can run on ``t`` (fp32 on the CPU, extension built)."""
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        return False
+    from xraydeconv import _extension
+
+    return _extension.load() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "xraydeconv::relu_scatter_conv_transpose2d", "CPU"
+    )
+
+
 # --- the deconvnet --------------------------------------------------------------------------------------------
 
 
@@ -234,6 +249,9 @@ class DeconvNet:
             Identity are skipped), or a model holding such a Sequential as ``.features``; in the latter case a
             ``.classifier`` gives the logits of :class:`Projection`.
         chunk_size: at most this many (image, filter) projections are computed at once.
+        sparse: on the CPU in fp32 with ``method="deconvnet"``, run each "unpool -> ReLU -> transposed conv" (and
+            "ReLU -> transposed conv") as one sparse scatter over the positive values (``xraydeconv._C``); the
+            dense path (PyTorch's own ops) is used otherwise, or everywhere with ``sparse=False``.
 
     Example::
 
@@ -242,7 +260,7 @@ class DeconvNet:
         p.maps.shape                       # (B, 25, 1, 256, 256)
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, sparse: bool = True) -> None:
         self.model = model
         self.features = _features_of(model)
         prefix = "features." if self.features is not model else ""
@@ -253,6 +271,7 @@ class DeconvNet:
         self.classifier = getattr(model, "classifier", None) if self.features is not model else None
         self.chunk_size = max(1, int(chunk_size))
         self._head: Callable[[Tensor], Tensor] | None = None
+        self.sparse = sparse
 
     # ---- layers ----
     @property
@@ -419,17 +438,43 @@ class DeconvNet:
         img_slice: slice,
     ) -> Tensor:
         rectified = False  # the deconvnet ReLU below a tiled unpool was already applied to the pooled signal
-        for i in range(start, -1, -1):
+        sparse = method == "deconvnet" and self.sparse and _has_scatter_kernel(first[0])
+        i = start
+        while i >= 0:
             s = self.steps[i]
+            if sparse and g is not None:
+                # (tiled unpool ->) ReLU -> transposed conv as one sparse scatter over the positive values
+                pool = s if s.kind == "pool" else None
+                j = i - 1 if pool is not None else i
+                tiled = pool is None or (
+                    records[i].switches is not None and _non_overlapping(records[i], g.shape[-2:])
+                )
+                if (
+                    j >= 1
+                    and tiled
+                    and self.steps[j].kind == "relu"
+                    and self._scatter_ok(self.steps[j - 1], pool is not None)
+                ):
+                    sw = None if pool is None else records[i].switches[img_slice]
+                    g = self._scatter_step(g, sw, records[i] if pool is not None else None, self.steps[j - 1],
+                                           records[j - 1], group)
+                    i = j - 2
+                    continue
             if s.kind == "conv":
-                if g is None:  # first step: one non-zero channel per projection
+                if g is None and sparse and self.steps[start].kind == "relu" and self._scatter_ok(s, False):
+                    # first step, one non-zero channel per projection: the scatter skips the zero channels
+                    a, chans = first
+                    P, h, w = a.shape
+                    src = a.new_zeros(P, h, w, s.module.out_channels)
+                    src[torch.arange(P, device=a.device), :, :, chans] = a
+                    g = self._scatter_step(src.permute(0, 3, 1, 2), None, None, s, records[i], group)
+                elif g is None:  # first step: one non-zero channel per projection
                     g = self._conv_transpose_single(first[0], first[1], s, records[i])
                 else:
                     g = self._conv_transpose(g, s, records[i])
             elif g is None:
                 if s.kind == "bn":  # an unfoldable BatchNorm between the conv and its ReLU
                     first = (first[0] * _bn_scale(s.module).to(first[0].dtype)[first[1]].view(-1, 1, 1), first[1])
-                continue  # the start ReLU itself: the start signal is already non-negative
             elif s.kind == "relu":
                 if method == "deconvnet":
                     if not rectified:
@@ -457,7 +502,35 @@ class DeconvNet:
                 g = _unpool(g, sub, group)
             elif s.kind == "bn":
                 g = g * _bn_scale(s.module).to(g.dtype).view(1, -1, 1, 1)
+            i -= 1
         return g
+
+    def _scatter_ok(self, s: _Step, pooled: bool) -> bool:
+        if s.kind != "conv":
+            return False
+        conv: nn.Conv2d = s.module
+        if _pair(conv.stride) != (1, 1) or _pair(conv.dilation) != (1, 1) or conv.groups != 1:
+            return False
+        # wide outputs: scatter the positive values; the transposed first conv (1-4 image channels, no unpooling
+        # below it): a gathering dot product over 16-channel vectors; in between the dense transposed conv wins
+        narrow = not pooled and conv.in_channels <= 4 and conv.out_channels % 16 == 0
+        return conv.in_channels >= SPARSE_MIN_CHANNELS or narrow
+
+    def _scatter_step(
+        self, g: Tensor, switches: Tensor | None, rec: _PoolRecord | None, s: _Step, in_size, group: int
+    ) -> Tensor:
+        conv: nn.Conv2d = s.module
+        w = conv.weight
+        if s.bn is not None:
+            w = w * _bn_scale(s.bn).to(w.dtype).view(-1, 1, 1, 1)
+        wt = w.to(g.dtype).permute(0, 2, 3, 1).contiguous()  # (filters, kH, kW, in channels)
+        src = g.permute(0, 2, 3, 1).contiguous()  # free when g is already channels-last
+        sw = None if switches is None else switches.permute(0, 2, 3, 1).contiguous()
+        pk = (1, 1) if rec is None else rec.kernel_size
+        out = torch.ops.xraydeconv.relu_scatter_conv_transpose2d(
+            src, sw, wt, list(pk), list(_padding_of(conv)), list(in_size), group
+        )
+        return out.permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def project(
