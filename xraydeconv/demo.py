@@ -96,8 +96,9 @@ def _sample(ds, per_class: int) -> list[int]:
     return [i for c in sorted(picked) for i in picked[c]]
 
 
-def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class: int, progress: bool) -> int:
-    """Project the top-n filters of a checkpoint for a per-class sample of the test split into ``out`` (a gallery).
+def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class: int, progress: bool = True,
+                   split: str = "test") -> int:
+    """Project the top-n filters of a checkpoint for a per-class sample of a split into ``out`` (a gallery).
 
     The folder is built beside ``out`` and moved into place at the end. Returns the number of images.
     """
@@ -114,7 +115,7 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
     from xraydeconv.projection_io import unique_folder, write_image_folder
 
     ckpt = load_checkpoint(ckpt_path)
-    ds = open_dataset(data, split="test", input_size=ckpt.input_size)
+    ds = open_dataset(data, split=split, input_size=ckpt.input_size)
     dn = DeconvNet(ckpt.model)
     top_n = min(top_n, dn.layer_channels(-1))
     idx = _sample(ds, per_class)
@@ -146,7 +147,7 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
                     rows.append({"folder": folder, "manifest": man})
                 bar.update(len(chunk))
         write_gallery(tmp, rows, title=f"xraydeconv projections: {ckpt.model_name}",
-                      info={"model": ckpt.model_name, "top-n": top_n, "split": "test"})
+                      info={"model": ckpt.model_name, "top-n": top_n, "split": split})
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
