@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "../switch_pool_checks.h"
-#include "avx512_2x2.h"
+#include "avx512_rows.h"
 #include "cpu_common.h"
 
 namespace xraydeconv {
@@ -86,7 +86,7 @@ XD_ALWAYS_INLINE void pool_span(const T* XD_RESTRICT in, int64_t W, int64_t n, c
   }
 }
 
-// kAvx512: called from the AVX-512 variant, which has a hand-vectorised float 2x2/s2 row.
+// kAvx512: called from the AVX-512 variant, which has hand-vectorised float 2x2/s2 and 3x3/s2 rows.
 template <typename T, int KH, int KW, int SH, int SW, bool kAvx512 = false>
 XD_ALWAYS_INLINE void pool_nchw_rows(const PoolArgs<T>& a, int64_t begin, int64_t end) {
   const PoolGeometry& g = a.g;
@@ -109,8 +109,8 @@ XD_ALWAYS_INLINE void pool_nchw_rows(const PoolArgs<T>& a, int64_t begin, int64_
     for (int64_t ow = 0; ow < ow_lo && ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
     const T* in = xp + h0 * W + ow_lo * g.sW - g.pW;
 #if XD_MULTIVERSION
-    if constexpr (kAvx512 && std::is_same_v<T, float> && KH == 2 && KW == 2 && SH == 2 && SW == 2) {
-      pool_span_2x2_f32(in, in + W, ow_hi - ow_lo, op + ow_lo, sp + ow_lo);
+    if constexpr (kAvx512 && std::is_same_v<T, float> && (KW == 2 || KW == 3) && SW == 2) {
+      pool_span_s2_f32<KH, KW>(in, W, ow_hi - ow_lo, op + ow_lo, sp + ow_lo);
     } else {
       pool_span<T, KH, KW, SH, SW>(in, W, ow_hi - ow_lo, g, op + ow_lo, sp + ow_lo);
     }

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "../switch_pool_checks.h"
-#include "avx512_2x2.h"
+#include "avx512_rows.h"
 #include "cpu_common.h"
 #include "switch_validate.h"
 
