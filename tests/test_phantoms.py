@@ -209,3 +209,28 @@ def test_ensure_phantoms_reuses_identical_tree_and_regenerates_other(tmp_path, m
     (stranger / "notes.txt").write_text("not a data set")
     with pytest.raises(UserError, match="not a phantom data set"):
         ensure_phantoms(stranger, per_class=1, size=32, progress=False)
+
+
+def _ensure_in_child(root: str, queue, barrier) -> None:
+    barrier.wait(timeout=60)  # all start together, so they really race
+    try:
+        queue.put(str(ensure_phantoms(root, per_class=4, size=32, seed=2, splits=("test",), test_per_class=8,
+                                      workers=1, progress=False)))
+    except Exception as exc:  # the parent reports it
+        queue.put(repr(exc))
+
+
+def test_ensure_phantoms_is_safe_when_processes_race(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue, barrier = ctx.Queue(), ctx.Barrier(3)
+    root = tmp_path / "shared"
+    procs = [ctx.Process(target=_ensure_in_child, args=(str(root), queue, barrier)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [str(root)] * 3
+    assert len(list(root.glob("test/*/*.png"))) == 24 * 8

@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -205,6 +206,8 @@ def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, 
                     bar.update(done)
         bar.close()
         (tmp / "dataset.json").write_text(json.dumps(_manifest(counts, size, seed, bias), indent=2) + "\n")
+        if out.is_dir() and not force and any(out.iterdir()):
+            raise UserError(f"{out}: another process filled this folder while the phantoms were generated")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -241,13 +244,33 @@ def ensure_phantoms(out_dir: str | os.PathLike | None = None, per_class: int = 2
     Other keyword arguments go to :func:`generate`.
     """
     _check_args(size, bias)
-    out = Path(out_dir) if out_dir is not None else default_cache_dir(per_class, size, seed, bias)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_cache_dir(per_class, size, seed, bias)
     counts = split_counts(per_class, kwargs.get("val_per_class"), kwargs.get("test_per_class"), splits)
-    if out.is_dir() and any(out.iterdir()):
-        existing = _read_manifest(out / "dataset.json")
-        if existing == _manifest(counts, size, seed, bias):
-            return out
-        if existing is None or existing.get("format") != FORMAT:
-            raise UserError(f"{out}: exists and is not a phantom data set; refusing to replace it")
-        kwargs["force"] = True  # a phantom tree made with other arguments: regenerate it
-    return generate(out, per_class, size, seed, bias, splits, **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # several processes (torchrun ranks, parallel test workers) may ask for the same tree at once:
+    # the first builds it under the lock, the others wait and then reuse it
+    with _exclusive(out.with_name(f".{out.name}.lock")):
+        if out.is_dir() and any(out.iterdir()):
+            existing = _read_manifest(out / "dataset.json")
+            if existing == _manifest(counts, size, seed, bias):
+                return out
+            if existing is None or existing.get("format") != FORMAT:
+                raise UserError(f"{out}: exists and is not a phantom data set; refusing to replace it")
+            kwargs["force"] = True  # a phantom tree made with other arguments: regenerate it
+        return generate(out, per_class, size, seed, bias, splits, **kwargs)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory inter-process lock on ``lock_path`` (a no-op where ``fcntl`` does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent first runs may both generate
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

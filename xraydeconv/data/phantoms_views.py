@@ -77,7 +77,7 @@ VIEWS: dict[str, View] = {
     "shoulder": View(
         ("trunk", "thorax", "neck_frontal", "arm:-1"), (-1.45, 3.85), 0.95,
         landmarks={"humeral-head": "humeral-head", "glenoid": "glenoid", "clavicles": "clavicle",
-                   "acromion": "acromion"}),
+                   "acromion": "acromion", "scapula": "scapula"}),
     "chest-bones": View(
         ("trunk", "abdomen", "thorax", "neck_frontal", "arm:-1", "arm:1"), (-0.8, 4.9), 0.62, spin=8.0, bone=1.6,
         landmarks={"posterior-ribs": "ribs", "anterior-ribs": "ribs", "clavicles": "clavicle",
@@ -97,7 +97,8 @@ VIEWS: dict[str, View] = {
     "pelvis": View(
         ("trunk", "abdomen", "pelvis", "leg:-1", "leg:1"), (0.0, 10.1), 0.52, spin=6.0,
         landmarks={"iliac-wings": "iliac-wings", "obturator-foramina": "obturator-foramina",
-                   "femoral-head": "femoral-heads", "sacrum": "sacrum", "pubic-symphysis": "pubic-symphysis"}),
+                   "femoral-head": "femoral-heads", "acetabulum": "acetabula", "sacrum": "sacrum",
+                   "pubic-symphysis": "pubic-symphysis"}),
     "foot": View(
         ("foot_dp",), (0.0, 0.2), 0.85, spin=15.0,
         landmarks={"phalanges": "phalanges", "metatarsals": "metatarsals", "tarsal-bones": "tarsal-bones"}),
@@ -110,7 +111,7 @@ VIEWS: dict[str, View] = {
     "knee": View(
         ("leg:-1",), (-0.95, 14.45), 1.0, spin=12.0,
         landmarks={"femoral-condyles": "femoral-condyles", "tibial-plateau": "tibial-plateau", "patella": "patella",
-                   "joint-space": "joint-space"}),
+                   "joint-space": "joint-space", "fibular-head": "fibular-head"}),
     "upper-leg": View(
         ("pelvis:-1", "leg:-1"), (-1.1, 12.2), 0.42, spin=10.0,
         landmarks={"femur-shaft": "femoral-shaft", "femoral-head": "proximal-femur", "femoral-neck": "proximal-femur",
