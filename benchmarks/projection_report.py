@@ -10,8 +10,9 @@ Contenders, run interleaved in the same process (medians over --repeat rounds, r
   then all top-n projections as one batch through ``F.max_unpool2d`` + ``conv_transpose2d`` (BatchNorm folded).
 
 The net is ``xraydeconv.models.build("deeper")`` with random weights (the timing does not depend on training).
-Peak memory: the increase of ``ru_maxrss`` over the process start on CPU (measured in a child per contender, so
-that one contender's peak does not hide another's), ``torch.cuda.max_memory_allocated`` on CUDA.
+Peak memory: the increase of the peak resident set (VmHWM) over the model's setup on CPU, measured in a child
+process per contender so that one contender's peak does not hide another's; ``torch.cuda.max_memory_allocated``
+on CUDA.
 """
 
 from __future__ import annotations
@@ -143,7 +144,11 @@ def _sync(device: str) -> None:
 def make_runners(args, model, x):
     dn = DeconvNet(model)
     relu = _relu_of_last_conv(model.features)
-    chans = dn.project(x, top_n=args.top_n).channels
+    # the filters Captum is asked for: the top-n of the last conv's ReLU (a cheap forward, no projection)
+    upto = max(i for i, m in enumerate(model.features) if m is relu)
+    with torch.no_grad():
+        act = model.features[: upto + 1](x)
+    chans = act.flatten(2).amax(2).topk(args.top_n, dim=1).indices
     runners = {
         "xraydeconv": lambda: dn.project(x, top_n=args.top_n, precision=args.precision),
         "plain": lambda: plain_zf(model.features, x, args.top_n),
@@ -152,6 +157,30 @@ def make_runners(args, model, x):
     if args.precision != "fp32":
         runners["xraydeconv-fp32"] = lambda: dn.project(x, top_n=args.top_n)
     return runners
+
+
+def _peak_rss_kib() -> int:
+    """Peak resident set of this process in KiB. VmHWM rather than ru_maxrss: Linux carries ru_maxrss over
+    exec, so a child started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def _peak_child(args, name: str) -> float:
@@ -182,7 +211,7 @@ def main() -> None:
 
     if args.peak_of:  # child: one contender, report its peak memory increase
         runners = make_runners(args, model, x)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = _peak_rss_kib()
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base_cuda = torch.cuda.memory_allocated()
@@ -191,7 +220,7 @@ def main() -> None:
         if args.device == "cuda":
             print((torch.cuda.max_memory_allocated() - base_cuda) / 2**20)
         else:
-            print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+            print((_peak_rss_kib() - base) / 1024)
         return
 
     runners = make_runners(args, model, x)
@@ -216,7 +245,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     peaks = {k: _peak_child(args, k) for k in runners}
 
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     print(f"# top-{args.top_n} projection, {args.model} net, {args.batch}x1x{args.size}x{args.size}, {args.device} "
           f"({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {args.repeat}")
