@@ -264,3 +264,20 @@ def test_bf16_walk_is_close_to_fp32():
     a, b = dn.project(x, top_n=4), dn.project(x, top_n=4, precision="bf16")
     assert b.maps.dtype == torch.float32 and torch.equal(a.channels, b.channels)
     assert _rel_err(b.maps, a.maps) <= 3e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_projection_matches_cpu():
+    from xraydeconv.models import build
+
+    torch.manual_seed(0)
+    model = build("deeper", num_classes=24, input_size=64)
+    _randomise_bn(model, torch.Generator().manual_seed(1))
+    model = model.double().eval()  # float64: no max-pool near-ties between the two devices' convolutions
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cpu = DeconvNet(model).project(x, top_n=5)
+    gpu = DeconvNet(model.cuda()).project(x.cuda(), top_n=5)
+    assert torch.equal(gpu.channels.cpu(), cpu.channels)
+    assert _rel_err(gpu.maps.cpu(), cpu.maps) <= 1e-10
+    assert _rel_err(DeconvNet(model.float()).project(x.float().cuda(), top_n=5).maps.cpu().double(), cpu.maps) <= 1e-3
