@@ -229,7 +229,7 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     cv.ellipsoid(s * 2.08, 10.05, 0.5, 0.6, 0.16, mu=SOFT)
     cv.cancellous(s * 1.76, 3.76, 0.27, 0.28, c=0.26, landmark="humeral-head")
     cv.cancellous(s * 1.98, 3.72, 0.12, 0.16, c=0.2, landmark="humeral-head")  # greater tuberosity
-    ye = 6.65 * b
+    ye = 6.65  # joints stay put (views are centred on them); size varies through the pose's scale
     cv.long_bone(s * 1.86, 3.9, s * 1.95, ye - 0.3, 0.12, 0.15, landmark="humerus-shaft")
     cv.cancellous(s * 1.96, ye - 0.12, 0.3, 0.13, c=0.09, power=4.0, landmark="distal-humerus")
     cv.cancellous(s * 2.1, ye, 0.12, 0.11, c=0.1, landmark="distal-humerus")  # capitellum
@@ -238,7 +238,7 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     cv.ellipsoid(s * 1.96, ye - 0.12, 0.09, 0.07, 0.06, mu=-BONE * 0.5)  # olecranon fossa
     cv.cancellous(s * 1.83, ye - 0.04, 0.1, 0.16, c=0.08, landmark="olecranon")
     cv.cancellous(s * 2.13, ye + 0.2, 0.1, 0.06, c=0.09, landmark="radial-head")
-    yw = 9.3 * b
+    yw = 9.3
     cv.long_bone(s * 2.15, ye + 0.28, s * 2.2, yw - 0.1, 0.055, 0.1, landmark="radius")
     cv.long_bone(s * 1.8, ye + 0.1, s * 1.82, yw - 0.08, 0.08, 0.05, landmark="ulna")
     cv.cancellous(s * 2.18, yw - 0.06, 0.17, 0.1, landmark="distal-radius")
@@ -270,15 +270,15 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
 
 def leg(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     """Femur, knee with patella, tibia and fibula, ankle mortise and the foot seen end-on."""
-    b = _u(rng, 0.9, 1.1)
+    w = _u(rng, 0.88, 1.12)  # robust or gracile bones
     cv.capsule(s * 1.1, 10.2, s * 0.92, 19.1, 0.78, 0.38, depth=0.85, mu=SOFT)  # runs on past the heel
     cv.ellipsoid(s * 0.95, 19.05, 0.48, 0.3, 0.25, mu=SOFT)  # the foot, seen end-on
     cv.cancellous(s * 0.95, 10.0, 0.23, 0.23, landmark="femoral-head")
     cv.long_bone(s * 0.98, 10.05, s * 1.36, 10.36, 0.14, landmark="femoral-neck")
     cv.cancellous(s * 1.47, 10.3, 0.17, 0.24, landmark="greater-trochanter")
     cv.cancellous(s * 1.18, 10.68, 0.07, 0.1, landmark="lesser-trochanter")
-    yk = 14.3 * b
-    cv.long_bone(s * 1.36, 10.42, s * 0.94, yk - 0.25, 0.15, 0.14, landmark="femur-shaft")
+    yk = 14.3  # joints stay put (views are centred on them); size varies through the pose's scale
+    cv.long_bone(s * 1.36, 10.42, s * 0.94, yk - 0.25, 0.15 * w, 0.14 * w, landmark="femur-shaft")
     cv.cancellous(s * 0.92, yk - 0.18, 0.33, 0.2, c=0.12, power=4.0, landmark="femoral-condyles")
     for c in (-1, 1):
         cv.cancellous(s * (0.92 + 0.2 * c), yk, 0.18, 0.19, c=0.14, landmark="femoral-condyles")
@@ -287,9 +287,9 @@ def leg(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     cv.ellipsoid(s * 0.92, yk + 0.23, 0.45, 0.05, 0.3, mu=0.0, landmark="joint-space")
     cv.cancellous(s * 0.92, yk + 0.38, 0.42, 0.14, c=0.13, power=4.0, landmark="tibial-plateau")
     cv.cancellous(s * 1.27, yk + 0.55, 0.09, 0.1, landmark="fibular-head")
-    ya = 18.3 * b
-    cv.long_bone(s * 0.93, yk + 0.45, s * 0.86, ya - 0.15, 0.14, 0.12, landmark="tibia")
-    cv.long_bone(s * 1.27, yk + 0.6, s * 1.2, ya, 0.05, 0.05, landmark="fibula")
+    ya = 18.3
+    cv.long_bone(s * 0.93, yk + 0.45, s * 0.86, ya - 0.15, 0.14 * w, 0.12 * w, landmark="tibia")
+    cv.long_bone(s * 1.27, yk + 0.6, s * 1.2, ya, 0.05 * w, 0.05 * w, landmark="fibula")
     cv.cancellous(s * 0.86, ya - 0.1, 0.26, 0.13, c=0.1, power=4.0, landmark="tibial-plafond")
     cv.cancellous(s * 0.62, ya + 0.03, 0.08, 0.15, landmark="malleoli")
     cv.cancellous(s * 1.2, ya + 0.12, 0.08, 0.18, landmark="malleoli")

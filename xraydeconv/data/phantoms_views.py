@@ -69,7 +69,7 @@ VIEWS: dict[str, View] = {
         ("arm:-1",), (-2.0, 8.0), 0.68, angle=180.0, spin=15.0,
         landmarks={"radius": "radius", "ulna": "ulna"}),
     "elbow": View(
-        ("arm:-1",), (-1.97, 6.8), 1.25, spin=15.0,
+        ("arm:-1",), (-1.97, 6.62), 1.25, spin=15.0,
         landmarks={"distal-humerus": "distal-humerus", "olecranon": "olecranon", "radial-head": "radial-head"}),
     "upper-arm": View(
         ("trunk", "thorax", "arm:-1"), (-1.9, 5.2), 0.58, spin=12.0,
