@@ -202,6 +202,7 @@ def test_ensure_phantoms_reuses_identical_tree_and_regenerates_other(tmp_path, m
     stamp = (path / "dataset.json").stat().st_mtime_ns
     assert ensure_phantoms(per_class=2, size=32, seed=1, splits=("test",), progress=False) == path
     assert (path / "dataset.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["phantoms-32-2-1"], "nothing left beside the tree"
     ensure_phantoms(path, per_class=2, size=32, seed=1, splits=("test",), test_per_class=3, progress=False)
     assert len(list((path / "test" / "hand").glob("*.png"))) == 3
     stranger = tmp_path / "stranger"

@@ -249,7 +249,7 @@ def ensure_phantoms(out_dir: str | os.PathLike | None = None, per_class: int = 2
     out.parent.mkdir(parents=True, exist_ok=True)
     # several processes (torchrun ranks, parallel test workers) may ask for the same tree at once:
     # the first builds it under the lock, the others wait and then reuse it
-    with _exclusive(out.with_name(f".{out.name}.lock")):
+    with _exclusive(out.parent):
         if out.is_dir() and any(out.iterdir()):
             existing = _read_manifest(out / "dataset.json")
             if existing == _manifest(counts, size, seed, bias):
@@ -261,16 +261,19 @@ def ensure_phantoms(out_dir: str | os.PathLike | None = None, per_class: int = 2
 
 
 @contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An advisory inter-process lock on ``lock_path`` (a no-op where ``fcntl`` does not exist)."""
+def _exclusive(folder: Path) -> Iterator[None]:
+    """An advisory inter-process lock held on ``folder`` itself, so no lock file is left behind.
+
+    A no-op where ``fcntl`` does not exist (Windows): concurrent first runs may then both generate.
+    """
     try:
         import fcntl
-    except ImportError:  # Windows: no advisory locks; concurrent first runs may both generate
+    except ImportError:
         yield
         return
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
