@@ -175,13 +175,18 @@ def focus_grid(
     return focus_grid_tiles(tiles, labels, cols=cols)
 
 
-def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an (H, W, 3) uint8 array as PNG atomically (a temp file in the same folder, then ``os.replace``)."""
+def save_png(rgb: np.ndarray, path: str | os.PathLike, compress_level: int = 1) -> Path:
+    """Write an (H, W, 3) uint8 array as PNG atomically (a temp file in the same folder, then ``os.replace``).
+
+    ``compress_level`` 1 (zlib's fastest): heat-map pictures compress poorly anyway; on a 25-filter grid PIL's
+    default level 6 took 2.5x as long (835 vs 330 ms) for a file 5 % smaller, and PNG encoding is the slowest step
+    of ``xraydeconv project`` after the projection itself.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG")
+            Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG", compress_level=compress_level)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
