@@ -187,6 +187,8 @@ def _peak_child(args, name: str) -> float:
     """Peak RSS increase (MiB) of one contender, measured in a fresh process."""
     cmd = [sys.executable, __file__, "--peak-of", name, "--device", args.device, "--batch", str(args.batch),
            "--top-n", str(args.top_n), "--size", str(args.size), "--model", args.model, "--precision", args.precision]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -200,10 +202,13 @@ def main() -> None:
     ap.add_argument("--model", default="deeper")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="xraydeconv's projection dtype")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--skip-captum", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = build_model(args.model, args.device)
