@@ -121,13 +121,19 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
         raise UserError(f"per-class: must be >= 1, got {per_class}")
     if tile < 32:
         raise UserError(f"tile: must be >= 32 pixels, got {tile}")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: the contact sheet is a PNG; give a file name ending in .png")
     _, examples = find_examples(root, per_class, split)
     palette = _colours(10)
     most = max((len({lm for _, lms in ex for lm in lms}) for _, ex in examples), default=0)
     title_font, text_font = _font(14), _font(11)
     gap, pad, title_h, line_h = 3, 10, 20, 13
     block_w = per_class * tile + (per_class - 1) * gap
-    block_h = title_h + tile + 4 + line_h * ((most + 1) // 2)
+    names = {lm for _, ex in examples for _, lms in ex for lm in lms}
+    # two legend columns when every name fits in half a block, else one
+    legend_cols = 2 if all(text_font.getlength(n) <= block_w // 2 - 4 for n in names) else 1
+    block_h = title_h + tile + 4 + line_h * (-(-most // legend_cols))
     columns = max(1, min(columns, len(examples)))
     rows = -(-len(examples) // columns)
     sheet = Image.new("RGB", (pad + columns * (block_w + pad), pad + rows * (block_h + pad)), (18, 18, 18))
@@ -148,11 +154,8 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
             sheet.paste(Image.fromarray(rgb), (bx + i * (tile + gap), by + title_h))
         half = block_w // 2
         for j, lm in enumerate(seen):
-            xy = (bx + (j % 2) * half, by + title_h + tile + 3 + line_h * (j // 2))
+            xy = (bx + (j % legend_cols) * half, by + title_h + tile + 3 + line_h * (j // legend_cols))
             draw.text(xy, lm, fill=palette[j % len(palette)], font=text_font)
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"{out}: the contact sheet is a PNG; give a file name ending in .png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
