@@ -235,3 +235,13 @@ def test_ensure_phantoms_is_safe_when_processes_race(tmp_path):
         p.join(timeout=30)
     assert results == [str(root)] * 3
     assert len(list(root.glob("test/*/*.png"))) == 24 * 8
+
+
+def test_tree_gets_the_permissions_of_any_new_folder(small_tree):
+    import stat
+
+    probe = small_tree.parent / "probe"
+    probe.mkdir()
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.rmdir()
+    assert stat.S_IMODE(small_tree.stat().st_mode) == mode

@@ -43,7 +43,8 @@ BIASES = ("marker",)
 BIASED_SPLITS = ("train", "val")  # the shortcut is planted here; the test split stays clean
 MIN_SIZE, MAX_SIZE = 32, 2048
 
-__all__ = ["BIASES", "CLASS_LANDMARKS", "ensure_phantoms", "generate", "render_phantom", "split_counts"]
+__all__ = ["BIASES", "CLASS_LANDMARKS", "default_cache_dir", "ensure_phantoms", "generate", "render_phantom",
+           "split_counts"]
 
 CLASS_LANDMARKS: dict[str, list[str]] = {name: landmark_names(VIEWS[name]) for name in CLASS_NAMES}
 
@@ -185,6 +186,9 @@ def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, 
         raise UserError(f"{out}: folder exists and is not empty (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data set is as shareable as any new folder
     try:
         tasks = []
         for split in SPLITS:

@@ -20,9 +20,7 @@ FAT = 0.75
 GLAND = 1.25  # fibroglandular breast tissue
 BONE = 5.0  # cortical bone
 MARROW = 1.8  # cancellous bone / marrow
-CARTILAGE = 1.1
 AIR = -1.0  # gas in lung or bowel: it replaces soft tissue, so it removes attenuation
-LEAD = 80.0  # lead marker: opaque
 
 _THIN = 0.7  # pixels: thinner structures are widened to this and their μ scaled down
 
