@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 
 def binomial_blur(img: np.ndarray, passes: int = 1) -> np.ndarray:
@@ -12,6 +13,13 @@ def binomial_blur(img: np.ndarray, passes: int = 1) -> np.ndarray:
         img = (p[:, :-2] + 2.0 * p[:, 1:-1] + p[:, 2:]) * 0.25
         img = (img[:-2] + 2.0 * img[1:-1] + img[2:]) * 0.25
     return img
+
+
+def _texture(rng: np.random.Generator, size: int, cell: int, amplitude: float) -> np.ndarray:
+    """Smooth random field: Gaussian noise on a grid of ``cell``-pixel cells, bicubically upsampled."""
+    n = max(2, -(-size // cell))
+    coarse = Image.fromarray(rng.standard_normal((n, n)).astype(np.float32) * amplitude, mode="F")
+    return np.asarray(coarse.resize((size, size), Image.BICUBIC))
 
 
 def sample_field(rng: np.random.Generator, size: int) -> tuple[int, int, int, int]:
@@ -31,7 +39,8 @@ def develop(att: np.ndarray, rng: np.random.Generator, field: tuple[int, int, in
     ``opaque`` (a lead marker) are fully attenuated.
     """
     size = att.shape[0]
-    att = np.maximum(att, 0.0)
+    # tissue is not homogeneous: a mottled, band-limited texture (vessels, trabeculae, bowel content)
+    att = np.maximum(att, 0.0) * (1.0 + _texture(rng, size, 16, 0.05) + _texture(rng, size, 4, 0.03))
     body = att > 0.05 * float(att.max() or 1.0)
     ref = float(att[body].mean()) if body.any() else 1.0
     k = rng.uniform(0.6, 1.3) / ref
