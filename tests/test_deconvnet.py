@@ -135,6 +135,16 @@ def test_max_mode_keeps_only_the_strongest_activation():
     assert not torch.allclose(p.maps, DeconvNet(net).project(x, top_n=3).maps)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_blocks_of_images_and_filters_give_the_same_maps(chunk):
+    net = _net("bn_overlap", seed=8)
+    x = torch.rand(3, 1, 33, 35, generator=torch.Generator().manual_seed(10))
+    ref = DeconvNet(net, chunk_size=1000).project(x, top_n=7)
+    got = DeconvNet(net, chunk_size=chunk).project(x, top_n=7)
+    assert torch.equal(got.channels, ref.channels)
+    assert torch.allclose(got.maps, ref.maps, rtol=1e-5, atol=1e-7)
+
+
 def test_ranking_max_and_mean():
     net = _net("plain", seed=1)
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -27,9 +27,13 @@ RANKS = ("max", "mean")
 METHODS = ("deconvnet", "guided", "gradient")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
-# Projections are run in chunks of at most this many (image, filter) pairs so memory stays bounded when a
-# whole batch of images is projected at once (25 maps of a 32x256x256 layer are ~200 MB in fp32).
-DEFAULT_CHUNK = 50
+# Projections are run in blocks of at most this many (image, filter) pairs, which bounds memory when a whole
+# batch of images is projected at once (25 maps of a 32x256x256 layer are ~200 MB in fp32). On the CPU small
+# blocks are faster too: the intermediates stay in cache and under glibc's mmap threshold (32 MB), so they are
+# not page-faulted in afresh on every call (top-25 of the deeper net at 256 px: 0.47 s with blocks of 5 vs
+# 0.55 s with one block of 25, 1 thread); a GPU wants large batches.
+DEFAULT_CHUNK_CPU = 5
+DEFAULT_CHUNK_CUDA = 256
 
 
 @dataclass
@@ -248,7 +252,8 @@ class DeconvNet:
         model: an ``nn.Sequential`` of Conv2d / BatchNorm2d / ReLU / MaxPool2d / SwitchMaxPool2d (Dropout and
             Identity are skipped), or a model holding such a Sequential as ``.features``; in the latter case a
             ``.classifier`` gives the logits of :class:`Projection`.
-        chunk_size: at most this many (image, filter) projections are computed at once.
+        chunk_size: at most this many (image, filter) projections are computed at once (default: 5 on the CPU,
+            256 on a GPU).
         sparse: on the CPU in fp32 with ``method="deconvnet"``, run each "unpool -> ReLU -> transposed conv" (and
             "ReLU -> transposed conv") as one sparse scatter over the positive values (``xraydeconv._C``); the
             dense path (PyTorch's own ops) is used otherwise, or everywhere with ``sparse=False``.
@@ -260,7 +265,7 @@ class DeconvNet:
         p.maps.shape                       # (B, 25, 1, 256, 256)
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, sparse: bool = True) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, sparse: bool = True) -> None:
         self.model = model
         self.features = _features_of(model)
         prefix = "features." if self.features is not model else ""
@@ -269,7 +274,7 @@ class DeconvNet:
         if not self.conv_steps:
             raise ValueError("the model has no Conv2d layer in its features: nothing to project")
         self.classifier = getattr(model, "classifier", None) if self.features is not model else None
-        self.chunk_size = max(1, int(chunk_size))
+        self.chunk_size = None if chunk_size is None else max(1, int(chunk_size))
         self._head: Callable[[Tensor], Tensor] | None = None
         self.sparse = sparse
 
@@ -607,17 +612,22 @@ class DeconvNet:
             activations = score.gather(1, chans)
 
         maps = x.new_empty(B, top_n, x.shape[1], x.shape[2], x.shape[3])
-        per_chunk = max(1, self.chunk_size // top_n)
-        for b0 in range(0, B, per_chunk):
-            b1 = min(B, b0 + per_chunk)
-            sel = chans[b0:b1]  # (k, top_n)
-            a = flat[b0:b1].gather(1, sel.unsqueeze(2).expand(-1, -1, h * w))  # (k, top_n, h*w)
-            if mode == "max":
-                pos = a.argmax(2, keepdim=True)
-                a = torch.zeros_like(a).scatter_(2, pos, a.gather(2, pos))
-            a = a.reshape(-1, h, w).to(PRECISIONS[precision] or x.dtype)
-            g = self._walk_down(None, start, records, method, top_n, (a, sel.reshape(-1)), slice(b0, b1))
-            maps[b0:b1] = g.view(b1 - b0, top_n, *g.shape[1:])
+        # blocks of (images, filters): whole images while a block holds top_n filters, else filter slices of one
+        chunk = self.chunk_size or (DEFAULT_CHUNK_CUDA if x.is_cuda else DEFAULT_CHUNK_CPU)
+        per_img = max(1, chunk // top_n)
+        per_filter = top_n if chunk >= top_n else chunk
+        for b0 in range(0, B, per_img):
+            b1 = min(B, b0 + per_img)
+            for k0 in range(0, top_n, per_filter):
+                k1 = min(top_n, k0 + per_filter)
+                sel = chans[b0:b1, k0:k1]  # (images, filters)
+                a = flat[b0:b1].gather(1, sel.unsqueeze(2).expand(-1, -1, h * w))  # (images, filters, h*w)
+                if mode == "max":
+                    pos = a.argmax(2, keepdim=True)
+                    a = torch.zeros_like(a).scatter_(2, pos, a.gather(2, pos))
+                a = a.reshape(-1, h, w).to(PRECISIONS[precision] or x.dtype)
+                g = self._walk_down(None, start, records, method, k1 - k0, (a, sel.reshape(-1)), slice(b0, b1))
+                maps[b0:b1, k0:k1] = g.view(b1 - b0, k1 - k0, *g.shape[1:])
             if progress is not None:
                 progress(b1 - b0)
         return Projection(maps=maps, channels=chans, activations=activations, layer=li, logits=logits)
