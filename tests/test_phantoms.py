@@ -181,6 +181,7 @@ def test_refuses_non_empty_out_unless_forced(tmp_path):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"size": 8}, "size"), ({"size": 4096}, "size"), ({"per_class": -1}, "train"),
     ({"test_per_class": -2}, "test"), ({"bias": "ruler"}, "bias"), ({"splits": ("train", "holdout")}, "split"),
+    ({"seed": -1}, "seed"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(UserError, match=match):

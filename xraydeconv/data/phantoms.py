@@ -158,7 +158,9 @@ def _write_one(task: tuple[str, int, int], root: Path, size: int, seed: int, bia
     return 1
 
 
-def _check_args(size: int, bias: str | None) -> None:
+def _check_args(size: int, bias: str | None, seed: int = 0) -> None:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"seed: must be an integer >= 0, got {seed!r}")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise UserError(f"size: must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
     if bias not in (None, *BIASES):
@@ -177,7 +179,7 @@ def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, 
     so a crash never leaves a half-written data set; an existing non-empty ``out_dir`` is an error
     unless ``force`` (then it is replaced).
     """
-    _check_args(size, bias)
+    _check_args(size, bias, seed)
     counts = split_counts(per_class, val_per_class, test_per_class, splits)
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -247,7 +249,7 @@ def ensure_phantoms(out_dir: str | os.PathLike | None = None, per_class: int = 2
     a different tree in the same place is regenerated. ``out_dir`` defaults to :func:`default_cache_dir`.
     Other keyword arguments go to :func:`generate`.
     """
-    _check_args(size, bias)
+    _check_args(size, bias, seed)
     out = Path(out_dir).expanduser() if out_dir is not None else default_cache_dir(per_class, size, seed, bias)
     counts = split_counts(per_class, kwargs.get("val_per_class"), kwargs.get("test_per_class"), splits)
     out.parent.mkdir(parents=True, exist_ok=True)
