@@ -90,7 +90,7 @@ class TrainConfig:
     @classmethod
     def demo(cls, model: str, **overrides) -> TrainConfig:
         """The preset of ``xraydeconv demo``: all three nets train in about 15 minutes on a 2-core CPU."""
-        epochs = {"shallow": 12, "deeper": 12, "deeper-aug": 14}.get(model, 12)
+        epochs = {"shallow": 20, "deeper": 12, "deeper-aug": 14}.get(model, 12)
         base = dict(model=model, epochs=epochs, batch_size=32, lr=3e-3, input_size=128, phantoms_per_class=40)
         return cls(**{**base, **overrides})
 
@@ -301,7 +301,8 @@ def train(
     cfg.validate()
 
     device = resolve_device(cfg.device, info)
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cfg.threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     if cfg.deterministic:
         if device.type == "cuda":  # cuBLAS needs a fixed workspace to be deterministic
