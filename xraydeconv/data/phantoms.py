@@ -1,9 +1,11 @@
 """Synthetic radiographs of the 24 anatomy classes, with landmark masks: the embedded default data set.
 
 Every film is a projection of simple 3-D shapes of bone and soft tissue (``phantoms_shapes``,
-``phantoms_anatomy``) seen through the view of its class (``phantoms_views``), developed with
-exposure, blur, noise and collimation (``phantoms_film``). A landmark mask is the set of pixels
-where that structure has non-zero thickness after pose and collimation.
+``phantoms_anatomy``) seen through the view of its class (``phantoms_views``), with foreign
+bodies that carry no label (``phantoms_clutter``), developed with exposure, blur, noise and
+collimation (``phantoms_film``); ``--bias marker`` adds a class-specific lead letter to the train
+and val films (``phantoms_marker``). A landmark mask is the set of pixels where that structure has
+non-zero thickness after pose and collimation.
 
 The tree written by :func:`generate` is an ImageFolder with masks beside the images::
 
