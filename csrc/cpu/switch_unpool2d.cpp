@@ -2,14 +2,17 @@
 //
 // Windows that tile the input (stride == kernel, no padding; the common 2x2/s2) write every output
 // element exactly once, one output row at a time, instead of zero-filling and then scattering.
-// Every other geometry (overlapping 3x3/s2, padding, gaps) gathers per input pixel over the windows
-// that cover it, summing in row-major window order: deterministic, and the same order as CUDA.
+// Every other geometry (overlapping 3x3/s2, padding, gaps) zero-fills and adds the pooled values at
+// their switches plane by plane in row-major window order: deterministic, and the same summation
+// order as the CUDA kernels' per-pixel gather.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <vector>
 
 #include "../switch_pool_checks.h"
@@ -94,66 +97,80 @@ XD_ALWAYS_INLINE void unpool_tiled_rows_nhwc(const UnpoolArgs<T>& a, int64_t C, 
   }
 }
 
-// Range of window indices covering input coordinate i along one axis (empty when lo > hi).
-XD_ALWAYS_INLINE void covering(int64_t i, int64_t k, int64_t s, int64_t p, int64_t n_out, int64_t& lo, int64_t& hi) {
-  const int64_t u = i + p;
-  lo = u - k + 1 > 0 ? (u - k + s) / s : 0;
-  hi = std::min(n_out - 1, u / s);
+// Pixel offset of every switch value from its window's top-left corner, in a row of W pixels.
+inline std::array<int64_t, 256> switch_pixel_offsets(const PoolGeometry& g, int64_t W) {
+  std::array<int64_t, 256> off{};
+  for (int64_t s = 0; s < g.window(); ++s) off[s] = (s / g.kW) * W + s % g.kW;
+  return off;
 }
 
-// Any geometry, NCHW: each input pixel sums the pooled values whose switch points at it.
+// Any geometry (overlapping windows, padding, gaps): zero the output, then visit the pooled values
+// of a plane in row-major window order and add each at its switch. Each task owns whole planes (or,
+// NHWC, a block of channels of one image), so there are no races, and every input position sums its
+// contributions in the same order as a per-pixel gather over the windows that cover it (the CUDA
+// kernels): bitwise the same result. Validated switches keep every index inside the plane.
+// Reduced precision accumulates in a float buffer and is rounded once.
 template <typename T>
-XD_ALWAYS_INLINE void unpool_gather_rows(const UnpoolArgs<T>& a, int64_t begin, int64_t end) {
+XD_ALWAYS_INLINE void unpool_scatter_planes(const UnpoolArgs<T>& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
+  constexpr bool direct = std::is_same<A, T>::value;
   const PoolGeometry& g = a.g;
-  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t plane = r / H, ih = r - plane * H;
-    int64_t oh_lo, oh_hi;
-    covering(ih, g.kH, g.sH, g.pH, OH, oh_lo, oh_hi);
-    T* o = a.out + r * W;
-    for (int64_t iw = 0; iw < W; ++iw) {
-      int64_t ow_lo, ow_hi;
-      covering(iw, g.kW, g.sW, g.pW, OW, ow_lo, ow_hi);
-      A acc = A(0);
-      for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-        const int64_t kh = ih + g.pH - oh * g.sH;
-        const int64_t off = (plane * OH + oh) * OW;
-        for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
-          const int64_t pos = kh * g.kW + (iw + g.pW - ow * g.sW);
-          if (a.sw[off + ow] == pos) acc += static_cast<A>(a.y[off + ow]);
-        }
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW, HW = H * W;
+  const std::array<int64_t, 256> off = switch_pixel_offsets(g, W);
+  std::vector<A> buf(direct ? 0 : static_cast<size_t>(HW));
+  for (int64_t plane = begin; plane < end; ++plane) {
+    A* acc = direct ? reinterpret_cast<A*>(a.out + plane * HW) : buf.data();
+    std::fill(acc, acc + HW, A(0));
+    const T* yp = a.y + plane * OH * OW;
+    const uint8_t* sp = a.sw + plane * OH * OW;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const int64_t corner_h = (oh * g.sH - g.pH) * W - g.pW;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const int64_t i = oh * OW + ow;
+        acc[corner_h + ow * g.sW + off[sp[i]]] += static_cast<A>(yp[i]);
       }
-      o[iw] = static_cast<T>(acc);
+    }
+    if constexpr (!direct) {
+      T* o = a.out + plane * HW;
+      for (int64_t i = 0; i < HW; ++i) o[i] = static_cast<T>(acc[i]);
     }
   }
 }
 
-// Any geometry, NHWC: per input pixel, a run of C channels summed over the covering windows.
+// NHWC: task t covers image t / blocks, channels [c0, c0 + block) of it. Whole images when there
+// are enough of them to keep every thread busy, else blocks of channels.
 template <typename T>
-XD_ALWAYS_INLINE void unpool_gather_pixels(const UnpoolArgs<T>& a, int64_t C, int64_t begin, int64_t end) {
+XD_ALWAYS_INLINE void unpool_scatter_channel_blocks(const UnpoolArgs<T>& a, int64_t C, int64_t block, int64_t begin,
+                                                    int64_t end) {
   using A = acc_t<T>;
+  constexpr bool direct = std::is_same<A, T>::value;
   const PoolGeometry& g = a.g;
-  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
-  std::vector<A> acc(static_cast<size_t>(C));
-  A* XD_RESTRICT ac = acc.data();
-  for (int64_t idx = begin; idx < end; ++idx) {
-    const int64_t n = idx / (H * W), rem = idx - n * H * W, ih = rem / W, iw = rem - ih * W;
-    int64_t oh_lo, oh_hi, ow_lo, ow_hi;
-    covering(ih, g.kH, g.sH, g.pH, OH, oh_lo, oh_hi);
-    covering(iw, g.kW, g.sW, g.pW, OW, ow_lo, ow_hi);
-    for (int64_t c = 0; c < C; ++c) ac[c] = A(0);
-    for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-      for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
-        const uint8_t pos = static_cast<uint8_t>((ih + g.pH - oh * g.sH) * g.kW + (iw + g.pW - ow * g.sW));
-        const int64_t off = ((n * OH + oh) * OW + ow) * C;
-        const T* XD_RESTRICT yr = a.y + off;
-        const uint8_t* XD_RESTRICT sr = a.sw + off;
-        for (int64_t c = 0; c < C; ++c) ac[c] += sr[c] == pos ? static_cast<A>(yr[c]) : A(0);
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW, HW = H * W;
+  const int64_t blocks = (C + block - 1) / block;
+  const std::array<int64_t, 256> off = switch_pixel_offsets(g, W);
+  std::vector<A> buf(direct ? 0 : static_cast<size_t>(HW * std::min(C, block)));
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n = t / blocks, c0 = (t - n * blocks) * block, cb = std::min(block, C - c0);
+    // acc[pixel * stride + c] for c in [0, cb)
+    A* acc = direct ? reinterpret_cast<A*>(a.out + n * HW * C + c0) : buf.data();
+    const int64_t stride = direct ? C : cb;
+    for (int64_t px = 0; px < HW; ++px) std::fill(acc + px * stride, acc + px * stride + cb, A(0));
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const int64_t corner_h = (oh * g.sH - g.pH) * W - g.pW;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const int64_t i = ((n * OH + oh) * OW + ow) * C + c0;
+        const T* yp = a.y + i;
+        const uint8_t* sp = a.sw + i;
+        const int64_t corner = corner_h + ow * g.sW;
+        for (int64_t c = 0; c < cb; ++c) acc[(corner + off[sp[c]]) * stride + c] += static_cast<A>(yp[c]);
       }
     }
-    T* XD_RESTRICT o = a.out + idx * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(ac[c]);
+    if constexpr (!direct) {
+      for (int64_t px = 0; px < HW; ++px) {
+        T* o = a.out + (n * HW + px) * C + c0;
+        for (int64_t c = 0; c < cb; ++c) o[c] = static_cast<T>(acc[px * cb + c]);
+      }
+    }
   }
 }
 
@@ -173,14 +190,6 @@ XD_TARGET_AVX512 void unpool_tiled_rows_nhwc_avx512(const UnpoolArgs<T>& a, int6
 template <typename T>
 XD_TARGET_AVX2 void unpool_tiled_rows_nhwc_avx2(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
   unpool_tiled_rows_nhwc<T>(a, C, b, e);
-}
-template <typename T>
-XD_TARGET_AVX512 void unpool_gather_pixels_avx512(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
-  unpool_gather_pixels<T>(a, C, b, e);
-}
-template <typename T>
-XD_TARGET_AVX2 void unpool_gather_pixels_avx2(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
-  unpool_gather_pixels<T>(a, C, b, e);
 }
 #endif
 
@@ -218,23 +227,6 @@ void unpool_tiled_rows_nhwc_any(const UnpoolArgs<T>& a, int64_t C, int64_t b, in
   unpool_tiled_rows_nhwc<T>(a, C, b, e);
 }
 
-template <typename T>
-void unpool_gather_pixels_any(const UnpoolArgs<T>& a, int64_t C, int64_t b, int64_t e) {
-#if XD_MULTIVERSION
-  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
-    switch (cpu_isa()) {
-      case Isa::Avx512:
-        return unpool_gather_pixels_avx512<T>(a, C, b, e);
-      case Isa::Avx2:
-        return unpool_gather_pixels_avx2<T>(a, C, b, e);
-      default:
-        break;
-    }
-  }
-#endif
-  unpool_gather_pixels<T>(a, C, b, e);
-}
-
 void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry& g, at::MemoryFormat fmt,
                  const at::Tensor& out4, const char* op) {
   const at::Tensor yc = y4.contiguous(fmt);
@@ -253,8 +245,10 @@ void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry
         at::parallel_for(0, N * H, grain_rows(W * C),
                          [&](int64_t b, int64_t e) { unpool_tiled_rows_nhwc_any<scalar_t>(a, C, b, e); });
       } else {
-        at::parallel_for(0, N * H * W, grain_rows(2 * C),
-                         [&](int64_t b, int64_t e) { unpool_gather_pixels_any<scalar_t>(a, C, b, e); });
+        const int64_t block = N >= at::get_num_threads() ? C : 64;
+        const int64_t blocks = (C + block - 1) / block;
+        at::parallel_for(0, N * blocks, 1,
+                         [&](int64_t b, int64_t e) { unpool_scatter_channel_blocks<scalar_t>(a, C, block, b, e); });
       }
       return;
     }
@@ -265,7 +259,8 @@ void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry
     } else if (tiled) {
       at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { unpool_tiled_rows_any<scalar_t, 0, 0>(a, b, e); });
     } else {
-      at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { unpool_gather_rows<scalar_t>(a, b, e); });
+      at::parallel_for(0, N * C, grain_rows(H * W),
+                       [&](int64_t b, int64_t e) { unpool_scatter_planes<scalar_t>(a, b, e); });
     }
   });
 }
