@@ -91,7 +91,10 @@ def test_clean_test_split_has_no_marker_and_tolerance_helps(phantoms, ckpt24, tm
     r1 = evaluate(ckpt24, tmp_path / "b", data=phantoms, options=EvalOptions(**{**vars(base), "tolerance": 8}),
                   progress=False)
     assert r0["landmarks"]["marker"] is None
-    assert r1["landmarks"]["overall"]["pointing_game"] >= r0["landmarks"]["overall"]["pointing_game"]
+    o0 = r0["landmarks"]["overall"]
+    assert r1["landmarks"]["overall"]["pointing_game"] >= o0["pointing_game"]
+    assert r0["landmarks"]["tolerant_px"] == 4  # 15 px at 224 px, scaled to 64 px
+    assert o0["pointing_game_tolerant"] >= o0["pointing_game"]
     assert r0["misclassified"] == [] and r0["occlusion"] is None
 
 

@@ -166,16 +166,17 @@ def _fmt(v, pct=True) -> str:
 def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
     """The three nets side by side: accuracy and landmark agreement of the combined top-n map (and per filter)."""
     lines = [
-        f"| Model | Test accuracy | Pointing game (top-{top_n}) | Relevance mass | Area share | Mass / area "
-        "| Relevance rank | Pointing game (single filter) | Images |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| Model | Test accuracy | Pointing game (top-{top_n}) | Pointing game ± tol. | Relevance mass | Area share "
+        "| Mass / area | Relevance rank | Pointing game (single filter) | Images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, rep in reports.items():
         lm = rep.get("landmarks") or {}
         o = lm.get("overall") or {}
         pf = lm.get("per_filter") or {}
         lines.append(
-            f"| `{name}` | {_fmt(rep['accuracy'])} | {_fmt(o.get('pointing_game'))} | {_fmt(o.get('relevance_mass'))} "
+            f"| `{name}` | {_fmt(rep['accuracy'])} | {_fmt(o.get('pointing_game'))} "
+            f"| {_fmt(o.get('pointing_game_tolerant'))} | {_fmt(o.get('relevance_mass'))} "
             f"| {_fmt(o.get('area_share'))} | {_fmt(o.get('mass_over_area'), pct=False)} "
             f"| {_fmt(o.get('relevance_rank'))} | {_fmt(pf.get('pointing_game'))} | {o.get('n', 0)} |"
         )
@@ -183,7 +184,8 @@ def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
                  if (r.get("landmarks") or {}).get("baseline_image")), None)
     if base is not None:
         lines.append(
-            f"| the image itself (no net) | | {_fmt(base['pointing_game'])} | {_fmt(base['relevance_mass'])} "
+            f"| the image itself (no net) | | {_fmt(base['pointing_game'])} "
+            f"| {_fmt(base.get('pointing_game_tolerant'))} | {_fmt(base['relevance_mass'])} "
             f"| {_fmt(base['area_share'])} | {_fmt(base['mass_over_area'], pct=False)} "
             f"| {_fmt(base['relevance_rank'])} | | {base['n']} |"
         )

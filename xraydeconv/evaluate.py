@@ -134,6 +134,11 @@ def _stats(pg: np.ndarray, rm: np.ndarray, rr: np.ndarray, area: np.ndarray) -> 
     return s
 
 
+def zhang_tolerance(size: int) -> int:
+    """The pointing-game tolerance of Zhang et al. (15 px on 224 px images) scaled to an image side ``size``."""
+    return max(1, round(15 * size / 224))
+
+
 @dataclass
 class LandmarkAgreement:
     """Accumulates metric scores batch by batch; :meth:`result` gives the tables of the report."""
@@ -147,6 +152,10 @@ class LandmarkAgreement:
     _marker: list[tuple[int, np.ndarray]] = field(default_factory=list)
     _named: dict[str, list[np.ndarray]] = field(default_factory=dict)
     _baseline: list[np.ndarray] = field(default_factory=list)  # (4,) per image: the image itself as heat map
+    # pointing game with Zhang et al.'s tolerance (15 px at 224 px, scaled to the image): combined map, baseline
+    _tolerant: list[float] = field(default_factory=list)
+    _tolerant_base: list[float] = field(default_factory=list)
+    _tolerant_px: int = 0
 
     def add(
         self,
@@ -172,12 +181,15 @@ class LandmarkAgreement:
             union = np.stack([metrics.landmark_union(masks[b], size, exclude=(MARKER,)) for b in keep])
             comb = combined[keep]
             sc = metrics.score_landmarks(comb, union, tolerance=self.tolerance)
+            self._tolerant_px = zhang_tolerance(size[0])
+            self._tolerant.extend(metrics.pointing_game(comb, union, tolerance=self._tolerant_px))
             filt = filter_heats[keep]
             fpg = metrics.pointing_game(filt, union, tolerance=self.tolerance)
             frm = metrics.relevance_mass(filt, union)
             frr = metrics.relevance_rank(filt, union)
             if images is not None:
                 base = metrics.score_landmarks(images[keep], union, tolerance=self.tolerance)
+                self._tolerant_base.extend(metrics.pointing_game(images[keep], union, tolerance=self._tolerant_px))
                 self._baseline.extend(
                     np.stack([base.pointing_game, base.relevance_mass, base.relevance_rank, base.area_share], axis=1)
                 )
@@ -219,6 +231,8 @@ class LandmarkAgreement:
             f = np.stack(self._filters)
             lab = np.array(self._labels)
             out["overall"] = _stats(u[:, 0], u[:, 1], u[:, 2], u[:, 3])
+            out["tolerant_px"] = self._tolerant_px
+            out["overall"]["pointing_game_tolerant"] = metrics._nanmean(np.array(self._tolerant))
             out["per_filter"] = {
                 "pointing_game": float(np.nanmean(f[:, 0])),
                 "relevance_mass": float(np.nanmean(f[:, 1])),
@@ -230,6 +244,7 @@ class LandmarkAgreement:
             if self._baseline:
                 r = np.stack(self._baseline)
                 out["baseline_image"] = _stats(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+                out["baseline_image"]["pointing_game_tolerant"] = metrics._nanmean(np.array(self._tolerant_base))
             out["per_class"] = {}
             for c, name in enumerate(self.class_names):
                 sel = lab == c
@@ -515,16 +530,17 @@ def _x(v: float | None) -> str:
 
 
 def agreement_row(label: str, s: dict) -> str:
-    """One Markdown table row: pointing game, relevance mass, relevance rank, area share, mass / area, n."""
+    """One Markdown table row: pointing game (strict, tolerant), relevance mass, rank, area share, mass / area, n."""
     return (
-        f"| {label} | {_pct(s['pointing_game'])} | {_pct(s['relevance_mass'])} | {_pct(s['relevance_rank'])} "
+        f"| {label} | {_pct(s['pointing_game'])} | {_pct(s.get('pointing_game_tolerant'))} "
+        f"| {_pct(s['relevance_mass'])} | {_pct(s['relevance_rank'])} "
         f"| {_pct(s['area_share'])} | {_x(s.get('mass_over_area'))} | {s['n']} |"
     )
 
 
 AGREEMENT_HEADER = (
-    "| | Pointing game | Relevance mass | Relevance rank | Area share | Mass / area | Images |\n"
-    "|---|---:|---:|---:|---:|---:|---:|"
+    "| | Pointing game | Pointing game ± tol. | Relevance mass | Relevance rank | Area share | Mass / area | Images |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -556,7 +572,8 @@ def render_markdown(report: dict) -> str:
         tol = f", pointing-game tolerance {lm['tolerance']} px" if lm["tolerance"] else ""
         lines += [
             f"Heat maps of the top-{top_n} filters of the last conv layer (deconvnet projections) against the "
-            f"union of each image's landmarks{tol}. Chance level of the relevance mass is the area share; "
+            f"union of each image's landmarks{tol}. *± tol.*: a hit within {lm.get('tolerant_px', 0)} px "
+            "(Zhang et al.'s 15 px at 224 px, scaled). Chance level of the relevance mass is the area share; "
             "*mass / area* above 1 means the map concentrates on the landmarks.",
             "",
             AGREEMENT_HEADER,
@@ -565,7 +582,7 @@ def render_markdown(report: dict) -> str:
             lines.append(agreement_row(f"combined top-{top_n} map", lm["overall"]))
             pf = lm["per_filter"]
             lines.append(
-                f"| single filter (mean of {top_n}) | {_pct(pf['pointing_game'])} | {_pct(pf['relevance_mass'])} "
+                f"| single filter (mean of {top_n}) | {_pct(pf['pointing_game'])} | | {_pct(pf['relevance_mass'])} "
                 f"| {_pct(pf['relevance_rank'])} | | | {pf['n']} |"
             )
         if lm.get("baseline_image"):
