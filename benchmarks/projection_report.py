@@ -156,6 +156,9 @@ def make_runners(args, model, x):
     }
     if args.precision != "fp32":
         runners["xraydeconv-fp32"] = lambda: dn.project(x, top_n=args.top_n)
+    if args.dense:
+        dense = DeconvNet(model, sparse=False)
+        runners["xraydeconv-dense"] = lambda: dense.project(x, top_n=args.top_n, precision=args.precision)
     return runners
 
 
@@ -186,7 +189,11 @@ def _cpu_name() -> str:
 def _peak_child(args, name: str) -> float:
     """Peak RSS increase (MiB) of one contender, measured in a fresh process."""
     cmd = [sys.executable, __file__, "--peak-of", name, "--device", args.device, "--batch", str(args.batch),
-           "--top-n", str(args.top_n), "--size", str(args.size), "--model", args.model, "--precision", args.precision]
+           "--top-n", str(args.top_n), "--precision", args.precision]
+    cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--model", args.model]
+    cmd += ["--size", str(args.size)]
+    cmd += ["--image", args.image] if args.image else []
+    cmd += ["--dense"] if args.dense else []
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -198,11 +205,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=1, help="images per call (data-set throughput with batching)")
     ap.add_argument("--top-n", type=int, default=25)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--size", type=int, default=None, help="input side (default: the checkpoint's, else 256)")
     ap.add_argument("--model", default="deeper")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="xraydeconv's projection dtype")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--dense", action="store_true", help="also time DeconvNet(model, sparse=False)")
+    ap.add_argument("--checkpoint", help="a trained checkpoint instead of random weights (its model, its input size)")
+    ap.add_argument("--image", help="an image file instead of uniform noise (preprocessed like the data sets)")
     ap.add_argument("--skip-captum", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
@@ -211,8 +221,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = build_model(args.model, args.device)
-    x = torch.rand(args.batch, 1, args.size, args.size, device=args.device)
+    if args.checkpoint:
+        from xraydeconv.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(args.checkpoint, map_location=args.device)
+        model, args.model, args.size = ck.model, f"{ck.model_name} ({args.checkpoint})", args.size or ck.input_size
+    else:
+        model = build_model(args.model, args.device)
+        args.size = args.size or 256
+    if args.image:
+        from xraydeconv.data import load_image
+
+        x = load_image(args.image, args.size)[None].repeat(args.batch, 1, 1, 1).to(args.device)
+    else:
+        x = torch.rand(args.batch, 1, args.size, args.size, device=args.device)
 
     if args.peak_of:  # child: one contender, report its peak memory increase
         runners = make_runners(args, model, x)
