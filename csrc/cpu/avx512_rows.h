@@ -33,11 +33,13 @@ XD_TARGET_AVX512_ONLY inline __mmask16 second_half(int64_t count) {
                      : count > 16 ? static_cast<__mmask16>((1u << (count - 16)) - 1) : static_cast<__mmask16>(0);
 }
 
-// n pooled outputs of one row for a KHxKW window with column stride 2 (KW = 2 or 3): `in` is the
-// top-left input of the first window, W the input row length. 16 outputs per step; the last step
-// is masked, so no load or store leaves the row.
+// n pooled outputs of one row for a KHxKW window with column stride 2 (KW = 2 or 3), of which only
+// window rows [kh0, kh0 + nkh) lie inside the input: `in` is window row kh0 of the first window, W
+// the input row length. 16 outputs per step; the last step is masked, so no load or store leaves
+// the row.
 template <int KH, int KW>
-XD_TARGET_AVX512_ONLY inline void pool_span_s2_f32(const float* in, int64_t W, int64_t n, float* out, uint8_t* sw) {
+XD_TARGET_AVX512_ONLY inline void pool_span_s2_f32(const float* in, int64_t W, int64_t n, int64_t kh0, int64_t nkh,
+                                                    float* out, uint8_t* sw) {
   static_assert(KW == 2 || KW == 3, "column stride 2 with 2- or 3-wide windows");
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -48,9 +50,10 @@ XD_TARGET_AVX512_ONLY inline void pool_span_s2_f32(const float* in, int64_t W, i
     const __mmask16 lo = first_half(2 * rem), hi = second_half(2 * rem);
     const __mmask16 lo3 = first_half(2 * rem - 1), hi3 = second_half(2 * rem - 1);
     __m512 m = _mm512_setzero_ps();
-    __m128i s = _mm_setzero_si128();
+    __m128i s = _mm_set1_epi8(static_cast<char>(kh0 * KW));
 #pragma GCC unroll 3
     for (int kh = 0; kh < KH; ++kh) {
+      if (kh >= nkh) break;
       const float* row = in + kh * W + 2 * j;
       const __m512 a0 = _mm512_maskz_loadu_ps(lo, row), a1 = _mm512_maskz_loadu_ps(hi, row + 16);
       __m512 cand[3];
@@ -71,7 +74,7 @@ XD_TARGET_AVX512_ONLY inline void pool_span_s2_f32(const float* in, int64_t W, i
             _mm512_cmp_ps_mask(cand[kw], cand[kw], _CMP_UNORD_Q) & _mm512_cmp_ps_mask(m, m, _CMP_ORD_Q);
         const __mmask16 win = _mm512_cmp_ps_mask(cand[kw], m, _CMP_GT_OQ) | first_nan;
         m = _mm512_mask_mov_ps(m, win, cand[kw]);
-        s = _mm_mask_mov_epi8(s, win, _mm_set1_epi8(static_cast<char>(kh * KW + kw)));
+        s = _mm_mask_mov_epi8(s, win, _mm_set1_epi8(static_cast<char>((kh0 + kh) * KW + kw)));
       }
     }
     _mm512_mask_storeu_ps(out + j, k, m);

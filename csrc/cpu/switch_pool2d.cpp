@@ -1,8 +1,9 @@
 // CPU max pooling with uint8 switches (the position of the maximum inside its window).
 //
-// NCHW: one task per range of output rows. Windows that lie fully inside the input run a loop
-// specialised at compile time for 2x2/s2 and 3x3/s2 (the compiler vectorises it over output columns);
-// windows clipped by padding or ceil_mode go through the generic scalar path.
+// NCHW: one task per range of output rows. Windows whose columns lie inside the input run a loop
+// specialised at compile time for 2x2/s2 and 3x3/s2 (vectorised over output columns; in a border row
+// it visits only the window rows inside the input); the few windows clipped at the left or right
+// edge go through the generic scalar path.
 // NHWC: one task per range of output pixels, vectorised over channels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -59,26 +60,29 @@ XD_ALWAYS_INLINE void pool_clipped(const T* plane, int64_t H, int64_t W, const P
   *sw = static_cast<uint8_t>((bh - h0) * g.kW + (bw - w0));
 }
 
-// n full windows in one output row; `in` points at the top-left of the first window. KH..SW are
-// compile-time constants for the specialised paths, 0 for the generic one (read from g).
+// n windows of one output row whose columns lie inside the input; only window rows
+// [kh0, kh0 + nkh) do (all of them except at a top or bottom border). `in` points at window row kh0
+// of the first window. KH..SW are compile-time constants for the specialised paths, 0 for the
+// generic one (read from g).
 template <typename T, int KH, int KW, int SH, int SW>
-XD_ALWAYS_INLINE void pool_span(const T* XD_RESTRICT in, int64_t W, int64_t n, const PoolGeometry& g,
-                                T* XD_RESTRICT out, uint8_t* XD_RESTRICT sw) {
+XD_ALWAYS_INLINE void pool_span(const T* XD_RESTRICT in, int64_t W, int64_t n, const PoolGeometry& g, int64_t kh0,
+                                int64_t nkh, T* XD_RESTRICT out, uint8_t* XD_RESTRICT sw) {
   using A = acc_t<T>;
   const int64_t kH = KH ? KH : g.kH, kW = KW ? KW : g.kW, sW = SW ? SW : g.sW;
   for (int64_t j = 0; j < n; ++j) {
     const T* p = in + j * sW;
     A m = static_cast<A>(p[0]);
-    uint8_t s = 0;
+    uint8_t s = static_cast<uint8_t>(kh0 * kW);
 #pragma GCC unroll 16
     for (int64_t kh = 0; kh < kH; ++kh) {
+      if (kh >= nkh) break;
 #pragma GCC unroll 16
       for (int64_t kw = 0; kw < kW; ++kw) {
         if (kh == 0 && kw == 0) continue;
         const A v = static_cast<A>(p[kh * W + kw]);
         const bool b = beats(v, m);
         m = b ? v : m;
-        s = b ? static_cast<uint8_t>(kh * kW + kw) : s;
+        s = b ? static_cast<uint8_t>((kh0 + kh) * kW + kw) : s;
       }
     }
     out[j] = static_cast<T>(m);
@@ -101,21 +105,20 @@ XD_ALWAYS_INLINE void pool_nchw_rows(const PoolArgs<T>& a, int64_t begin, int64_
     const T* xp = a.x + plane * H * W;
     T* op = a.out + r * OW;
     uint8_t* sp = a.sw + r * OW;
+    // window rows inside the input: all of them except in a border row (padding, ceil_mode)
     const int64_t h0 = oh * g.sH - g.pH;
-    if (h0 < 0 || h0 + g.kH > H) {
-      for (int64_t ow = 0; ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
-      continue;
-    }
+    const int64_t hs = h0 > 0 ? h0 : 0, he = h0 + g.kH < H ? h0 + g.kH : H;
+    const int64_t kh0 = hs - h0, nkh = he - hs;
     for (int64_t ow = 0; ow < ow_lo && ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
-    const T* in = xp + h0 * W + ow_lo * g.sW - g.pW;
+    const T* in = xp + hs * W + ow_lo * g.sW - g.pW;
 #if XD_MULTIVERSION
     if constexpr (kAvx512 && std::is_same_v<T, float> && (KW == 2 || KW == 3) && SW == 2) {
-      pool_span_s2_f32<KH, KW>(in, W, ow_hi - ow_lo, op + ow_lo, sp + ow_lo);
+      pool_span_s2_f32<KH, KW>(in, W, ow_hi - ow_lo, kh0, nkh, op + ow_lo, sp + ow_lo);
     } else {
-      pool_span<T, KH, KW, SH, SW>(in, W, ow_hi - ow_lo, g, op + ow_lo, sp + ow_lo);
+      pool_span<T, KH, KW, SH, SW>(in, W, ow_hi - ow_lo, g, kh0, nkh, op + ow_lo, sp + ow_lo);
     }
 #else
-    pool_span<T, KH, KW, SH, SW>(in, W, ow_hi - ow_lo, g, op + ow_lo, sp + ow_lo);
+    pool_span<T, KH, KW, SH, SW>(in, W, ow_hi - ow_lo, g, kh0, nkh, op + ow_lo, sp + ow_lo);
 #endif
     for (int64_t ow = ow_hi; ow < OW; ++ow) pool_clipped(xp, H, W, g, oh, ow, op + ow, sp + ow);
   }
