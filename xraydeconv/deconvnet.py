@@ -9,12 +9,17 @@ max-pool switches recorded in the forward pass, rectify, and apply the transpose
 (BatchNorm-folded) weights and no bias. With ``mode="map"`` this is exactly Captum's
 ``NeuronDeconvolution`` with the selector ``(o[:, c] * o[:, c].detach()).sum((1, 2))``; guided backprop
 and the plain gradient are the same walk with a different rule at each ReLU.
+
+Speed: all top-n projections of an image go down as one batch (in blocks), and on the CPU in fp32 each
+"unpool -> ReLU -> transposed conv" is one call of the sparse kernel ``xraydeconv::relu_scatter_conv_transpose2d``
+(``csrc/cpu/deconv_scatter.cpp``), which only touches the positive values; elsewhere PyTorch's own ops run,
+channels-last.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +59,6 @@ class Projection:
     activations: Tensor
     layer: int
     logits: Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def probs(self) -> Tensor | None:
