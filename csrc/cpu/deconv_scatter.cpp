@@ -99,6 +99,23 @@ XD_ALWAYS_INLINE vec16 load16(const float* p) {
 
 XD_ALWAYS_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
+XD_ALWAYS_INLINE bool sp_any(const ScatterArgs& a) { return a.sw != nullptr; }
+
+// Adds the listed values of one switch position (SY, SX) of a 2x2 window into the 4x4 block of accumulators.
+template <int SY, int SX>
+XD_ALWAYS_INLINE void accumulate_2x2(vec16 (&acc)[16], const int32_t* XD_RESTRICT ci, const float* XD_RESTRICT cv,
+                                     int64_t n, const float* XD_RESTRICT wt, int64_t Cout, int64_t o0) {
+  for (int64_t q = 0; q < n; ++q) {
+    const float v = cv[q];
+    const float* XD_RESTRICT wc = wt + static_cast<int64_t>(ci[q]) * 9 * Cout + o0;
+#pragma GCC unroll 3
+    for (int ky = 0; ky < 3; ++ky) {
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx) acc[(SY + ky) * 4 + SX + kx] += v * load16(wc + (ky * 3 + kx) * Cout);
+    }
+  }
+}
+
 XD_ALWAYS_INLINE void scatter_range_3x3(const ScatterArgs& a, int64_t begin, int64_t end) {
   constexpr int V = 16;
   const int64_t h = a.h, w = a.w, C = a.C, OH = a.OH, OW = a.OW, Cout = a.Cout;
@@ -109,6 +126,7 @@ XD_ALWAYS_INLINE void scatter_range_3x3(const ScatterArgs& a, int64_t begin, int
   std::vector<int32_t> idx(npos * C);
   std::vector<float> val(npos * C);
   std::vector<int64_t> cnt(npos);
+  const bool tiles2x2 = sp_any(a) && pkH == 2 && pkW == 2 && padH == 1 && padW == 1;
   for (int64_t p = begin; p < end; ++p) {
     const float* XD_RESTRICT gp = a.g + p * plane_in;
     const uint8_t* XD_RESTRICT sp = a.sw ? a.sw + (p / a.group) * plane_in : nullptr;
@@ -139,6 +157,30 @@ XD_ALWAYS_INLINE void scatter_range_3x3(const ScatterArgs& a, int64_t begin, int
             m += (v > 0.f) & (!sp || sp[base + c] == s);
           }
           cnt[s] = m;
+        }
+        if (tiles2x2) {
+          // 2x2 windows, 3x3 kernel, padding 1: all four switch positions of this window land in the 4x4 output
+          // block at (2i - 1, 2j - 1); one set of 16 register accumulators serves them all, flushed once
+          if (cnt[0] + cnt[1] + cnt[2] + cnt[3] == 0) continue;
+          for (int64_t o0 = 0; o0 < Cout; o0 += V) {
+            vec16 acc[16];
+            for (int t = 0; t < 16; ++t) acc[t] = vec16{};
+            accumulate_2x2<0, 0>(acc, idx.data(), val.data(), cnt[0], wt, Cout, o0);
+            accumulate_2x2<0, 1>(acc, idx.data() + C, val.data() + C, cnt[1], wt, Cout, o0);
+            accumulate_2x2<1, 0>(acc, idx.data() + 2 * C, val.data() + 2 * C, cnt[2], wt, Cout, o0);
+            accumulate_2x2<1, 1>(acc, idx.data() + 3 * C, val.data() + 3 * C, cnt[3], wt, Cout, o0);
+            for (int r = 0; r < 4; ++r) {
+              const int64_t oy = 2 * i - 1 + r;
+              if (oy < 0 || oy >= OH) continue;
+              for (int c = 0; c < 4; ++c) {
+                const int64_t ox = 2 * j - 1 + c;
+                if (ox < 0 || ox >= OW) continue;
+                float* o = op + (oy * OW + ox) * Cout + o0;
+                store16(o, load16(o) + acc[r * 4 + c]);
+              }
+            }
+          }
+          continue;
         }
         for (int64_t s = 0; s < npos; ++s) {
           const int64_t n = cnt[s];
