@@ -1,6 +1,8 @@
 // Hand-vectorised AVX-512 rows for the common float32 NCHW windows (2x2/s2, 3x3/s2). The compiler's own
 // vectorisation of the plain loops needs rows of 64+ outputs and falls back to branchy scalar code
-// below that (a 32x32 feature map ran 30x slower); masked loads and stores handle any row length.
+// below that (a 32x32 feature map ran 30x slower); masked loads and stores handle the last step of
+// a row, plain ones the rest (masked stores used throughout made the speed depend 2.5x on the
+// buffers' addresses: they cannot forward to later loads that falsely alias them).
 // Only compiled into functions that carry XD_TARGET_AVX512 and only called after cpu_isa() said so.
 #pragma once
 
@@ -55,7 +57,10 @@ XD_TARGET_AVX512_ONLY inline void pool_span_s2_f32(const float* in, int64_t W, i
     for (int kh = 0; kh < KH; ++kh) {
       if (kh >= nkh) break;
       const float* row = in + kh * W + 2 * j;
-      const __m512 a0 = _mm512_maskz_loadu_ps(lo, row), a1 = _mm512_maskz_loadu_ps(hi, row + 16);
+      // plain loads and stores except in the masked last step: masked stores do not forward to
+      // later loads, which turned false address aliasing into 2-3x slowdowns on some buffers
+      const __m512 a0 = rem == 16 ? _mm512_loadu_ps(row) : _mm512_maskz_loadu_ps(lo, row);
+      const __m512 a1 = rem == 16 ? _mm512_loadu_ps(row + 16) : _mm512_maskz_loadu_ps(hi, row + 16);
       __m512 cand[3];
       cand[0] = _mm512_permutex2var_ps(a0, even, a1);
       cand[1] = _mm512_permutex2var_ps(a0, odd, a1);
@@ -77,8 +82,13 @@ XD_TARGET_AVX512_ONLY inline void pool_span_s2_f32(const float* in, int64_t W, i
         s = _mm_mask_mov_epi8(s, win, _mm_set1_epi8(static_cast<char>((kh0 + kh) * KW + kw)));
       }
     }
-    _mm512_mask_storeu_ps(out + j, k, m);
-    _mm_mask_storeu_epi8(sw + j, k, s);
+    if (rem == 16) {
+      _mm512_storeu_ps(out + j, m);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(sw + j), s);
+    } else {
+      _mm512_mask_storeu_ps(out + j, k, m);
+      _mm_mask_storeu_epi8(sw + j, k, s);
+    }
   }
 }
 
@@ -91,12 +101,20 @@ XD_TARGET_AVX512_ONLY inline void unpool_row_2x2_f32(const float* y, const uint8
   for (int64_t j = 0; j < n; j += 16) {
     __mmask16 k, lo, hi;
     tail_masks(n - j, k, lo, hi);
-    const __m512 v = _mm512_maskz_loadu_ps(k, y + j);
-    const __m512i s = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, sw + j));
+    const bool full = n - j >= 16;  // plain loads and stores except in the masked last step
+    const __m512 v = full ? _mm512_loadu_ps(y + j) : _mm512_maskz_loadu_ps(k, y + j);
+    const __m128i s8 = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sw + j)) : _mm_maskz_loadu_epi8(k, sw + j);
+    const __m512i s = _mm512_cvtepu8_epi32(s8);
     const __m512 ve = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(s, left), v);
     const __m512 vo = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(s, right), v);
-    _mm512_mask_storeu_ps(out + 2 * j, lo, _mm512_permutex2var_ps(ve, lo_idx, vo));
-    _mm512_mask_storeu_ps(out + 2 * j + 16, hi, _mm512_permutex2var_ps(ve, hi_idx, vo));
+    const __m512 out_lo = _mm512_permutex2var_ps(ve, lo_idx, vo), out_hi = _mm512_permutex2var_ps(ve, hi_idx, vo);
+    if (full) {
+      _mm512_storeu_ps(out + 2 * j, out_lo);
+      _mm512_storeu_ps(out + 2 * j + 16, out_hi);
+    } else {
+      _mm512_mask_storeu_ps(out + 2 * j, lo, out_lo);
+      _mm512_mask_storeu_ps(out + 2 * j + 16, hi, out_hi);
+    }
   }
 }
 
