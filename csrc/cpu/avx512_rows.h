@@ -97,13 +97,15 @@ XD_TARGET_AVX512_ONLY inline void unpool_row_2x2_f32(const float* y, const uint8
                                                       float* out) {
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i left = _mm512_set1_epi32(static_cast<int>(2 * kh)), right = _mm512_set1_epi32(static_cast<int>(2 * kh + 1));
+  const __m512i left = _mm512_set1_epi32(static_cast<int>(2 * kh));
+  const __m512i right = _mm512_set1_epi32(static_cast<int>(2 * kh + 1));
   for (int64_t j = 0; j < n; j += 16) {
     __mmask16 k, lo, hi;
     tail_masks(n - j, k, lo, hi);
     const bool full = n - j >= 16;  // plain loads and stores except in the masked last step
     const __m512 v = full ? _mm512_loadu_ps(y + j) : _mm512_maskz_loadu_ps(k, y + j);
-    const __m128i s8 = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sw + j)) : _mm_maskz_loadu_epi8(k, sw + j);
+    const __m128i s8 =
+        full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sw + j)) : _mm_maskz_loadu_epi8(k, sw + j);
     const __m512i s = _mm512_cvtepu8_epi32(s8);
     const __m512 ve = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(s, left), v);
     const __m512 vo = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(s, right), v);

@@ -26,7 +26,8 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define XD_MULTIVERSION 1
 #define XD_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2")))
-#define XD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2,prefer-vector-width=512")))
+#define XD_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2,prefer-vector-width=512")))
 #else
 #define XD_MULTIVERSION 0
 #endif

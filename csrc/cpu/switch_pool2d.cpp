@@ -277,7 +277,8 @@ void pool_nchw(const PoolArgs<T>& a) {
   const PoolGeometry& g = a.g;
   const int64_t rows = a.planes * a.OH;
   auto run = [&](auto rows_fn) {
-    at::parallel_for(0, rows, grain_rows(a.OW * g.kH * g.kW / 2 + a.OW), [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
+    at::parallel_for(0, rows, grain_rows(a.OW * g.kH * g.kW / 2 + a.OW),
+                     [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
   };
   if (g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2) {
     run(pool_nchw_rows_any<T, 2, 2, 2, 2>);
