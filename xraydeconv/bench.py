@@ -157,6 +157,10 @@ def _cases(x: torch.Tensor) -> Iterator[tuple[str, Callable[[], object], Callabl
     out_buf, sw_buf = torch.empty_like(out), torch.empty_like(sw)
     ref_buf, idx_buf = torch.empty_like(ref), torch.empty_like(idx)
     unpool_buf = torch.empty_like(x)
+    # CUDA's max_unpool2d.out only writes contiguous outputs
+    native_unpool_buf = unpool_buf
+    if x.device.type != "cpu":
+        native_unpool_buf = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad = torch.randn_like(out)
     xg = x.detach().clone().requires_grad_(True)
     pool_k, pool_n = _nbytes(x, out, sw), _nbytes(x, ref, idx)
@@ -195,7 +199,7 @@ def _cases(x: torch.Tensor) -> Iterator[tuple[str, Callable[[], object], Callabl
     yield (
         "unpool out=",
         lambda: torch.ops.xraydeconv.switch_unpool2d_out(out, sw, k, s, p, unpool_buf),
-        lambda: torch.ops.aten.max_unpool2d.out(ref, idx, size, out=unpool_buf),
+        lambda: torch.ops.aten.max_unpool2d.out(ref, idx, size, out=native_unpool_buf),
         un_k,
         un_n,
     )
