@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace xraydeconv {
 
@@ -111,6 +112,86 @@ inline void check_unpooled_size(const char* op, int64_t H, int64_t W, int64_t OH
   TORCH_CHECK_VALUE(h_ok && w_ok, op, ": output_size (", H, ", ", W, ") does not pool to the switches' size (", OH,
                     ", ", OW, ") with kernel (", g.kH, ", ", g.kW, "), stride (", g.sH, ", ", g.sW, "), padding (",
                     g.pH, ", ", g.pW, ")");
+}
+
+// A 3-D (C, H, W) tensor viewed as a batch of one; the kernels see 4-D tensors only.
+inline at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
+
+// `t`'s shape with the last two (spatial) sizes replaced by (H, W): the shape of a pooled or unpooled output.
+inline std::vector<int64_t> with_spatial_size(const at::Tensor& t, int64_t H, int64_t W) {
+  std::vector<int64_t> shape = t.sizes().vec();
+  shape[shape.size() - 2] = H;
+  shape[shape.size() - 1] = W;
+  return shape;
+}
+
+// The backend's own device check of an input, called where the CUDA binding checks for CUDA tensors;
+// the CPU binding passes this no-op (its dispatch key already implies CPU tensors).
+struct NoDeviceCheck {
+  void operator()(const char*, const char*, const at::Tensor&) const {}
+};
+
+// Checks the arguments of switch_pool2d_out and returns the memory format the kernel runs in.
+template <typename DeviceCheck = NoDeviceCheck>
+inline at::MemoryFormat check_pool_out(const char* op, const at::Tensor& x, const PoolGeometry& g, bool ceil_mode,
+                                       const at::Tensor& out, const at::Tensor& sw,
+                                       DeviceCheck check_device = DeviceCheck{}) {
+  const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
+  check_device(op, "input", x);
+  const at::MemoryFormat fmt = memory_format_of(x);
+  const std::vector<int64_t> shape = with_spatial_size(x, OH, OW);
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type(), op,
+                    ": out must have shape ", at::IntArrayRef(shape), " and dtype ", x.scalar_type(), ", got ",
+                    out.sizes(), " ", out.scalar_type());
+  TORCH_CHECK(out.device() == x.device() && sw.device() == x.device(), op, ": out and switches must be on ",
+              x.device());
+  check_switches(op, out, sw);
+  TORCH_CHECK_VALUE(out.is_contiguous(fmt) && sw.is_contiguous(fmt), op,
+                    ": out and switches must be contiguous in the input's memory format (", fmt, ")");
+  return fmt;
+}
+
+// Checks y and its switches for an unpooling to the spatial size (H, W).
+template <typename DeviceCheck = NoDeviceCheck>
+inline void check_unpool_args(const char* op, const at::Tensor& y, const at::Tensor& sw, const PoolGeometry& g,
+                              int64_t H, int64_t W, DeviceCheck check_device = DeviceCheck{}) {
+  check_spatial_dims(op, "y", y);
+  check_floating(op, "y", y);
+  check_device(op, "y", y);
+  check_switches(op, y, sw);
+  check_unpooled_size(op, H, W, y.size(-2), y.size(-1), g);
+}
+
+// Checks the arguments of switch_unpool2d_out and returns the memory format the kernel runs in.
+template <typename DeviceCheck = NoDeviceCheck>
+inline at::MemoryFormat check_unpool_out(const char* op, const at::Tensor& y, const at::Tensor& sw,
+                                         const PoolGeometry& g, const at::Tensor& out,
+                                         DeviceCheck check_device = DeviceCheck{}) {
+  TORCH_CHECK_VALUE(out.dim() == y.dim(), op, ": out must have as many dims as y (", y.dim(), "), got ", out.dim());
+  check_unpool_args(op, y, sw, g, out.size(-2), out.size(-1), check_device);
+  TORCH_CHECK(out.device() == y.device(), op, ": out is on ", out.device(), " but y is on ", y.device());
+  TORCH_CHECK_VALUE(out.scalar_type() == y.scalar_type(), op, ": out must have dtype ", y.scalar_type(), ", got ",
+                    out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes().slice(0, out.dim() - 2) == y.sizes().slice(0, y.dim() - 2), op,
+                    ": out has shape ", out.sizes(), " but y has shape ", y.sizes());
+  const at::MemoryFormat fmt = memory_format_of(y);
+  TORCH_CHECK_VALUE(out.is_contiguous(fmt), op, ": out must be contiguous in y's memory format (", fmt, ")");
+  return fmt;
+}
+
+// Checks the arguments of switch_gather2d: x is the unpooled-size tensor, sw the switches of its pooling.
+template <typename DeviceCheck = NoDeviceCheck>
+inline void check_gather_args(const char* op, const at::Tensor& x, const at::Tensor& sw, const PoolGeometry& g,
+                              DeviceCheck check_device = DeviceCheck{}) {
+  check_spatial_dims(op, "x", x);
+  check_floating(op, "x", x);
+  check_device(op, "x", x);
+  TORCH_CHECK_VALUE(sw.scalar_type() == at::kByte, op, ": switches must be uint8, got ", sw.scalar_type());
+  TORCH_CHECK(sw.device() == x.device(), op, ": switches are on ", sw.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(sw.dim() == x.dim() && sw.sizes().slice(0, sw.dim() - 2) == x.sizes().slice(0, x.dim() - 2), op,
+                    ": switches of shape ", sw.sizes(), " do not match x of shape ", x.sizes(),
+                    " in their leading dims");
+  check_unpooled_size(op, x.size(-2), x.size(-1), sw.size(-2), sw.size(-1), g);
 }
 
 }  // namespace xraydeconv

@@ -57,21 +57,12 @@ XD_ALWAYS_INLINE void gather_pixels(const GatherArgs<T>& a, int64_t C, int64_t b
   }
 }
 
-at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
-
 at::Tensor switch_gather2d_cpu(const at::Tensor& x, const at::Tensor& sw, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding) {
   const char* op = "switch_gather2d";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
-  check_spatial_dims(op, "x", x);
-  check_floating(op, "x", x);
-  TORCH_CHECK_VALUE(sw.scalar_type() == at::kByte, op, ": switches must be uint8, got ", sw.scalar_type());
-  TORCH_CHECK(sw.device() == x.device(), op, ": switches are on ", sw.device(), " but x is on ", x.device());
-  TORCH_CHECK_VALUE(sw.dim() == x.dim() && sw.sizes().slice(0, sw.dim() - 2) == x.sizes().slice(0, x.dim() - 2), op,
-                    ": switches of shape ", sw.sizes(), " do not match x of shape ", x.sizes(),
-                    " in their leading dims");
+  check_gather_args(op, x, sw, g);
   const int64_t H = x.size(-2), W = x.size(-1);
-  check_unpooled_size(op, H, W, sw.size(-2), sw.size(-1), g);
   const at::MemoryFormat fmt = memory_format_of(x);
   at::Tensor out = at::empty(sw.sizes(), x.options().memory_format(fmt));
   advise_huge_pages(out.data_ptr(), out.nbytes());

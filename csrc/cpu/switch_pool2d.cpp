@@ -316,8 +316,6 @@ void pool_into(const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt
   });
 }
 
-at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
-
 std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
                                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                                      bool ceil_mode) {
@@ -325,9 +323,7 @@ std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::In
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
   const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
   const at::MemoryFormat fmt = memory_format_of(x);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape[shape.size() - 2] = OH;
-  shape[shape.size() - 1] = OW;
+  const std::vector<int64_t> shape = with_spatial_size(x, OH, OW);
   at::Tensor out = at::empty(shape, x.options().memory_format(fmt));
   at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
   advise_huge_pages(out.data_ptr(), out.nbytes());
@@ -340,19 +336,7 @@ void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at:
                            at::IntArrayRef padding, bool ceil_mode, const at::Tensor& out, const at::Tensor& sw) {
   const char* op = "switch_pool2d_out";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
-  const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
-  const at::MemoryFormat fmt = memory_format_of(x);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape[shape.size() - 2] = OH;
-  shape[shape.size() - 1] = OW;
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type(), op,
-                    ": out must have shape ", at::IntArrayRef(shape), " and dtype ", x.scalar_type(), ", got ",
-                    out.sizes(), " ", out.scalar_type());
-  TORCH_CHECK(out.device() == x.device() && sw.device() == x.device(), op, ": out and switches must be on ",
-              x.device());
-  check_switches(op, out, sw);
-  TORCH_CHECK_VALUE(out.is_contiguous(fmt) && sw.is_contiguous(fmt), op,
-                    ": out and switches must be contiguous in the input's memory format (", fmt, ")");
+  const at::MemoryFormat fmt = check_pool_out(op, x, g, ceil_mode, out, sw);
   pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
 }
 

@@ -265,16 +265,6 @@ void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry
   });
 }
 
-at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
-
-void check_unpool_args(const char* op, const at::Tensor& y, const at::Tensor& sw, const PoolGeometry& g, int64_t H,
-                       int64_t W) {
-  check_spatial_dims(op, "y", y);
-  check_floating(op, "y", y);
-  check_switches(op, y, sw);
-  check_unpooled_size(op, H, W, y.size(-2), y.size(-1), g);
-}
-
 at::Tensor switch_unpool2d_cpu(const at::Tensor& y, const at::Tensor& sw, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_size) {
   const char* op = "switch_unpool2d";
@@ -282,10 +272,7 @@ at::Tensor switch_unpool2d_cpu(const at::Tensor& y, const at::Tensor& sw, at::In
   TORCH_CHECK_VALUE(output_size.size() == 2, op, ": output_size must be (H, W), got ", output_size);
   check_unpool_args(op, y, sw, g, output_size[0], output_size[1]);
   const at::MemoryFormat fmt = memory_format_of(y);
-  std::vector<int64_t> shape = y.sizes().vec();
-  shape[shape.size() - 2] = output_size[0];
-  shape[shape.size() - 1] = output_size[1];
-  at::Tensor out = at::empty(shape, y.options().memory_format(fmt));
+  at::Tensor out = at::empty(with_spatial_size(y, output_size[0], output_size[1]), y.options().memory_format(fmt));
   advise_huge_pages(out.data_ptr(), out.nbytes());
   unpool_into(as4d(y), as4d(sw), g, fmt, as4d(out), op);
   return out;
@@ -295,15 +282,7 @@ void switch_unpool2d_out_cpu(const at::Tensor& y, const at::Tensor& sw, at::IntA
                              at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& out) {
   const char* op = "switch_unpool2d_out";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
-  TORCH_CHECK_VALUE(out.dim() == y.dim(), op, ": out must have as many dims as y (", y.dim(), "), got ", out.dim());
-  check_unpool_args(op, y, sw, g, out.size(-2), out.size(-1));
-  TORCH_CHECK(out.device() == y.device(), op, ": out is on ", out.device(), " but y is on ", y.device());
-  TORCH_CHECK_VALUE(out.scalar_type() == y.scalar_type(), op, ": out must have dtype ", y.scalar_type(), ", got ",
-                    out.scalar_type());
-  TORCH_CHECK_VALUE(out.sizes().slice(0, out.dim() - 2) == y.sizes().slice(0, y.dim() - 2), op,
-                    ": out has shape ", out.sizes(), " but y has shape ", y.sizes());
-  const at::MemoryFormat fmt = memory_format_of(y);
-  TORCH_CHECK_VALUE(out.is_contiguous(fmt), op, ": out must be contiguous in y's memory format (", fmt, ")");
+  const at::MemoryFormat fmt = check_unpool_out(op, y, sw, g, out);
   unpool_into(as4d(y), as4d(sw), g, fmt, as4d(out), op);
 }
 

@@ -20,11 +20,13 @@ namespace xraydeconv {
 namespace cuda {
 namespace {
 
-at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
-
-void check_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(), "; all tensors must be on the same CUDA device");
-}
+// A function object, so that it can also serve as the device check of the shared argument checks.
+struct CheckCuda {
+  void operator()(const char* op, const char* name, const at::Tensor& t) const {
+    TORCH_CHECK(t.is_cuda(), op, ": ", name, " is on ", t.device(), "; all tensors must be on the same CUDA device");
+  }
+};
+constexpr CheckCuda check_cuda{};
 
 PoolShape shape_of(const at::Tensor& in4, int64_t OH, int64_t OW, const PoolGeometry& g) {
   return PoolShape{in4.size(0),
@@ -132,13 +134,6 @@ void check_flag(const char* op, const SwitchFlag& f, const at::Tensor& sw4, int6
 // ---------------------------------------------------------------------------------------------
 // Pool.
 
-std::vector<int64_t> pooled_shape(const at::Tensor& x, int64_t OH, int64_t OW) {
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape[shape.size() - 2] = OH;
-  shape[shape.size() - 1] = OW;
-  return shape;
-}
-
 // x4 any layout; out4/sw4 4-D and contiguous in fmt.
 void pool_into(const char* op, const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt,
                const at::Tensor& out4, const at::Tensor& sw4) {
@@ -161,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> switch_pool2d_cuda(const at::Tensor& x, at::I
   check_cuda(op, "input", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = memory_format_of(x);
-  const std::vector<int64_t> shape = pooled_shape(x, OH, OW);
+  const std::vector<int64_t> shape = with_spatial_size(x, OH, OW);
   at::Tensor out = at::empty(shape, x.options().memory_format(fmt));
   at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
   pool_into(op, as4d(x), g, fmt, as4d(out), as4d(sw));
@@ -172,33 +167,13 @@ void switch_pool2d_out_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at
                             at::IntArrayRef padding, bool ceil_mode, const at::Tensor& out, const at::Tensor& sw) {
   const char* op = "switch_pool2d_out";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
-  const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
-  check_cuda(op, "input", x);
-  const at::MemoryFormat fmt = memory_format_of(x);
-  const std::vector<int64_t> shape = pooled_shape(x, OH, OW);
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type(), op,
-                    ": out must have shape ", at::IntArrayRef(shape), " and dtype ", x.scalar_type(), ", got ",
-                    out.sizes(), " ", out.scalar_type());
-  TORCH_CHECK(out.device() == x.device() && sw.device() == x.device(), op, ": out and switches must be on ",
-              x.device());
-  check_switches(op, out, sw);
-  TORCH_CHECK_VALUE(out.is_contiguous(fmt) && sw.is_contiguous(fmt), op,
-                    ": out and switches must be contiguous in the input's memory format (", fmt, ")");
+  const at::MemoryFormat fmt = check_pool_out(op, x, g, ceil_mode, out, sw, check_cuda);
   const c10::cuda::CUDAGuard guard(x.device());
   pool_into(op, as4d(x), g, fmt, as4d(out), as4d(sw));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Unpool.
-
-void check_unpool_args(const char* op, const at::Tensor& y, const at::Tensor& sw, const PoolGeometry& g, int64_t H,
-                       int64_t W) {
-  check_spatial_dims(op, "y", y);
-  check_floating(op, "y", y);
-  check_cuda(op, "y", y);
-  check_switches(op, y, sw);
-  check_unpooled_size(op, H, W, y.size(-2), y.size(-1), g);
-}
 
 // y4/sw4 any layout; out4 4-D and contiguous in fmt.
 void unpool_into(const char* op, const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry& g,
@@ -222,13 +197,10 @@ at::Tensor switch_unpool2d_cuda(const at::Tensor& y, const at::Tensor& sw, at::I
   const char* op = "switch_unpool2d";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
   TORCH_CHECK_VALUE(output_size.size() == 2, op, ": output_size must be (H, W), got ", output_size);
-  check_unpool_args(op, y, sw, g, output_size[0], output_size[1]);
+  check_unpool_args(op, y, sw, g, output_size[0], output_size[1], check_cuda);
   const c10::cuda::CUDAGuard guard(y.device());
   const at::MemoryFormat fmt = memory_format_of(y);
-  std::vector<int64_t> shape = y.sizes().vec();
-  shape[shape.size() - 2] = output_size[0];
-  shape[shape.size() - 1] = output_size[1];
-  at::Tensor out = at::empty(shape, y.options().memory_format(fmt));
+  at::Tensor out = at::empty(with_spatial_size(y, output_size[0], output_size[1]), y.options().memory_format(fmt));
   unpool_into(op, as4d(y), as4d(sw), g, fmt, as4d(out));
   return out;
 }
@@ -237,15 +209,7 @@ void switch_unpool2d_out_cuda(const at::Tensor& y, const at::Tensor& sw, at::Int
                               at::IntArrayRef stride, at::IntArrayRef padding, const at::Tensor& out) {
   const char* op = "switch_unpool2d_out";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
-  TORCH_CHECK_VALUE(out.dim() == y.dim(), op, ": out must have as many dims as y (", y.dim(), "), got ", out.dim());
-  check_unpool_args(op, y, sw, g, out.size(-2), out.size(-1));
-  TORCH_CHECK(out.device() == y.device(), op, ": out is on ", out.device(), " but y is on ", y.device());
-  TORCH_CHECK_VALUE(out.scalar_type() == y.scalar_type(), op, ": out must have dtype ", y.scalar_type(), ", got ",
-                    out.scalar_type());
-  TORCH_CHECK_VALUE(out.sizes().slice(0, out.dim() - 2) == y.sizes().slice(0, y.dim() - 2), op,
-                    ": out has shape ", out.sizes(), " but y has shape ", y.sizes());
-  const at::MemoryFormat fmt = memory_format_of(y);
-  TORCH_CHECK_VALUE(out.is_contiguous(fmt), op, ": out must be contiguous in y's memory format (", fmt, ")");
+  const at::MemoryFormat fmt = check_unpool_out(op, y, sw, g, out, check_cuda);
   const c10::cuda::CUDAGuard guard(y.device());
   unpool_into(op, as4d(y), as4d(sw), g, fmt, as4d(out));
 }
@@ -257,16 +221,8 @@ at::Tensor switch_gather2d_cuda(const at::Tensor& x, const at::Tensor& sw, at::I
                                 at::IntArrayRef stride, at::IntArrayRef padding) {
   const char* op = "switch_gather2d";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
-  check_spatial_dims(op, "x", x);
-  check_floating(op, "x", x);
-  check_cuda(op, "x", x);
-  TORCH_CHECK_VALUE(sw.scalar_type() == at::kByte, op, ": switches must be uint8, got ", sw.scalar_type());
-  TORCH_CHECK(sw.device() == x.device(), op, ": switches are on ", sw.device(), " but x is on ", x.device());
-  TORCH_CHECK_VALUE(sw.dim() == x.dim() && sw.sizes().slice(0, sw.dim() - 2) == x.sizes().slice(0, x.dim() - 2), op,
-                    ": switches of shape ", sw.sizes(), " do not match x of shape ", x.sizes(),
-                    " in their leading dims");
+  check_gather_args(op, x, sw, g, check_cuda);
   const int64_t H = x.size(-2), W = x.size(-1);
-  check_unpooled_size(op, H, W, sw.size(-2), sw.size(-1), g);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = memory_format_of(x);
   at::Tensor out = at::empty(sw.sizes(), x.options().memory_format(fmt));
