@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -51,30 +51,16 @@ def unique_folder(stem: str, taken: set[str]) -> str:
 
 def write_json(obj: object, path: str | os.PathLike) -> Path:
     """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    def dump(f: IO[str]) -> None:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+    return render.write_atomically(path, dump, mode="w", encoding="utf-8")
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    render.write_atomically(path, lambda f: np.save(f, arr))
 
 
 def write_image_folder(

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "focus_grid",
     "side_by_side",
     "save_png",
+    "write_atomically",
 ]
 
 DEFAULT_CMAP = "jet"
@@ -182,11 +184,23 @@ def save_png(rgb: np.ndarray, path: str | os.PathLike, compress_level: int = 1) 
     default level 6 took 2.5x as long (835 vs 330 ms) for a file 5 % smaller, and PNG encoding is the slowest step
     of ``xraydeconv project`` after the projection itself.
     """
+    return write_atomically(
+        path, lambda f: Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG", compress_level=compress_level)
+    )
+
+
+def write_atomically(
+    path: str | os.PathLike, write: Callable[[IO], object], mode: str = "wb", encoding: str | None = None
+) -> Path:
+    """Call ``write`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
+
+    A reader never sees a half-written file; on any error the temp file is removed and ``path`` is untouched.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG", compress_level=compress_level)
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
