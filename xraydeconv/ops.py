@@ -187,7 +187,7 @@ def switch_unpool2d(
     """
     _require(y)
     k, s, p = _geometry(kernel_size, stride, padding)
-    size = _default_unpooled_size(y, k, s, p) if output_size is None else _pair(tuple(output_size)[-2:], "output_size")
+    size = _unpooled_size(y, k, s, p, output_size)
     return torch.ops.xraydeconv.switch_unpool2d(y, switches, k, s, p, size)
 
 
@@ -218,7 +218,10 @@ def switch_gather2d(
     return torch.ops.xraydeconv.switch_gather2d(x, switches, k, s, p)
 
 
-def _default_unpooled_size(y: Tensor, k, s, p) -> tuple[int, int]:
+def _unpooled_size(y: Tensor, k, s, p, output_size: Sequence[int] | None) -> tuple[int, int]:
+    """The (H, W) to unpool to: ``output_size``'s last two values, or the smallest size that pools to y's."""
+    if output_size is not None:
+        return _pair(tuple(output_size)[-2:], "output_size")
     return (
         (y.shape[-2] - 1) * s[0] - 2 * p[0] + k[0],
         (y.shape[-1] - 1) * s[1] - 2 * p[1] + k[1],
@@ -392,7 +395,7 @@ def native_switch_unpool2d(
 ) -> Tensor:
     """:func:`switch_unpool2d` on ``F.max_unpool2d`` (tiling windows) or a scatter-add (overlapping or padded)."""
     k, s, p = _geometry(kernel_size, stride, padding)
-    size = _default_unpooled_size(y, k, s, p) if output_size is None else _pair(tuple(output_size)[-2:], "output_size")
+    size = _unpooled_size(y, k, s, p, output_size)
     pooled = (switches.shape[-2], switches.shape[-1])
     for ax in (0, 1):
         if pooled[ax] not in (_pooled_size(size[ax], k[ax], s[ax], p[ax], c) for c in (False, True)):
