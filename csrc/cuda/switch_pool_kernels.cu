@@ -181,6 +181,36 @@ struct Window {
   for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < (items); \
        i += static_cast<I>(blockDim.x) * gridDim.x)
 
+// Coordinates of flat element i of an NCHW tensor of width div_w.d and height div_h.d.
+template <typename I>
+struct NchwIndex {
+  I plane;  // n * C + c
+  int h, w;
+};
+
+template <typename I>
+__device__ __forceinline__ NchwIndex<I> nchw_index(I i, const Div<I>& div_w, const Div<I>& div_h) {
+  const I q = div_w.div(i);
+  const I plane = div_h.div(q);
+  return {plane, static_cast<int>(q - plane * div_h.d), static_cast<int>(i - q * div_w.d)};
+}
+
+// Coordinates of flat element i of an NHWC tensor of div_c.d channels, width div_w.d and height div_h.d.
+template <typename I>
+struct NhwcIndex {
+  I n, c;
+  int h, w;
+};
+
+template <typename I>
+__device__ __forceinline__ NhwcIndex<I> nhwc_index(I i, const Div<I>& div_c, const Div<I>& div_w,
+                                                   const Div<I>& div_h) {
+  const I q = div_c.div(i);
+  const I q2 = div_w.div(q);
+  const I n = div_h.div(q2);
+  return {n, i - q * div_c.d, static_cast<int>(q2 - n * div_h.d), static_cast<int>(q - q2 * div_w.d)};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pooling.
 
@@ -244,26 +274,31 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
+// Maximum of the window at (oh, ow), clipped to the input; p points at this plane's (NCHW) or this
+// channel's (NHWC) pixel (0, 0), `stride` elements apart per pixel.
+template <typename T, typename I>
+__device__ __forceinline__ WindowMax<T> window_max(const T* p, int oh, int ow, int H, int W, const Window& g,
+                                                   I stride) {
+  const int h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
+  const int hs = max(h0, 0), ws = max(w0, 0);
+  const int he = min(h0 + g.kH, H), we = min(w0 + g.kW, W);
+  WindowMax<T> m(p[(I(hs) * W + ws) * stride], static_cast<uint8_t>((hs - h0) * g.kW + (ws - w0)));
+  for (int h = hs; h < he; ++h) {
+    for (int w = ws; w < we; ++w) {
+      m.offer(p[(I(h) * W + w) * stride], static_cast<uint8_t>((h - h0) * g.kW + (w - w0)));
+    }
+  }
+  return m;
+}
+
 // Any window, NCHW: one thread per output element, consecutive threads along a row.
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     pool_nchw_any(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ sw, I items, Div<I> div_ow,
                   Div<I> div_oh, int H, int W, Window g) {
   XD_GRID_STRIDE(i, items) {
-    const I q = div_ow.div(i);
-    const int ow = static_cast<int>(i - q * div_ow.d);
-    const I plane = div_oh.div(q);
-    const int oh = static_cast<int>(q - plane * div_oh.d);
-    const T* p = x + plane * I(H) * I(W);
-    const int h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
-    const int hs = max(h0, 0), ws = max(w0, 0);
-    const int he = min(h0 + g.kH, H), we = min(w0 + g.kW, W);
-    WindowMax<T> m(p[I(hs) * W + ws], static_cast<uint8_t>((hs - h0) * g.kW + (ws - w0)));
-    for (int h = hs; h < he; ++h) {
-      for (int w = ws; w < we; ++w) {
-        m.offer(p[I(h) * W + w], static_cast<uint8_t>((h - h0) * g.kW + (w - w0)));
-      }
-    }
+    const NchwIndex<I> at = nchw_index(i, div_ow, div_oh);
+    const WindowMax<T> m = window_max(x + at.plane * I(H) * I(W), at.h, at.w, H, W, g, I(1));
     out[i] = m.value;
     sw[i] = m.pos;
   }
@@ -275,23 +310,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     pool_nhwc_any(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ sw, I items, Div<I> div_c,
                   Div<I> div_ow, Div<I> div_oh, int H, int W, Window g) {
   XD_GRID_STRIDE(i, items) {
-    const I q = div_c.div(i);
-    const I c = i - q * div_c.d;
-    const I q2 = div_ow.div(q);
-    const int ow = static_cast<int>(q - q2 * div_ow.d);
-    const I n = div_oh.div(q2);
-    const int oh = static_cast<int>(q2 - n * div_oh.d);
+    const NhwcIndex<I> at = nhwc_index(i, div_c, div_ow, div_oh);
     const I C = div_c.d;
-    const T* p = x + n * I(H) * I(W) * C + c;
-    const int h0 = oh * g.sH - g.pH, w0 = ow * g.sW - g.pW;
-    const int hs = max(h0, 0), ws = max(w0, 0);
-    const int he = min(h0 + g.kH, H), we = min(w0 + g.kW, W);
-    WindowMax<T> m(p[(I(hs) * W + ws) * C], static_cast<uint8_t>((hs - h0) * g.kW + (ws - w0)));
-    for (int h = hs; h < he; ++h) {
-      for (int w = ws; w < we; ++w) {
-        m.offer(p[(I(h) * W + w) * C], static_cast<uint8_t>((h - h0) * g.kW + (w - w0)));
-      }
-    }
+    const WindowMax<T> m = window_max(x + at.n * I(H) * I(W) * C + at.c, at.h, at.w, H, W, g, C);
     out[i] = m.value;
     sw[i] = m.pos;
   }
@@ -422,12 +443,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     unpool_nchw_any(const T* __restrict__ y, const uint8_t* __restrict__ sw, T* __restrict__ out, I items,
                     Div<I> div_w, Div<I> div_h, int OH, int OW, Window g, int* __restrict__ bad) {
   XD_GRID_STRIDE(i, items) {
-    const I q = div_w.div(i);
-    const int w = static_cast<int>(i - q * div_w.d);
-    const I plane = div_h.div(q);
-    const int h = static_cast<int>(q - plane * div_h.d);
-    const I base = plane * I(OH) * I(OW);
-    out[i] = gather_windows<T, I>(h, w, static_cast<int>(div_h.d), static_cast<int>(div_w.d), OH, OW, g, y + base,
+    const NchwIndex<I> at = nchw_index(i, div_w, div_h);
+    const I base = at.plane * I(OH) * I(OW);
+    out[i] = gather_windows<T, I>(at.h, at.w, static_cast<int>(div_h.d), static_cast<int>(div_w.d), OH, OW, g, y + base,
                                   sw + base, I(1), bad);
   }
 }
@@ -437,15 +455,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     unpool_nhwc_any(const T* __restrict__ y, const uint8_t* __restrict__ sw, T* __restrict__ out, I items,
                     Div<I> div_c, Div<I> div_w, Div<I> div_h, int OH, int OW, Window g, int* __restrict__ bad) {
   XD_GRID_STRIDE(i, items) {
-    const I q = div_c.div(i);
-    const I c = i - q * div_c.d;
-    const I q2 = div_w.div(q);
-    const int w = static_cast<int>(q - q2 * div_w.d);
-    const I n = div_h.div(q2);
-    const int h = static_cast<int>(q2 - n * div_h.d);
+    const NhwcIndex<I> at = nhwc_index(i, div_c, div_w, div_h);
     const I C = div_c.d;
-    const I base = n * I(OH) * I(OW) * C + c;
-    out[i] = gather_windows<T, I>(h, w, static_cast<int>(div_h.d), static_cast<int>(div_w.d), OH, OW, g, y + base,
+    const I base = at.n * I(OH) * I(OW) * C + at.c;
+    out[i] = gather_windows<T, I>(at.h, at.w, static_cast<int>(div_h.d), static_cast<int>(div_w.d), OH, OW, g, y + base,
                                   sw + base, C, bad);
   }
 }
@@ -471,11 +484,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     gather_nchw_any(const T* __restrict__ x, const uint8_t* __restrict__ sw, T* __restrict__ out, I items,
                     Div<I> div_ow, Div<I> div_oh, int H, int W, Window g, int* __restrict__ bad) {
   XD_GRID_STRIDE(i, items) {
-    const I q = div_ow.div(i);
-    const int ow = static_cast<int>(i - q * div_ow.d);
-    const I plane = div_oh.div(q);
-    const int oh = static_cast<int>(q - plane * div_oh.d);
-    out[i] = read_switch(x + plane * I(H) * I(W), sw[i], oh, ow, H, W, 1, g, bad);
+    const NchwIndex<I> at = nchw_index(i, div_ow, div_oh);
+    out[i] = read_switch(x + at.plane * I(H) * I(W), sw[i], at.h, at.w, H, W, 1, g, bad);
   }
 }
 
@@ -484,14 +494,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     gather_nhwc_any(const T* __restrict__ x, const uint8_t* __restrict__ sw, T* __restrict__ out, I items,
                     Div<I> div_c, Div<I> div_ow, Div<I> div_oh, int H, int W, Window g, int* __restrict__ bad) {
   XD_GRID_STRIDE(i, items) {
-    const I q = div_c.div(i);
-    const I c = i - q * div_c.d;
-    const I q2 = div_ow.div(q);
-    const int ow = static_cast<int>(q - q2 * div_ow.d);
-    const I n = div_oh.div(q2);
-    const int oh = static_cast<int>(q2 - n * div_oh.d);
+    const NhwcIndex<I> at = nhwc_index(i, div_c, div_ow, div_oh);
     const I C = div_c.d;
-    out[i] = read_switch(x + n * I(H) * I(W) * C + c, sw[i], oh, ow, H, W, static_cast<int64_t>(C), g, bad);
+    out[i] = read_switch(x + at.n * I(H) * I(W) * C + at.c, sw[i], at.h, at.w, H, W, static_cast<int64_t>(C), g, bad);
   }
 }
 
