@@ -446,7 +446,7 @@ def evaluate(
                     for j in show:
                         i, r = idx[j], pos[j]
                         path = ds.records[i].path
-                        folder = unique_folder(path.stem, taken)
+                        folder = unique_folder(f"{classes[y[j]]}-as-{classes[pred[j]]}-{path.stem}", taken)
                         m = dict(base, input_file=str(path), input_name=path.name,
                                  true_class=classes[y[j]], predicted_class=classes[pred[j]],
                                  predicted_probability=float(probs[j, pred[j]]),
