@@ -13,6 +13,7 @@ from PIL import Image
 from xraydeconv.data.classes import CLASS_NAMES
 from xraydeconv.data.phantoms import (
     CLASS_LANDMARKS,
+    GENERATOR,
     default_cache_dir,
     ensure_phantoms,
     generate,
@@ -122,7 +123,7 @@ def test_marker_bias_draws_a_small_bright_class_specific_marker():
 def test_tree_layout_and_manifest(small_tree):
     meta = json.loads((small_tree / "dataset.json").read_text())
     assert meta == {
-        "format": "xraydeconv-phantoms", "version": 1, "classes": list(CLASS_NAMES),
+        "format": "xraydeconv-phantoms", "version": 1, "generator": GENERATOR, "classes": list(CLASS_NAMES),
         "landmarks": {c: CLASS_LANDMARKS[c] for c in CLASS_NAMES}, "size": 64, "seed": 7,
         "per_class": {"train": 3, "val": 2, "test": 2}, "bias": None,
     }
@@ -211,6 +212,17 @@ def test_ensure_phantoms_reuses_identical_tree_and_regenerates_other(tmp_path, m
     (stranger / "notes.txt").write_text("not a data set")
     with pytest.raises(UserError, match="not a phantom data set"):
         ensure_phantoms(stranger, per_class=1, size=32, progress=False)
+
+
+def test_ensure_phantoms_regenerates_a_tree_drawn_by_other_generator_code(tmp_path):
+    path = ensure_phantoms(tmp_path / "tree", per_class=1, size=32, seed=3, splits=("test",), progress=False)
+    meta_file = path / "dataset.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["generator"] == GENERATOR
+    meta["generator"] = "0" * 16  # as if written by an older release of the generator
+    meta_file.write_text(json.dumps(meta))
+    ensure_phantoms(path, per_class=1, size=32, seed=3, splits=("test",), progress=False)
+    assert json.loads(meta_file.read_text())["generator"] == GENERATOR
 
 
 def _ensure_in_child(root: str, queue, barrier) -> None:

@@ -16,6 +16,7 @@ The tree written by :func:`generate` is an ImageFolder with masks beside the ima
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,17 @@ from .phantoms_views import VIEWS, landmark_names
 
 FORMAT = "xraydeconv-phantoms"
 VERSION = 1
+
+
+def _generator_id() -> str:
+    """Fingerprint of the generator's source: a cached tree drawn by other code is regenerated, not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("phantoms*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+GENERATOR = _generator_id()
 SPLITS = ("train", "val", "test")
 BIASES = ("marker",)
 BIASED_SPLITS = ("train", "val")  # the shortcut is planted here; the test split stays clean
@@ -130,6 +142,7 @@ def _manifest(counts: dict[str, int], size: int, seed: int, bias: str | None) ->
     return {
         "format": FORMAT,
         "version": VERSION,
+        "generator": GENERATOR,
         "classes": list(CLASS_NAMES),
         "landmarks": {name: list(CLASS_LANDMARKS[name]) for name in CLASS_NAMES},
         "size": size,
