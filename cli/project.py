@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -18,19 +15,6 @@ def _layer_arg(value: str) -> int | str:
         return int(value)
     except ValueError:
         return value
-
-
-def _pick_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
 
 
 class _Inputs:
@@ -73,20 +57,6 @@ class _Inputs:
             else:
                 x = torch.stack([self.dataset[i][0] for i in idx])
             yield list(idx), x
-
-
-def _finalise(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished temp folder into place; an existing --out is replaced only with --overwrite."""
-    old = None
-    if out.exists():
-        if overwrite:
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        else:
-            out.rmdir()  # empty: checked before the work started
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -168,10 +138,11 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
     import xraydeconv
     from xraydeconv.checkpoint import load_checkpoint
     from xraydeconv.deconvnet import DeconvNet
+    from xraydeconv.evaluate import pick_device
     from xraydeconv.gallery import write_gallery
-    from xraydeconv.projection_io import unique_folder, write_image_folder
+    from xraydeconv.projection_io import building_folder, save_projection
 
-    dev = _pick_device(device)
+    dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
     dn = DeconvNet(ckpt.model)
     try:
@@ -210,9 +181,8 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
         "torch_version": torch.__version__,
     }
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        rows, taken = [], set()
+    rows, taken = [], set()
+    with building_folder(out, overwrite) as tmp:
         with tqdm(total=len(inputs), desc="projecting", unit="img", file=sys.stderr, disable=quiet) as bar:
             for idx, x in inputs.batches(batch_size):
                 p = dn.project(x.to(dev), top_n=top_n, layer=li, mode=mode, rank=rank, method=method,
@@ -220,7 +190,6 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
                 probs = p.probs
                 for j, i in enumerate(idx):
                     path = inputs.paths[i]
-                    folder = unique_folder(path.stem, taken)
                     m = dict(base)
                     m["input_file"] = str(path)
                     m["input_name"] = path.name
@@ -239,16 +208,10 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
                             float(probs[j, class_names.index(m["true_class"])])
                             if m["true_class"] in class_names else None
                         )
-                    man = write_image_folder(tmp / folder, x[j].cpu(), p.maps[j].cpu(), p.channels[j].cpu(),
-                                             p.activations[j].cpu(), m, cmap=cmap)
-                    rows.append({"folder": folder, "manifest": man})
+                    rows.append(save_projection(tmp, path.stem, taken, x[j], p, j, m, cmap=cmap))
                 bar.update(len(idx))
         info = {"model": ckpt.model_name, "checkpoint": Path(checkpoint).name, "layer": layer_name,
                 "top-n": top_n, "method": method, "mode": mode}
         write_gallery(tmp, rows, title=f"xraydeconv projections: {ckpt.model_name}", info=info)
-        _finalise(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not quiet:
         click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)

@@ -102,9 +102,6 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
 
     The folder is built beside ``out`` and moved into place at the end. Returns the number of images.
     """
-    import shutil
-    import tempfile
-
     from tqdm import tqdm
 
     import xraydeconv
@@ -112,7 +109,7 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
     from xraydeconv.data import open_dataset
     from xraydeconv.deconvnet import DeconvNet
     from xraydeconv.gallery import write_gallery
-    from xraydeconv.projection_io import unique_folder, write_image_folder
+    from xraydeconv.projection_io import building_folder, save_projection
 
     ckpt = load_checkpoint(ckpt_path)
     ds = open_dataset(data, split=split, input_size=ckpt.input_size)
@@ -125,9 +122,8 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
             "top_n": top_n, "mode": "map", "rank": "max", "method": "deconvnet", "input_size": ckpt.input_size,
             "xraydeconv_version": xraydeconv.__version__, "torch_version": torch.__version__}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        rows, taken = [], set()
+    rows, taken = [], set()
+    with building_folder(out) as tmp:
         with tqdm(total=len(idx), desc=f"projecting {ckpt.model_name}", unit="img", file=sys.stderr,
                   disable=not progress) as bar:
             for b0 in range(0, len(idx), 8):
@@ -139,21 +135,13 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
                     rec = ds.records[i]
                     true = classes[int(rec.label)]
                     k = int(probs[j].argmax())
-                    folder = unique_folder(f"{true}-{rec.path.stem}", taken)
                     m = dict(base, input_file=str(rec.path), input_name=f"{true}/{rec.path.name}", true_class=true,
                              predicted_class=classes[k], predicted_probability=float(probs[j, k]),
                              true_probability=float(probs[j, int(rec.label)]))
-                    man = write_image_folder(tmp / folder, x[j], p.maps[j], p.channels[j], p.activations[j], m)
-                    rows.append({"folder": folder, "manifest": man})
+                    rows.append(save_projection(tmp, f"{true}-{rec.path.stem}", taken, x[j], p, j, m))
                 bar.update(len(chunk))
         write_gallery(tmp, rows, title=f"xraydeconv projections: {ckpt.model_name}",
                       info={"model": ckpt.model_name, "top-n": top_n, "split": split})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return len(idx)
 
 

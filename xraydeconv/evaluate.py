@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +34,8 @@ import torch
 from xraydeconv import metrics
 from xraydeconv.errors import UserError
 
-__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown"]
+__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown",
+           "pick_device"]
 
 REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "report.md", "confusion.png", "misclassified"
 MARKER = "marker"
@@ -296,7 +295,8 @@ class _OcclusionTally:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
+    """The torch device for ``--device`` (auto, cpu, cuda or cuda:N); UserError when it is not usable here."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -314,17 +314,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: exists and is not empty (use --overwrite to replace it)")
     if not out.absolute().parent.exists():
         raise UserError(f"{out.absolute().parent}: no such folder for --out")
-
-
-def _finalise(tmp: Path, out: Path) -> None:
-    """Move the finished temp folder into place, replacing ``out`` only now that everything is written."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
@@ -358,7 +347,7 @@ def evaluate(
     from xraydeconv.data import open_dataset
     from xraydeconv.deconvnet import DeconvNet
     from xraydeconv.gallery import write_gallery
-    from xraydeconv.projection_io import unique_folder, write_image_folder, write_json
+    from xraydeconv.projection_io import building_folder, save_projection, write_json
 
     opt = options or EvalOptions()
     log = log or (lambda s: tqdm.write(s, file=sys.stderr))
@@ -370,7 +359,7 @@ def evaluate(
         raise UserError("--max-misclassified and --tolerance must be >= 0")
     _prepare_out(out, overwrite)
     t0 = time.perf_counter()
-    dev = _device(opt.device)
+    dev = pick_device(opt.device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
     root = resolve_data(ckpt, data)
     ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size)
@@ -410,8 +399,7 @@ def evaluate(
         "torch_version": torch.__version__,
     }
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
-    try:
+    with building_folder(out, overwrite) as tmp:
         mis_dir = tmp / MISCLASSIFIED_DIR
         mis_dir.mkdir()
         with tqdm(total=n, desc=f"evaluating {ckpt.model_name}", unit="img", file=sys.stderr,
@@ -446,18 +434,17 @@ def evaluate(
                     for j in show:
                         i, r = idx[j], pos[j]
                         path = ds.records[i].path
-                        folder = unique_folder(f"{classes[y[j]]}-as-{classes[pred[j]]}-{path.stem}", taken)
                         m = dict(base, input_file=str(path), input_name=path.name,
                                  true_class=classes[y[j]], predicted_class=classes[pred[j]],
                                  predicted_probability=float(probs[j, pred[j]]),
                                  true_probability=float(probs[j, y[j]]))
-                        man = write_image_folder(mis_dir / folder, x[j].cpu(), p.maps[r].cpu(), p.channels[r].cpu(),
-                                                 p.activations[r].cpu(), m)
-                        gallery_rows.append({"folder": folder, "manifest": man})
+                        row = save_projection(mis_dir, f"{classes[y[j]]}-as-{classes[pred[j]]}-{path.stem}", taken,
+                                              x[j], p, r, m)
+                        gallery_rows.append(row)
                         misclassified.append({
                             "image": str(path), "true": classes[y[j]], "predicted": classes[pred[j]],
                             "probability": float(probs[j, pred[j]]), "true_probability": float(probs[j, y[j]]),
-                            "folder": f"{MISCLASSIFIED_DIR}/{folder}",
+                            "folder": f"{MISCLASSIFIED_DIR}/{row['folder']}",
                         })
                 if opt.occlusion and any(masks):
                     from xraydeconv.occlusion import occlude_landmarks
@@ -511,10 +498,6 @@ def evaluate(
         md = render_markdown(report)
         (tmp / f".{REPORT_MD}.tmp").write_text(md, encoding="utf-8")
         os.replace(tmp / f".{REPORT_MD}.tmp", tmp / REPORT_MD)
-        _finalise(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -15,9 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +29,13 @@ from torch import Tensor
 
 from xraydeconv import render
 
-__all__ = ["ImageResult", "unique_folder", "write_image_folder", "write_json", "read_manifest"]
+if TYPE_CHECKING:
+    from xraydeconv.deconvnet import Projection
+
+__all__ = [
+    "ImageResult", "unique_folder", "write_image_folder", "save_projection", "building_folder", "write_json",
+    "read_manifest",
+]
 
 MANIFEST_VERSION = 1
 
@@ -130,6 +140,57 @@ def write_image_folder(
     )
     write_json(out, folder / "manifest.json")
     return out
+
+
+def save_projection(
+    root: Path,
+    stem: str,
+    taken: set[str],
+    image: Tensor,
+    projection: Projection,
+    index: int,
+    manifest: dict,
+    cmap: str = render.DEFAULT_CMAP,
+) -> dict:
+    """Write image ``index`` of a batch ``projection`` into a new folder of ``root`` named after ``stem``.
+
+    Args:
+        taken: folder names already used under ``root`` (lower case); the new one is added.
+        image: (C_in, H, W) the input the projection was made from.
+        manifest: fields describing the run and the image (see :func:`write_image_folder`).
+    Returns:
+        The gallery row ``{"folder": name, "manifest": manifest as written}``.
+    """
+    folder = unique_folder(stem, taken)
+    man = write_image_folder(root / folder, image.cpu(), projection.maps[index].cpu(),
+                             projection.channels[index].cpu(), projection.activations[index].cpu(), manifest, cmap=cmap)
+    return {"folder": folder, "manifest": man}
+
+
+@contextmanager
+def building_folder(out: Path, overwrite: bool = True) -> Iterator[Path]:
+    """A new temporary folder beside ``out`` to build the output in; it becomes ``out`` when the block succeeds.
+
+    An existing ``out`` is replaced only once everything is written (with ``overwrite=False`` it must be empty:
+    the caller checks that before the work starts). On any error the temporary folder is removed and ``out``
+    is left untouched.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    old = None
+    try:
+        yield tmp
+        if out.exists():
+            if overwrite:
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+            else:
+                out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
