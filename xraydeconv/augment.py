@@ -84,9 +84,12 @@ def augment_batch(images: Tensor, generator: torch.Generator, cfg: AugmentConfig
     b = images.shape[0]
     device, dtype = images.device, images.dtype
     theta = random_affine_matrices(b, cfg, generator).to(device=device, dtype=dtype)
-    gamma = _uniform(b, cfg.gamma[0], cfg.gamma[1], generator).to(device=device, dtype=dtype).view(b, 1, 1, 1)
-    contrast = _uniform(b, cfg.contrast[0], cfg.contrast[1], generator).to(device=device, dtype=dtype).view(b, 1, 1, 1)
-    sigma = _uniform(b, 0.0, cfg.noise_std, generator).to(device=device, dtype=dtype).view(b, 1, 1, 1)
+    # the per-image intensity parameters travel to the device as one tensor
+    gamma, contrast, sigma = torch.stack([
+        _uniform(b, cfg.gamma[0], cfg.gamma[1], generator),
+        _uniform(b, cfg.contrast[0], cfg.contrast[1], generator),
+        _uniform(b, 0.0, cfg.noise_std, generator),
+    ]).to(device=device, dtype=dtype).view(3, b, 1, 1, 1)
     noise = torch.randn(images.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
