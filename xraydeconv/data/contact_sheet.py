@@ -6,7 +6,6 @@ landmark masks, if any, sit beside the images as ``<stem>.landmarks/<name>.png``
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,8 +14,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import UserError
+from .imagefolder import read_meta
+from .landmarks import MASK_FOLDER_SUFFIX, mask_files
+from .preprocess import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 
 Example = tuple[Path, dict[str, Path]]
@@ -24,13 +25,6 @@ Example = tuple[Path, dict[str, Path]]
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _landmarks(image: Path) -> dict[str, Path]:
-    folder = image.with_name(image.stem + ".landmarks")
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() == ".png"}
 
 
 def find_examples(root: str | os.PathLike, per_class: int = 2,
@@ -50,20 +44,14 @@ def find_examples(root: str | os.PathLike, per_class: int = 2,
             raise UserError(f"{folder}: no such split folder")
     else:
         folder = next((root / s for s in SPLITS if (root / s).is_dir()), root)
-    order: list[str] = []
-    meta = root / "dataset.json"
-    if meta.is_file():
-        try:
-            order = [str(c) for c in json.loads(meta.read_text()).get("classes", [])]
-        except (OSError, ValueError, AttributeError) as exc:
-            raise UserError(f"{meta}: not readable JSON ({exc})") from exc
-    present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.endswith(".landmarks"))
+    order = read_meta(root).get("classes") or []
+    present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.endswith(MASK_FOLDER_SUFFIX))
     classes = [c for c in order if c in present] + [c for c in present if c not in order]
     result = []
     for name in classes:
         images = _images(folder / name)[:per_class]
         if images:
-            result.append((name, [(p, _landmarks(p)) for p in images]))
+            result.append((name, [(p, mask_files(p)) for p in images]))
     if not result:
         raise UserError(f"{folder}: no class folders with images (expected <class>/<image>.png)")
     return folder, result
