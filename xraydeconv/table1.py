@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from xraydeconv.checkpoint import atomic_write_bytes
+from xraydeconv.distributed import from_env
 from xraydeconv.models import MODEL_NAMES, POSTER_ACCURACY
-from xraydeconv.train import TrainConfig, train
+from xraydeconv.train import METRICS, RESUME, TrainConfig, train
 
 TABLE_MD, TABLE_JSON = "table1.md", "table1.json"
 
@@ -27,8 +28,7 @@ def table_rows(results: dict[str, dict]) -> list[dict]:
             "params": m["params"],
             "epochs": len(m["history"]),
             "input_size": m["config"]["input_size"],
-            "augmented": bool(m["config"].get("augment") if m["config"].get("augment") is not None
-                              else name == "deeper-aug"),
+            "augmented": TrainConfig.from_dict(m["config"]).augmented,
             "train_seconds": t["train_seconds"],
             "seconds_per_epoch": t["seconds_per_epoch"],
             "test_split": m.get("test_split", "test"),
@@ -78,8 +78,8 @@ def train_all(
     for name in MODEL_NAMES:
         cfg = make_config(name)
         run_dir = out / name
-        if resume and (run_dir / "metrics.json").is_file() and not (run_dir / "resume.pt").exists():
-            m = json.loads((run_dir / "metrics.json").read_text())
+        if resume and (run_dir / METRICS).is_file() and not (run_dir / RESUME).exists():
+            m = json.loads((run_dir / METRICS).read_text())
             if len(m.get("history", [])) >= m["config"]["epochs"]:
                 results[name] = m
                 data = m.get("data", data)
@@ -87,8 +87,6 @@ def train_all(
         results[name] = train(cfg, run_dir, resume=resume, log=log, progress=progress)
         data = results[name]["data"]
     rows = table_rows(results)
-    from xraydeconv.distributed import from_env
-
     if from_env().is_main:
         atomic_write_bytes(out / TABLE_JSON, (json.dumps({"data": data, "rows": rows}, indent=2) + "\n").encode())
         atomic_write_bytes(out / TABLE_MD, render_markdown(rows, data).encode())
