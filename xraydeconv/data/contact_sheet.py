@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import UserError
 from .imagefolder import read_meta
 from .landmarks import MASK_FOLDER_SUFFIX, mask_files
-from .preprocess import IMAGE_SUFFIXES
+from .preprocess import IMAGE_SUFFIXES, Letterbox
 
 SPLITS = ("train", "val", "test")
 
@@ -72,12 +72,9 @@ def _letterbox(path: Path, tile: int, resample: int) -> Image.Image:
             img = im.convert("L")
     except OSError as exc:
         raise UserError(f"{path}: not a readable image ({exc})") from exc
-    w, h = img.size
-    s = tile / max(w, h)
-    nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    x0, y0 = (tile - nw) // 2, (tile - nh) // 2
+    box = Letterbox.fit(img.height, img.width, tile)
     canvas = Image.new("L", (tile, tile), 0)
-    canvas.paste(img.resize((nw, nh), resample), (x0, y0))
+    canvas.paste(img.resize((box.width, box.height), resample), (box.left, box.top))
     return canvas
 
 
