@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 # OpenMP threads that spin while waiting distort timings on shared machines; must be set before torch loads
@@ -82,6 +81,7 @@ def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bo
     from xraydeconv import ops
     from xraydeconv.bench import format_report, run_report
     from xraydeconv.errors import UserError
+    from xraydeconv.render import write_atomically
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -106,12 +106,5 @@ def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bo
         bar.close()
     click.echo(format_report(report))
     if json_path is not None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{json_path.name}.", dir=json_path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(report.as_dict(), f, indent=2)
-            os.replace(tmp, json_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(json_path, lambda f: json.dump(report.as_dict(), f, indent=2), mode="w", encoding="utf-8")
         click.echo(f"wrote {json_path}")
