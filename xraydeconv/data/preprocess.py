@@ -175,7 +175,9 @@ def preprocess(path: Path, input_size: int) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (S, S) -> FloatTensor [1, S, S] in [0, 1]."""
-    return torch.from_numpy(np.asarray(arr, dtype=np.float32) / 255.0).unsqueeze(0)
+    out = arr.astype(np.float32)
+    out /= 255.0
+    return torch.from_numpy(out).unsqueeze(0)
 
 
 def check_input_size(input_size: int) -> int:
