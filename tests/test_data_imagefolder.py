@@ -10,6 +10,7 @@ from PIL import Image
 
 from xraydeconv.data import Record, XrayDataset, open_dataset
 from xraydeconv.data.classes import CLASS_NAMES
+from xraydeconv.data.phantoms import generate
 from xraydeconv.errors import UserError
 
 
@@ -72,10 +73,7 @@ def test_phantom_tree_is_read_with_its_class_order_and_masks(phantom_tree):
 
 
 def test_phantom_generator_output_is_readable(tmp_path):
-    phantoms = pytest.importorskip("xraydeconv.data.phantoms")
-    if not hasattr(phantoms, "generate"):
-        pytest.skip("the phantom generator is not part of this build")
-    root = phantoms.generate(
+    root = generate(
         tmp_path / "ph", per_class=1, size=64, seed=1, splits=("train",), workers=1, progress=False
     )
     ds = open_dataset(root, "train", input_size=64)
