@@ -13,9 +13,10 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from xraydeconv import render
 
 __all__ = ["write_gallery", "gallery_html", "SORT_KEYS"]
 
@@ -165,18 +166,9 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
                   info: dict | None = None) -> Path:
     """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`."""
     out_dir = Path(out_dir)
-    path = out_dir / "index.html"
-    fd, tmp = tempfile.mkstemp(prefix=".index.html.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(gallery_html(rows, title, info))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = render.write_atomically(
+        out_dir / "index.html", lambda f: f.write(gallery_html(rows, title, info)), mode="w", encoding="utf-8"
+    )
     # the rows as data too, for scripts that post-process a run
-    with open(out_dir / ".gallery.json.tmp", "w", encoding="utf-8") as f:
-        json.dump(list(rows), f)
-    os.replace(out_dir / ".gallery.json.tmp", out_dir / "gallery.json")
+    render.write_atomically(out_dir / "gallery.json", lambda f: json.dump(list(rows), f), mode="w", encoding="utf-8")
     return path
