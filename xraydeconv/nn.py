@@ -56,8 +56,7 @@ class SwitchMaxPool2d(nn.Module):
     @classmethod
     def from_max_pool(cls, pool: nn.MaxPool2d, backend: str = "auto") -> SwitchMaxPool2d:
         """The equivalent of an existing ``nn.MaxPool2d`` (which must have dilation 1)."""
-        dilation = pool.dilation if isinstance(pool.dilation, tuple) else (pool.dilation, pool.dilation)
-        if tuple(dilation) != (1, 1):
+        if ops._pair(pool.dilation, "dilation") != (1, 1):
             raise ValueError(f"SwitchMaxPool2d has no dilation; this MaxPool2d has dilation {pool.dilation}")
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, backend=backend)
 
