@@ -31,7 +31,6 @@ def carve(
     if sum(fractions.values()) >= 1.0:
         raise UserError(f"split fractions {fractions} leave nothing for training")
     rng = np.random.default_rng(seed)
-    out = ["train"] * len(labels)
     if groups is not None:
         unique = sorted(set(groups))
         order = rng.permutation(len(unique))
@@ -43,6 +42,7 @@ def carve(
                 chosen[unique[j]] = name
             start += k
         return [chosen.get(g, "train") for g in groups]
+    out = ["train"] * len(labels)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(int(y), []).append(i)
