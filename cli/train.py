@@ -134,9 +134,11 @@ def train(
 
 def _check_resume_consistency(out: Path, model: str | None, explicit: set[str], given: dict, train_all: bool) -> None:
     """A resumed run keeps its stored configuration: options that contradict it are an error, not ignored."""
+    from xraydeconv.models import MODEL_NAMES
     from xraydeconv.train import LAST, RESUME, TrainConfig, _latest_resume_state
 
-    dirs = [out / m for m in ("shallow", "deeper", "deeper-aug")] if train_all else [out]
+    dirs = [out / m for m in MODEL_NAMES] if train_all else [out]
+    option_of = {f: o.replace("_", "-") for o, f in _CONFIG_OPTIONS.items()}
     for d in dirs:
         if not ((d / LAST).exists() or (d / RESUME).exists()):
             continue
@@ -148,5 +150,5 @@ def _check_resume_consistency(out: Path, model: str | None, explicit: set[str], 
             if field in stored and given.get(field, False) != stored[field]:
                 raise UserError(
                     f"{d}: the run to resume has {field}={stored[field]!r}; "
-                    f"--{field.replace('_', '-')} {given.get(field)!r} contradicts it (leave it out to resume)"
+                    f"--{option_of[field]} {given.get(field)!r} contradicts it (leave it out to resume)"
                 )

@@ -132,6 +132,8 @@ def test_resume_refuses_another_model_classes_or_options(tmp_path: Path) -> None
     assert isinstance(r.exception, UserError) and "trains 'shallow', not 'deeper'" in str(r.exception)
     r = _invoke(["--model", "shallow", "--epochs", "5", "--resume", "--out", str(out)])
     assert isinstance(r.exception, UserError) and "--epochs 5 contradicts it" in str(r.exception)
+    r = _invoke(["--model", "shallow", "--per-class", "5", "--resume", "--out", str(out)])
+    assert isinstance(r.exception, UserError) and "--per-class 5 contradicts it" in str(r.exception)
     for split in ("train", "val", "test"):  # the data set changed under the run
         (data / split / "middle").rename(data / split / "centre")
     with pytest.raises(UserError, match="trained on other classes"):
