@@ -87,6 +87,12 @@ _SCRIPT = """
 """
 
 
+def _misclassified(m: dict) -> bool:
+    return m.get("true_class") is not None and m.get("predicted_class") is not None and (
+        m["true_class"] != m["predicted_class"]
+    )
+
+
 def _card(row: dict) -> str:
     m = row["manifest"]
     folder = row["folder"]
@@ -94,7 +100,7 @@ def _card(row: dict) -> str:
     true = m.get("true_class")
     pred = m.get("predicted_class")
     conf = m.get("predicted_probability")
-    mis = true is not None and pred is not None and true != pred
+    mis = _misclassified(m)
     cls = "card misclassified" if mis else "card"
     attrs = {
         "data-name": name,
@@ -129,13 +135,7 @@ def _card(row: dict) -> str:
 
 def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", info: dict | None = None) -> str:
     """The page for ``rows`` (each ``{"folder": <relative folder>, "manifest": <its manifest dict>}``)."""
-    n_mis = sum(
-        1
-        for r in rows
-        if r["manifest"].get("true_class") is not None
-        and r["manifest"].get("predicted_class") is not None
-        and r["manifest"]["true_class"] != r["manifest"]["predicted_class"]
-    )
+    n_mis = sum(_misclassified(r["manifest"]) for r in rows)
     info_s = ""
     if info:
         info_s = "<div class='meta'>" + html.escape(" · ".join(f"{k}: {v}" for k, v in info.items())) + "</div>"
