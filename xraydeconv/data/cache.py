@@ -164,10 +164,7 @@ class DecodedCache:
             os.replace(self._partial, self.file)
         except FileNotFoundError:
             pass  # another process sharing this store published it first
-        try:
-            os.unlink(self._flags)
-        except FileNotFoundError:
-            pass
+        self._flags.unlink(missing_ok=True)
         self._complete = True
 
     # -- access ------------------------------------------------------------------------------------
