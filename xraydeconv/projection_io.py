@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from xraydeconv import render
@@ -104,23 +105,17 @@ def write_image_folder(
     acts = [float(a) for a in activations.tolist()]
 
     orig = render.to_rgb(image)
-    render.save_png(
-        render.side_by_side([orig, render.overlay(image, combined, cmap)], ["input", f"top-{n} filters"]),
-        folder / "overlay.png",
-    )
+    over = render.overlay(image, combined, cmap)
+    render.save_png(render.side_by_side([orig, over], ["input", f"top-{n} filters"]), folder / "overlay.png")
     render.save_png(
         render.side_by_side(
-            [orig, render.overlay(image, top5, cmap), render.overlay(image, combined, cmap)],
-            ["input", f"top-{min(5, n)} focus", f"top-{n} focus"],
+            [orig, render.overlay(image, top5, cmap), over], ["input", f"top-{min(5, n)} focus", f"top-{n} focus"]
         ),
         folder / "focus.png",
     )
     render.save_png(render.focus_grid(image, heats, chans, acts, cols=grid_cols, cmap=cmap), folder / "grid.png")
     # a small thumbnail for the gallery page
-    thumb = render.overlay(image, combined, cmap)
-    from PIL import Image
-
-    im = Image.fromarray(thumb)
+    im = Image.fromarray(over)
     im.thumbnail((160, 160))
     render.save_png(np.asarray(im), folder / "thumb.png")
     _save_npy(heats.to(torch.float16).cpu().numpy(), folder / "maps.npy")
