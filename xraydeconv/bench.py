@@ -234,6 +234,7 @@ def run_report(
         for n_threads in thread_counts:
             torch.set_num_threads(n_threads)
             for shape in shapes:
+                pooled = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
                 for layout in LAYOUTS:
                     x = torch.randn(shape, device=device, generator=gen)
                     if layout == "channels_last":
@@ -248,7 +249,6 @@ def run_report(
                             repeats,
                             device,
                         )
-                        pooled = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
                         report.rows.append(
                             Row(
                                 op=op,
