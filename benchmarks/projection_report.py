@@ -35,35 +35,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from xraydeconv.deconvnet import DeconvNet  # noqa: E402
-
-
-class _StandIn(nn.Module):
-    """The deeper net's layout with torch's MaxPool2d, for checkouts where xraydeconv.models cannot be built."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers, c = [], 1
-        for width in (16, 32, 64, 128):
-            for _ in range(2):
-                layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-                c = width
-            layers.append(nn.MaxPool2d(2, 2))
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c, 24))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+from xraydeconv.models import build  # noqa: E402
 
 
 def build_model(name: str, device: str) -> nn.Module:
     torch.manual_seed(0)
-    try:
-        from xraydeconv.models import build
-
-        model = build(name, num_classes=24, in_channels=1, input_size=256)
-    except ImportError as exc:
-        print(f"(xraydeconv.models unavailable: {exc}; using a stand-in with the deeper net's layout)")
-        model = _StandIn()
+    model = build(name, num_classes=24, in_channels=1, input_size=256)
     for m in model.modules():  # non-trivial BatchNorm statistics, as after training
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
