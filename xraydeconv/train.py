@@ -318,11 +318,13 @@ def train(
 
 def _run(cfg, out: Path, raw: dict | None, info, device, log, progress: bool) -> dict:
     t_start = time.perf_counter()
-    if cfg.data is None and info.enabled:  # one rank generates the phantoms, the others then reuse them
-        if info.is_main:
-            open_splits(cfg, log)
+    # one rank generates the phantoms, the others wait and then reuse them
+    generating = cfg.data is None and info.enabled
+    if generating and not info.is_main:
         distributed.barrier(info)
     splits = open_splits(cfg, log)
+    if generating and info.is_main:
+        distributed.barrier(info)
     num_classes = len(splits.class_names)
     if raw is not None:
         _check_resumable(raw, cfg, splits.class_names, out)
