@@ -216,10 +216,6 @@ class LandmarkAgreement:
             else:
                 self._named.setdefault(key, []).extend(rows)
 
-    @property
-    def n_images(self) -> int:
-        return len(self._labels)
-
     def result(self) -> dict | None:
         """The landmark tables (None when no image had landmark masks)."""
         if not self._labels and not self._marker:

@@ -17,7 +17,7 @@ an image without landmark pixels scores NaN (as in Quantus), so that ``np.nanmea
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -162,7 +162,6 @@ class LandmarkScores:
     relevance_mass: np.ndarray
     relevance_rank: np.ndarray
     area_share: np.ndarray  # (B,)
-    extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         """Mean of each metric over the images that have landmark pixels (NaN where none has), plus counts."""
