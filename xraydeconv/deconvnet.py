@@ -140,6 +140,18 @@ def _bn_forward(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
+def _folded_weight(s: _Step, dtype: torch.dtype, cache: dict[str, Tensor]) -> Tensor:
+    """The conv's weight with its BatchNorm folded in, in ``dtype``; made once per projection call (in ``cache``)
+    rather than once per block, yet always from the model's current weights."""
+    w = cache.get(s.name)
+    if w is None:
+        w = s.module.weight
+        if s.bn is not None:
+            w = w * _bn_scale(s.bn).to(w.dtype).view(-1, 1, 1, 1)
+        w = cache[s.name] = w.to(dtype)
+    return w
+
+
 # --- pooling with switches --------------------------------------------------------------------------------
 
 
@@ -390,12 +402,9 @@ class DeconvNet:
         return self.model(x) if self._head is self.model else self._head(feats_out)
 
     # ---- backward walk ----
-    def _conv_transpose(self, g: Tensor, s: _Step, in_size: tuple[int, int]) -> Tensor:
+    def _conv_transpose(self, g: Tensor, s: _Step, in_size: tuple[int, int], weights: dict) -> Tensor:
         conv: nn.Conv2d = s.module
-        w = conv.weight
-        if s.bn is not None:
-            w = w * _bn_scale(s.bn).to(w.dtype).view(-1, 1, 1, 1)
-        w = w.to(g.dtype)
+        w = _folded_weight(s, g.dtype, weights)
         stride, pad, dil = _pair(conv.stride), _padding_of(conv), _pair(conv.dilation)
         k = (w.shape[-2], w.shape[-1])
         out_pad = tuple(
@@ -405,17 +414,16 @@ class DeconvNet:
         g = g.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(g, w, None, stride, pad, out_pad, conv.groups, dil)
 
-    def _conv_transpose_single(self, a: Tensor, chans: Tensor, s: _Step, in_size: tuple[int, int]) -> Tensor:
+    def _conv_transpose_single(
+        self, a: Tensor, chans: Tensor, s: _Step, in_size: tuple[int, int], weights: dict
+    ) -> Tensor:
         """Transposed conv of signals that are non-zero in one channel only: (P, h, w) + channel ids -> (P, C_in, H, W).
 
         Only the selected filter's weights take part (a grouped conv with one group per projection) instead of a
         dense transposed conv that multiplies all the zero channels too.
         """
         conv: nn.Conv2d = s.module
-        w = conv.weight.index_select(0, chans)
-        if s.bn is not None:
-            w = w * _bn_scale(s.bn).index_select(0, chans).to(w.dtype).view(-1, 1, 1, 1)
-        w = w.to(a.dtype)
+        w = _folded_weight(s, a.dtype, weights).index_select(0, chans)
         P, h, wd = a.shape
         stride, pad, dil = _pair(conv.stride), _padding_of(conv), _pair(conv.dilation)
         k = (w.shape[-2], w.shape[-1])
@@ -445,6 +453,7 @@ class DeconvNet:
         group: int,
         first: tuple[Tensor, Tensor] | None,
         img_slice: slice,
+        weights: dict[str, Tensor],
     ) -> Tensor:
         rectified = False  # the deconvnet ReLU below a tiled unpool was already applied to the pooled signal
         sparse = method == "deconvnet" and self.sparse and _has_scatter_kernel(first[0])
@@ -466,7 +475,7 @@ class DeconvNet:
                 ):
                     sw = None if pool is None else records[i].switches[img_slice]
                     g = self._scatter_step(g, sw, records[i] if pool is not None else None, self.steps[j - 1],
-                                           records[j - 1], group)
+                                           records[j - 1], group, weights)
                     i = j - 2
                     continue
             if s.kind == "conv":
@@ -476,11 +485,11 @@ class DeconvNet:
                     P, h, w = a.shape
                     src = a.new_zeros(P, h, w, s.module.out_channels)
                     src[torch.arange(P, device=a.device), :, :, chans] = a
-                    g = self._scatter_step(src.permute(0, 3, 1, 2), None, None, s, records[i], group)
+                    g = self._scatter_step(src.permute(0, 3, 1, 2), None, None, s, records[i], group, weights)
                 elif g is None:  # first step: one non-zero channel per projection
-                    g = self._conv_transpose_single(first[0], first[1], s, records[i])
+                    g = self._conv_transpose_single(first[0], first[1], s, records[i], weights)
                 else:
-                    g = self._conv_transpose(g, s, records[i])
+                    g = self._conv_transpose(g, s, records[i], weights)
             elif g is None:
                 if s.kind == "bn":  # an unfoldable BatchNorm between the conv and its ReLU
                     first = (first[0] * _bn_scale(s.module).to(first[0].dtype)[first[1]].view(-1, 1, 1), first[1])
@@ -526,13 +535,13 @@ class DeconvNet:
         return conv.in_channels >= SPARSE_MIN_CHANNELS or narrow
 
     def _scatter_step(
-        self, g: Tensor, switches: Tensor | None, rec: _PoolRecord | None, s: _Step, in_size, group: int
+        self, g: Tensor, switches: Tensor | None, rec: _PoolRecord | None, s: _Step, in_size, group: int, weights: dict
     ) -> Tensor:
         conv: nn.Conv2d = s.module
-        w = conv.weight
-        if s.bn is not None:
-            w = w * _bn_scale(s.bn).to(w.dtype).view(-1, 1, 1, 1)
-        wt = w.to(g.dtype).permute(0, 2, 3, 1).contiguous()  # (filters, kH, kW, in channels)
+        key = s.name + ":hwc"
+        if key not in weights:  # (filters, kH, kW, in channels)
+            weights[key] = _folded_weight(s, g.dtype, weights).permute(0, 2, 3, 1).contiguous()
+        wt = weights[key]
         src = g.permute(0, 2, 3, 1).contiguous()  # free when g is already channels-last
         sw = None if switches is None else switches.permute(0, 2, 3, 1).contiguous()
         pk = (1, 1) if rec is None else rec.kernel_size
@@ -616,6 +625,7 @@ class DeconvNet:
             activations = score.gather(1, chans)
 
         maps = x.new_empty(B, top_n, x.shape[1], x.shape[2], x.shape[3])
+        weights: dict[str, Tensor] = {}  # BatchNorm-folded weights, shared by all blocks of this call
         # blocks of (images, filters): whole images while a block holds top_n filters, else filter slices of one
         chunk = self.chunk_size or (DEFAULT_CHUNK_CUDA if x.is_cuda else DEFAULT_CHUNK_CPU)
         per_img = max(1, chunk // top_n)
@@ -630,7 +640,7 @@ class DeconvNet:
                     pos = a.argmax(2, keepdim=True)
                     a = torch.zeros_like(a).scatter_(2, pos, a.gather(2, pos))
                 a = a.reshape(-1, h, w).to(PRECISIONS[precision] or x.dtype)
-                g = self._walk_down(None, start, records, method, k1 - k0, (a, sel.reshape(-1)), slice(b0, b1))
+                g = self._walk_down(None, start, records, method, k1 - k0, (a, sel.reshape(-1)), slice(b0, b1), weights)
                 maps[b0:b1, k0:k1] = g.view(b1 - b0, k1 - k0, *g.shape[1:])
             if progress is not None:
                 progress(b1 - b0)
