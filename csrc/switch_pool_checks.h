@@ -114,6 +114,31 @@ inline void check_unpooled_size(const char* op, int64_t H, int64_t W, int64_t OH
                     g.pH, ", ", g.pW, ")");
 }
 
+// Is switch s of window (oh, ow) a position of the window that lies inside the H x W input?
+inline bool switch_ok(int s, int64_t oh, int64_t ow, int64_t H, int64_t W, const PoolGeometry& g) {
+  if (s >= g.window()) return false;
+  const int64_t ih = oh * g.sH - g.pH + s / g.kW, iw = ow * g.sW - g.pW + s % g.kW;
+  return ih >= 0 && ih < H && iw >= 0 && iw < W;
+}
+
+// Throws a ValueError naming the first bad switch of `sw` (4-D, on the CPU, any strides); returns
+// when every switch is valid.
+inline void report_bad_switch(const char* op, const at::Tensor& sw, int64_t H, int64_t W, const PoolGeometry& g) {
+  const uint8_t* p = sw.const_data_ptr<uint8_t>();
+  const auto st = sw.strides();
+  for (int64_t n = 0; n < sw.size(0); ++n)
+    for (int64_t c = 0; c < sw.size(1); ++c)
+      for (int64_t oh = 0; oh < sw.size(2); ++oh)
+        for (int64_t ow = 0; ow < sw.size(3); ++ow) {
+          const int s = p[n * st[0] + c * st[1] + oh * st[2] + ow * st[3]];
+          if (switch_ok(s, oh, ow, H, W, g)) continue;
+          TORCH_CHECK_VALUE(s < g.window(), op, ": switch value ", s, " at (", n, ", ", c, ", ", oh, ", ", ow,
+                            ") is outside its ", g.kH, "x", g.kW, " window (valid: 0..", g.window() - 1, ")");
+          TORCH_CHECK_VALUE(false, op, ": switch value ", s, " at (", n, ", ", c, ", ", oh, ", ", ow,
+                            ") points outside the ", H, "x", W, " input (into the padding)");
+        }
+}
+
 // A 3-D (C, H, W) tensor viewed as a batch of one; the kernels see 4-D tensors only.
 inline at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
 

@@ -8,39 +8,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <vector>
 
 #include "../switch_pool_checks.h"
 #include "cpu_common.h"
 
 namespace xraydeconv {
 namespace cpu {
-
-// Is switch s of window (oh, ow) a valid position of the (clipped) window?
-inline bool switch_ok(uint8_t s, int64_t oh, int64_t ow, int64_t H, int64_t W, const PoolGeometry& g) {
-  if (s >= g.window()) return false;
-  const int64_t ih = oh * g.sH - g.pH + s / g.kW, iw = ow * g.sW - g.pW + s % g.kW;
-  return ih >= 0 && ih < H && iw >= 0 && iw < W;
-}
-
-// Throws a ValueError naming the first bad switch of `sw` (4-D, contiguous in some memory format).
-inline void report_bad_switch(const char* op, const at::Tensor& sw, int64_t H, int64_t W, const PoolGeometry& g) {
-  const int64_t N = sw.size(0), C = sw.size(1), OH = sw.size(2), OW = sw.size(3);
-  const uint8_t* p = sw.const_data_ptr<uint8_t>();
-  const auto st = sw.strides();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t oh = 0; oh < OH; ++oh)
-        for (int64_t ow = 0; ow < OW; ++ow) {
-          const uint8_t s = p[n * st[0] + c * st[1] + oh * st[2] + ow * st[3]];
-          if (!switch_ok(s, oh, ow, H, W, g)) {
-            TORCH_CHECK_VALUE(s < g.window(), op, ": switch value ", static_cast<int>(s), " at (", n, ", ", c, ", ",
-                              oh, ", ", ow, ") is outside its ", g.kH, "x", g.kW, " window (valid: 0..",
-                              g.window() - 1, ")");
-            TORCH_CHECK_VALUE(false, op, ": switch value ", static_cast<int>(s), " at (", n, ", ", c, ", ", oh, ", ",
-                              ow, ") points outside the ", H, "x", W, " input (into the padding)");
-          }
-        }
-}
 
 // sw: 4-D uint8, contiguous in its own memory format. (H, W): the unpooled size.
 inline void validate_switches(const char* op, const at::Tensor& sw, int64_t H, int64_t W, const PoolGeometry& g) {

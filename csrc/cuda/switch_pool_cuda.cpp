@@ -81,30 +81,6 @@ T* mptr(const at::Tensor& t) {
 // read back after the launch (a 4-byte copy and a sync of the current stream), and only when it is
 // raised are the switches copied to the host to name the first bad one in the error.
 
-bool switch_ok(int s, int64_t oh, int64_t ow, int64_t H, int64_t W, const PoolGeometry& g) {
-  if (s >= g.window()) return false;
-  const int64_t ih = oh * g.sH - g.pH + s / g.kW, iw = ow * g.sW - g.pW + s % g.kW;
-  return ih >= 0 && ih < H && iw >= 0 && iw < W;
-}
-
-void report_bad_switch(const char* op, const at::Tensor& sw4, int64_t H, int64_t W, const PoolGeometry& g) {
-  const at::Tensor host = sw4.cpu();
-  const uint8_t* p = host.const_data_ptr<uint8_t>();
-  const auto st = host.strides();
-  for (int64_t n = 0; n < host.size(0); ++n)
-    for (int64_t c = 0; c < host.size(1); ++c)
-      for (int64_t oh = 0; oh < host.size(2); ++oh)
-        for (int64_t ow = 0; ow < host.size(3); ++ow) {
-          const int s = p[n * st[0] + c * st[1] + oh * st[2] + ow * st[3]];
-          if (switch_ok(s, oh, ow, H, W, g)) continue;
-          TORCH_CHECK_VALUE(s < g.window(), op, ": switch value ", s, " at (", n, ", ", c, ", ", oh, ", ", ow,
-                            ") is outside its ", g.kH, "x", g.kW, " window (valid: 0..", g.window() - 1, ")");
-          TORCH_CHECK_VALUE(false, op, ": switch value ", s, " at (", n, ", ", c, ", ", oh, ", ", ow,
-                            ") points outside the ", H, "x", W, " input (into the padding)");
-        }
-  TORCH_CHECK(false, op, ": the kernel flagged an invalid switch that the host cannot find");
-}
-
 struct SwitchFlag {
   at::Tensor device_flag;  // int32 on the device, zeroed before the launch
   int* device = nullptr;   // null while the stream is captured into a CUDA graph
@@ -128,7 +104,9 @@ void check_flag(const char* op, const SwitchFlag& f, const at::Tensor& sw4, int6
   int bad = 0;
   C10_CUDA_CHECK(cudaMemcpyAsync(&bad, f.device, sizeof(int), cudaMemcpyDeviceToHost, stream));
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  if (bad != 0) report_bad_switch(op, sw4, H, W, g);
+  if (bad == 0) return;
+  report_bad_switch(op, sw4.cpu(), H, W, g);
+  TORCH_CHECK(false, op, ": the kernel flagged an invalid switch that the host cannot find");
 }
 
 // ---------------------------------------------------------------------------------------------
