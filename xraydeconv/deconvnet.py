@@ -235,8 +235,7 @@ def _unpool(y: Tensor, rec: _PoolRecord, group: int) -> Tensor:
         sw = rec.switches.repeat_interleave(group, dim=0) if group > 1 else rec.switches
         unpool = ops.switch_unpool2d if ops.has_kernels(y.device) else ops.native_switch_unpool2d
         return unpool(y.contiguous(), sw, rec.kernel_size, rec.stride, rec.padding, (H, W))
-    else:
-        idx = rec.indices.view(P // group, 1, C, h * w).expand(P // group, group, C, h * w)
+    idx = rec.indices.view(P // group, 1, C, h * w).expand(P // group, group, C, h * w)
     out = y.new_zeros(P // group, group, C, H * W)
     # scatter_add (not max_unpool2d's assignment) so that overlapping windows sum, as max-pool's gradient does
     out.scatter_add_(3, idx, y.reshape(P // group, group, C, h * w))
