@@ -248,7 +248,7 @@ def _latest_resume_state(out: Path) -> dict | None:
 
 def _remove_stale_temp_files(out: Path) -> None:
     """Temp files of snapshots a killed run was writing (see ``atomic_write_bytes``)."""
-    if out.is_dir() and distributed.from_env().is_main:
+    if out.is_dir():
         for name in (LAST, BEST, RESUME, METRICS, CURVES, CONFUSION):
             for p in out.glob(f".{name}.*.tmp"):
                 p.unlink(missing_ok=True)
@@ -288,7 +288,8 @@ def train(
     out = Path(out_dir)
     raw = None
     if resume:
-        _remove_stale_temp_files(out)
+        if info.is_main:
+            _remove_stale_temp_files(out)
         raw = _latest_resume_state(out)
         if raw is not None:
             stored = TrainConfig.from_dict(raw["config"])
