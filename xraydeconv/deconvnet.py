@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xraydeconv import ops
+
 __all__ = ["DeconvNet", "Projection", "MODES", "RANKS", "METHODS"]
 
 MODES = ("map", "max")
@@ -167,14 +169,6 @@ class _PoolRecord:
     indices: Tensor | None = None  # int64 flat indices into the input plane (torch's own max_pool2d)
 
 
-def _ops():
-    try:
-        from xraydeconv import ops
-    except ImportError:
-        return None
-    return ops
-
-
 def _non_overlapping(rec: _PoolRecord, pooled: tuple[int, int]) -> bool:
     """Windows tile the input without overlap or padding: each input pixel belongs to at most one window."""
     return (
@@ -191,8 +185,7 @@ def _pool_forward(m: nn.Module, x: Tensor) -> tuple[Tensor, _PoolRecord]:
     if _is_switch_pool(m):
         out, rec.switches = m.forward_with_switches(x)
         return out, rec
-    ops = _ops()
-    if ops is not None and ks[0] * ks[1] <= 255 and ops.has_kernels(x.device) and x.device.type in ("cpu", "cuda"):
+    if ks[0] * ks[1] <= 255 and ops.has_kernels(x.device):
         out, rec.switches = ops.switch_pool2d(x, ks, st, pd, m.ceil_mode)
         return out, rec
     out, rec.indices = F.max_pool2d(x, ks, st, pd, 1, m.ceil_mode, return_indices=True)
@@ -231,7 +224,6 @@ def _unpool(y: Tensor, rec: _PoolRecord, group: int) -> Tensor:
     if rec.switches is not None and _non_overlapping(rec, (h, w)):
         return _unpool_tiled(y, rec, group)
     if rec.indices is None:
-        ops = _ops()
         sw = rec.switches.repeat_interleave(group, dim=0) if group > 1 else rec.switches
         unpool = ops.switch_unpool2d if ops.has_kernels(y.device) else ops.native_switch_unpool2d
         return unpool(y.contiguous(), sw, rec.kernel_size, rec.stride, rec.padding, (H, W))
