@@ -84,7 +84,7 @@ def _pair(v) -> tuple[int, int]:
 
 @dataclass
 class _Step:
-    kind: str  # "conv" | "bn" | "relu" | "pool" | "skip"
+    kind: str  # "conv" | "bn" | "relu" | "pool" | "skip" | "other"
     module: nn.Module
     name: str
     bn: nn.BatchNorm2d | None = None  # the BatchNorm folded into this conv
@@ -620,7 +620,7 @@ class DeconvNet:
         # blocks of (images, filters): whole images while a block holds top_n filters, else filter slices of one
         chunk = self.chunk_size or (DEFAULT_CHUNK_CUDA if x.is_cuda else DEFAULT_CHUNK_CPU)
         per_img = max(1, chunk // top_n)
-        per_filter = top_n if chunk >= top_n else chunk
+        per_filter = min(top_n, chunk)
         for b0 in range(0, B, per_img):
             b1 = min(B, b0 + per_img)
             for k0 in range(0, top_n, per_filter):
