@@ -7,14 +7,15 @@ float64 for the adjoint (unpool), ``torch.gather`` for the gather.
 
 from __future__ import annotations
 
-import importlib
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from xraydeconv import _extension
+from xraydeconv import _extension, ops
 
 
 def _skip_reason() -> str | None:
@@ -237,36 +238,28 @@ def test_empty_batch():
     assert un.shape == (0, 3, 8, 8)
 
 
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a test dependency
-    given = None
+@st.composite
+def pool_cases(draw):
+    kH, kW = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sH, sW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    pH, pW = draw(st.integers(0, kH // 2)), draw(st.integers(0, kW // 2))
+    H = draw(st.integers(max(1, kH - 2 * pH), 24))
+    W = draw(st.integers(max(1, kW - 2 * pW), 24))
+    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    ceil_mode = draw(st.booleans())
+    dtype = draw(st.sampled_from(DTYPES))
+    fmt = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
+    values = draw(st.sampled_from(["randn", "ties", "nan"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (N, C, H, W), (kH, kW), (sH, sW), (pH, pW), ceil_mode, dtype, fmt, values, seed
 
 
-if given is not None:
-
-    @st.composite
-    def pool_cases(draw):
-        kH, kW = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-        sH, sW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-        pH, pW = draw(st.integers(0, kH // 2)), draw(st.integers(0, kW // 2))
-        H = draw(st.integers(max(1, kH - 2 * pH), 24))
-        W = draw(st.integers(max(1, kW - 2 * pW), 24))
-        N, C = draw(st.integers(1, 3)), draw(st.integers(1, 9))
-        ceil_mode = draw(st.booleans())
-        dtype = draw(st.sampled_from(DTYPES))
-        fmt = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
-        values = draw(st.sampled_from(["randn", "ties", "nan"]))
-        seed = draw(st.integers(0, 2**31 - 1))
-        return (N, C, H, W), (kH, kW), (sH, sW), (pH, pW), ceil_mode, dtype, fmt, values, seed
-
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(pool_cases())
-    def test_property_random_geometry(case):
-        shape, k, s, p, ceil_mode, dtype, fmt, values, seed = case
-        x = make_input(shape, dtype, fmt, values, torch.Generator().manual_seed(seed))
-        check_all(x, k, s, p, ceil_mode)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pool_cases())
+def test_property_random_geometry(case):
+    shape, k, s, p, ceil_mode, dtype, fmt, values, seed = case
+    x = make_input(shape, dtype, fmt, values, torch.Generator().manual_seed(seed))
+    check_all(x, k, s, p, ceil_mode)
 
 
 def test_64bit_indexing():
@@ -440,19 +433,11 @@ def test_inconsistent_output_size():
 
 
 # ---------------------------------------------------------------------------------------------
-# opcheck (needs the fake tensors and autograd registered by xraydeconv.ops)
-
-
-def _ops_module():
-    try:
-        return importlib.import_module("xraydeconv.ops")
-    except Exception as exc:  # pragma: no cover - depends on the Python face being present
-        pytest.skip(f"xraydeconv.ops is not importable: {exc}")
+# opcheck (with the fake tensors and autograd registered by xraydeconv.ops)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(channels_last):
-    _ops_module()
     x = torch.randn(2, 8, 12, 12, device=DEV, requires_grad=True)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -468,7 +453,6 @@ def test_opcheck(channels_last):
 
 
 def test_python_face_on_cuda():
-    ops = _ops_module()
     x = torch.randn(2, 4, 10, 10, device=DEV, dtype=torch.float64, requires_grad=True)
     out, sw = ops.switch_pool2d(x, 3, 2, 1)
     assert out.is_cuda and sw.dtype == torch.uint8
