@@ -437,15 +437,17 @@ class DeconvNet:
 
     def _walk_down(
         self,
-        g: Tensor | None,
         start: int,
         records: dict,
         method: str,
         group: int,
-        first: tuple[Tensor, Tensor] | None,
+        first: tuple[Tensor, Tensor],
         img_slice: slice,
         weights: dict[str, Tensor],
     ) -> Tensor:
+        """Walk from step ``start`` down to the input; ``first`` = (the kept activation maps (P, h, w), their
+        channel ids): one non-zero channel per projection until the first transposed conv."""
+        g: Tensor | None = None
         rectified = False  # the deconvnet ReLU below a tiled unpool was already applied to the pooled signal
         sparse = method == "deconvnet" and self.sparse and _has_scatter_kernel(first[0])
         i = start
@@ -631,7 +633,7 @@ class DeconvNet:
                     pos = a.argmax(2, keepdim=True)
                     a = torch.zeros_like(a).scatter_(2, pos, a.gather(2, pos))
                 a = a.reshape(-1, h, w).to(PRECISIONS[precision] or x.dtype)
-                g = self._walk_down(None, start, records, method, k1 - k0, (a, sel.reshape(-1)), slice(b0, b1), weights)
+                g = self._walk_down(start, records, method, k1 - k0, (a, sel.reshape(-1)), slice(b0, b1), weights)
                 maps[b0:b1, k0:k1] = g.view(b1 - b0, k1 - k0, *g.shape[1:])
             if progress is not None:
                 progress(b1 - b0)
