@@ -411,8 +411,11 @@ def _run(cfg, out: Path, raw: dict | None, info, device, log, progress: bool) ->
             optimizer.step()
             scheduler.step()
             step_in_epoch += 1
-            epoch_stats["loss_sum"] += loss.item() * len(y)
-            epoch_stats["correct"] += int((logits.argmax(1) == y).sum())
+            # one device sync per step for both numbers
+            correct = (logits.argmax(1) == y).sum().to(loss.dtype)
+            step_loss, step_correct = torch.stack([loss.detach(), correct]).tolist()
+            epoch_stats["loss_sum"] += step_loss * len(y)
+            epoch_stats["correct"] += int(step_correct)
             epoch_stats["seen"] += len(y)
             bar.update(1)
             bar.set_postfix(loss=f"{epoch_stats['loss_sum'] / epoch_stats['seen']:.3f}",
