@@ -81,7 +81,7 @@ def rng_state() -> dict:
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
         "numpy": {
             "name": np_state[0],
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -198,8 +198,7 @@ def load_checkpoint(
             model, or when its weights do not fit the architecture.
     """
     raw, digest = read_checkpoint(path, map_location=map_location)
-    kwargs = dict(raw["model_kwargs"])
-    model = build(raw["model_name"], pool_backend=pool_backend, **kwargs)
+    model = build(raw["model_name"], pool_backend=pool_backend, **raw["model_kwargs"])
     try:
         model.load_state_dict(raw["state_dict"])
     except RuntimeError as exc:
