@@ -258,11 +258,11 @@ def measure(name, shape, dtype, cl, k, s, p):
     y = torch.randn_like(out)
     un = torch.empty_like(x)
     esz = x.element_size()
-    pool_bytes = x.numel() * esz + out.numel() * (esz + 1)
-    unpool_bytes = x.numel() * esz + out.numel() * (esz + 1)
+    # pool and unpool move the same bytes: the input-size tensor, the pooled values and the switches
+    nbytes = x.numel() * esz + out.numel() * (esz + 1)
     overlapping = s < k
 
-    def add(op, ours_graph, native_graph, ours_call, native_call, nbytes, native_name):
+    def add(op, ours_graph, native_graph, ours_call, native_call, native_name):
         gbs = nbytes / ours_graph / 1e6
         rows.append(
             dict(case=name, op=op, native=native_name, ours_ms=ours_graph, native_ms=native_graph,
@@ -276,7 +276,6 @@ def measure(name, shape, dtype, cl, k, s, p):
         safe(graph_ms, lambda: torch.ops.aten.max_pool2d_with_indices.out(x, K, S, P, [1, 1], False, out=no, indices=ni)),
         safe(call_ms, lambda: xops.switch_pool2d(x, K, S, P, False)),
         safe(call_ms, lambda: F.max_pool2d(x, k, s, p, return_indices=True)),
-        pool_bytes,
         "max_pool2d(return_indices)",
     )
     ours_un_graph = safe(graph_ms, lambda: xops.switch_unpool2d_out(y, sw, K, S, P, un))
@@ -287,7 +286,7 @@ def measure(name, shape, dtype, cl, k, s, p):
             safe(graph_ms, lambda: F.max_unpool2d(y, idx, k, s, p, output_size=[H, W])),
             ours_un_call,
             safe(call_ms, lambda: F.max_unpool2d(y, idx, k, s, p, output_size=[H, W])),
-            unpool_bytes, "max_unpool2d",
+            "max_unpool2d",
         )
     bwd = torch.ops.aten.max_pool2d_with_indices_backward
     add(
@@ -295,7 +294,7 @@ def measure(name, shape, dtype, cl, k, s, p):
         safe(graph_ms, lambda: bwd(y, x, K, S, P, [1, 1], False, idx)),
         ours_un_call,
         safe(call_ms, lambda: bwd(y, x, K, S, P, [1, 1], False, idx)),
-        unpool_bytes, "max_pool2d backward",
+        "max_pool2d backward",
     )
 
 
