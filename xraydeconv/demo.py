@@ -81,9 +81,9 @@ def _check_settings(out: Path, settings: DemoSettings) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from xraydeconv.render import write_atomically
+
+    write_atomically(path, lambda f: f.write(text), mode="w", encoding="utf-8")
 
 
 def _sample(ds, per_class: int) -> list[int]:

@@ -491,9 +491,7 @@ def evaluate(
                             "misclassified": n_wrong})
         report["timing"]["seconds"] = time.perf_counter() - t0
         write_json(report, tmp / REPORT_JSON)
-        md = render_markdown(report)
-        (tmp / f".{REPORT_MD}.tmp").write_text(md, encoding="utf-8")
-        os.replace(tmp / f".{REPORT_MD}.tmp", tmp / REPORT_MD)
+        (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")  # tmp is moved into place whole
     return report
 
 
