@@ -351,8 +351,9 @@ def evaluate(
     for name, value in (("--top-n", opt.top_n), ("--batch-size", opt.batch_size), ("--limit", opt.limit)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
-    if opt.max_misclassified < 0 or opt.tolerance < 0:
-        raise UserError("--max-misclassified and --tolerance must be >= 0")
+    for name, value in (("--max-misclassified", opt.max_misclassified), ("--tolerance", opt.tolerance)):
+        if value < 0:
+            raise UserError(f"{name} {value}: must be at least 0")
     _prepare_out(out, overwrite)
     t0 = time.perf_counter()
     dev = pick_device(opt.device)
