@@ -312,12 +312,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out.absolute().parent}: no such folder for --out")
 
 
-def _confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
-    from xraydeconv.training_plots import plot_confusion
-
-    plot_confusion(confusion, class_names, path, title=title)
-
-
 def evaluate(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -344,6 +338,7 @@ def evaluate(
     from xraydeconv.deconvnet import DeconvNet
     from xraydeconv.gallery import write_gallery
     from xraydeconv.projection_io import building_folder, save_projection, write_json
+    from xraydeconv.training_plots import plot_confusion
 
     opt = options or EvalOptions()
     log = log or (lambda s: tqdm.write(s, file=sys.stderr))
@@ -485,8 +480,8 @@ def evaluate(
             "files": {"markdown": REPORT_MD, "confusion": CONFUSION_PNG,
                       "misclassified_gallery": f"{MISCLASSIFIED_DIR}/index.html"},
         }
-        _confusion_png(confusion, classes, tmp / CONFUSION_PNG,
-                       f"{ckpt.model_name} on {opt.split}: {100 * report['accuracy']:.1f} %")
+        plot_confusion(confusion, classes, tmp / CONFUSION_PNG,
+                       title=f"{ckpt.model_name} on {opt.split}: {100 * report['accuracy']:.1f} %")
         write_gallery(mis_dir, gallery_rows, title=f"misclassified by {ckpt.model_name}",
                       info={"model": ckpt.model_name, "split": opt.split, "shown": len(gallery_rows),
                             "misclassified": n_wrong})
