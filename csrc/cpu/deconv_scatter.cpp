@@ -99,8 +99,6 @@ XD_ALWAYS_INLINE vec16 load16(const float* p) {
 
 XD_ALWAYS_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-XD_ALWAYS_INLINE bool sp_any(const ScatterArgs& a) { return a.sw != nullptr; }
-
 // Adds the listed values of one switch position (SY, SX) of a 2x2 window into the 4x4 block of accumulators.
 template <int SY, int SX>
 XD_ALWAYS_INLINE void accumulate_2x2(vec16 (&acc)[16], const int32_t* XD_RESTRICT ci, const float* XD_RESTRICT cv,
@@ -126,7 +124,7 @@ XD_ALWAYS_INLINE void scatter_range_3x3(const ScatterArgs& a, int64_t begin, int
   std::vector<int32_t> idx(npos * C);
   std::vector<float> val(npos * C);
   std::vector<int64_t> cnt(npos);
-  const bool tiles2x2 = sp_any(a) && pkH == 2 && pkW == 2 && padH == 1 && padW == 1;
+  const bool tiles2x2 = a.sw != nullptr && pkH == 2 && pkW == 2 && padH == 1 && padW == 1;
   for (int64_t p = begin; p < end; ++p) {
     const float* XD_RESTRICT gp = a.g + p * plane_in;
     const uint8_t* XD_RESTRICT sp = a.sw ? a.sw + (p / a.group) * plane_in : nullptr;

@@ -19,7 +19,7 @@ struct GatherArgs {
   const T* x;
   const uint8_t* sw;
   T* out;
-  int64_t planes, H, W, OH, OW;
+  int64_t H, W, OH, OW;
   PoolGeometry g;
 };
 
@@ -73,14 +73,12 @@ at::Tensor switch_gather2d_cpu(const at::Tensor& x, const at::Tensor& sw, at::In
   const at::Tensor o4 = as4d(out);
   const int64_t N = xc.size(0), C = xc.size(1), OH = sc.size(2), OW = sc.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "switch_gather2d", [&] {
-    GatherArgs<scalar_t> a{xc.const_data_ptr<scalar_t>(), sc.const_data_ptr<uint8_t>(),
-                           o4.mutable_data_ptr<scalar_t>(), 0, H, W, OH, OW, g};
+    const GatherArgs<scalar_t> a{xc.const_data_ptr<scalar_t>(), sc.const_data_ptr<uint8_t>(),
+                                 o4.mutable_data_ptr<scalar_t>(), H, W, OH, OW, g};
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      a.planes = N;
       at::parallel_for(0, N * OH * OW, grain_rows(C),
                        [&](int64_t b, int64_t e) { gather_pixels<scalar_t>(a, C, b, e); });
     } else {
-      a.planes = N * C;
       const int64_t rows = N * C * OH, grain = grain_rows(OW);
       if (g.kW == 2) {
         at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { gather_rows<scalar_t, 2>(a, b, e); });

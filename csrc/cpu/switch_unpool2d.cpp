@@ -29,7 +29,7 @@ struct UnpoolArgs {
   const T* y;
   const uint8_t* sw;
   T* out;
-  int64_t planes, H, W, OH, OW;
+  int64_t H, W, OH, OW;
   PoolGeometry g;
 };
 
@@ -236,11 +236,10 @@ void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry
   validate_switches(op, sc, H, W, g);
   if (out4.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, yc.scalar_type(), "switch_unpool2d", [&] {
-    UnpoolArgs<scalar_t> a{yc.const_data_ptr<scalar_t>(), sc.const_data_ptr<uint8_t>(),
-                           out4.mutable_data_ptr<scalar_t>(), 0, H, W, OH, OW, g};
+    const UnpoolArgs<scalar_t> a{yc.const_data_ptr<scalar_t>(), sc.const_data_ptr<uint8_t>(),
+                                 out4.mutable_data_ptr<scalar_t>(), H, W, OH, OW, g};
     const bool tiled = g.sH == g.kH && g.sW == g.kW && g.pH == 0 && g.pW == 0;
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      a.planes = N;
       if (tiled) {
         at::parallel_for(0, N * H, grain_rows(W * C),
                          [&](int64_t b, int64_t e) { unpool_tiled_rows_nhwc_any<scalar_t>(a, C, b, e); });
@@ -252,7 +251,6 @@ void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry
       }
       return;
     }
-    a.planes = N * C;
     const int64_t rows = N * C * H, grain = grain_rows(W);
     if (tiled && g.kH == 2 && g.kW == 2) {
       at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { unpool_tiled_rows_any<scalar_t, 2, 2>(a, b, e); });
