@@ -202,7 +202,7 @@ def occlude_landmarks(
     for sl in _chunks(len(jobs), batch_size):
         batch = jobs[sl]
         idx = torch.tensor([i for i, _ in batch])
-        x = images[idx].clone()
+        x = images[idx]  # advanced indexing already copies
         for k, (i, j) in enumerate(batch):
             m = torch.from_numpy(np.asarray(masks[i][names[j]], dtype=bool))
             x[k][:, m] = fills[i, :, 0]
@@ -300,7 +300,7 @@ def occlusion_map(
     for sl in chunks:
         batch = jobs[sl]
         idx = torch.tensor([i for i, _, _ in batch])
-        x = images[idx].clone()
+        x = images[idx]  # advanced indexing already copies
         for k, (i, y0, x0) in enumerate(batch):
             x[k, :, y0 : y0 + patch, x0 : x0 + patch] = fills[i]
         p, a = probe(x)
