@@ -126,8 +126,9 @@ def _check_landmarks(ds, i: int, masks: dict[str, np.ndarray]) -> None:
 # --- landmark agreement ---------------------------------------------------------------------------------------
 
 
-def _stats(pg: np.ndarray, rm: np.ndarray, rr: np.ndarray, area: np.ndarray) -> dict[str, float]:
-    sc = metrics.LandmarkScores(pg, rm, rr, area)
+def _stats(rows: np.ndarray) -> dict[str, float]:
+    """Summary of per-image rows (pointing game, relevance mass, relevance rank, area share), plus mass / area."""
+    sc = metrics.LandmarkScores(*rows.T)
     s = sc.summary()
     s["mass_over_area"] = s["relevance_mass"] / s["area_share"] if s["area_share"] > 0 else float("nan")
     return s
@@ -225,7 +226,7 @@ class LandmarkAgreement:
             u = np.stack(self._union)
             f = np.stack(self._filters)
             lab = np.array(self._labels)
-            out["overall"] = _stats(u[:, 0], u[:, 1], u[:, 2], u[:, 3])
+            out["overall"] = _stats(u)
             out["tolerant_px"] = self._tolerant_px
             out["overall"]["pointing_game_tolerant"] = metrics._nanmean(np.array(self._tolerant))
             out["per_filter"] = {
@@ -238,20 +239,20 @@ class LandmarkAgreement:
             }
             if self._baseline:
                 r = np.stack(self._baseline)
-                out["baseline_image"] = _stats(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+                out["baseline_image"] = _stats(r)
                 out["baseline_image"]["pointing_game_tolerant"] = metrics._nanmean(np.array(self._tolerant_base))
             out["per_class"] = {}
             for c, name in enumerate(self.class_names):
                 sel = lab == c
                 if sel.any():
-                    out["per_class"][name] = _stats(u[sel, 0], u[sel, 1], u[sel, 2], u[sel, 3])
+                    out["per_class"][name] = _stats(u[sel])
         out["per_landmark"] = {}
         for key in sorted(self._named):
             r = np.stack(self._named[key])
-            out["per_landmark"][key] = _stats(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+            out["per_landmark"][key] = _stats(r)
         if self._marker:
             r = np.stack([row for _, row in self._marker])
-            out["marker"] = _stats(r[:, 0], r[:, 1], r[:, 2], r[:, 3])
+            out["marker"] = _stats(r)
         else:
             out["marker"] = None
         return out
