@@ -221,3 +221,12 @@ def test_not_a_checkpoint_and_existing_out(tmp_path, phantoms, capsys):
     assert code != 0 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="--top-n"):
         evaluate(junk, tmp_path / "x", data=phantoms, options=EvalOptions(top_n=0))
+
+
+def test_unwritable_out_is_one_line(tmp_path, phantoms, ckpt24, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = _run_cli(["--checkpoint", ckpt24, "--data", phantoms, "--limit", "1", "--quiet",
+                          "--out", blocker / "ev"], capsys)
+    assert code != 0 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert str(blocker) in err
