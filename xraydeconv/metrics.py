@@ -166,14 +166,13 @@ class LandmarkScores:
     def summary(self) -> dict[str, float]:
         """Mean of each metric over the images that have landmark pixels (NaN where none has), plus counts."""
         valid = self.area_share > 0
-        with np.errstate(invalid="ignore"):
-            return {
-                "pointing_game": _nanmean(self.pointing_game),
-                "relevance_mass": _nanmean(self.relevance_mass),
-                "relevance_rank": _nanmean(self.relevance_rank),
-                "area_share": float(self.area_share[valid].mean()) if valid.any() else float("nan"),
-                "n": int(valid.sum()),
-            }
+        return {
+            "pointing_game": _nanmean(self.pointing_game),
+            "relevance_mass": _nanmean(self.relevance_mass),
+            "relevance_rank": _nanmean(self.relevance_rank),
+            "area_share": float(self.area_share[valid].mean()) if valid.any() else float("nan"),
+            "n": int(valid.sum()),
+        }
 
 
 def _nanmean(x: np.ndarray) -> float:
