@@ -338,6 +338,7 @@ def evaluate(
     from xraydeconv.data import open_dataset
     from xraydeconv.deconvnet import DeconvNet
     from xraydeconv.gallery import write_gallery
+    from xraydeconv.occlusion import occlude_landmarks
     from xraydeconv.projection_io import building_folder, save_projection, write_json
     from xraydeconv.training_plots import plot_confusion
 
@@ -440,8 +441,6 @@ def evaluate(
                             "folder": f"{MISCLASSIFIED_DIR}/{row['folder']}",
                         })
                 if opt.occlusion and any(masks):
-                    from xraydeconv.occlusion import occlude_landmarks
-
                     js = [j for j, m in enumerate(masks) if m]
                     occ_masks = []
                     for j in js:
