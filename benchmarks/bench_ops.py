@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xraydeconv import bench, ops
+from xraydeconv import ops
+from xraydeconv.ops.geometry import memory_format
+from xraydeconv.reports import bench
 
 pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
 
@@ -34,8 +36,8 @@ def x(request, shape):
 @pytest.mark.parametrize("side", ["kernel", "native"])
 @pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, x, threads, op, side):
-    layout = "channels_last" if ops._memory_format(x) == torch.channels_last else "nchw"
+    layout = "channels_last" if memory_format(x) == torch.channels_last else "nchw"
     benchmark.group = f"{op} {'x'.join(map(str, x.shape))} {layout} {threads}t"
     # the same calls (and preallocated buffers) as `xraydeconv bench`
-    kernel_fn, native_fn = next((k, n) for name, k, n, _, _ in bench._cases(x) if name == op)
+    kernel_fn, native_fn = next((k, n) for name, k, n, _, _ in bench.op_cases(x) if name == op)
     benchmark(kernel_fn if side == "kernel" else native_fn)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from projection_report import _relu_of_last_conv, build_model, captum_zf, plain_zf
 
-from xraydeconv.deconvnet import DeconvNet
+from xraydeconv.explain.deconvnet import DeconvNet
 
 TOP_N = 25
 

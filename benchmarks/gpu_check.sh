@@ -110,7 +110,7 @@ else
 fi
 if ! "$PY" - <<'EOF'; then
 import torch
-from xraydeconv import _extension
+from xraydeconv.ops import extension as _extension
 _extension.require()
 ok = torch._C._dispatch_has_kernel_for_dispatch_key("xraydeconv::switch_pool2d", "CUDA")
 print("xraydeconv._C loaded; CUDA kernels registered:", ok)
@@ -123,7 +123,7 @@ fi
 # An argument error whose message holds numbers must come back as a ValueError, not a crash.
 "$PY" - <<'EOF'
 import torch
-from xraydeconv import _extension
+from xraydeconv.ops import extension as _extension
 _extension.require()
 try:
     torch.ops.xraydeconv.switch_pool2d(torch.zeros(1, 1, 1, 4, 4, device="cuda"), [2, 2], [2, 2], [0, 0], False)
@@ -165,7 +165,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from xraydeconv import _extension
+from xraydeconv.ops import extension as _extension
 
 _extension.require()
 xops = torch.ops.xraydeconv

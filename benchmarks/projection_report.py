@@ -9,7 +9,7 @@ Contenders, run interleaved in the same process (medians over --repeat rounds, r
 * ``plain``: the best plain-PyTorch deconvnet we could write: one shared forward recording the max-pool indices,
   then all top-n projections as one batch through ``F.max_unpool2d`` + ``conv_transpose2d`` (BatchNorm folded).
 
-The net is ``xraydeconv.models.build("deeper")`` with random weights (the timing does not depend on training).
+The net is ``xraydeconv.training.models.build("deeper")`` with random weights (the timing does not depend on training).
 Peak memory: the increase of the peak resident set (VmHWM) over the model's setup on CPU, measured in a child
 process per contender so that one contender's peak does not hide another's; ``torch.cuda.max_memory_allocated``
 on CUDA.
@@ -34,8 +34,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from xraydeconv.deconvnet import DeconvNet  # noqa: E402
-from xraydeconv.models import build  # noqa: E402
+from xraydeconv.explain.deconvnet import DeconvNet  # noqa: E402
+from xraydeconv.training.models import build  # noqa: E402
 
 
 def build_model(name: str, device: str) -> nn.Module:
@@ -199,7 +199,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     if args.checkpoint:
-        from xraydeconv.checkpoint import load_checkpoint
+        from xraydeconv.training.checkpoint import load_checkpoint
 
         ck = load_checkpoint(args.checkpoint, map_location=args.device)
         model, args.model, args.size = ck.model, f"{ck.model_name} ({args.checkpoint})", args.size or ck.input_size

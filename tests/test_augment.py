@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xraydeconv.augment import AugmentConfig, augment_batch
+from xraydeconv.training.augment import AugmentConfig, augment_batch
 
 IDENTITY = AugmentConfig(rotation_deg=0, scale=(1, 1), translate=0, flip_p=0, gamma=(1, 1), contrast=(1, 1),
                          noise_std=0)

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from xraydeconv.evaluate import EvalOptions, evaluate
-from xraydeconv.train import TrainConfig, train
+from xraydeconv.reports.evaluate import EvalOptions, evaluate
+from xraydeconv.training.loop import TrainConfig, train
 
 # four anatomically close classes at 64 px, trained briefly: the marker is the easiest cue there is
 CLASSES = ("cervical-spine", "thoracic-spine", "lumbar-spine", "sacrum-coccyx")

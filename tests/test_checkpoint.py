@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from xraydeconv import checkpoint as ckpt
-from xraydeconv.checkpoint import load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xraydeconv.errors import UserError
-from xraydeconv.models import build
+from xraydeconv.training import checkpoint as ckpt
+from xraydeconv.training.checkpoint import load_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from xraydeconv.training.models import build
 
 CLASSES = [f"class-{i}" for i in range(5)]
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from xraydeconv.data import open_dataset
 from xraydeconv.data.classes import CLASS_NAMES
-from xraydeconv.data.irma import TEST_FILE, TRAIN_FILE, ClassMap, IrmaCode, read_label_file
+from xraydeconv.data.formats.irma import TEST_FILE, TRAIN_FILE, ClassMap, IrmaCode, read_label_file
 from xraydeconv.errors import UserError
 
 HEADER = "image_id;irma_code;05_class;05_irma_code_submask;06_class;06_irma_code;07_irma_code;08_irma_code"

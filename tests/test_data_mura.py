@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from xraydeconv.data import open_dataset
-from xraydeconv.data.mura import PARTS
+from xraydeconv.data.formats.mura import PARTS
 from xraydeconv.errors import UserError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from xraydeconv.deconvnet import DeconvNet
+from xraydeconv.explain.deconvnet import DeconvNet
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -244,7 +244,7 @@ def test_bad_arguments():
 def test_package_models_with_switch_pooling_equal_captum(name, backend):
     import copy
 
-    from xraydeconv.models import build
+    from xraydeconv.training.models import build
 
     torch.manual_seed(0)
     model = build(name, num_classes=24, input_size=48, pool_backend=backend)
@@ -279,7 +279,7 @@ def test_bf16_walk_is_close_to_fp32():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_projection_matches_cpu():
-    from xraydeconv.models import build
+    from xraydeconv.training.models import build
 
     torch.manual_seed(0)
     model = build("deeper", num_classes=24, input_size=64)

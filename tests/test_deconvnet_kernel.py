@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xraydeconv import _extension, ops
+from xraydeconv import ops
+from xraydeconv.ops import extension as _extension
 
 pytestmark = pytest.mark.skipif(
     not (_extension.load() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -78,8 +79,8 @@ def test_kernel_rejects_bad_arguments():
 
 
 def test_deconvnet_sparse_and_dense_paths_agree():
-    from xraydeconv.deconvnet import DeconvNet
-    from xraydeconv.models import build
+    from xraydeconv.explain.deconvnet import DeconvNet
+    from xraydeconv.training.models import build
 
     torch.manual_seed(0)
     model = build("deeper", num_classes=24, input_size=64).eval()

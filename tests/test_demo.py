@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from xraydeconv.models import MODEL_NAMES
+from xraydeconv.training.models import MODEL_NAMES
 
 
 def _main(args, capsys):

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from xraydeconv.checkpoint import save_checkpoint
 from xraydeconv.data.classes import CLASS_NAMES
 from xraydeconv.errors import UserError
-from xraydeconv.evaluate import MARKER, EvalOptions, LandmarkAgreement, evaluate, render_markdown
-from xraydeconv.models import build
+from xraydeconv.reports.evaluate import MARKER, EvalOptions, LandmarkAgreement, evaluate, render_markdown
+from xraydeconv.training.checkpoint import save_checkpoint
+from xraydeconv.training.models import build
 
 SIZE = 64
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from xraydeconv.gallery import gallery_html, write_gallery
-from xraydeconv.projection_io import unique_folder, write_image_folder
+from xraydeconv.reports.gallery import gallery_html, write_gallery
+from xraydeconv.reports.pipeline import unique_folder, write_image_folder
 
 CHROMIUM = "/usr/bin/chromium"
 

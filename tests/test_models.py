@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from xraydeconv.errors import UserError
-from xraydeconv.models import MODEL_NAMES, POSTER_ACCURACY, build, count_parameters
 from xraydeconv.nn import SwitchMaxPool2d
+from xraydeconv.training.models import MODEL_NAMES, POSTER_ACCURACY, build, count_parameters
 
 ALLOWED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, SwitchMaxPool2d, nn.Dropout)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from xraydeconv import _extension, ops
+from xraydeconv import ops
 from xraydeconv.nn import SwitchMaxPool2d
+from xraydeconv.ops import extension as _extension
 
 pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from xraydeconv import occlusion
+from xraydeconv.explain import occlusion
 
 S = 32
 

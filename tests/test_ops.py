@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xraydeconv import _extension, ops
+from xraydeconv import ops
+from xraydeconv.ops import extension as _extension
 
 pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
 

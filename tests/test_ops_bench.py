@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from xraydeconv.cli.bench import bench
 
-from xraydeconv import bench as bench_lib
 from xraydeconv import ops
+from xraydeconv.cli.bench import bench
 from xraydeconv.errors import UserError
+from xraydeconv.reports import bench as bench_lib
 
 pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
 

@@ -20,8 +20,8 @@ from xraydeconv.data.phantoms import (
     render_phantom,
     split_counts,
 )
-from xraydeconv.data.phantoms_marker import marker_for
-from xraydeconv.data.phantoms_views import VIEWS
+from xraydeconv.data.phantoms.marker import marker_for
+from xraydeconv.data.phantoms.views import VIEWS
 from xraydeconv.errors import UserError
 
 
@@ -70,9 +70,9 @@ def test_landmarks_present_in_most_films():
 
 
 def test_bone_attenuates_more_than_soft_tissue_and_the_film_shows_it():
-    from xraydeconv.data.phantoms_anatomy import arm
-    from xraydeconv.data.phantoms_film import develop
-    from xraydeconv.data.phantoms_shapes import Canvas, Pose
+    from xraydeconv.data.phantoms.anatomy import arm
+    from xraydeconv.data.phantoms.film import develop
+    from xraydeconv.data.phantoms.shapes import Canvas, Pose
 
     view = VIEWS["hand"]
     canvas = Canvas(Pose(128, scale=view.zoom, angle=180, ox=view.origin[0], oy=view.origin[1]), keep=view.landmarks)
@@ -107,7 +107,7 @@ def test_render_rejects_unknown_class_and_bias():
 
 
 def test_marker_bias_draws_a_small_bright_class_specific_marker():
-    from xraydeconv.data.phantoms_marker import _GLYPHS
+    from xraydeconv.data.phantoms.marker import _GLYPHS
 
     letters = [marker_for(label)[0] for label in range(len(CLASS_NAMES))]
     places = [marker_for(label)[1] for label in range(len(CLASS_NAMES))]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from xraydeconv.cli.main import main
 
-from xraydeconv import checkpoint, models
+from xraydeconv.cli.main import main
 from xraydeconv.data.classes import CLASS_NAMES
+from xraydeconv.training import checkpoint, models
 
 SIZE = 64
 
@@ -68,7 +68,7 @@ def test_project_images(work, tmp_path, monkeypatch, capsys):
     assert np.load(out / "hand" / "maps.npy").shape == (6, SIZE, SIZE)
     # the saved channels are the ones the library ranks first
     from xraydeconv.data import load_image
-    from xraydeconv.deconvnet import DeconvNet
+    from xraydeconv.explain.deconvnet import DeconvNet
 
     p = DeconvNet(ck.model).project(load_image(work / "hand.png", SIZE)[None], top_n=6)
     assert man["channels"] == p.channels[0].tolist()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xraydeconv import render
+from xraydeconv.reports import render
 
 
 def test_filter_heatmaps_are_magnitudes_normalised_per_filter():
@@ -67,5 +67,5 @@ def test_importing_the_package_does_not_import_matplotlib():
     import subprocess
     import sys
 
-    code = "import sys, xraydeconv, xraydeconv.deconvnet; print('matplotlib' in sys.modules)"
+    code = "import sys, xraydeconv, xraydeconv.explain.deconvnet; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

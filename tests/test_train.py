@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from test_train_resume import make_tiny_imagefolder
-from xraydeconv.cli.main import cli
 
-from xraydeconv import distributed
-from xraydeconv.checkpoint import load_checkpoint, read_checkpoint
+from xraydeconv.cli.main import cli
 from xraydeconv.errors import UserError
-from xraydeconv.train import TrainConfig, train
+from xraydeconv.training import distributed
+from xraydeconv.training.checkpoint import load_checkpoint, read_checkpoint
+from xraydeconv.training.loop import TrainConfig, train
 
 TINY = dict(input_size=32, epochs=2, batch_size=4, threads=1, checkpoint_every=0)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xraydeconv.checkpoint import read_checkpoint
+from xraydeconv.training.checkpoint import read_checkpoint
 
 DRIVER = r'''
 import os, signal, sys

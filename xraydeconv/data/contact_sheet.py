@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import UserError
-from .imagefolder import read_meta
-from .landmarks import MASK_FOLDER_SUFFIX, mask_files
-from .preprocess import IMAGE_SUFFIXES, Letterbox
+from xraydeconv.data.formats.imagefolder import read_meta
+from xraydeconv.data.landmarks import MASK_FOLDER_SUFFIX, mask_files
+from xraydeconv.data.preprocess import IMAGE_SUFFIXES, Letterbox
+from xraydeconv.errors import UserError
 
 SPLITS = ("train", "val", "test")
 

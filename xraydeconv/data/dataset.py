@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from xraydeconv.data import preprocess as _pre
 from xraydeconv.data.cache import DecodedCache
-from xraydeconv.data.imagefolder import read_imagefolder
-from xraydeconv.data.irma import ClassMap, is_irma, read_irma
+from xraydeconv.data.formats.imagefolder import read_imagefolder
+from xraydeconv.data.formats.irma import ClassMap, is_irma, read_irma
+from xraydeconv.data.formats.mura import locate as locate_mura
+from xraydeconv.data.formats.mura import read_mura
 from xraydeconv.data.landmarks import box_mask, read_mask
-from xraydeconv.data.mura import locate as locate_mura
-from xraydeconv.data.mura import read_mura
 from xraydeconv.data.record import Record
 from xraydeconv.data.report import LoadReport
 from xraydeconv.data.split import check_fraction

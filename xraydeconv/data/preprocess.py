@@ -1,7 +1,7 @@
 """Decoding and letterboxing shared by every data set and by ``load_image``.
 
 One pipeline for every input: decode to a float32 (H, W) array in [0, 1] (8/16-bit grayscale,
-RGB -> luminance, DICOM through :mod:`xraydeconv.data.dicom`), resize the longest side to the
+RGB -> luminance, DICOM through :mod:`xraydeconv.data.formats.dicom`), resize the longest side to the
 input size with an antialiased bilinear filter, pad centred with black, then quantise to uint8.
 The uint8 step happens on every path (cached or not) so that training, caching and projection
 all see exactly the same pixels.
@@ -88,7 +88,7 @@ def decode_image(path: Path) -> np.ndarray:
     """
     path = Path(path)
     if is_dicom(path):
-        from xraydeconv.data.dicom import decode_dicom
+        from xraydeconv.data.formats.dicom import decode_dicom
 
         return decode_dicom(path)
     img = _open_pil(path)
@@ -111,7 +111,7 @@ def image_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image as displayed, read from its header without decoding the pixels."""
     path = Path(path)
     if is_dicom(path):
-        from xraydeconv.data.dicom import dicom_size
+        from xraydeconv.data.formats.dicom import dicom_size
 
         return dicom_size(path)
     img = _open_pil(path)

@@ -51,8 +51,8 @@ def demo(out, preset, top_n, sample_per_class, seed, quiet) -> None:
       xraydeconv demo --quick --out /tmp/demo-quick
       xraydeconv demo --full --out runs/demo-full
     """
-    from xraydeconv.demo import DemoSettings, run_demo
     from xraydeconv.errors import UserError
+    from xraydeconv.reports.demo import DemoSettings, run_demo
 
     if top_n is None:
         top_n = 8 if preset == "quick" else 25

@@ -29,11 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from xraydeconv import distributed
-from xraydeconv.augment import AugmentConfig, augment_batch
-from xraydeconv.checkpoint import atomic_write_bytes, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xraydeconv.errors import UserError
-from xraydeconv.models import AUGMENTED, MODEL_NAMES, build, count_parameters
+from xraydeconv.training import distributed
+from xraydeconv.training.augment import AugmentConfig, augment_batch
+from xraydeconv.training.checkpoint import (
+    atomic_write_bytes,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from xraydeconv.training.models import AUGMENTED, MODEL_NAMES, build, count_parameters
 
 LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
 CURVES, CONFUSION = "curves.png", "confusion.png"
@@ -53,7 +59,7 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         seed: seeds weights, data order, dropout and augmentation.
         input_size: side of the square (letterboxed) input images.
-        augment: train with ``xraydeconv.augment``; None means "if the model is deeper-aug".
+        augment: train with ``xraydeconv.training.augment``; None means "if the model is deeper-aug".
         data: data set folder for ``xraydeconv.data.open_dataset``; None trains on the synthetic phantoms.
         class_map: optional class-map file passed to ``open_dataset``.
         phantoms_per_class: training images per class when generating phantoms.
@@ -232,7 +238,7 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _latest_resume_state(out: Path) -> dict | None:
+def latest_resume_state(out: Path) -> dict | None:
     """The raw checkpoint in ``out`` furthest along (``resume.pt`` or ``last.pt``), or None."""
     best = None
     for name in (LAST, RESUME):  # on a tie last.pt wins: its epoch has been validated
@@ -290,7 +296,7 @@ def train(
     if resume:
         if info.is_main:
             _remove_stale_temp_files(out)
-        raw = _latest_resume_state(out)
+        raw = latest_resume_state(out)
         if raw is not None:
             stored = TrainConfig.from_dict(raw["config"])
             runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
@@ -490,7 +496,7 @@ def _run(cfg, out: Path, raw: dict | None, info, device, log, progress: bool) ->
         },
     }
     if info.is_main:
-        from xraydeconv.training_plots import plot_confusion, plot_curves
+        from xraydeconv.training.plots import plot_confusion, plot_curves
 
         plot_curves(history, out / CURVES, title=f"{cfg.model}: training curves")
         plot_confusion(test_conf, splits.class_names, out / CONFUSION,

@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from xraydeconv import render
+from xraydeconv.reports import render
 
 if TYPE_CHECKING:
-    from xraydeconv.deconvnet import Projection
+    from xraydeconv.explain.deconvnet import Projection
 
 __all__ = [
     "ImageResult", "unique_folder", "write_image_folder", "save_projection", "building_folder", "write_json",

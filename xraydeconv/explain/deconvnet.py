@@ -240,13 +240,7 @@ SPARSE_MIN_CHANNELS = 8
 
 def _has_scatter_kernel(t: Tensor) -> bool:
     """The sparse deconvnet step of xraydeconv._C can run on ``t`` (fp32 on the CPU, extension built)."""
-    if t.dtype != torch.float32 or t.device.type != "cpu":
-        return False
-    from xraydeconv import _extension
-
-    return _extension.load() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "xraydeconv::relu_scatter_conv_transpose2d", "CPU"
-    )
+    return t.dtype == torch.float32 and t.device.type == "cpu" and ops.has_kernel("relu_scatter_conv_transpose2d")
 
 
 # --- the deconvnet --------------------------------------------------------------------------------------------
@@ -538,9 +532,7 @@ class DeconvNet:
         src = g.permute(0, 2, 3, 1).contiguous()  # free when g is already channels-last
         sw = None if switches is None else switches.permute(0, 2, 3, 1).contiguous()
         pk = (1, 1) if rec is None else rec.kernel_size
-        out = torch.ops.xraydeconv.relu_scatter_conv_transpose2d(
-            src, sw, wt, list(pk), list(_padding_of(conv)), list(in_size), group
-        )
+        out = ops.relu_scatter_conv_transpose2d(src, sw, wt, pk, _padding_of(conv), in_size, group)
         return out.permute(0, 3, 1, 2)
 
     @torch.no_grad()

@@ -94,7 +94,7 @@ def train(
       xraydeconv train --all --out runs/table1
       xraydeconv train --model deeper --out runs/deeper --resume
     """
-    from xraydeconv.train import TrainConfig
+    from xraydeconv.training.loop import TrainConfig
 
     ctx = click.get_current_context()
     if all_models == bool(model):
@@ -121,28 +121,28 @@ def train(
         _check_resume_consistency(out, model, explicit, given, all_models)
 
     if all_models:
-        from xraydeconv.table1 import TABLE_MD, train_all
+        from xraydeconv.training.table1 import TABLE_MD, train_all
 
         train_all(out, make_config, resume=resume, progress=not quiet)
         click.echo(f"wrote {out / TABLE_MD}")
         click.echo((out / TABLE_MD).read_text() if (out / TABLE_MD).exists() else "", nl=False)
     else:
-        from xraydeconv.train import train as run
+        from xraydeconv.training.loop import train as run
 
         run(make_config(model), out, resume=resume, progress=not quiet)
 
 
 def _check_resume_consistency(out: Path, model: str | None, explicit: set[str], given: dict, train_all: bool) -> None:
     """A resumed run keeps its stored configuration: options that contradict it are an error, not ignored."""
-    from xraydeconv.models import MODEL_NAMES
-    from xraydeconv.train import LAST, RESUME, TrainConfig, _latest_resume_state
+    from xraydeconv.training.loop import LAST, RESUME, TrainConfig, latest_resume_state
+    from xraydeconv.training.models import MODEL_NAMES
 
     dirs = [out / m for m in MODEL_NAMES] if train_all else [out]
     option_of = {f: o.replace("_", "-") for o, f in _CONFIG_OPTIONS.items()}
     for d in dirs:
         if not ((d / LAST).exists() or (d / RESUME).exists()):
             continue
-        raw = _latest_resume_state(d)
+        raw = latest_resume_state(d)
         stored = TrainConfig.from_dict(raw["config"]).to_dict()
         if model and raw["model_name"] != model:
             raise UserError(f"{d}: the run to resume trains {raw['model_name']!r}, not {model!r}")

@@ -4,8 +4,8 @@ landmark agreement and a gallery to open in a browser.
 Steps, each reusing what an earlier run in the same folder already finished:
 
 1. generate the synthetic phantoms (or reuse them from the cache);
-2. train ``shallow``, ``deeper`` and ``deeper-aug`` (``xraydeconv.table1``) and print Table 1;
-3. evaluate every net on the test split (``xraydeconv.evaluate``): accuracy, landmark agreement, misclassified
+2. train ``shallow``, ``deeper`` and ``deeper-aug`` (``xraydeconv.training.table1``) and print Table 1;
+3. evaluate every net on the test split (``xraydeconv.reports.evaluate``): accuracy, landmark agreement, misclassified
    images with their projections;
 4. project the top-n filters of every net for a sample of test images (one per class) into a gallery;
 5. write the comparison of the three nets (``landmarks.md``) and an ``index.html`` over everything.
@@ -57,7 +57,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
 
 
 def _train_config(settings: DemoSettings, model: str, data: Path):
-    from xraydeconv.train import TrainConfig
+    from xraydeconv.training.loop import TrainConfig
 
     factory, overrides = PRESETS[settings.preset]
     make = TrainConfig.demo if factory == "demo" else TrainConfig.full
@@ -81,7 +81,7 @@ def _check_settings(out: Path, settings: DemoSettings) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from xraydeconv.render import write_atomically
+    from xraydeconv.reports.render import write_atomically
 
     write_atomically(path, lambda f: f.write(text), mode="w", encoding="utf-8")
 
@@ -105,11 +105,11 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
     from tqdm import tqdm
 
     import xraydeconv
-    from xraydeconv.checkpoint import load_checkpoint
     from xraydeconv.data import open_dataset
-    from xraydeconv.deconvnet import DeconvNet
-    from xraydeconv.gallery import write_gallery
-    from xraydeconv.projection_io import building_folder, save_projection
+    from xraydeconv.explain.deconvnet import DeconvNet
+    from xraydeconv.reports.gallery import write_gallery
+    from xraydeconv.reports.pipeline import building_folder, save_projection
+    from xraydeconv.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     ds = open_dataset(data, split=split, input_size=ckpt.input_size)
@@ -222,9 +222,9 @@ def run_demo(
     Finished steps of an earlier run with the same settings are reused (training resumes where it stopped).
     """
     from xraydeconv.data.phantoms import ensure_phantoms
-    from xraydeconv.evaluate import EvalOptions, evaluate
-    from xraydeconv.models import MODEL_NAMES
-    from xraydeconv.table1 import TABLE_MD, train_all
+    from xraydeconv.reports.evaluate import EvalOptions, evaluate
+    from xraydeconv.training.models import MODEL_NAMES
+    from xraydeconv.training.table1 import TABLE_MD, train_all
 
     settings = settings or DemoSettings()
     if settings.preset not in PRESETS:

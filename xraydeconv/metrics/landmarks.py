@@ -34,6 +34,7 @@ __all__ = [
     "LandmarkScores",
     "score_landmarks",
     "per_class",
+    "nanmean",
 ]
 
 
@@ -167,15 +168,16 @@ class LandmarkScores:
         """Mean of each metric over the images that have landmark pixels (NaN where none has), plus counts."""
         valid = self.area_share > 0
         return {
-            "pointing_game": _nanmean(self.pointing_game),
-            "relevance_mass": _nanmean(self.relevance_mass),
-            "relevance_rank": _nanmean(self.relevance_rank),
+            "pointing_game": nanmean(self.pointing_game),
+            "relevance_mass": nanmean(self.relevance_mass),
+            "relevance_rank": nanmean(self.relevance_rank),
             "area_share": float(self.area_share[valid].mean()) if valid.any() else float("nan"),
             "n": int(valid.sum()),
         }
 
 
-def _nanmean(x: np.ndarray) -> float:
+def nanmean(x: np.ndarray) -> float:
+    """Mean of the non-NaN values of ``x``; NaN when there are none (without numpy's empty-slice warning)."""
     x = np.asarray(x, dtype=np.float64)
     ok = ~np.isnan(x)
     return float(x[ok].mean()) if ok.any() else float("nan")
@@ -201,5 +203,5 @@ def per_class(values: ArrayLike, labels: ArrayLike, class_names: Sequence[str]) 
     for c, name in enumerate(class_names):
         sel = lab == c
         if sel.any():
-            out[name] = _nanmean(v[sel])
+            out[name] = nanmean(v[sel])
     return out

@@ -7,10 +7,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from xraydeconv.checkpoint import atomic_write_bytes
-from xraydeconv.distributed import from_env
-from xraydeconv.models import MODEL_NAMES, POSTER_ACCURACY
-from xraydeconv.train import METRICS, RESUME, TrainConfig, train
+from xraydeconv.training.checkpoint import atomic_write_bytes
+from xraydeconv.training.distributed import from_env
+from xraydeconv.training.loop import METRICS, RESUME, TrainConfig, train
+from xraydeconv.training.models import MODEL_NAMES, POSTER_ACCURACY
 
 TABLE_MD, TABLE_JSON = "table1.md", "table1.json"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantoms_shapes import BONE, Canvas, Pose
+from .shapes import BONE, Canvas, Pose
 
 
 def add_clutter(att: np.ndarray, rng: np.random.Generator, chance: float = 0.35) -> None:

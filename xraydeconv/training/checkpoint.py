@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from xraydeconv.errors import UserError
-from xraydeconv.models import MODEL_NAMES, build
+from xraydeconv.training.models import MODEL_NAMES, build
 
 FORMAT = "xraydeconv-checkpoint"
 VERSION = 1

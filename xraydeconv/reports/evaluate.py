@@ -2,7 +2,7 @@
 how well the projected heat maps agree with radiological landmarks.
 
 For every image that has landmark masks, the top-n filters of the last conv layer are projected with the
-deconvnet; the per-filter heat maps and their combination (``xraydeconv.render``: the mean of the normalised
+deconvnet; the per-filter heat maps and their combination (``xraydeconv.reports.render``: the mean of the normalised
 per-filter magnitudes, exactly the map the gallery shows) are scored with :mod:`xraydeconv.metrics` against
 
 - the union of the image's landmarks ("a landmark of the true class": the masks lying beside an image are
@@ -11,7 +11,7 @@ per-filter magnitudes, exactly the map the gallery shows) are scored with :mod:`
 - the ``marker`` mask separately: the planted shortcut of ``xraydeconv data phantoms --bias marker``, which is
   never a radiological landmark and is left out of the union.
 
-With ``occlusion=True`` each landmark (and their union) is also hidden in turn (:mod:`xraydeconv.occlusion`)
+With ``occlusion=True`` each landmark (and their union) is also hidden in turn (:mod:`xraydeconv.explain.occlusion`)
 to measure what the class probability and the top filters lose.
 
 Everything is built in a temporary folder beside ``out`` and moved into place at the end, so a failed run
@@ -228,7 +228,7 @@ class LandmarkAgreement:
             lab = np.array(self._labels)
             out["overall"] = _stats(u)
             out["tolerant_px"] = self._tolerant_px
-            out["overall"]["pointing_game_tolerant"] = metrics._nanmean(np.array(self._tolerant))
+            out["overall"]["pointing_game_tolerant"] = metrics.nanmean(np.array(self._tolerant))
             out["per_filter"] = {
                 "pointing_game": float(np.nanmean(f[:, 0])),
                 "relevance_mass": float(np.nanmean(f[:, 1])),
@@ -240,7 +240,7 @@ class LandmarkAgreement:
             if self._baseline:
                 r = np.stack(self._baseline)
                 out["baseline_image"] = _stats(r)
-                out["baseline_image"]["pointing_game_tolerant"] = metrics._nanmean(np.array(self._tolerant_base))
+                out["baseline_image"]["pointing_game_tolerant"] = metrics.nanmean(np.array(self._tolerant_base))
             out["per_class"] = {}
             for c, name in enumerate(self.class_names):
                 sel = lab == c
@@ -333,14 +333,14 @@ def evaluate(
     from tqdm import tqdm
 
     import xraydeconv
-    from xraydeconv import render
-    from xraydeconv.checkpoint import load_checkpoint
     from xraydeconv.data import open_dataset
-    from xraydeconv.deconvnet import DeconvNet
-    from xraydeconv.gallery import write_gallery
-    from xraydeconv.occlusion import occlude_landmarks
-    from xraydeconv.projection_io import building_folder, save_projection, write_json
-    from xraydeconv.training_plots import plot_confusion
+    from xraydeconv.explain.deconvnet import DeconvNet
+    from xraydeconv.explain.occlusion import occlude_landmarks
+    from xraydeconv.reports import render
+    from xraydeconv.reports.gallery import write_gallery
+    from xraydeconv.reports.pipeline import building_folder, save_projection, write_json
+    from xraydeconv.training.checkpoint import load_checkpoint
+    from xraydeconv.training.plots import plot_confusion
 
     opt = options or EvalOptions()
     log = log or (lambda s: tqdm.write(s, file=sys.stderr))

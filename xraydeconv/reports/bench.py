@@ -148,7 +148,7 @@ def _nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _cases(x: torch.Tensor) -> Iterator[tuple[str, Callable[[], object], Callable[[], object], int, int]]:
+def op_cases(x: torch.Tensor) -> Iterator[tuple[str, Callable[[], object], Callable[[], object], int, int]]:
     """(op, kernel call, native call, kernel bytes moved, native bytes moved) for one input, 2x2/s2 pooling."""
     k, s, p, d = [2, 2], [2, 2], [0, 0], [1, 1]
     size = list(x.shape[-2:])
@@ -239,7 +239,7 @@ def run_report(
                     x = torch.randn(shape, device=device, generator=gen)
                     if layout == "channels_last":
                         x = x.contiguous(memory_format=torch.channels_last)
-                    for op, kernel_fn, native_fn, k_bytes, n_bytes in _cases(x):
+                    for op, kernel_fn, native_fn, k_bytes, n_bytes in op_cases(x):
                         if progress is not None:
                             progress(f"{op} {tuple(shape)} {layout} {n_threads}t")
                         src = torch.empty(k_bytes // 2, dtype=torch.uint8, device=device)

@@ -30,14 +30,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
-from .classes import CLASS_NAMES
-from .phantoms_anatomy import REGIONS, arm, leg, pelvis_bones
-from .phantoms_clutter import add_clutter
-from .phantoms_film import develop, sample_field
-from .phantoms_marker import draw_marker
-from .phantoms_shapes import Canvas, Pose
-from .phantoms_views import VIEWS, landmark_names
+from xraydeconv.data.classes import CLASS_NAMES
+from xraydeconv.errors import UserError
+
+from .anatomy import REGIONS, arm, leg, pelvis_bones
+from .clutter import add_clutter
+from .film import develop, sample_field
+from .marker import draw_marker
+from .shapes import Canvas, Pose
+from .views import VIEWS, landmark_names
 
 FORMAT = "xraydeconv-phantoms"
 VERSION = 1

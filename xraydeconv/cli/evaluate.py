@@ -71,8 +71,8 @@ def evaluate(checkpoint, data, split, top_n, occlusion, tolerance, max_misclassi
       xraydeconv evaluate --checkpoint best.pt --data ~/phantoms-bias --split val --out eval-val
       xraydeconv evaluate --checkpoint best.pt --data ~/mura --occlusion --out eval-mura
     """
-    from xraydeconv.evaluate import EvalOptions
-    from xraydeconv.evaluate import evaluate as run
+    from xraydeconv.reports.evaluate import EvalOptions
+    from xraydeconv.reports.evaluate import evaluate as run
 
     opts = EvalOptions(split=split, top_n=top_n, occlusion=occlusion, batch_size=batch_size,
                        max_misclassified=max_misclassified, tolerance=tolerance, precision=precision,

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from xraydeconv import render
+from xraydeconv.reports import render
 
 __all__ = ["write_gallery", "gallery_html", "SORT_KEYS"]
 

@@ -79,9 +79,9 @@ def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bo
     from tqdm import tqdm
 
     from xraydeconv import ops
-    from xraydeconv.bench import format_report, run_report
     from xraydeconv.errors import UserError
-    from xraydeconv.render import write_atomically
+    from xraydeconv.reports.bench import format_report, run_report
+    from xraydeconv.reports.render import write_atomically
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .phantoms_shapes import AIR, BONE, FAT, GLAND, SOFT, Canvas
+from .shapes import AIR, BONE, FAT, GLAND, SOFT, Canvas
 
 
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:

@@ -26,7 +26,7 @@ MODEL_NAMES: tuple[str, ...] = ("shallow", "deeper", "deeper-aug")
 # Test accuracy (%) on ImageCLEF 2009 reported by the poster (Table 1), shown beside ours.
 POSTER_ACCURACY: dict[str, float] = {"shallow": 71.1, "deeper": 90.36, "deeper-aug": 95.62}
 
-# Models trained with the batched augmentation of xraydeconv.augment.
+# Models trained with the batched augmentation of xraydeconv.training.augment.
 AUGMENTED: frozenset[str] = frozenset({"deeper-aug"})
 
 DEEPER_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)

@@ -136,11 +136,11 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
     from tqdm import tqdm
 
     import xraydeconv
-    from xraydeconv.checkpoint import load_checkpoint
-    from xraydeconv.deconvnet import DeconvNet
-    from xraydeconv.evaluate import pick_device
-    from xraydeconv.gallery import write_gallery
-    from xraydeconv.projection_io import building_folder, save_projection
+    from xraydeconv.explain.deconvnet import DeconvNet
+    from xraydeconv.reports.evaluate import pick_device
+    from xraydeconv.reports.gallery import write_gallery
+    from xraydeconv.reports.pipeline import building_folder, save_projection
+    from xraydeconv.training.checkpoint import load_checkpoint
 
     dev = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)

@@ -1,0 +1,45 @@
+"""The Python face of the kernels of ``xraydeconv._C``.
+
+- :mod:`~xraydeconv.ops.switch_pool`: max pooling with uint8 switches, its exact adjoint (unpool) and the gather,
+  with fake kernels and autograd;
+- :mod:`~xraydeconv.ops.deconv_scatter`: the sparse deconvnet step ``relu_scatter_conv_transpose2d``;
+- :mod:`~xraydeconv.ops.native`: pure-PyTorch twins with identical semantics, and switch/index conversions;
+- :mod:`~xraydeconv.ops.kernels`: ``has_kernel(op, device)``;
+- :mod:`~xraydeconv.ops.switch_max_pool`: ``SwitchMaxPool2d``, the ``nn.MaxPool2d`` that hands out switches.
+"""
+
+from xraydeconv.ops.deconv_scatter import relu_scatter_conv_transpose2d
+from xraydeconv.ops.geometry import pool_output_size
+from xraydeconv.ops.kernels import OPS, has_kernel, has_kernels
+from xraydeconv.ops.native import (
+    indices_to_switches,
+    native_switch_gather2d,
+    native_switch_pool2d,
+    native_switch_unpool2d,
+    switches_to_indices,
+)
+from xraydeconv.ops.switch_pool import (
+    switch_gather2d,
+    switch_pool2d,
+    switch_pool2d_out,
+    switch_unpool2d,
+    switch_unpool2d_out,
+)
+
+__all__ = [
+    "OPS",
+    "has_kernel",
+    "has_kernels",
+    "pool_output_size",
+    "switch_pool2d",
+    "switch_pool2d_out",
+    "switch_unpool2d",
+    "switch_unpool2d_out",
+    "switch_gather2d",
+    "relu_scatter_conv_transpose2d",
+    "switches_to_indices",
+    "indices_to_switches",
+    "native_switch_pool2d",
+    "native_switch_unpool2d",
+    "native_switch_gather2d",
+]

@@ -1,0 +1,94 @@
+"""``SwitchMaxPool2d``: a drop-in ``nn.MaxPool2d`` that can also hand out its switches.
+
+A deconvnet needs, for every pooling layer, where each maximum came from. This module pools with the
+uint8-switch kernels of :mod:`xraydeconv.ops.switch_pool` (``backend="kernel"``) or with PyTorch's own
+``max_pool2d`` (``backend="native"``), so a whole pipeline can be run both ways and compared;
+``"auto"`` takes the kernels whenever they are built for the input's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xraydeconv.ops import extension
+from xraydeconv.ops.geometry import int_pair, pool_geometry
+from xraydeconv.ops.kernels import has_kernels
+from xraydeconv.ops.native import native_switch_pool2d, native_switch_unpool2d
+from xraydeconv.ops.switch_pool import switch_pool2d, switch_unpool2d
+
+BACKENDS = ("auto", "kernel", "native")
+
+
+class SwitchMaxPool2d(nn.Module):
+    """2-D max pooling (no dilation) with optional access to the switches.
+
+    Args:
+        kernel_size: window size, an int or (kH, kW); at most 255 positions.
+        stride: window step; defaults to ``kernel_size``.
+        padding: implicit -inf padding on both sides, at most half the window.
+        ceil_mode: use ceil instead of floor for the output size, as in ``nn.MaxPool2d``.
+        backend: ``"kernel"`` (compiled ops; errors with build instructions if ``xraydeconv._C`` is
+            missing), ``"native"`` (``F.max_pool2d``) or ``"auto"``.
+
+    Shapes: input (N, C, H, W) or (C, H, W); output (..., OH, OW) exactly as ``nn.MaxPool2d``.
+    ``kernel_size``, ``stride`` and ``padding`` are stored as pairs.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        ceil_mode: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        k, s, p = pool_geometry(kernel_size, stride, padding)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "kernel":
+            extension.require()
+        self.kernel_size: tuple[int, int] = k
+        self.stride: tuple[int, int] = s
+        self.padding: tuple[int, int] = p
+        self.ceil_mode = bool(ceil_mode)
+        self.backend = backend
+
+    @classmethod
+    def from_max_pool(cls, pool: nn.MaxPool2d, backend: str = "auto") -> SwitchMaxPool2d:
+        """The equivalent of an existing ``nn.MaxPool2d`` (which must have dilation 1)."""
+        if int_pair(pool.dilation, "dilation") != (1, 1):
+            raise ValueError(f"SwitchMaxPool2d has no dilation; this MaxPool2d has dilation {pool.dilation}")
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, backend=backend)
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """Whether a call on ``x`` runs the compiled kernels (else PyTorch's own ops)."""
+        if self.backend == "native":
+            return False
+        return self.backend == "kernel" or has_kernels(x.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.uses_kernel(x):
+            return switch_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)[0]
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode)
+
+    def forward_with_switches(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(out, switches)``: the pooled tensor and the uint8 switches (``row * kW + col``), same shape."""
+        if self.uses_kernel(x):
+            return switch_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+        return native_switch_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
+
+    def unpool(self, y: Tensor, switches: Tensor, output_size: Sequence[int]) -> Tensor:
+        """Adjoint of this pooling: put ``y`` back at the switch positions of an (H, W) = ``output_size`` input."""
+        if self.uses_kernel(y):
+            return switch_unpool2d(y, switches, self.kernel_size, self.stride, self.padding, output_size)
+        return native_switch_unpool2d(y, switches, self.kernel_size, self.stride, self.padding, output_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"ceil_mode={self.ceil_mode}, backend={self.backend!r}"
+        )
