@@ -12,7 +12,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from test_train_resume import make_tiny_imagefolder
 
 from xraydeconv.cli.main import cli
 from xraydeconv.errors import UserError
@@ -31,8 +30,8 @@ def _keep_threads():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_tiny_imagefolder(tmp_path_factory.mktemp("tiny") / "data")
+def data(tmp_path_factory, tiny_imagefolder) -> Path:
+    return tiny_imagefolder(tmp_path_factory.mktemp("tiny") / "data")
 
 
 def _invoke(args: list[str]):
@@ -122,9 +121,9 @@ def test_bad_input_is_a_one_line_user_error_and_writes_nothing(tmp_path: Path, a
     assert not out.exists()
 
 
-def test_resume_refuses_another_model_classes_or_options(tmp_path: Path) -> None:
+def test_resume_refuses_another_model_classes_or_options(tmp_path: Path, tiny_imagefolder) -> None:
     out = tmp_path / "run"
-    data = make_tiny_imagefolder(tmp_path / "data")  # its own copy: renamed below
+    data = tiny_imagefolder(tmp_path / "data")  # its own copy: renamed below
     train(TrainConfig(model="shallow", data=str(data), **{**TINY, "epochs": 1}), out, progress=False,
           log=lambda s: None)
     before = (out / "last.pt").read_bytes()

@@ -14,10 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from xraydeconv.training.checkpoint import read_checkpoint
 
@@ -46,21 +44,6 @@ main()
 '''
 
 
-def make_tiny_imagefolder(root: Path, per_split=(8, 3, 3), size: int = 32, seed: int = 0) -> Path:
-    """Three learnable classes (a bright bar on the left, middle or right) as train/val/test PNG folders."""
-    rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val", "test"), per_split):
-        for k, c in enumerate(("left", "middle", "right")):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.uniform(0, 60, (size, size))
-                x0 = 2 + k * (size // 3)
-                img[size // 3 : 2 * size // 3, x0 : x0 + size // 4] += 150
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i}.png")
-    return root
-
-
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
     env.pop("WORLD_SIZE", None)
@@ -80,9 +63,9 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, Path]:
+def reference(tmp_path_factory, tiny_imagefolder) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("resume")
-    data = make_tiny_imagefolder(root / "data")
+    data = tiny_imagefolder(root / "data")
     out = root / "uninterrupted"
     r = _cli(_args(data, out))
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,34 @@
+"""The one device resolver of the command line: ``--device auto|cpu|cuda|cuda:N``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from xraydeconv.errors import UserError
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The torch device for ``--device NAME``; UserError when it is not usable here.
+
+    ``auto`` takes CUDA when available. Under ``torchrun`` (``world_size`` > 1) a bare ``cuda`` means this
+    process's GPU, ``cuda:<local_rank>``, and more processes on the machine than GPUs is an error.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if world_size > 1 and local > torch.cuda.device_count():
+            raise UserError(f"--device {name}: {local} processes on this machine but {torch.cuda.device_count()} "
+                            "GPU(s); start one process per GPU or use --device cpu")
+        if name == "cuda":
+            return torch.device("cuda", local_rank)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None

@@ -1,0 +1,138 @@
+"""Writing outputs safely: atomic files, folders built beside their target, and the output-folder check.
+
+Everything the package writes goes through here, so that a reader never sees a half-written file, a failed run
+leaves the previous output untouched, and an output never replaces something that is not a regular file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from xraydeconv.errors import UserError
+
+__all__ = ["write_atomically", "atomic_write_bytes", "write_json", "building_folder", "check_output_folder",
+           "check_output_file"]
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` as a Path when it may be written as a regular file: absent, or a regular file.
+
+    Raises UserError for a folder, a device, a FIFO or a socket, and when its folder does not exist.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UserError(f"{path}: is {kind}; the {what} is written only to a regular file or a new path")
+    if not path.absolute().parent.is_dir():
+        raise UserError(f"{path.absolute().parent}: no such folder for the {what}")
+    return path
+
+
+def write_atomically(
+    path: str | os.PathLike,
+    write: Callable[[IO], object],
+    mode: str = "wb",
+    encoding: str | None = None,
+    durable: bool = False,
+) -> Path:
+    """Call ``write`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
+
+    A reader never sees a half-written file; on any error the temp file is removed and ``path`` is untouched.
+    With ``durable=True`` the file and the rename are fsynced (checkpoints: a crash must not bring back the old
+    file). The temp file gets the permissions a plain ``open`` would give (mkstemp makes it private).
+    """
+    path = check_output_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably (fsync, rename, fsync of the folder), creating the folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda f: f.write(data), durable=True)
+
+
+def write_json(obj: object, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+
+    def dump(f: IO[str]) -> None:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+    return write_atomically(path, dump, mode="w", encoding="utf-8")
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
+    """``out`` as a Path when a command may build its output there; UserError otherwise.
+
+    It must be absent or a folder, empty unless ``overwrite``, and its parent must exist.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty (use --overwrite to replace it)")
+    if not out.absolute().parent.exists():
+        raise UserError(f"{out.absolute().parent}: no such folder for {flag}")
+    return out
+
+
+@contextmanager
+def building_folder(out: Path, overwrite: bool = True) -> Iterator[Path]:
+    """A new temporary folder beside ``out`` to build the output in; it becomes ``out`` when the block succeeds.
+
+    An existing ``out`` is replaced only once everything is written (with ``overwrite=False`` it must be empty:
+    the caller checks that before the work starts). On any error the temporary folder is removed and ``out``
+    is left untouched.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    old = None
+    try:
+        yield tmp
+        if out.exists():
+            if overwrite:
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+            else:
+                out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
