@@ -11,7 +11,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -97,12 +97,22 @@ def write_json(obj: object, path: str | os.PathLike) -> Path:
     return write_atomically(path, dump, mode="w", encoding="utf-8")
 
 
-def check_output_folder(out: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
+def check_output_folder(
+    out: str | os.PathLike,
+    overwrite: bool,
+    flag: str = "--out",
+    inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+) -> Path:
     """``out`` as a Path when a command may build its output there; UserError otherwise.
 
-    It must be absent or a folder, empty unless ``overwrite``, and its parent must exist.
+    It must be absent or a folder, empty unless ``overwrite``, and its parent must exist. ``inputs`` are the
+    command's inputs as ``(flag, path)``: ``out`` may not be, contain, or lie inside any of them, since
+    replacing ``out`` would delete or rewrite that input.
     """
     out = Path(out)
+    for name, path in inputs:
+        if _overlaps(out, Path(path)):
+            raise UserError(f"{flag} {out}: overlaps the input {name} {path}; choose an output folder apart from it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -110,6 +120,11 @@ def check_output_folder(out: str | os.PathLike, overwrite: bool, flag: str = "--
     if not out.absolute().parent.exists():
         raise UserError(f"{out.absolute().parent}: no such folder for {flag}")
     return out
+
+
+def _overlaps(out: Path, given: Path) -> bool:
+    a, b = out.resolve(), given.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 @contextmanager
