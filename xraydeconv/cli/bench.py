@@ -81,7 +81,7 @@ def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bo
     from xraydeconv import ops
     from xraydeconv.errors import UserError
     from xraydeconv.reports.bench import format_report, run_report
-    from xraydeconv.reports.render import write_atomically
+    from xraydeconv.io import write_atomically
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
