@@ -6,6 +6,8 @@ leaves the previous output untouched, and an output never replaces something tha
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -19,7 +21,7 @@ from typing import IO
 from xraydeconv.errors import UserError
 
 __all__ = ["write_atomically", "atomic_write_bytes", "write_json", "building_folder", "check_output_folder",
-           "check_output_file"]
+           "check_output_file", "output_lock", "remove_stale_builds"]
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
@@ -53,8 +55,11 @@ def write_atomically(
     With ``durable=True`` the file and the rename are fsynced (checkpoints: a crash must not bring back the old
     file). The temp file gets the permissions a plain ``open`` would give (mkstemp makes it private).
     """
-    path = check_output_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = _link_target(check_output_file(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write here: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             write(f)
@@ -65,12 +70,19 @@ def write_atomically(
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, UserError):
+            raise UserError(f"{path}: could not be written: {exc.strerror or exc}") from None
         raise
     if durable:
         _fsync_folder(path.parent)
     return path
+
+
+def _link_target(path: Path) -> Path:
+    """Where a write to ``path`` lands: a symlink is followed, so the link stays and its target is replaced."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -128,26 +140,70 @@ def _overlaps(out: Path, given: Path) -> bool:
 
 
 @contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the output ``out`` for the block; UserError at once if another run holds it.
+
+    The lock is ``flock`` on a hidden file beside ``out`` (``.<name>.lock``), released by the kernel when the
+    process ends however it ends, so a killed run never leaves a stale lock. The lock file itself stays.
+    """
+    out = Path(out)
+    lock = out.absolute().parent / f".{out.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot lock it: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out}: another xraydeconv run is writing it now; wait for it or choose another "
+                            "output") from None
+        yield out
+    finally:
+        os.close(fd)
+
+
+def remove_stale_builds(out: Path) -> None:
+    """Remove the temporary siblings (``.<name>.tmp-*``, ``.<name>.old-*``) left by runs that were killed.
+
+    Call it only while holding :func:`output_lock` on ``out``: then no live run is building them.
+    """
+    parent, name = out.absolute().parent, glob.escape(out.name)
+    for kind in ("tmp", "old"):
+        for stale in parent.glob(f".{name}.{kind}-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+@contextmanager
 def building_folder(out: Path, overwrite: bool = True) -> Iterator[Path]:
     """A new temporary folder beside ``out`` to build the output in; it becomes ``out`` when the block succeeds.
 
-    An existing ``out`` is replaced only once everything is written (with ``overwrite=False`` it must be empty:
-    the caller checks that before the work starts). On any error the temporary folder is removed and ``out``
-    is left untouched.
+    The block runs under :func:`output_lock`, so two runs never build the same output unknowingly, and builds
+    left by killed runs are removed first. An existing ``out`` is replaced only once everything is written
+    (with ``overwrite=False`` it must be empty: the caller checks that before the work starts). On any error,
+    Ctrl-C or SIGTERM included, the temporary folder is removed and ``out`` is left untouched.
     """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
-    old = None
-    try:
-        yield tmp
-        if out.exists():
-            if overwrite:
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-            else:
-                out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with output_lock(out):
+        remove_stale_builds(out)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+        except OSError as exc:
+            raise UserError(f"{out}: cannot create the output beside it: {exc.strerror or exc}") from None
+        old = None
+        try:
+            yield tmp
+            if out.exists():
+                if overwrite:
+                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                    os.replace(out, old)
+                else:
+                    out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

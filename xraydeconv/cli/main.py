@@ -7,6 +7,7 @@ Subcommands live one per module in this package and are imported only when invok
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -50,25 +51,30 @@ def cli() -> None:
     """
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary outputs are removed on the way out
+
+
 def main() -> None:
-    """Console entry point: bad input ends with one line on stderr and a non-zero exit, no traceback."""
+    """Console entry point: bad input ends with one ``error:`` line on stderr and exit 2, no traceback."""
     from xraydeconv.errors import UserError
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Aborted.", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # option errors: one line, not click's usage block
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # the file system refused (no such folder, permissions, disk full): name the path
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"error: {where}{exc.strerror or exc}", err=True)
-        sys.exit(1)
+        sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 
