@@ -270,37 +270,60 @@ XD_TARGET_AVX2 void scatter_avx2(const ScatterArgs& a, int64_t b, int64_t e) { s
 XD_TARGET_AVX512 void scatter_avx512(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch(a, b, e); }
 #endif
 
-at::Tensor relu_scatter_conv_transpose2d(const at::Tensor& g, const std::optional<at::Tensor>& switches,
-                                          const at::Tensor& weight, at::IntArrayRef pool_kernel,
-                                          at::IntArrayRef padding, at::IntArrayRef output_size, int64_t group) {
-  TORCH_CHECK(g.device().is_cpu() && weight.device().is_cpu(), "relu_scatter_conv_transpose2d: CPU tensors only");
-  TORCH_CHECK(g.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "relu_scatter_conv_transpose2d: float32 only");
-  TORCH_CHECK(g.dim() == 4 && g.is_contiguous(), "relu_scatter_conv_transpose2d: g must be contiguous (P, h, w, C)");
-  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous(),
-              "relu_scatter_conv_transpose2d: weight must be contiguous (C, kH, kW, Cout)");
-  TORCH_CHECK(pool_kernel.size() == 2 && padding.size() == 2 && output_size.size() == 2,
-              "relu_scatter_conv_transpose2d: pool_kernel, padding and output_size are pairs");
+constexpr const char* kOp = "relu_scatter_conv_transpose2d";
+
+// Argument checks: ValueError naming the argument (RuntimeError only for tensors on another device, as the
+// other ops do). Returns the kernel arguments with every pointer but `out` (and `wg`) set.
+ScatterArgs check_scatter_args(const at::Tensor& g, const std::optional<at::Tensor>& switches,
+                               const at::Tensor& weight, at::IntArrayRef pool_kernel, at::IntArrayRef padding,
+                               at::IntArrayRef output_size, int64_t group) {
+  TORCH_CHECK(g.device().is_cpu() && weight.device().is_cpu(), kOp, ": g and weight must be CPU tensors, got ",
+              g.device(), " and ", weight.device());
+  TORCH_CHECK_VALUE(g.scalar_type() == at::kFloat, kOp, ": g must be float32, got ", g.scalar_type());
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, kOp, ": weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(g.dim() == 4 && g.is_contiguous(), kOp, ": g must be a contiguous 4-D (P, h, w, C) tensor, got ",
+                    g.dim(), "-D", g.is_contiguous() ? "" : " non-contiguous", " with shape ", g.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.is_contiguous(), kOp,
+                    ": weight must be a contiguous 4-D (C, kH, kW, C_out) tensor, got ", weight.dim(), "-D",
+                    weight.is_contiguous() ? "" : " non-contiguous", " with shape ", weight.sizes());
+  TORCH_CHECK_VALUE(pool_kernel.size() == 2, kOp, ": pool_kernel must be (pkH, pkW), got ", pool_kernel);
+  TORCH_CHECK_VALUE(padding.size() == 2, kOp, ": padding must be (pH, pW), got ", padding);
+  TORCH_CHECK_VALUE(output_size.size() == 2, kOp, ": output_size must be (OH, OW), got ", output_size);
+  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, kOp, ": padding must be non-negative, got ", padding);
+  TORCH_CHECK_VALUE(output_size[0] > 0 && output_size[1] > 0, kOp, ": output_size must be positive, got ",
+                    output_size);
   const int64_t P = g.size(0), h = g.size(1), w = g.size(2), C = g.size(3);
-  TORCH_CHECK(weight.size(0) == C, "relu_scatter_conv_transpose2d: weight has ", weight.size(0), " filters, g ",
-              C, " channels");
-  TORCH_CHECK(group >= 1 && P % group == 0, "relu_scatter_conv_transpose2d: P must be a multiple of group");
+  TORCH_CHECK_VALUE(weight.size(0) == C, kOp, ": weight has ", weight.size(0), " filters but g has ", C,
+                    " channels");
+  TORCH_CHECK_VALUE(group >= 1 && P % group == 0, kOp, ": group must be a positive divisor of P = ", P, ", got ",
+                    group);
   ScatterArgs a{g.data_ptr<float>(), nullptr, weight.data_ptr<float>(), nullptr, h, w, C,
                 weight.size(1), weight.size(2), weight.size(3), output_size[0], output_size[1], padding[0],
                 padding[1], 1, 1, group};
-  if (switches.has_value() && switches->defined()) {
-    const at::Tensor& sw = *switches;
-    TORCH_CHECK(sw.scalar_type() == at::kByte && sw.is_contiguous() && sw.dim() == 4 && sw.size(0) * group == P &&
-                    sw.size(1) == h && sw.size(2) == w && sw.size(3) == C,
-                "relu_scatter_conv_transpose2d: switches must be contiguous uint8 (P / group, h, w, C)");
-    a.sw = sw.data_ptr<uint8_t>();
-    a.pkH = pool_kernel[0];
-    a.pkW = pool_kernel[1];
-    TORCH_CHECK(a.pkH >= 1 && a.pkW >= 1 && a.pkH * a.pkW <= 256, "relu_scatter_conv_transpose2d: bad pool_kernel");
-    // every unpooled position must lie inside the unpooled plane the conv reads
-    TORCH_CHECK(h * a.pkH <= a.OH + a.kH - 1 && w * a.pkW <= a.OW + a.kW - 1,
-                "relu_scatter_conv_transpose2d: output_size too small for the unpooled signal");
-  }
+  if (!switches.has_value() || !switches->defined()) return a;
+  const at::Tensor& sw = *switches;
+  TORCH_CHECK(sw.device().is_cpu(), kOp, ": switches must be a CPU tensor, got ", sw.device());
+  TORCH_CHECK_VALUE(sw.scalar_type() == at::kByte, kOp, ": switches must be uint8, got ", sw.scalar_type());
+  TORCH_CHECK_VALUE(sw.dim() == 4 && sw.is_contiguous() && sw.size(0) * group == P && sw.size(1) == h &&
+                        sw.size(2) == w && sw.size(3) == C,
+                    kOp, ": switches must be contiguous of shape (P / group, h, w, C) = (", P / group, ", ", h, ", ",
+                    w, ", ", C, "), got ", sw.sizes(), sw.is_contiguous() ? "" : " non-contiguous");
+  a.sw = sw.data_ptr<uint8_t>();
+  a.pkH = pool_kernel[0];
+  a.pkW = pool_kernel[1];
+  TORCH_CHECK_VALUE(a.pkH >= 1 && a.pkW >= 1 && a.pkH * a.pkW <= 256, kOp,
+                    ": pool_kernel must be positive with at most 256 positions, got ", pool_kernel);
+  // every unpooled position must lie inside the unpooled plane the conv reads
+  TORCH_CHECK_VALUE(h * a.pkH <= a.OH + a.kH - 1 && w * a.pkW <= a.OW + a.kW - 1, kOp, ": output_size ",
+                    output_size, " is too small for the unpooled signal of size (", h * a.pkH, ", ", w * a.pkW, ")");
+  return a;
+}
+
+at::Tensor relu_scatter_conv_transpose2d(const at::Tensor& g, const std::optional<at::Tensor>& switches,
+                                          const at::Tensor& weight, at::IntArrayRef pool_kernel,
+                                          at::IntArrayRef padding, at::IntArrayRef output_size, int64_t group) {
+  ScatterArgs a = check_scatter_args(g, switches, weight, pool_kernel, padding, output_size, group);
+  const int64_t P = g.size(0), C = a.C;
   at::Tensor wg;
   const bool gather = !a.sw && a.Cout <= 4 && C % 16 == 0;
   if (gather) {
