@@ -68,13 +68,13 @@ def test_kernel_rejects_bad_arguments():
     op = torch.ops.xraydeconv.relu_scatter_conv_transpose2d
     g = torch.rand(2, 4, 4, 8)
     w = torch.rand(8, 3, 3, 16)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(ValueError, match="g must be float32"):
         op(g.double(), None, w.double(), [1, 1], [1, 1], [4, 4], 1)
-    with pytest.raises(RuntimeError, match="filters"):
+    with pytest.raises(ValueError, match="weight has 4 filters"):
         op(g, None, torch.rand(4, 3, 3, 16), [1, 1], [1, 1], [4, 4], 1)
-    with pytest.raises(RuntimeError, match="multiple of group"):
+    with pytest.raises(ValueError, match="group must be a positive divisor"):
         op(g, None, w, [1, 1], [1, 1], [4, 4], 3)
-    with pytest.raises(RuntimeError, match="switches"):
+    with pytest.raises(ValueError, match="switches must be uint8"):
         op(g, torch.zeros(2, 4, 4, 8), w, [2, 2], [1, 1], [8, 8], 1)
 
 

@@ -165,40 +165,17 @@ def occlude_landmarks(
             'zero' or a number.
         batch_size: occluded copies per forward pass.
     """
-    if images.dim() != 4:
-        raise ValueError(f"images: expected (B, C, H, W), got {tuple(images.shape)}")
-    b, _, h, w = images.shape
-    if len(masks) != b:
-        raise ValueError(f"masks: {len(masks)} entries for {b} images")
+    names = _check_landmark_args(images, masks, targets)
     targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
-    if targets.numel() != b:
-        raise ValueError(f"targets: {targets.numel()} labels for {b} images")
-    names = sorted({n for m in masks for n in m})
-    for i, m in enumerate(masks):
-        for n, mask in m.items():
-            if tuple(mask.shape) != (h, w):
-                raise ValueError(f"image {i}, landmark {n!r}: mask {tuple(mask.shape)} does not match image {(h, w)}")
     probe = _Probe(model, _resolve_layer(model, layer))
     images = images.detach().cpu().float()
-    fills = _fill_values(images, fill)
-
-    prob_clean, act_clean = [], []
-    for sl in _chunks(b, batch_size):
-        p, a = probe(images[sl])
-        prob_clean.append(p.gather(1, targets[sl, None])[:, 0])
-        act_clean.append(a)
-    p_clean = torch.cat(prob_clean)
-    have_act = act_clean[0] is not None
-    if have_act:
-        a_clean = torch.cat(act_clean)
-        channels = a_clean.topk(min(top_n, a_clean.shape[1]), dim=1).indices
-    else:
-        channels = torch.empty((b, 0), dtype=torch.long)
-
-    jobs = [(i, j) for i, m in enumerate(masks) for j, n in enumerate(names) if n in m and np.any(m[n])]
+    p_clean, a_clean, channels = _clean_pass(probe, images, targets, top_n, batch_size)
+    b = images.shape[0]
     prob_drop = np.full((b, len(names)), np.nan)
     filter_drop = np.full((b, len(names)), np.nan)
     area = np.full((b, len(names)), np.nan)
+    fills = _fill_values(images, fill)
+    jobs = [(i, j) for i, m in enumerate(masks) for j, n in enumerate(names) if n in m and np.any(m[n])]
     for sl in _chunks(len(jobs), batch_size):
         batch = jobs[sl]
         idx = torch.tensor([i for i, _ in batch])
@@ -210,7 +187,7 @@ def occlude_landmarks(
         p, a = probe(x)
         p_occ = p.gather(1, targets[idx, None])[:, 0]
         drop = (p_clean[idx] - p_occ).numpy()
-        fdrop = _filter_drop(a_clean[idx], a, channels[idx]).numpy() if have_act else None
+        fdrop = _filter_drop(a_clean[idx], a, channels[idx]).numpy() if a_clean is not None else None
         for k, (i, j) in enumerate(batch):
             prob_drop[i, j] = drop[k]
             if fdrop is not None:
@@ -223,6 +200,40 @@ def occlude_landmarks(
         area_share=area,
         channels=channels.numpy(),
     )
+
+
+def _check_landmark_args(
+    images: torch.Tensor, masks: Sequence[Mapping[str, np.ndarray]], targets: Sequence[int] | torch.Tensor
+) -> list[str]:
+    """ValueError on inconsistent shapes; the sorted landmark names of all images."""
+    if images.dim() != 4:
+        raise ValueError(f"images: expected (B, C, H, W), got {tuple(images.shape)}")
+    b, _, h, w = images.shape
+    if len(masks) != b:
+        raise ValueError(f"masks: {len(masks)} entries for {b} images")
+    n_targets = torch.as_tensor(targets, dtype=torch.long).numel()
+    if n_targets != b:
+        raise ValueError(f"targets: {n_targets} labels for {b} images")
+    for i, m in enumerate(masks):
+        for n, mask in m.items():
+            if tuple(mask.shape) != (h, w):
+                raise ValueError(f"image {i}, landmark {n!r}: mask {tuple(mask.shape)} does not match image {(h, w)}")
+    return sorted({n for m in masks for n in m})
+
+
+def _clean_pass(
+    probe: _Probe, images: torch.Tensor, targets: torch.Tensor, top_n: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The clean images' true-class probability (B,), channel maxima (B, C) or None, and top-n channels (B, n)."""
+    prob_clean, act_clean = [], []
+    for sl in _chunks(images.shape[0], batch_size):
+        p, a = probe(images[sl])
+        prob_clean.append(p.gather(1, targets[sl, None])[:, 0])
+        act_clean.append(a)
+    if act_clean[0] is None:
+        return torch.cat(prob_clean), None, torch.empty((images.shape[0], 0), dtype=torch.long)
+    a_clean = torch.cat(act_clean)
+    return torch.cat(prob_clean), a_clean, a_clean.topk(min(top_n, a_clean.shape[1]), dim=1).indices
 
 
 @dataclass
