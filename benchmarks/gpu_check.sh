@@ -141,7 +141,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 section "2. tests"
 shopt -s nullglob
-test_files=(tests/test_cuda_ops.py tests/test_ops*.py)
+test_files=(tests/test_ops*.py tests/test_deconv_scatter.py tests/test_nn.py)
 t0=$(date +%s)
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider $PYTEST_ARGS -rs "${test_files[@]}" 2>&1 | tee "$LOGS/pytest.log" |

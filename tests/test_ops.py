@@ -1,6 +1,9 @@
 """The switch-pooling ops against PyTorch's own max pooling: values, switches, adjoint, autograd, errors.
 
-Device-parametrised: CPU always, CUDA when a GPU is present and ``xraydeconv._C`` has CUDA kernels.
+Device-parametrised: every test that can runs on the CPU and on CUDA; the CUDA cases are skipped (with the
+reason) without a GPU or when ``xraydeconv._C`` was built without CUDA kernels. References:
+``F.max_pool2d(..., return_indices=True)`` for values and positions, a float64 scatter-add for the adjoint
+(unpool), the pooled values for the gather.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -17,16 +21,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xraydeconv import ops
-from xraydeconv.ops import extension as _extension
+from xraydeconv.ops.geometry import memory_format
 
 pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
 
 xops = torch.ops.xraydeconv
 
-DEVICES = [pytest.param("cpu", id="cpu")]
-if torch.cuda.is_available() and ops.has_kernels("cuda"):
-    DEVICES.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
-DEVICE_NAMES = ["cpu"] + (["cuda"] if len(DEVICES) > 1 else [])
+
+def _cuda_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not ops.has_kernels("cuda"):
+        return "xraydeconv._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
+    return None
+
+
+CUDA_REASON = _cuda_skip_reason()
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(CUDA_REASON is not None, reason=CUDA_REASON or "")]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_MARKS)]
+cuda_only = pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA_MARKS)])
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -35,9 +48,12 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # References
 
 
-def _nan_windows(x: torch.Tensor, k, s, p, ceil_mode) -> torch.Tensor:
-    """True for every pooled position whose window holds a NaN."""
-    return F.max_pool2d(x.isnan().double(), k, s, p, ceil_mode=ceil_mode) > 0
+def _first_nan_indices(x: torch.Tensor, k, s, p, ceil_mode) -> torch.Tensor:
+    """For each window: the flat index of its first NaN in row-major order (garbage where there is none)."""
+    h, w = x.shape[-2:]
+    pos = torch.arange(h * w, device=x.device, dtype=torch.float64).view(h, w)
+    z = torch.where(torch.isnan(x), 1e9 - pos, torch.full_like(pos, -1.0))
+    return F.max_pool2d(z, k, s, p, ceil_mode=ceil_mode, return_indices=True)[1]
 
 
 def _reference_unpool(y: torch.Tensor, sw: torch.Tensor, k, s, p, size) -> torch.Tensor:
@@ -65,47 +81,87 @@ def _tol(dtype: torch.dtype) -> dict:
     }.get(dtype, {"rtol": 1e-6, "atol": 1e-6})
 
 
-def check_against_native(x: torch.Tensor, k, s, p, ceil_mode: bool) -> None:
-    """Values, switches, unpool and gather of the kernels against F.max_pool2d on the same input."""
+def _pairs(k, s, p):
+    k = (k, k) if isinstance(k, int) else tuple(k)
+    s = k if s is None else ((s, s) if isinstance(s, int) else tuple(s))
+    p = (p, p) if isinstance(p, int) else tuple(p)
+    return k, s, p
+
+
+def _check_pool(x: torch.Tensor, k, s, p, ceil_mode: bool):
+    """switch_pool2d and switch_pool2d_out against F.max_pool2d; returns (out, switches, their flat indices)."""
     out, sw = ops.switch_pool2d(x, k, s, p, ceil_mode)
     ref, idx = F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode, return_indices=True)
     assert out.shape == ref.shape and sw.shape == ref.shape and sw.dtype == torch.uint8
+    assert out.dtype == x.dtype and out.device == x.device
+    fmt = torch.channels_last if memory_format(x) == torch.channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and sw.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
     # positions agree in every window without NaN; with NaN, the switch names the window's first NaN
-    clean = ~_nan_windows(x, k, s, p, ceil_mode)
+    has_nan = F.max_pool2d(x.isnan().double(), k, s, p, ceil_mode=ceil_mode) > 0
     mine = ops.switches_to_indices(sw, k, s, p, x.shape[-2:])
-    assert torch.equal(mine[clean], idx[clean])
-    if not bool(clean.all()):
-        _, first_nan = F.max_pool2d(x.isnan().double(), k, s, p, ceil_mode=ceil_mode, return_indices=True)
-        assert torch.equal(mine[~clean], first_nan[~clean])
-    # the adjoint: unpool equals the scatter-add definition, and max-pool's gradient where no NaN
+    assert torch.equal(mine, torch.where(has_nan, _first_nan_indices(x, k, s, p, ceil_mode), idx))
+    assert int(sw.max()) < k[0] * k[1] if sw.numel() else True
+    if x.device.type != "cpu":  # the CPU kernels agree
+        cpu_out, cpu_sw = ops.switch_pool2d(x.cpu(), k, s, p, ceil_mode)
+        torch.testing.assert_close(cpu_out, out.cpu(), rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(cpu_sw, sw.cpu())
+    # into poisoned buffers: every element written
+    out2, sw2 = torch.full_like(out, float("nan")), torch.full_like(sw, 250)
+    ops.switch_pool2d_out(x, out2, sw2, k, s, p, ceil_mode)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(sw2, sw)
+    return out, sw, idx, has_nan
+
+
+def _check_unpool(x, out, sw, idx, has_nan, k, s, p, ceil_mode: bool) -> None:
+    """switch_unpool2d(_out) against the scatter-add definition, max_unpool2d and max-pool's gradient."""
     y = torch.randn(out.shape, dtype=torch.float64, device=x.device).to(x.dtype)
+    y = y.contiguous(memory_format=torch.channels_last) if memory_format(out) == torch.channels_last else y
     size = tuple(x.shape[-2:])
     un = ops.switch_unpool2d(y, sw, k, s, p, size)
     assert un.shape == x.shape and un.dtype == x.dtype
-    torch.testing.assert_close(un.double(), _reference_unpool(y, sw, k, s, p, size), **_tol(x.dtype))
-    if bool(clean.all()):
+    ref_un = _reference_unpool(y, sw, k, s, p, size)
+    if s[0] < k[0] or s[1] < k[1]:  # overlapping windows sum several values
+        torch.testing.assert_close(un.double(), ref_un, **_tol(x.dtype))
+    else:
+        assert torch.equal(un, ref_un.to(x.dtype))
+        if not bool(has_nan.any()) and x.dim() == 4 and x.numel():
+            assert torch.equal(un, F.max_unpool2d(y, idx, k, s, p, output_size=size))
+    # y in the other layout than the switches, and into a poisoned buffer
+    torch.testing.assert_close(ops.switch_unpool2d(y.contiguous(), sw, k, s, p, size), un, rtol=0, atol=0)
+    un2 = torch.full_like(un, float("nan"))
+    ops.switch_unpool2d_out(y, sw, un2, k, s, p)
+    assert torch.equal(un2, un)
+    if not bool(has_nan.any()):
         x64 = x.double().requires_grad_(True)
         (grad,) = torch.autograd.grad(F.max_pool2d(x64, k, s, p, ceil_mode=ceil_mode), x64, y.double())
         torch.testing.assert_close(un.double(), grad, **_tol(x.dtype))
+
+
+def check_against_native(x: torch.Tensor, k, s=None, p=0, ceil_mode: bool = False) -> None:
+    """Values, switches, out variants, unpool and gather of the kernels against F.max_pool2d on the same input."""
+    k, s, p = _pairs(k, s, p)
+    out, sw, idx, has_nan = _check_pool(x, k, s, p, ceil_mode)
+    _check_unpool(x, out, sw, idx, has_nan, k, s, p, ceil_mode)
     # gather reads the pooled values back
     torch.testing.assert_close(ops.switch_gather2d(x, sw, k, s, p), out, rtol=0, atol=0, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Property tests
+# Equality with native: random cases, a grid of geometries, dtypes, layouts, ties and NaN, and corner values
 
 
 @st.composite
 def pooling_case(draw):
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
     ceil_mode = draw(st.booleans())
-    h = draw(st.integers(max(1, kh - 2 * ph), 19))
-    w = draw(st.integers(max(1, kw - 2 * pw), 19))
+    h = draw(st.integers(max(1, kh - 2 * ph), 24))
+    w = draw(st.integers(max(1, kw - 2 * pw), 24))
     batch = draw(st.sampled_from([None, 1, 2, 3]))
-    c = draw(st.integers(1, 5))
+    c = draw(st.integers(1, 9))
     dtype = draw(st.sampled_from(DTYPES))
     layout = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
     values = draw(st.sampled_from(["normal", "ties", "nan", "inf"]))
@@ -127,12 +183,41 @@ def _make(shape, dtype, layout, values, seed, device) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=pooling_case())
 def test_matches_native_on_random_cases(device, case):
     shape, k, s, p, ceil_mode, dtype, layout, values, seed = case
-    x = _make(shape, dtype, layout, values, seed, device)
-    check_against_native(x, k, s, p, ceil_mode)
+    check_against_native(_make(shape, dtype, layout, values, seed, device), k, s, p, ceil_mode)
+
+
+CONFIGS = [
+    # (shape, kernel, stride, padding, ceil_mode)
+    ((2, 16, 32, 32), 2, 2, 0, False),  # vectorised 2x2 paths (NCHW rows, NHWC channels)
+    ((3, 24, 16, 40), 2, 2, 0, True),  # exact tiling in ceil mode: still the vectorised path
+    ((1, 3, 15, 17), 2, 2, 0, False),  # odd sizes: generic path, uncovered last row/column
+    ((2, 5, 7, 9), 2, 2, 0, True),  # ceil_mode: clipped last windows
+    ((2, 8, 33, 31), 3, 2, 1, False),  # overlapping windows with padding
+    ((1, 4, 14, 14), 3, 2, 0, True),
+    ((2, 3, 10, 11), 3, 3, 1, False),
+    ((2, 4, 9, 12), (2, 3), (1, 2), (1, 1), False),  # asymmetric
+    ((2, 3, 5, 5), 1, 1, 0, False),
+    ((1, 2, 40, 41), (15, 17), (5, 6), (7, 8), True),  # 255 positions, the most a uint8 switch holds
+    ((16, 20, 20), 2, 2, 0, False),  # C, H, W
+    ((4, 9, 12), 3, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("values", ["normal", "ties", "nan"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}-k{c[1]}-s{c[2]}-p{c[3]}-{'ceil' if c[4] else 'floor'}")
+def test_matches_native_on_a_grid(cfg, dtype, layout, values, device):
+    shape, k, s, p, ceil_mode = cfg
+    if layout == "channels_last" and len(shape) == 3:
+        pytest.skip("channels_last needs 4 dims")
+    seed = zlib.crc32(repr((cfg, dtype, layout, values)).encode())
+    check_against_native(_make(shape, dtype, layout, values, seed, device), k, s, p, ceil_mode)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,11 +232,57 @@ def test_every_row_length_of_the_fast_paths(device, layout, geometry):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [1, 3, 6, 8, 12, 16, 24, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channels_last_channel_counts(device, channels, dtype):
+    # C below, at and between the channel vector widths: every channels-last kernel and its tails
+    gen = torch.Generator().manual_seed(channels)
+    x = torch.randn(2, channels, 12, 14, generator=gen).to(dtype).to(device)
+    for geometry in [(2, 2, 0, False), (2, 2, 0, True), (3, 2, 1, False)]:
+        check_against_native(x.contiguous(memory_format=torch.channels_last), *geometry)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_realistic_feature_map(device, dtype):
     x = torch.randn(2, 64, 64, 64, dtype=dtype, device=device)
     check_against_native(x, 2, 2, 0, False)
     check_against_native(x.contiguous(memory_format=torch.channels_last), 3, 2, 1, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_views_take_the_generic_path(device):
+    # a view starting one element into its storage cannot use aligned vector loads
+    base = torch.randn(2 * 8 * 16 * 16 + 1, device=device)
+    check_against_native(base[1:].view(2, 8, 16, 16), 2, 2, 0, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_denormals_win_over_zero(device):
+    # the CUDA build uses --use_fast_math (flush-to-zero): the kernels must still order denormals
+    tiny = torch.finfo(torch.float32).tiny / 4  # a float32 denormal
+    x = torch.zeros(1, 1, 4, 4, device=device)
+    x[0, 0, 1, 1] = tiny
+    x[0, 0, 2, 3] = -tiny
+    out, sw = ops.switch_pool2d(x, 2)
+    assert out[0, 0, 0, 0].item() == tiny and sw[0, 0, 0, 0].item() == 3
+    assert sw[0, 0, 1, 1].item() == 0  # -tiny < 0 == 0: the first zero stays
+    assert ops.switch_unpool2d(out, sw, 2, output_size=(4, 4))[0, 0, 1, 1].item() == tiny
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_zero_ties_keep_the_first(device):
+    x = torch.tensor([[[[-0.0, 0.0], [0.0, -0.0]]]], device=device)
+    assert ops.switch_pool2d(x, 2)[1].item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_infinities(device):
+    x = torch.full((1, 1, 4, 4), float("-inf"), device=device)
+    x[0, 0, 3, 3] = float("inf")
+    out, sw = ops.switch_pool2d(x, 2)
+    assert out[0, 0, 0, 0].item() == float("-inf") and sw[0, 0, 0, 0].item() == 0
+    assert out[0, 0, 1, 1].item() == float("inf") and sw[0, 0, 1, 1].item() == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -170,6 +301,23 @@ def test_results_do_not_depend_on_thread_count(device):
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and torch.equal(u1, u2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unpool_is_deterministic_with_overlapping_windows(device, channels_last):
+    # on the GPU, large enough for many blocks to add into the same pixels
+    n, c, size = (8, 64, 65) if device == "cuda" else (4, 32, 33)
+    x = torch.randn(n, c, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, sw = ops.switch_pool2d(x, 3, 2, 1)
+    y = torch.randn_like(out)
+    first = ops.switch_unpool2d(y, sw, 3, 2, 1, (size, size))
+    for _ in range(3):
+        again = ops.switch_unpool2d(y, sw, 3, 2, 1, (size, size))
+        # bitwise: compare the raw 32-bit patterns
+        assert torch.equal(first.contiguous().view(torch.int32), again.contiguous().view(torch.int32))
+
+
 def test_every_cpu_instruction_set_variant():
     # the hot loops are compiled for baseline x86-64, AVX2 and AVX-512 and picked at run time
     script = textwrap.dedent(
@@ -177,7 +325,7 @@ def test_every_cpu_instruction_set_variant():
         import torch, torch.nn.functional as F
         from xraydeconv import ops
         torch.manual_seed(0)
-        for shape in [(2, 3, 32, 32), (1, 5, 17, 71), (2, 3, 8, 130)]:
+        for shape in [(2, 3, 32, 32), (1, 5, 17, 71), (2, 3, 8, 130), (2, 8, 16, 34), (1, 16, 12, 66)]:
             for k, s, p, c in [(2, 2, 0, False), (2, 2, 0, True), (3, 2, 1, True), (3, 3, 0, False)]:
                 for cl in (False, True):
                     x = torch.randn(shape)
@@ -204,6 +352,60 @@ def test_every_cpu_instruction_set_variant():
         env = {**os.environ, "XRAYDECONV_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and run.stdout.strip() == "ok", f"{isa}: {run.stderr[-2000:]}"
+
+
+@cuda_only
+def test_64bit_indexing(device):
+    # more than 2^31 elements: the kernels switch to 64-bit index arithmetic; the planes at both ends
+    # are compared with native pooling run on just those planes
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    for channels_last in (False, True):
+        x = torch.randn(2**31 // (4 * 128 * 128) + 1, 4, 128, 128, device=device, dtype=torch.bfloat16)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        assert x.numel() > 2**31
+        out, sw = ops.switch_pool2d(x, 2)
+        un = ops.switch_unpool2d(out, sw, 2, output_size=(128, 128))
+        for part in (slice(0, 2), slice(-2, None)):
+            ref, ref_idx = F.max_pool2d(x[part], 2, 2, return_indices=True)
+            assert torch.equal(out[part], ref)
+            assert torch.equal(ops.switches_to_indices(sw[part], 2, 2, 0, (128, 128)), ref_idx)
+            assert torch.equal(un[part], F.max_unpool2d(ref, ref_idx, 2, 2))
+        del x, out, sw, un
+        torch.cuda.empty_cache()
+
+
+@cuda_only
+def test_runs_on_the_current_stream(device):
+    src = torch.randn(16, 64, 128, 128, device=device)
+    ref_out, ref_sw = ops.switch_pool2d(src, 2)
+    ref_un = ops.switch_unpool2d(ref_out, ref_sw, 2, output_size=(128, 128))
+    x = torch.zeros_like(src)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        # the copy lands only after the sleep: an op on another stream would read zeros
+        torch.cuda._sleep(50_000_000)
+        x.copy_(src)
+        out, sw = ops.switch_pool2d(x, 2)
+        un = ops.switch_unpool2d(out, sw, 2, output_size=(128, 128))
+        g = ops.switch_gather2d(x, sw, 2)
+    side.synchronize()
+    assert torch.equal(out, ref_out) and torch.equal(sw, ref_sw)
+    assert torch.equal(un, ref_un)
+    assert torch.equal(g, ref_out)
+
+
+@cuda_only
+def test_non_default_device_index(device):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x = torch.randn(2, 3, 8, 8, device="cuda:1")
+    out, sw = ops.switch_pool2d(x, 2)
+    assert out.device == x.device and sw.device == x.device
+    assert torch.equal(out, F.max_pool2d(x, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,14 +463,65 @@ def test_out_variants_write_into_the_given_buffers(device):
         ops.switch_pool2d_out(x, out[:, :, :4], sw[:, :, :4], 2)
 
 
-def test_default_output_size_and_empty_batches():
-    x = torch.randn(1, 2, 8, 8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_output_size_and_empty_batches(device):
+    x = torch.randn(1, 2, 8, 8, device=device)
     out, sw = ops.switch_pool2d(x, 2)
     assert ops.switch_unpool2d(out, sw, 2).shape == x.shape
-    empty = torch.randn(0, 3, 8, 8)
+    empty = torch.randn(0, 3, 8, 8, device=device)
     e_out, e_sw = ops.switch_pool2d(empty, 2)
     assert e_out.shape == (0, 3, 4, 4) and e_sw.shape == (0, 3, 4, 4)
     assert ops.switch_unpool2d(e_out, e_sw, 2, output_size=(8, 8)).shape == (0, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which kernels the build has
+
+
+def test_has_kernel_answers_for_every_op_and_device():
+    for op in ops.OPS:
+        assert ops.has_kernel(op, "cpu") and ops.has_kernel(op, torch.device("cpu"))
+        assert ops.has_kernel(op, "meta") is False
+        assert ops.has_kernel(op, "cuda:0") == ops.has_kernel(op, torch.device("cuda", 0)) == ops.has_kernel(op, "cuda")
+    # the sparse deconvnet step is a CPU kernel only; the pooling family has CUDA kernels when built with nvcc
+    assert not ops.has_kernel("relu_scatter_conv_transpose2d", "cuda")
+    pooling = {ops.has_kernel(op, "cuda") for op in ("switch_pool2d", "switch_unpool2d", "switch_gather2d")}
+    assert pooling == {ops.has_kernels("cuda")}
+    assert ops.has_kernels("cpu")
+
+
+def test_has_kernel_rejects_an_unknown_op():
+    with pytest.raises(ValueError, match="op 'max_pool2d': use one of switch_pool2d"):
+        ops.has_kernel("max_pool2d")
+
+
+def test_a_missing_kernel_says_so():
+    with pytest.raises(RuntimeError, match="no meta kernel of relu_scatter_conv_transpose2d"):
+        ops.relu_scatter_conv_transpose2d(
+            torch.zeros(1, 2, 2, 4, device="meta"), None, torch.zeros(4, 1, 1, 4, device="meta"), 1, 0, (2, 2)
+        )
+
+
+def _without_extension(code: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter where ``import xraydeconv._C`` fails, as in a tree that was not built."""
+    script = "import sys\nsys.modules['xraydeconv._C'] = None\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_missing_extension_says_how_to_build():
+    run = _without_extension(
+        """
+        import torch
+        from xraydeconv import ops
+        assert not any(ops.has_kernel(op, dev) for op in ops.OPS for dev in ("cpu", "cuda"))
+        try:
+            ops.switch_pool2d(torch.randn(1, 1, 4, 4), 2)
+        except RuntimeError as e:
+            print(e)
+        """
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pip install --no-build-isolation -e ." in run.stdout and "xraydeconv._C" in run.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,10 +530,13 @@ def test_default_output_size_and_empty_batches():
 
 def _opcheck_samples(device):
     x = torch.randn(2, 3, 9, 10, device=device)
+    x8 = torch.randn(2, 8, 12, 12, device=device)
     cases = []
     for xin, (k, s, p, c) in [
         (x, (2, 2, 0, False)),
         (x.contiguous(memory_format=torch.channels_last), (3, 2, 1, True)),
+        (x8.contiguous(memory_format=torch.channels_last), (3, 2, 1, False)),
+        (x8, (3, 2, 1, False)),
         (x[0], (2, 1, 1, False)),
     ]:
         kk, ss, pp = [k, k], [s, s], [p, p]
@@ -303,7 +559,7 @@ def test_opcheck_every_op(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("geometry", [(2, 2, 0, False), (3, 2, 1, True), (2, 1, 0, False)])
+@pytest.mark.parametrize("geometry", [(2, 2, 0, False), (3, 2, 1, True), (3, 2, 1, False), (2, 1, 0, False)])
 def test_gradcheck_in_float64(device, geometry):
     k, s, p, c = geometry
     x = torch.randn(1, 2, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
@@ -342,68 +598,83 @@ def test_torch_compile_fullgraph_traces_the_ops():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bad arguments: a clear ValueError / RuntimeError, never a crash
+# Bad arguments: a clear ValueError (RuntimeError for tensors on different devices), never a crash
 
 
-def test_window_larger_than_255_positions():
-    x = torch.randn(1, 1, 20, 20)
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_larger_than_255_positions(device):
+    x = torch.randn(1, 1, 20, 20, device=device)
     with pytest.raises(ValueError, match="255"):
         ops.switch_pool2d(x, 16)
-    with pytest.raises(ValueError, match="255"):
+    with pytest.raises(ValueError, match="more than 255 positions"):
         xops.switch_pool2d(x, [16, 16], [16, 16], [0, 0], False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.int32, torch.bool])
-def test_integer_input(dtype):
-    with pytest.raises(ValueError, match="float"):
-        xops.switch_pool2d(torch.zeros(1, 2, 4, 4, dtype=dtype), [2, 2], [2, 2], [0, 0], False)
+def test_integer_input(device, dtype):
+    with pytest.raises(ValueError, match="float32, float64, float16 or bfloat16"):
+        xops.switch_pool2d(torch.zeros(1, 2, 4, 4, dtype=dtype, device=device), [2, 2], [2, 2], [0, 0], False)
 
 
-def test_wrong_number_of_dims():
+@pytest.mark.parametrize("device", DEVICES)
+def test_wrong_number_of_dims(device):
     with pytest.raises(ValueError, match="5-D"):
-        xops.switch_pool2d(torch.zeros(1, 1, 2, 4, 4), [2, 2], [2, 2], [0, 0], False)
+        xops.switch_pool2d(torch.zeros(1, 1, 2, 4, 4, device=device), [2, 2], [2, 2], [0, 0], False)
     with pytest.raises(ValueError, match="2-D"):
-        xops.switch_pool2d(torch.zeros(4, 4), [2, 2], [2, 2], [0, 0], False)
+        xops.switch_pool2d(torch.zeros(4, 4, device=device), [2, 2], [2, 2], [0, 0], False)
 
 
-def test_bad_geometry():
-    x = torch.randn(1, 1, 4, 4)
-    with pytest.raises(ValueError, match="half"):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_geometry(device):
+    x = torch.randn(1, 1, 4, 4, device=device)
+    with pytest.raises(ValueError, match="at most half"):
         xops.switch_pool2d(x, [2, 2], [2, 2], [2, 2], False)
     with pytest.raises(ValueError, match="positive"):
         xops.switch_pool2d(x, [2, 2], [0, 0], [0, 0], False)
     with pytest.raises(ValueError, match="too small"):
-        xops.switch_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], False)
+        xops.switch_pool2d(torch.randn(1, 1, 2, 2, device=device), [3, 3], [1, 1], [0, 0], False)
 
 
-def _pooled(k=2, s=2, p=0):
-    x = torch.randn(1, 2, 6, 6)
+def _pooled(k=2, s=2, p=0, device="cpu", shape=(1, 2, 6, 6)):
+    x = torch.randn(shape, device=device)
     out, sw = ops.switch_pool2d(x, k, s, p)
     return x, out, sw
 
 
-def test_switches_of_the_wrong_shape_or_dtype():
-    _, out, sw = _pooled()
+@pytest.mark.parametrize("device", DEVICES)
+def test_switches_of_the_wrong_shape_or_dtype(device):
+    _, out, sw = _pooled(device=device)
     with pytest.raises(ValueError, match="shape"):
         xops.switch_unpool2d(out, sw[:, :, :2], [2, 2], [2, 2], [0, 0], [6, 6])
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ValueError, match="must be uint8"):
         xops.switch_unpool2d(out, sw.long(), [2, 2], [2, 2], [0, 0], [6, 6])
     with pytest.raises(ValueError, match="uint8"):
-        xops.switch_gather2d(torch.randn(1, 2, 6, 6), sw.int(), [2, 2], [2, 2], [0, 0])
+        xops.switch_gather2d(torch.randn(1, 2, 6, 6, device=device), sw.int(), [2, 2], [2, 2], [0, 0])
     with pytest.raises(ValueError, match="do not match"):
-        xops.switch_gather2d(torch.randn(1, 3, 6, 6), sw, [2, 2], [2, 2], [0, 0])
+        xops.switch_gather2d(torch.randn(1, 3, 6, 6, device=device), sw, [2, 2], [2, 2], [0, 0])
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(len(DEVICES) < 2, reason="needs CUDA kernels and a GPU")
-def test_switches_on_another_device():
-    _, out, sw = _pooled()
-    with pytest.raises(RuntimeError, match="cuda"):
-        xops.switch_unpool2d(out.cuda(), sw, [2, 2], [2, 2], [0, 0], [6, 6])
+@cuda_only
+def test_tensors_on_different_devices(device):
+    x, out, sw = _pooled(device=device)
+    for call in (
+        lambda: xops.switch_unpool2d(out, sw.cpu(), [2, 2], [2, 2], [0, 0], [6, 6]),
+        lambda: xops.switch_unpool2d(out.cpu(), sw, [2, 2], [2, 2], [0, 0], [6, 6]),
+        lambda: xops.switch_gather2d(x, sw.cpu(), [2, 2], [2, 2], [0, 0]),
+        lambda: xops.switch_gather2d(x.cpu(), sw, [2, 2], [2, 2], [0, 0]),
+    ):
+        with pytest.raises(RuntimeError, match="cpu"):
+            call()
+    with pytest.raises(RuntimeError):
+        xops.switch_pool2d_out(x, [2, 2], [2, 2], [0, 0], False, out.cpu(), sw)
+    with pytest.raises(RuntimeError):
+        xops.switch_unpool2d_out(out, sw, [2, 2], [2, 2], [0, 0], torch.empty(1, 2, 6, 6))
 
 
-def test_switch_value_outside_its_window():
-    x, out, sw = _pooled()
+@pytest.mark.parametrize("device", DEVICES)
+def test_switch_value_outside_its_window(device):
+    x, out, sw = _pooled(device=device)
     bad = sw.clone()
     bad[0, 1, 2, 1] = 4
     for call in (
@@ -413,6 +684,8 @@ def test_switch_value_outside_its_window():
     ):
         with pytest.raises(ValueError, match=r"switch value 4 at \(0, 1, 2, 1\) is outside its 2x2 window"):
             call()
+    # the device is still usable and the error does not leak into the next call
+    assert torch.equal(xops.switch_gather2d(x, sw, [2, 2], [2, 2], [0, 0]), out)
     bad[0, 1, 2, 1] = 255
     with pytest.raises(ValueError, match="outside"):
         xops.switch_unpool2d(out.contiguous(memory_format=torch.channels_last), bad, [2, 2], [2, 2], [0, 0], [6, 6])
@@ -420,30 +693,41 @@ def test_switch_value_outside_its_window():
         ops.switches_to_indices(bad, 2, 2, 0, (6, 6))
 
 
-def test_switch_pointing_into_the_padding():
-    x, out, sw = _pooled(3, 2, 1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_switch_in_the_vectorised_channels_last_path(device):
+    x = torch.randn(2, 16, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+    out, sw = ops.switch_pool2d(x, 2)
+    bad = sw.clone()
+    bad[1, 15, 3, 3] = 9
+    with pytest.raises(ValueError, match="switch value 9"):
+        xops.switch_unpool2d(out, bad, [2, 2], [2, 2], [0, 0], [8, 8])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_switch_pointing_into_the_padding(device):
+    x, out, sw = _pooled(3, 2, 1, device=device)
     bad = sw.clone()
     bad[0, 0, 0, 0] = 0  # row -1, col -1 of the padded input
-    with pytest.raises(ValueError, match="padding"):
+    with pytest.raises(ValueError, match="into the padding"):
         xops.switch_unpool2d(out, bad, [3, 3], [2, 2], [1, 1], [6, 6])
-    with pytest.raises(ValueError, match="padding"):
+    with pytest.raises(ValueError, match="into the padding"):
         xops.switch_gather2d(x, bad, [3, 3], [2, 2], [1, 1])
+    # channels_last and the generic kernels flag it too
+    out_cl, bad_cl = (t.contiguous(memory_format=torch.channels_last) for t in (out, bad))
+    with pytest.raises(ValueError, match="into the padding"):
+        xops.switch_unpool2d(out_cl, bad_cl, [3, 3], [2, 2], [1, 1], [6, 6])
 
 
-def test_output_size_inconsistent_with_the_geometry():
-    _, out, sw = _pooled()
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_size_inconsistent_with_the_geometry(device):
+    _, out, sw = _pooled(device=device)
     with pytest.raises(ValueError, match="does not pool"):
         xops.switch_unpool2d(out, sw, [2, 2], [2, 2], [0, 0], [12, 12])
     with pytest.raises(ValueError, match="does not pool"):
-        xops.switch_unpool2d_out(out, sw, [2, 2], [2, 2], [0, 0], torch.empty(1, 2, 3, 3))
+        xops.switch_unpool2d_out(out, sw, [2, 2], [2, 2], [0, 0], torch.empty(1, 2, 3, 3, device=device))
+    with pytest.raises(ValueError, match="does not pool"):
+        xops.switch_gather2d(torch.randn(1, 2, 12, 12, device=device), sw, [2, 2], [2, 2], [0, 0])
     with pytest.raises(ValueError, match="does not pool"):
         ops.native_switch_unpool2d(out, sw, 2, 2, 0, (12, 12))
     # both sizes that pool to 3 with floor mode are fine
     assert ops.switch_unpool2d(out, sw, 2, 2, 0, (7, 7)).shape == (1, 2, 7, 7)
-
-
-def test_missing_extension_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(_extension, "_loaded", False)
-    monkeypatch.setattr(_extension, "_error", "No module named 'xraydeconv._C'")
-    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
-        ops.switch_pool2d(torch.randn(1, 1, 4, 4), 2)
