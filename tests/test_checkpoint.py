@@ -130,7 +130,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"{path}: could not be written: disk full"):
         _save(path, "shallow")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.pt"]

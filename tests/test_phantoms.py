@@ -143,7 +143,9 @@ def test_tree_layout_and_manifest(small_tree):
                         assert im.mode == "L" and im.size == (64, 64)
                         values = np.unique(np.asarray(im))
                     assert set(values.tolist()) <= {0, 255} and 255 in values
-    assert not [p for p in small_tree.parent.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+    # only the output lock (an empty file, see xraydeconv.io.output_lock) stays beside the tree
+    hidden = [p.name for p in small_tree.parent.iterdir() if p.name.startswith(".")]
+    assert hidden == [f".{small_tree.name}.lock"], "temporary folder left behind"
 
 
 def test_same_seed_gives_byte_identical_trees_whatever_the_workers(tmp_path, small_tree):
@@ -176,7 +178,7 @@ def test_refuses_non_empty_out_unless_forced(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     generate(out, per_class=1, size=32, splits=("test",), force=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "dataset.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".busy.lock", "busy"]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -204,7 +206,8 @@ def test_ensure_phantoms_reuses_identical_tree_and_regenerates_other(tmp_path, m
     stamp = (path / "dataset.json").stat().st_mtime_ns
     assert ensure_phantoms(per_class=2, size=32, seed=1, splits=("test",), progress=False) == path
     assert (path / "dataset.json").stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["phantoms-32-2-1"], "nothing left beside the tree"
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert left == [".phantoms-32-2-1.lock", "phantoms-32-2-1"], "nothing but the lock left beside the tree"
     ensure_phantoms(path, per_class=2, size=32, seed=1, splits=("test",), test_per_class=3, progress=False)
     assert len(list((path / "test" / "hand").glob("*.png"))) == 3
     stranger = tmp_path / "stranger"

@@ -50,7 +50,10 @@ def test_a_run_writes_checkpoints_metrics_and_pictures(data: Path, tmp_path: Pat
     assert metrics["best_val_acc"] == max(h["val_acc"] for h in metrics["history"])
     assert set(metrics["per_class_acc"]) == {"left", "middle", "right"}
     assert sum(map(sum, metrics["confusion"])) == 9 and metrics["test_split"] == "test"
-    assert metrics["timings"]["seconds_per_epoch"] > 0 and metrics["params"] > 0
+    seconds = [h["seconds"] for h in metrics["history"]]
+    assert metrics["timings"]["train_seconds"] == sum(seconds)
+    assert metrics["timings"]["seconds_per_epoch"] == sum(seconds) / 3
+    assert metrics["params"] == sum(p.numel() for p in load_checkpoint(out / "best.pt").model.parameters())
     for name in ("last.pt", "best.pt"):
         c = load_checkpoint(out / name)
         assert (c.model_name, c.class_names, c.input_size) == ("deeper", ["left", "middle", "right"], 32)

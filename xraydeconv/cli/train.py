@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from xraydeconv.errors import UserError
+
+if TYPE_CHECKING:
+    from xraydeconv.training.loop import TrainConfig
 
 # option name -> TrainConfig field, for the options that a resumed run must not contradict
 _CONFIG_OPTIONS = {
@@ -94,32 +99,12 @@ def train(
       xraydeconv train --all --out runs/table1
       xraydeconv train --model deeper --out runs/deeper --resume
     """
-    from xraydeconv.training.loop import TrainConfig
-
-    ctx = click.get_current_context()
     if all_models == bool(model):
         raise UserError("--model / --all: give exactly one of them (--model NAME, or --all for the three nets)")
-    overrides = {_CONFIG_OPTIONS.get(k, k): v for k, v in overrides.items()}
-    # absolute paths: a resumed run must find its data from any working directory
-    overrides["data"] = str(data.resolve()) if data is not None else None
-    overrides["class_map"] = str(class_map.resolve()) if class_map is not None else None
-    explicit = {
-        _CONFIG_OPTIONS[k]
-        for k in _CONFIG_OPTIONS
-        if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
-    }
-    given = {k: v for k, v in overrides.items() if v is not None}
-    runtime = {"device": device, "threads": threads, "num_workers": workers}
-
-    def make_config(name: str) -> TrainConfig:
-        preset_fn = TrainConfig.demo if preset == "demo" else TrainConfig.full
-        cfg = preset_fn(name, **given, **runtime)
-        cfg.validate()
-        return cfg
-
+    given = _given_options(overrides, data, class_map)
     if resume:
-        _check_resume_consistency(out, model, explicit, given, all_models)
-
+        _check_resume_consistency(out, model, _explicit_options(), given, all_models)
+    make_config = _config_factory(preset, given, {"device": device, "threads": threads, "num_workers": workers})
     if all_models:
         from xraydeconv.training.table1 import TABLE_MD, train_all
 
@@ -130,6 +115,35 @@ def train(
         from xraydeconv.training.loop import train as run
 
         run(make_config(model), out, resume=resume, progress=not quiet)
+
+
+def _given_options(overrides: dict, data: Path | None, class_map: Path | None) -> dict:
+    """The configuration options given (by name of their ``TrainConfig`` field), without the unset ones."""
+    fields = {_CONFIG_OPTIONS.get(k, k): v for k, v in overrides.items()}
+    # absolute paths: a resumed run must find its data from any working directory
+    fields["data"] = str(data.resolve()) if data is not None else None
+    fields["class_map"] = str(class_map.resolve()) if class_map is not None else None
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _explicit_options() -> set[str]:
+    """The ``TrainConfig`` fields whose options were typed on the command line (not defaults)."""
+    ctx = click.get_current_context()
+    typed = click.core.ParameterSource.COMMANDLINE
+    return {f for k, f in _CONFIG_OPTIONS.items() if ctx.get_parameter_source(k) == typed}
+
+
+def _config_factory(preset: str, given: dict, runtime: dict) -> Callable[[str], TrainConfig]:
+    """The validated ``TrainConfig`` of each model name under ``preset`` with the options given."""
+    from xraydeconv.training.loop import TrainConfig
+
+    def make_config(name: str) -> TrainConfig:
+        preset_fn = TrainConfig.demo if preset == "demo" else TrainConfig.full
+        cfg = preset_fn(name, **given, **runtime)
+        cfg.validate()
+        return cfg
+
+    return make_config
 
 
 def _check_resume_consistency(out: Path, model: str | None, explicit: set[str], given: dict, train_all: bool) -> None:

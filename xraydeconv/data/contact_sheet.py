@@ -7,7 +7,6 @@ landmark masks, if any, sit beside the images as ``<stem>.landmarks/<name>.png``
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from xraydeconv.data.formats.imagefolder import read_meta
 from xraydeconv.data.landmarks import MASK_FOLDER_SUFFIX, mask_files
 from xraydeconv.data.preprocess import IMAGE_SUFFIXES, Letterbox
 from xraydeconv.errors import UserError
+from xraydeconv.io import write_atomically
 
 SPLITS = ("train", "val", "test")
 
@@ -142,15 +142,5 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
             xy = (bx + (j % legend_cols) * half, by + title_h + tile + 3 + line_h * (j // legend_cols))
             draw.text(xy, lm, fill=palette[j % len(palette)], font=text_font)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sheet.save(fh, format="PNG", optimize=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a picture is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(out, lambda f: sheet.save(f, format="PNG", optimize=True))
     return out

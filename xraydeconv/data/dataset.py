@@ -200,42 +200,42 @@ def open_dataset(
         raise UserError(f"{root}: no such data set folder")
     if not root.is_dir():
         raise UserError(f"{root}: not a folder (a data set is a folder of images or of ImageCLEF/MURA files)")
-
     fmt = detect_format(root)
     if class_map is not None and fmt != "imageclef2009":
         raise UserError(f"class map: applies to ImageCLEF 2009 / IRMA data only, but {root} is {fmt}")
+    records, class_names, landmark_names, report = _read_records(root, fmt, split, class_map, val_fraction,
+                                                                 test_fraction, seed)
+    if not records:
+        raise UserError(
+            f"{root}: the {split} split is empty (val_fraction={val_fraction}, test_fraction={test_fraction})"
+        )
+    report.images = len(records)
+    counts = Counter(r.label for r in records)
+    report.per_class = {c: counts.get(i, 0) for i, c in enumerate(class_names)}
+    report.log()
+    return XrayDataset(records, class_names, input_size, landmark_names=landmark_names, cache=cache,
+                       cache_dir=cache_dir, format=report.format, split=split, root=root, report=report)
+
+
+def _read_records(
+    root: Path,
+    fmt: str,
+    split: str,
+    class_map: ClassMap | str | Path | Mapping[str, str] | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[list[Record], list[str], dict[str, list[str]], LoadReport]:
+    """Records, class names, landmark names per class and the report of one split, read by the format's reader."""
     if fmt == "imageclef2009":
         records, class_names, report = read_irma(root, split, class_map, val_fraction, seed)
         found: dict[str, set[str]] = {}
         for r in records:
             found.setdefault(class_names[r.label], set()).update(r.landmarks)
-        landmark_names = {c: sorted(v) for c, v in found.items()}
-    elif fmt == "mura":
+        return records, class_names, {c: sorted(v) for c, v in found.items()}, report
+    if fmt == "mura":
         mura_root = locate_mura(root)
         assert mura_root is not None
         records, class_names, report = read_mura(mura_root, split, val_fraction, seed)
-        landmark_names = {}
-    else:
-        records, class_names, landmark_names, report = read_imagefolder(root, split, val_fraction, test_fraction, seed)
-        fmt = report.format
-    if not records:
-        raise UserError(
-            f"{root}: the {split} split is empty (val_fraction={val_fraction}, test_fraction={test_fraction})"
-        )
-
-    report.images = len(records)
-    counts = Counter(r.label for r in records)
-    report.per_class = {c: counts.get(i, 0) for i, c in enumerate(class_names)}
-    report.log()
-    return XrayDataset(
-        records,
-        class_names,
-        input_size,
-        landmark_names=landmark_names,
-        cache=cache,
-        cache_dir=cache_dir,
-        format=fmt,
-        split=split,
-        root=root,
-        report=report,
-    )
+        return records, class_names, {}, report
+    return read_imagefolder(root, split, val_fraction, test_fraction, seed)

@@ -20,7 +20,6 @@ import hashlib
 import io
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from xraydeconv.errors import UserError
+from xraydeconv.io import atomic_write_bytes
 from xraydeconv.training.models import MODEL_NAMES, build
 
 FORMAT = "xraydeconv-checkpoint"
@@ -51,28 +51,6 @@ class Checkpoint:
     step: int = 0
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # make the rename itself durable (a crash right after must not bring the old file back)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def rng_state() -> dict:

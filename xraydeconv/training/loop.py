@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError
+from xraydeconv.io import write_atomically
 from xraydeconv.training import distributed
 from xraydeconv.training.augment import AugmentConfig, augment_batch
-from xraydeconv.training.checkpoint import (
-    atomic_write_bytes,
-    read_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from xraydeconv.training.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xraydeconv.training.models import AUGMENTED, MODEL_NAMES, build, count_parameters
 
 LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
@@ -174,23 +170,6 @@ def open_splits(cfg: TrainConfig, log: Callable[[str], None] = print) -> Splits:
     return Splits(train_ds, val_ds, test_ds, list(train_ds.class_names), str(root))
 
 
-def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if info.world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count():
-            raise UserError(f"--device {name}: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine but "
-                            f"{torch.cuda.device_count()} GPU(s); start one process per GPU or use --device cpu")
-        if name == "cuda":
-            return torch.device("cuda", info.local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
-
-
 def _loader(ds, batches: list[list[int]], cfg: TrainConfig, device: torch.device):
     # an own generator: creating a DataLoader iterator otherwise draws a seed from the global RNG, which
     # would make a resumed epoch's dropout stream differ from the uninterrupted one
@@ -235,7 +214,7 @@ def _accuracy(confusion: np.ndarray) -> float:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w", encoding="utf-8")
 
 
 def latest_resume_state(out: Path) -> dict | None:
@@ -253,7 +232,7 @@ def latest_resume_state(out: Path) -> dict | None:
 
 
 def _remove_stale_temp_files(out: Path) -> None:
-    """Temp files of snapshots a killed run was writing (see ``atomic_write_bytes``)."""
+    """Temp files of snapshots a killed run was writing (see ``xraydeconv.io.write_atomically``)."""
     if out.is_dir():
         for name in (LAST, BEST, RESUME, METRICS, CURVES, CONFUSION):
             for p in out.glob(f".{name}.*.tmp"):
@@ -292,22 +271,40 @@ def train(
         log = lambda s: None  # noqa: E731  (one voice: rank 0 speaks for the job)
     log = log or (lambda s: tqdm.write(s, file=sys.stderr))
     out = Path(out_dir)
-    raw = None
-    if resume:
-        if info.is_main:
-            _remove_stale_temp_files(out)
-        raw = latest_resume_state(out)
-        if raw is not None:
-            stored = TrainConfig.from_dict(raw["config"])
-            runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
-            cfg = TrainConfig(**{**stored.to_dict(), **runtime})
-        else:
-            log(f"note: {out} holds no snapshot yet; starting from the beginning")
-    elif (out / LAST).exists() or (out / RESUME).exists():
-        raise UserError(f"{out}: already holds a training run; pass --resume to continue it or choose another --out")
+    cfg, raw = _starting_point(cfg, out, resume, info, log)
     cfg.validate()
+    device = resolve_device(cfg.device, info.local_rank, info.world_size)
+    _configure_torch(cfg, device)
+    distributed.init(info, device)
+    try:
+        return _run(cfg, out, raw, info, device, log, progress and info.is_main)
+    finally:
+        distributed.shutdown(info)
 
-    device = resolve_device(cfg.device, info)
+
+def _starting_point(
+    cfg: TrainConfig, out: Path, resume: bool, info: distributed.DistInfo, log: Callable[[str], None]
+) -> tuple[TrainConfig, dict | None]:
+    """The configuration to run and the snapshot to continue from (None: start afresh)."""
+    if not resume:
+        if (out / LAST).exists() or (out / RESUME).exists():
+            raise UserError(
+                f"{out}: already holds a training run; pass --resume to continue it or choose another --out"
+            )
+        return cfg, None
+    if info.is_main:
+        _remove_stale_temp_files(out)
+    raw = latest_resume_state(out)
+    if raw is None:
+        log(f"note: {out} holds no snapshot yet; starting from the beginning")
+        return cfg, None
+    stored = TrainConfig.from_dict(raw["config"])
+    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
+    return TrainConfig(**{**stored.to_dict(), **runtime}), raw
+
+
+def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
+    """Threads and determinism: process-wide torch settings of the run."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = cfg.threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
@@ -316,14 +313,10 @@ def train(
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    distributed.init(info, device)
-    try:
-        return _run(cfg, out, raw, info, device, log, progress and info.is_main)
-    finally:
-        distributed.shutdown(info)
 
 
-def _run(cfg, out: Path, raw: dict | None, info, device, log, progress: bool) -> dict:
+def _run(cfg: TrainConfig, out: Path, raw: dict | None, info: distributed.DistInfo, device: torch.device,
+         log: Callable[[str], None], progress: bool) -> dict:
     t_start = time.perf_counter()
     # one rank generates the phantoms, the others wait and then reuse them
     generating = cfg.data is None and info.enabled
@@ -332,177 +325,256 @@ def _run(cfg, out: Path, raw: dict | None, info, device, log, progress: bool) ->
     splits = open_splits(cfg, log)
     if generating and info.is_main:
         distributed.barrier(info)
-    num_classes = len(splits.class_names)
     if raw is not None:
         _check_resumable(raw, cfg, splits.class_names, out)
     if cfg.batch_size % info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size}: must be a multiple of the {info.world_size} processes")
-
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    model = build(cfg.model, num_classes=num_classes, input_size=cfg.input_size, pool_backend=cfg.pool_backend)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(distributed.epoch_batches(len(splits.train), cfg.batch_size, cfg.seed, 0, info))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.2
-    )
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + info.rank)
-    aug_cfg = AugmentConfig()
-
-    epoch, step_in_epoch = 0, 0
-    history: list[dict] = []
-    best_acc, best_epoch, prior_seconds = -1.0, 0, 0.0
-    epoch_stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    trainer = _Trainer(cfg, out, splits, info, device, log, progress)
     if raw is not None:
-        st = raw["training"]
-        model.load_state_dict(raw["state_dict"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        epoch, step_in_epoch = int(raw["epoch"]), int(st["step_in_epoch"])
-        history, best_acc, best_epoch = list(st["history"]), float(st["best_val_acc"]), int(st["best_epoch"])
-        epoch_stats, prior_seconds = dict(st["epoch_stats"]), float(st["seconds"])
-        ranks = st["ranks"]
-        if len(ranks) != info.world_size:
-            log(f"note: resuming a {len(ranks)}-process run with {info.world_size}: same weights, other RNG streams")
-        mine = ranks[info.rank % len(ranks)]
-        set_rng_state(mine["rng"])
-        aug_gen.set_state(mine["augment"])
-        log(f"resuming {cfg.model} at epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}")
-
-    ddp_model = model
-    if info.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    run_start = time.perf_counter() - prior_seconds
+        trainer.restore(raw)
+    trainer.start()
+    while trainer.state.epoch < cfg.epochs:
+        trainer.train_epoch()
+        trainer.end_epoch()
+    metrics = trainer.final_metrics(t_start)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    def snapshot(path: Path, ep: int, step_in: int, stats: dict) -> None:
-        ranks = distributed.all_gather_objects({"rng": rng_state(), "augment": aug_gen.get_state()}, info)
-        if not info.is_main:
-            return
-        training = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step_in_epoch": step_in,
-            "epoch_stats": stats,
-            "history": history,
-            "best_val_acc": best_acc,
-            "best_epoch": best_epoch,
-            "seconds": time.perf_counter() - run_start,
-            "ranks": ranks,
-            "world_size": info.world_size,
-        }
-        save_checkpoint(path, model, model_name=cfg.model, class_names=splits.class_names,
-                        input_size=cfg.input_size, config=cfg.to_dict(), epoch=ep,
-                        step=ep * steps_per_epoch + step_in, metrics={"history": history}, training=training)
-
-    while epoch < cfg.epochs:
-        ddp_model.train()
-        batches = distributed.epoch_batches(len(splits.train), cfg.batch_size, cfg.seed, epoch, info)
-        t_epoch = time.perf_counter() - epoch_stats["seconds"]
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
-        for x, y in _loader(splits.train, batches[step_in_epoch:], cfg, device):
-            x, y = _to_device(x, y, cfg, device)
-            if cfg.augmented:
-                x = augment_batch(x, aug_gen, aug_cfg)
-            logits = ddp_model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step_in_epoch += 1
-            # one device sync per step for both numbers
-            correct = (logits.argmax(1) == y).sum().to(loss.dtype)
-            step_loss, step_correct = torch.stack([loss.detach(), correct]).tolist()
-            epoch_stats["loss_sum"] += step_loss * len(y)
-            epoch_stats["correct"] += int(step_correct)
-            epoch_stats["seen"] += len(y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{epoch_stats['loss_sum'] / epoch_stats['seen']:.3f}",
-                            acc=f"{epoch_stats['correct'] / epoch_stats['seen']:.3f}")
-            if cfg.checkpoint_every and step_in_epoch % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                epoch_stats["seconds"] = time.perf_counter() - t_epoch
-                snapshot(out / RESUME, epoch, step_in_epoch, dict(epoch_stats))
-        bar.close()
-
-        totals = torch.tensor([epoch_stats["loss_sum"], epoch_stats["correct"], epoch_stats["seen"]],
-                              dtype=torch.float64, device=device)
-        distributed.all_reduce_sum(totals, info)
-        val_loss, val_conf = evaluate(model, splits.val, num_classes, cfg, device, info)
-        val_acc = _accuracy(val_conf)
-        seen = max(1.0, totals[2].item())
-        row = {"epoch": epoch + 1, "train_loss": totals[0].item() / seen, "train_acc": totals[1].item() / seen,
-               "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
-               "seconds": time.perf_counter() - t_epoch}
-        history.append(row)
-        epoch += 1
-        step_in_epoch = 0
-        epoch_stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-        improved = val_acc > best_acc
-        if improved:
-            best_acc, best_epoch = val_acc, epoch
-        log(f"{cfg.model} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f}"
-            f" acc {100 * row['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}%"
-            f"{' (best)' if improved else ''} | {row['seconds']:.1f} s")
-        if improved and info.is_main:
-            save_checkpoint(out / BEST, model, model_name=cfg.model, class_names=splits.class_names,
-                            input_size=cfg.input_size, config=cfg.to_dict(), epoch=epoch, step=epoch * steps_per_epoch,
-                            metrics={"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch})
-        # last.pt after best.pt: a run killed in between redoes this epoch's end rather than missing best.pt
-        snapshot(out / LAST, epoch, 0, dict(epoch_stats))
-        if info.is_main:
-            (out / RESUME).unlink(missing_ok=True)
-        distributed.barrier(info)
-
-    # the test split is scored with the weights that were best on validation
-    best_raw, _ = read_checkpoint(out / BEST, map_location="cpu")
-    model.load_state_dict(best_raw["state_dict"])
-    test_ds = splits.test if splits.test is not None else splits.val
-    test_loss, test_conf = evaluate(model, test_ds, num_classes, cfg, device, info)
-    per_class = {
-        name: (float(test_conf[i, i] / test_conf[i].sum()) if test_conf[i].sum() else None)
-        for i, name in enumerate(splits.class_names)
-    }
-    train_seconds = sum(h["seconds"] for h in history)
-    metrics = {
-        "model": cfg.model,
-        "config": cfg.to_dict(),
-        "data": splits.root,
-        "class_names": splits.class_names,
-        "num_images": {"train": len(splits.train), "val": len(splits.val),
-                       "test": len(splits.test) if splits.test is not None else None},
-        "params": count_parameters(model),
-        "world_size": info.world_size,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "history": history,
-        "best_val_acc": best_acc,
-        "best_epoch": best_epoch,
-        "test_split": "test" if splits.test is not None else "val",
-        "test_acc": _accuracy(test_conf),
-        "test_loss": test_loss,
-        "per_class_acc": per_class,
-        "confusion": test_conf.tolist(),
-        "timings": {
-            "train_seconds": train_seconds,
-            "seconds_per_epoch": train_seconds / max(1, len(history)),
-            "this_process_seconds": time.perf_counter() - t_start,
-        },
-    }
-    if info.is_main:
-        from xraydeconv.training.plots import plot_confusion, plot_curves
-
-        plot_curves(history, out / CURVES, title=f"{cfg.model}: training curves")
-        plot_confusion(test_conf, splits.class_names, out / CONFUSION,
-                       title=f"{cfg.model}: {metrics['test_split']} accuracy {100 * metrics['test_acc']:.1f}%")
-        _write_json(out / METRICS, metrics)
-        log(f"{cfg.model}: best val acc {100 * best_acc:.1f}% (epoch {best_epoch}), "
-            f"{metrics['test_split']} acc {100 * metrics['test_acc']:.1f}%; wrote {out}")
+        trainer.write_outputs(metrics)
     distributed.barrier(info)
     return metrics
+
+
+def _fresh_stats() -> dict:
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+@dataclass
+class _State:
+    """Where a run stands, besides weights, optimizer, schedule and RNGs; all of it goes into the snapshots."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    epoch_stats: dict = field(default_factory=_fresh_stats)
+    prior_seconds: float = 0.0
+
+
+class _Trainer:
+    """One training run: the model, its optimizer and schedule, and the steps of the loop."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, splits: Splits, info: distributed.DistInfo,
+                 device: torch.device, log: Callable[[str], None], progress: bool) -> None:
+        self.cfg, self.out, self.splits, self.info, self.device, self.log = cfg, out, splits, info, device, log
+        self.progress = progress
+        self.num_classes = len(splits.class_names)
+        # the order of these draws from the global RNG is part of the run: weights first, then nothing else
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        model = build(cfg.model, num_classes=self.num_classes, input_size=cfg.input_size,
+                      pool_backend=cfg.pool_backend)
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = self.ddp_model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(distributed.epoch_batches(len(splits.train), cfg.batch_size, cfg.seed, 0, info))
+        total = cfg.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warmup_fraction(total)
+        )
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + info.rank)
+        self.aug_cfg = AugmentConfig()
+        self.state = _State()
+        self.run_start = self.t_epoch = 0.0
+
+    def restore(self, raw: dict) -> None:
+        """Continue from a snapshot written by :meth:`snapshot`."""
+        st = raw["training"]
+        self.model.load_state_dict(raw["state_dict"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.state = _State(
+            epoch=int(raw["epoch"]), step_in_epoch=int(st["step_in_epoch"]), history=list(st["history"]),
+            best_acc=float(st["best_val_acc"]), best_epoch=int(st["best_epoch"]),
+            epoch_stats=dict(st["epoch_stats"]), prior_seconds=float(st["seconds"]),
+        )
+        ranks = st["ranks"]
+        if len(ranks) != self.info.world_size:
+            self.log(f"note: resuming a {len(ranks)}-process run with {self.info.world_size}: "
+                     "same weights, other RNG streams")
+        mine = ranks[self.info.rank % len(ranks)]
+        set_rng_state(mine["rng"])
+        self.aug_gen.set_state(mine["augment"])
+        self.log(f"resuming {self.cfg.model} at epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} "
+                 f"of {self.steps_per_epoch}")
+
+    def start(self) -> None:
+        """Wrap the model for DDP, start the clock and make the output folder."""
+        if self.info.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.run_start = time.perf_counter() - self.state.prior_seconds
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def _save(self, path: Path, epoch: int, step: int, metrics: dict, training: dict | None = None) -> None:
+        cfg = self.cfg
+        save_checkpoint(path, self.model, model_name=cfg.model, class_names=self.splits.class_names,
+                        input_size=cfg.input_size, config=cfg.to_dict(), epoch=epoch, step=step, metrics=metrics,
+                        training=training)
+
+    def snapshot(self, path: Path, epoch: int, step_in: int, stats: dict) -> None:
+        """Everything an exact resume needs (all ranks take part; rank 0 writes)."""
+        ranks = distributed.all_gather_objects({"rng": rng_state(), "augment": self.aug_gen.get_state()}, self.info)
+        if not self.info.is_main:
+            return
+        st = self.state
+        training = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step_in_epoch": step_in,
+            "epoch_stats": stats,
+            "history": st.history,
+            "best_val_acc": st.best_acc,
+            "best_epoch": st.best_epoch,
+            "seconds": time.perf_counter() - self.run_start,
+            "ranks": ranks,
+            "world_size": self.info.world_size,
+        }
+        self._save(path, epoch, epoch * self.steps_per_epoch + step_in, {"history": st.history}, training)
+
+    def train_epoch(self) -> None:
+        """The remaining steps of the current epoch, with mid-epoch snapshots."""
+        cfg, st = self.cfg, self.state
+        self.ddp_model.train()
+        batches = distributed.epoch_batches(len(self.splits.train), cfg.batch_size, cfg.seed, st.epoch, self.info)
+        self.t_epoch = time.perf_counter() - st.epoch_stats["seconds"]
+        bar = tqdm(total=self.steps_per_epoch, initial=st.step_in_epoch,
+                   desc=f"{cfg.model} epoch {st.epoch + 1}/{cfg.epochs}", unit="batch", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        for x, y in _loader(self.splits.train, batches[st.step_in_epoch:], cfg, self.device):
+            self._step(x, y)
+            stats = st.epoch_stats
+            bar.update(1)
+            seen = stats["seen"]
+            bar.set_postfix(loss=f"{stats['loss_sum'] / seen:.3f}", acc=f"{stats['correct'] / seen:.3f}")
+            every = cfg.checkpoint_every
+            if every and st.step_in_epoch % every == 0 and st.step_in_epoch < self.steps_per_epoch:
+                stats["seconds"] = time.perf_counter() - self.t_epoch
+                self.snapshot(self.out / RESUME, st.epoch, st.step_in_epoch, dict(stats))
+        bar.close()
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on the batch (x: (B, 1, S, S), y: (B,)), counted into the epoch's statistics."""
+        x, y = _to_device(x, y, self.cfg, self.device)
+        if self.cfg.augmented:
+            x = augment_batch(x, self.aug_gen, self.aug_cfg)
+        logits = self.ddp_model(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        st = self.state
+        st.step_in_epoch += 1
+        # one device sync per step for both numbers
+        correct = (logits.argmax(1) == y).sum().to(loss.dtype)
+        step_loss, step_correct = torch.stack([loss.detach(), correct]).tolist()
+        st.epoch_stats["loss_sum"] += step_loss * len(y)
+        st.epoch_stats["correct"] += int(step_correct)
+        st.epoch_stats["seen"] += len(y)
+
+    def end_epoch(self) -> None:
+        """Validate, log the epoch's row, and write ``best.pt`` (when improved) and ``last.pt``."""
+        st, info = self.state, self.info
+        stats = st.epoch_stats
+        totals = torch.tensor([stats["loss_sum"], stats["correct"], stats["seen"]], dtype=torch.float64,
+                              device=self.device)
+        distributed.all_reduce_sum(totals, info)
+        val_loss, val_conf = evaluate(self.model, self.splits.val, self.num_classes, self.cfg, self.device, info)
+        val_acc = _accuracy(val_conf)
+        seen = max(1.0, totals[2].item())
+        row = {"epoch": st.epoch + 1, "train_loss": totals[0].item() / seen, "train_acc": totals[1].item() / seen,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0],
+               "seconds": time.perf_counter() - self.t_epoch}
+        st.history.append(row)
+        st.epoch += 1
+        st.step_in_epoch = 0
+        st.epoch_stats = _fresh_stats()
+        improved = val_acc > st.best_acc
+        if improved:
+            st.best_acc, st.best_epoch = val_acc, st.epoch
+        self.log(f"{self.cfg.model} epoch {st.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.3f}"
+                 f" acc {100 * row['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}%"
+                 f"{' (best)' if improved else ''} | {row['seconds']:.1f} s")
+        if improved and info.is_main:
+            self._save(self.out / BEST, st.epoch, st.epoch * self.steps_per_epoch,
+                       {"val_acc": val_acc, "val_loss": val_loss, "epoch": st.epoch})
+        # last.pt after best.pt: a run killed in between redoes this epoch's end rather than missing best.pt
+        self.snapshot(self.out / LAST, st.epoch, 0, dict(st.epoch_stats))
+        if info.is_main:
+            (self.out / RESUME).unlink(missing_ok=True)
+        distributed.barrier(info)
+
+    def final_metrics(self, t_start: float) -> dict:
+        """Score the test split (val when there is none) with the weights that were best on validation."""
+        cfg, splits, st = self.cfg, self.splits, self.state
+        best_raw, _ = read_checkpoint(self.out / BEST, map_location="cpu")
+        self.model.load_state_dict(best_raw["state_dict"])
+        test_ds = splits.test if splits.test is not None else splits.val
+        test_loss, test_conf = evaluate(self.model, test_ds, self.num_classes, cfg, self.device, self.info)
+        per_class = {
+            name: (float(test_conf[i, i] / test_conf[i].sum()) if test_conf[i].sum() else None)
+            for i, name in enumerate(splits.class_names)
+        }
+        train_seconds = sum(h["seconds"] for h in st.history)
+        return {
+            "model": cfg.model,
+            "config": cfg.to_dict(),
+            "data": splits.root,
+            "class_names": splits.class_names,
+            "num_images": {"train": len(splits.train), "val": len(splits.val),
+                           "test": len(splits.test) if splits.test is not None else None},
+            "params": count_parameters(self.model),
+            "world_size": self.info.world_size,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "history": st.history,
+            "best_val_acc": st.best_acc,
+            "best_epoch": st.best_epoch,
+            "test_split": "test" if splits.test is not None else "val",
+            "test_acc": _accuracy(test_conf),
+            "test_loss": test_loss,
+            "per_class_acc": per_class,
+            "confusion": test_conf.tolist(),
+            "timings": {
+                "train_seconds": train_seconds,
+                "seconds_per_epoch": train_seconds / max(1, len(st.history)),
+                "this_process_seconds": time.perf_counter() - t_start,
+            },
+        }
+
+    def write_outputs(self, metrics: dict) -> None:
+        """The pictures and ``metrics.json`` (rank 0)."""
+        from xraydeconv.training.plots import plot_confusion, plot_curves
+
+        cfg, out = self.cfg, self.out
+        plot_curves(metrics["history"], out / CURVES, title=f"{cfg.model}: training curves")
+        plot_confusion(np.asarray(metrics["confusion"]), self.splits.class_names, out / CONFUSION,
+                       title=f"{cfg.model}: {metrics['test_split']} accuracy {100 * metrics['test_acc']:.1f}%")
+        _write_json(out / METRICS, metrics)
+        self.log(f"{cfg.model}: best val acc {100 * self.state.best_acc:.1f}% (epoch {self.state.best_epoch}), "
+                 f"{metrics['test_split']} acc {100 * metrics['test_acc']:.1f}%; wrote {out}")
+
+
+def warmup_fraction(total_steps: int) -> float:
+    """``pct_start`` of the one-cycle schedule: 20 % warm-up, but never a warm-up phase of zero length.
+
+    ``OneCycleLR`` ends its warm-up at step ``pct_start * total_steps - 1`` and divides by that length, so
+    ``0.2`` fails for a 5-step run; such a run warms up over 2 steps instead.
+    """
+    pct = 0.2
+    if pct * total_steps - 1 == 0:
+        pct = 2 / total_steps
+    return pct

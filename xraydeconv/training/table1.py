@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from xraydeconv.training.checkpoint import atomic_write_bytes
+from xraydeconv.io import write_atomically
 from xraydeconv.training.distributed import from_env
 from xraydeconv.training.loop import METRICS, RESUME, TrainConfig, train
 from xraydeconv.training.models import MODEL_NAMES, POSTER_ACCURACY
@@ -88,6 +88,7 @@ def train_all(
         data = results[name]["data"]
     rows = table_rows(results)
     if from_env().is_main:
-        atomic_write_bytes(out / TABLE_JSON, (json.dumps({"data": data, "rows": rows}, indent=2) + "\n").encode())
-        atomic_write_bytes(out / TABLE_MD, render_markdown(rows, data).encode())
+        table = json.dumps({"data": data, "rows": rows}, indent=2) + "\n"
+        write_atomically(out / TABLE_JSON, lambda f: f.write(table), mode="w", encoding="utf-8")
+        write_atomically(out / TABLE_MD, lambda f: f.write(render_markdown(rows, data)), mode="w", encoding="utf-8")
     return rows

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -32,6 +30,7 @@ from PIL import Image
 
 from xraydeconv.data.classes import CLASS_NAMES
 from xraydeconv.errors import UserError
+from xraydeconv.io import building_folder
 
 from .anatomy import REGIONS, arm, leg, pelvis_bones
 from .clutter import add_clutter
@@ -47,7 +46,7 @@ VERSION = 1
 def _generator_id() -> str:
     """Fingerprint of the generator's source: a cached tree drawn by other code is regenerated, not reused."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("phantoms*.py")):
+    for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -203,22 +202,31 @@ def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, 
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: folder exists and is not empty (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data set is as shareable as any new folder
-    try:
-        tasks = []
-        for split in SPLITS:
-            for label, class_name in enumerate(CLASS_NAMES):
-                if counts[split]:
-                    (tmp / split / class_name).mkdir(parents=True)
-                tasks += [(split, label, i) for i in range(counts[split])]
-        work = partial(_write_one, root=tmp, size=size, seed=seed, bias=bias)
-        workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
-        from tqdm import tqdm
+    with building_folder(out, overwrite=force) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data set is as shareable as any new folder
+        _render_all(tmp, out.name, counts, size, seed, bias, workers, progress)
+        (tmp / "dataset.json").write_text(json.dumps(_manifest(counts, size, seed, bias), indent=2) + "\n")
+        if out.is_dir() and not force and any(out.iterdir()):
+            raise UserError(f"{out}: another process filled this folder while the phantoms were generated")
+    return out
 
-        bar = tqdm(total=len(tasks), desc=f"phantoms -> {out.name}", unit="img", disable=not progress)
+
+def _render_all(root: Path, name: str, counts: dict[str, int], size: int, seed: int, bias: str | None,
+                workers: int | None, progress: bool) -> None:
+    """Render every film of ``counts`` into ``root``, on ``workers`` processes."""
+    tasks = []
+    for split in SPLITS:
+        for label, class_name in enumerate(CLASS_NAMES):
+            if counts[split]:
+                (root / split / class_name).mkdir(parents=True)
+            tasks += [(split, label, i) for i in range(counts[split])]
+    work = partial(_write_one, root=root, size=size, seed=seed, bias=bias)
+    workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
+    from tqdm import tqdm
+
+    with tqdm(total=len(tasks), desc=f"phantoms -> {name}", unit="img", disable=not progress) as bar:
         if workers == 1 or len(tasks) < 64:
             for task in tasks:
                 bar.update(work(task))
@@ -226,21 +234,6 @@ def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, 
             with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
                 for done in pool.imap_unordered(work, tasks, chunksize=16):
                     bar.update(done)
-        bar.close()
-        (tmp / "dataset.json").write_text(json.dumps(_manifest(counts, size, seed, bias), indent=2) + "\n")
-        if out.is_dir() and not force and any(out.iterdir()):
-            raise UserError(f"{out}: another process filled this folder while the phantoms were generated")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def _read_manifest(path: Path) -> dict | None:
