@@ -134,3 +134,49 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monk
         _save(path, "shallow")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_huge_junk_file_is_refused_after_reading_its_first_bytes(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "junk.pt"
+    with open(path, "wb") as f:  # 6 GiB, sparse: nothing is written but the first bytes
+        f.write(b"\x00junk")
+        f.truncate(6 * 2**30)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("the whole file was read"))
+    with pytest.raises(UserError, match=r"junk.pt: not a readable torch checkpoint \(not the zip archive") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"class_names": CLASSES[:3]}, "3 class names for a model with 5 outputs"),
+        ({"class_names": "class-0"}, "class_names must be a list of names, got str"),
+        ({"model_kwargs": {"num_classes": 5, "in_channels": "one", "input_size": 64}}, "model settings"),
+        ({"model_kwargs": {"num_classes": 5, "depth": 50}}, "model settings"),
+        ({"model_kwargs": [5, 1, 64]}, "model settings"),
+        ({"input_size": -64}, "input_size must be a positive integer, got -64"),
+        ({"state_dict": "weights"}, "state_dict must map parameter names to tensors"),
+    ],
+)
+def test_hand_edited_checkpoint_is_one_line_error(tmp_path: Path, edit: dict, message: str) -> None:
+    path = tmp_path / "edited.pt"
+    _save(path)
+    raw = torch.load(path, weights_only=True)
+    torch.save({**raw, **edit}, path)
+    with pytest.raises(UserError, match=f"edited.pt: {message}") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path: Path, bad: float) -> None:
+    path = tmp_path / "diverged.pt"
+    _save(path)
+    raw = torch.load(path, weights_only=True)
+    name = next(k for k, v in raw["state_dict"].items() if v.is_floating_point())
+    raw["state_dict"][name].view(-1)[0] = bad
+    torch.save(raw, path)
+    with pytest.raises(UserError, match=f"diverged.pt: 1 weight tensors hold NaN or infinity \\(e.g. {name}\\)"):
+        load_checkpoint(path)
+    assert ckpt.non_finite_weights(raw["state_dict"]) == [name]

@@ -137,23 +137,35 @@ def save_checkpoint(
     return hashlib.sha256(data).hexdigest()
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, str]:
     """Load and validate the raw checkpoint dict; returns it with the file's sha256.
 
+    The file is never read whole into memory first: a file that does not start like a zip archive (what
+    ``torch.save`` writes) is refused after reading four bytes, and the digest is computed in chunks.
+
     Raises:
         UserError: naming the file when it is missing, not a torch file, truncated, or not an xraydeconv
-            checkpoint of a known model.
+            checkpoint of a known model with well-formed settings.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        raw = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as exc:  # zip errors, unpickling errors, EOF: all mean "not a readable checkpoint"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {reason[:200]}") from None
+    with open(path, "rb") as f:  # one open file: a snapshot renamed over it meanwhile does not mix in
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            raise UserError(f"{path}: not a readable torch checkpoint (not the zip archive torch.save writes)")
+        f.seek(0)
+        try:
+            raw = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as exc:  # zip errors, unpickling errors, EOF: all mean "not a readable checkpoint"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"{path}: not a readable torch checkpoint (truncated or corrupt?): {reason[:200]}"
+            ) from None
+        f.seek(0)
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise UserError(f"{path}: not an xraydeconv checkpoint (no 'format: {FORMAT}' entry)")
     if raw.get("version") != VERSION:
@@ -163,7 +175,34 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if raw["model_name"] not in MODEL_NAMES:
         raise UserError(f"{path}: unknown model {raw['model_name']!r} (known: {', '.join(MODEL_NAMES)})")
+    _check_settings(path, raw)
     return raw, digest
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_settings(path: Path, raw: dict) -> None:
+    """The model settings and class list are what ``save_checkpoint`` writes (a hand edit may break them)."""
+    kw, names = raw["model_kwargs"], raw["class_names"]
+    if not isinstance(kw, dict) or set(kw) - {"num_classes", "in_channels", "input_size"} \
+            or not all(_is_count(v) for v in kw.values()):
+        raise UserError(f"{path}: model settings {kw!r} are not num_classes, in_channels and input_size "
+                        "as positive integers")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: class_names must be a list of names, got {type(names).__name__}")
+    if len(names) != kw.get("num_classes", 24):
+        raise UserError(f"{path}: {len(names)} class names for a model with {kw.get('num_classes', 24)} outputs")
+    if not _is_count(raw["input_size"]):
+        raise UserError(f"{path}: input_size must be a positive integer, got {raw['input_size']!r}")
+    if not isinstance(raw["state_dict"], dict) or not all(torch.is_tensor(v) for v in raw["state_dict"].values()):
+        raise UserError(f"{path}: state_dict must map parameter names to tensors")
+
+
+def non_finite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state_dict`` that hold NaN or infinity."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def load_checkpoint(
@@ -173,9 +212,13 @@ def load_checkpoint(
 
     Raises:
         UserError: naming the file when it is missing, not a torch file, truncated, not ours, from an unknown
-            model, or when its weights do not fit the architecture.
+            model, with malformed settings, with non-finite weights, or when its weights do not fit the architecture.
     """
     raw, digest = read_checkpoint(path, map_location=map_location)
+    bad = non_finite_weights(raw["state_dict"])
+    if bad:
+        raise UserError(f"{path}: {len(bad)} weight tensors hold NaN or infinity (e.g. {bad[0]}); the run that "
+                        "wrote it diverged")
     model = build(raw["model_name"], pool_backend=pool_backend, **raw["model_kwargs"])
     try:
         model.load_state_dict(raw["state_dict"])
