@@ -231,7 +231,7 @@ def test_bad_arguments():
         dn.project(x, mode="mean")
     with pytest.raises(ValueError, match="expected"):
         dn.project(torch.rand(1, 3, 32, 32))
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="Linear has no Conv2d layer"):
         DeconvNet(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="cannot project through"):
         DeconvNet(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.ReLU())).project(

@@ -18,7 +18,7 @@ channels-last.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,46 +41,23 @@ from xraydeconv.explain.adjoint import (
     scatter_ok,
     unpool,
 )
+from xraydeconv.explain.common import (
+    DEFAULT_CHUNK_CPU,
+    DEFAULT_CHUNK_CUDA,
+    METHODS,
+    MODES,
+    PRECISIONS,
+    RANKS,
+    Projection,
+    block_signals,
+    blocks,
+    check_options,
+    check_top_n,
+    select_filters,
+)
+from xraydeconv.explain.graph_deconvnet import GraphDeconvNet
 
 __all__ = ["DeconvNet", "Projection", "MODES", "RANKS", "METHODS"]
-
-MODES = ("map", "max")
-RANKS = ("max", "mean")
-METHODS = ("deconvnet", "guided", "gradient")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-# Projections are run in blocks of at most this many (image, filter) pairs, which bounds memory when a whole
-# batch of images is projected at once. On the CPU small blocks are faster too: the intermediates stay in cache
-# and under glibc's mmap threshold, so they are not page-faulted in afresh on every call (docs/projection.md,
-# "Speed"); a GPU wants large batches.
-DEFAULT_CHUNK_CPU = 5
-DEFAULT_CHUNK_CUDA = 256
-
-
-@dataclass
-class Projection:
-    """The result of :meth:`DeconvNet.project`.
-
-    Attributes:
-        maps: (B, top_n, C_in, H, W) the projection of each selected filter into input space, in the
-            input's dtype; ``maps[b, k]`` belongs to filter ``channels[b, k]`` of image ``b``.
-        channels: (B, top_n) int64 filter indices of the start layer, strongest first.
-        activations: (B, top_n) the ranking score of each filter (max or mean of its activation map).
-        layer: the start layer as a non-negative conv-layer index (0 = first conv).
-        logits: (B, num_classes) the model's logits when it has a classifier, else None.
-    """
-
-    maps: Tensor
-    channels: Tensor
-    activations: Tensor
-    layer: int
-    logits: Tensor | None = None
-
-    @property
-    def probs(self) -> Tensor | None:
-        """(B, num_classes) softmax of the logits, or None without a classifier."""
-        return None if self.logits is None else torch.softmax(self.logits.float(), dim=1)
-
 
 # --- the parallel network -------------------------------------------------------------------------------
 
@@ -96,15 +73,16 @@ class _Step:
     conv_index: int = -1
 
 
-def _features_of(model: nn.Module) -> nn.Sequential:
-    if isinstance(model, nn.Sequential):
-        return model
-    feats = getattr(model, "features", None)
-    if isinstance(feats, nn.Sequential):
-        return feats
-    raise TypeError(
-        f"DeconvNet needs an nn.Sequential or a model with an nn.Sequential `.features`, got {type(model).__name__}"
-    )
+def sequential_features(model: nn.Module) -> nn.Sequential | None:
+    """The Sequential the fast step-list walk runs on: ``model`` itself or its ``.features``, provided every conv
+    in it is a direct child (so its children are the network's steps); None for any other model."""
+    feats = model if isinstance(model, nn.Sequential) else getattr(model, "features", None)
+    if not isinstance(feats, nn.Sequential):
+        return None
+    for child in feats.children():
+        if not isinstance(child, nn.Conv2d) and any(isinstance(m, nn.Conv2d) for m in child.modules()):
+            return None
+    return feats
 
 
 def _plan(features: nn.Sequential, prefix: str) -> list[_Step]:
@@ -187,33 +165,49 @@ class DeconvNet:
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None, sparse: bool = True) -> None:
         self.model = model
-        self.features = _features_of(model)
-        prefix = "features." if self.features is not model else ""
-        self.steps = _plan(self.features, prefix)
-        self.conv_steps = [i for i, s in enumerate(self.steps) if s.kind == "conv"]
-        if not self.conv_steps:
-            raise ValueError("the model has no Conv2d layer in its features: nothing to project")
-        self.classifier = getattr(model, "classifier", None) if self.features is not model else None
         self.chunk_size = None if chunk_size is None else max(1, int(chunk_size))
-        self._head: Callable[[Tensor], Tensor] | None = None
         self.sparse = sparse
+        self._head: Callable[[Tensor], Tensor] | None = None
+        features = sequential_features(model)
+        # any other model: its torch.fx graph (the Sequential steps below stay empty)
+        self.graph = GraphDeconvNet(model, chunk_size, sparse) if features is None else None
+        self.features = features
+        self.steps = [] if features is None else _plan(features, "features." if features is not model else "")
+        self.conv_steps = [i for i, s in enumerate(self.steps) if s.kind == "conv"]
+        if features is not None and not self.conv_steps:
+            raise ValueError("the model has no Conv2d layer in its features: nothing to project")
+        self.classifier = getattr(model, "classifier", None) if features not in (None, model) else None
 
     # ---- layers ----
     @property
     def num_layers(self) -> int:
         """Number of conv layers (valid ``layer`` indices are ``-num_layers .. num_layers - 1``)."""
-        return len(self.conv_steps)
+        return self.graph.num_layers if self.graph is not None else len(self.conv_steps)
 
-    def layer_channels(self, layer: int | str = -1) -> int:
-        """Number of filters (output channels) of a conv layer."""
+    def layer_channels(self, layer: int | str | None = None) -> int:
+        """Number of filters (output channels) of a layer (None: the default layer)."""
+        if self.graph is not None:
+            return self.graph.layer_channels(layer)
         return self.steps[self.conv_steps[self.resolve_layer(layer)]].module.out_channels
 
-    def resolve_layer(self, layer: int | str) -> int:
-        """Turn ``layer`` into a non-negative conv index.
+    def layer_name(self, layer: int | str | None = None) -> str:
+        """The name :class:`Projection` records for ``layer``: a Sequential's conv module (``"features.21"``), else
+        the qualified name of the module whose output the projection starts from (``"layer4"``)."""
+        if self.graph is not None:
+            return self.graph.resolve_layer(layer)
+        return self.steps[self.conv_steps[self.resolve_layer(layer)]].name
 
-        ``layer`` is either an int counting conv layers (negative from the end) or, as a str, the name of a module
-        as in ``named_modules`` (``"features.12"`` or ``"12"``) that must be a Conv2d or the BatchNorm/ReLU after one.
+    def resolve_layer(self, layer: int | str | None) -> int | str:
+        """Check ``layer`` and turn it into a non-negative conv index (a Sequential) or a layer name (a graph).
+
+        ``layer`` is None (the default: the last conv of a Sequential, the last feature map before global pooling
+        of any other model), an int counting conv layers (negative from the end), or a str naming a module as in
+        ``named_modules``: for a Sequential (``"features.12"`` or ``"12"``) a Conv2d or the BatchNorm/ReLU after
+        one; for any other model any module (or graph node) whose output is a feature map.
         """
+        if self.graph is not None:
+            return self.graph.resolve_layer(layer)
+        layer = -1 if layer is None else layer
         n = self.num_layers
         if isinstance(layer, str):
             for i, s in enumerate(self.steps):
@@ -395,7 +389,7 @@ class DeconvNet:
         self,
         x: Tensor,
         top_n: int = 25,
-        layer: int | str = -1,
+        layer: int | str | None = None,
         mode: str = "map",
         rank: str = "max",
         method: str = "deconvnet",
@@ -408,25 +402,26 @@ class DeconvNet:
         Args:
             x: (B, C_in, H, W) input images (the model's dtype and device).
             top_n: how many filters per image, 1 <= top_n <= the layer's channels.
-            layer: conv-layer index (``-1`` = last conv) or a module name; the projection starts at that conv's
-                ReLU output (at the conv/BatchNorm output when no ReLU follows it).
+            layer: conv-layer index (``-1`` = last conv; the projection starts at that conv's ReLU output, at the
+                conv/BatchNorm output when no ReLU follows it), a module name (see :meth:`resolve_layer`), or None:
+                the last conv of a Sequential, the last feature map before global pooling of any other model.
             mode: ``"map"`` keeps the filter's whole activation map; ``"max"`` only its strongest activation
                 (the first maximum in row-major order), as in Zeiler & Fergus.
             rank: order the filters by the ``"max"`` or the ``"mean"`` of their activation maps.
             method: ``"deconvnet"`` (rectify the signal at each ReLU), ``"guided"`` (guided backprop: also mask by
                 the forward ReLU) or ``"gradient"`` (plain gradient: forward mask only).
-            channels: optional (B, top_n) int64 filter indices to project instead of the ranked top ones
-                (``activations`` then holds their scores under ``rank``).
+            channels: optional (B, top_n) int64 filter indices to project instead of the ranked top ones.
             precision: ``"fp32"`` (exact) or ``"bf16"``: the downward walk in bfloat16 (the forward pass, the
                 ranking and the switches stay in the input's dtype); about 3 significant digits, for speed on CPUs
                 with AVX-512 BF16 and on GPUs. ``maps`` are returned in the input's dtype either way.
             progress: called with the number of images finished after each chunk.
-
         Returns:
             :class:`Projection` (``maps`` (B, top_n, C_in, H, W), ``channels``, ``activations``, ``layer``, ``logits``).
         Raises:
             ValueError: bad ``top_n``, ``layer``, ``mode``, ``rank``, ``method`` or input shape.
         """
+        if self.graph is not None:
+            return self.graph.project(x, top_n, layer, mode, rank, method, channels, precision, progress)
         check_options(mode, rank, method, precision)
         self._check_input(x)
         li = self.resolve_layer(layer)
@@ -450,7 +445,8 @@ class DeconvNet:
             maps[imgs, filters] = g.view(*sel.shape, *g.shape[1:])
             if progress is not None and done:
                 progress(imgs.stop - imgs.start)
-        return Projection(maps=maps, channels=chans, activations=activations, layer=li, logits=logits)
+        return Projection(maps=maps, channels=chans, activations=activations, layer=li, logits=logits,
+                          layer_name=self.steps[self.conv_steps[li]].name)
 
     def _check_input(self, x: Tensor) -> None:
         first_conv: nn.Conv2d = self.steps[self.conv_steps[0]].module
@@ -458,65 +454,3 @@ class DeconvNet:
             raise ValueError(
                 f"input of shape {tuple(x.shape)}: expected (B, {first_conv.in_channels}, H, W) for this model"
             )
-
-
-# --- the parts of a projection call that do not depend on the network's shape ---------------------------------
-
-
-def check_options(mode: str, rank: str, method: str, precision: str) -> None:
-    """ValueError naming the first of ``mode``, ``rank``, ``method``, ``precision`` that is not a known choice."""
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
-    if rank not in RANKS:
-        raise ValueError(f"rank {rank!r}: use one of {', '.join(RANKS)}")
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-
-
-def check_top_n(top_n: int, channels: Tensor | None, n_ch: int, what: str) -> int:
-    """The number of filters to project: ``channels.shape[1]`` when given, else ``top_n``, checked against the
-    ``n_ch`` filters of the layer described by ``what``."""
-    if channels is not None:
-        top_n = channels.shape[1]
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= n_ch:
-        raise ValueError(f"top_n {top_n}: must be between 1 and {n_ch}, the number of filters of {what}")
-    return top_n
-
-
-def select_filters(act: Tensor, rank: str, top_n: int, channels: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Rank the filters of ``act`` (B, C, h, w): (B, top_n) scores and (B, top_n) channel indices, strongest first
-    (or the scores of the given ``channels``)."""
-    flat = act.flatten(2)
-    score = flat.amax(2) if rank == "max" else flat.mean(2)
-    if channels is None:
-        return torch.topk(score, top_n, dim=1)
-    B, C = score.shape
-    chans = channels.to(device=act.device, dtype=torch.long)
-    if chans.shape[0] != B or chans.min() < 0 or chans.max() >= C:
-        raise ValueError(f"channels: expected ({B}, top_n) indices in 0..{C - 1}")
-    return score.gather(1, chans), chans
-
-
-def blocks(n_images: int, top_n: int, chunk: int) -> Iterator[tuple[slice, slice, bool]]:
-    """Blocks of at most ``chunk`` (image, filter) pairs: whole images while a block holds all ``top_n`` filters,
-    else filter slices of one image. Yields (images, filters, whether the block finishes its images)."""
-    per_img = max(1, chunk // top_n)
-    per_filter = min(top_n, chunk)
-    for b0 in range(0, n_images, per_img):
-        imgs = slice(b0, min(n_images, b0 + per_img))
-        for k0 in range(0, top_n, per_filter):
-            yield imgs, slice(k0, min(top_n, k0 + per_filter)), k0 + per_filter >= top_n
-
-
-def block_signals(act: Tensor, sel: Tensor, imgs: slice, mode: str) -> Tensor:
-    """The start signals of one block: (images * filters, h, w) activation maps of the channels ``sel``
-    (images, filters) of ``act[imgs]``; with ``mode="max"`` only each map's first maximum is kept."""
-    B, C, h, w = act.shape
-    flat = act.reshape(B, C, h * w)
-    a = flat[imgs].gather(1, sel.unsqueeze(2).expand(-1, -1, h * w))  # (images, filters, h*w)
-    if mode == "max":
-        pos = a.argmax(2, keepdim=True)
-        a = torch.zeros_like(a).scatter_(2, pos, a.gather(2, pos))
-    return a.reshape(-1, h, w)
