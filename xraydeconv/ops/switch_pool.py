@@ -13,6 +13,11 @@ They run the compiled kernels of ``xraydeconv._C`` (``torch.ops.xraydeconv.*``, 
 autograd registered here so they work under ``torch.compile``). ``native_*`` are pure-PyTorch twins with
 identical semantics built on ``F.max_pool2d(..., return_indices=True)`` / ``F.max_unpool2d``, and
 :func:`switches_to_indices` / :func:`indices_to_switches` convert between the two representations.
+
+Declared API twins: :func:`switch_pool2d`, :func:`switch_unpool2d` and :func:`switch_gather2d` here and
+``native_switch_pool2d``, ``native_switch_unpool2d`` and ``native_switch_gather2d`` in
+:mod:`xraydeconv.ops.native` take the same arguments in the same order and return the same values; their
+signatures and docstrings mirror each other on purpose.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ __all__ = ["switch_pool2d", "switch_pool2d_out", "switch_unpool2d", "switch_unpo
 # The kernel ops
 
 
+def _kernel_geometry(t: Tensor, kernel_size: IntPair, stride: IntPair | None, padding: IntPair):
+    """The checked ``(k, s, p)`` pairs of a call on ``t``, after making sure its device has the kernels."""
+    require_kernels(t)
+    return pool_geometry(kernel_size, stride, padding)
+
+
 def switch_pool2d(
     x: Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0, ceil_mode: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -55,8 +66,7 @@ def switch_pool2d(
         memory format; ``switches`` uint8 of the same shape, ``row * kW + col`` of the maximum in its
         window (the first maximum in row-major order on ties).
     """
-    require_kernels(x)
-    k, s, p = pool_geometry(kernel_size, stride, padding)
+    k, s, p = _kernel_geometry(x, kernel_size, stride, padding)
     return torch.ops.xraydeconv.switch_pool2d(x, k, s, p, ceil_mode)
 
 
@@ -70,8 +80,7 @@ def switch_pool2d_out(
     ceil_mode: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`switch_pool2d` into preallocated ``out`` and ``switches`` (contiguous in x's memory format)."""
-    require_kernels(x)
-    k, s, p = pool_geometry(kernel_size, stride, padding)
+    k, s, p = _kernel_geometry(x, kernel_size, stride, padding)
     torch.ops.xraydeconv.switch_pool2d_out(x, k, s, p, ceil_mode, out, switches)
     return out, switches
 
@@ -96,23 +105,16 @@ def switch_unpool2d(
         (..., H, W) in y's memory format: each position holds the sum of the ``y`` values whose
         switch points at it, zero elsewhere.
     """
-    require_kernels(y)
-    k, s, p = pool_geometry(kernel_size, stride, padding)
+    k, s, p = _kernel_geometry(y, kernel_size, stride, padding)
     size = unpooled_size(y, k, s, p, output_size)
     return torch.ops.xraydeconv.switch_unpool2d(y, switches, k, s, p, size)
 
 
 def switch_unpool2d_out(
-    y: Tensor,
-    switches: Tensor,
-    out: Tensor,
-    kernel_size: IntPair,
-    stride: IntPair | None = None,
-    padding: IntPair = 0,
+    y: Tensor, switches: Tensor, out: Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0
 ) -> Tensor:
     """:func:`switch_unpool2d` into a preallocated ``out`` (its (H, W) is the output size)."""
-    require_kernels(y)
-    k, s, p = pool_geometry(kernel_size, stride, padding)
+    k, s, p = _kernel_geometry(y, kernel_size, stride, padding)
     torch.ops.xraydeconv.switch_unpool2d_out(y, switches, k, s, p, out)
     return out
 
@@ -124,8 +126,7 @@ def switch_gather2d(
 
     ``switch_gather2d(x, switch_pool2d(x, ...)[1], ...)`` equals the pooled values.
     """
-    require_kernels(x)
-    k, s, p = pool_geometry(kernel_size, stride, padding)
+    k, s, p = _kernel_geometry(x, kernel_size, stride, padding)
     return torch.ops.xraydeconv.switch_gather2d(x, switches, k, s, p)
 
 
