@@ -218,6 +218,88 @@ XD_ALWAYS_INLINE void pool_nhwc_pixels(const PoolArgs<T>& a, int64_t C, int64_t 
   }
 }
 
+// 2x2/s2 windows inside the input, channels-last, C = CT a small compile-time count (8-32): one task per
+// range of output rows, every output pixel reduced from its four input pixels with CT-wide vectors. The
+// per-pixel path above spends more on index arithmetic and the runtime loop over C than on the data when C
+// is this small.
+template <typename T, int CT>
+XD_ALWAYS_INLINE void pool_nhwc_2x2_rows(const PoolArgs<T>& a, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / OH, oh = r - n * OH;
+    const T* XD_RESTRICT r0 = a.x + ((n * H + 2 * oh) * W) * CT;
+    const T* XD_RESTRICT r1 = r0 + W * CT;
+    T* XD_RESTRICT o = a.out + r * OW * CT;
+    uint8_t* XD_RESTRICT s = a.sw + r * OW * CT;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const T* XD_RESTRICT p00 = r0 + 2 * ow * CT;
+      const T* XD_RESTRICT p10 = r1 + 2 * ow * CT;
+#pragma GCC unroll 32
+      for (int c = 0; c < CT; ++c) {
+        A m = static_cast<A>(p00[c]);
+        uint8_t sv = 0;
+        const A v1 = static_cast<A>(p00[CT + c]), v2 = static_cast<A>(p10[c]), v3 = static_cast<A>(p10[CT + c]);
+        bool b = beats(v1, m);
+        m = b ? v1 : m;
+        sv = b ? 1 : sv;
+        b = beats(v2, m);
+        m = b ? v2 : m;
+        sv = b ? 2 : sv;
+        b = beats(v3, m);
+        m = b ? v3 : m;
+        sv = b ? 3 : sv;
+        o[ow * CT + c] = static_cast<T>(m);
+        s[ow * CT + c] = sv;
+      }
+    }
+  }
+}
+
+#if XD_MULTIVERSION
+template <typename T, int CT>
+XD_TARGET_AVX512 void pool_nhwc_2x2_rows_avx512(const PoolArgs<T>& a, int64_t b, int64_t e) {
+  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+}
+template <typename T, int CT>
+XD_TARGET_AVX2 void pool_nhwc_2x2_rows_avx2(const PoolArgs<T>& a, int64_t b, int64_t e) {
+  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+}
+#endif
+
+template <typename T, int CT>
+void pool_nhwc_2x2_rows_any(const PoolArgs<T>& a, int64_t b, int64_t e) {
+#if XD_MULTIVERSION
+  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case Isa::Avx512:
+        return pool_nhwc_2x2_rows_avx512<T, CT>(a, b, e);
+      case Isa::Avx2:
+        return pool_nhwc_2x2_rows_avx2<T, CT>(a, b, e);
+      default:
+        break;
+    }
+  }
+#endif
+  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+}
+
+// The small-C 2x2/s2 row kernel for this call, or nullptr when it does not apply (another geometry, a
+// window clipped by ceil_mode, or a channel count without a specialisation).
+template <typename T>
+auto small_c_2x2_kernel(const PoolArgs<T>& a, int64_t C) -> void (*)(const PoolArgs<T>&, int64_t, int64_t) {
+  const PoolGeometry& g = a.g;
+  const bool tiles = g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.pH == 0 && g.pW == 0;
+  if (!tiles || 2 * a.OH > a.H || 2 * a.OW > a.W) return nullptr;
+  switch (C) {
+    case 4: return pool_nhwc_2x2_rows_any<T, 4>;
+    case 8: return pool_nhwc_2x2_rows_any<T, 8>;
+    case 16: return pool_nhwc_2x2_rows_any<T, 16>;
+    case 32: return pool_nhwc_2x2_rows_any<T, 32>;
+    default: return nullptr;
+  }
+}
+
 #if XD_MULTIVERSION
 template <typename T, int KH, int KW, int SH, int SW>
 XD_TARGET_AVX512 void pool_nchw_rows_avx512(const PoolArgs<T>& a, int64_t b, int64_t e) {
@@ -291,6 +373,11 @@ void pool_nchw(const PoolArgs<T>& a) {
 
 template <typename T>
 void pool_nhwc(const PoolArgs<T>& a, int64_t C) {
+  if (const auto rows_fn = small_c_2x2_kernel(a, C)) {
+    at::parallel_for(0, a.planes * a.OH, grain_rows(a.OW * C * 5),
+                     [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
+    return;
+  }
   const int64_t pixels = a.planes * a.OH * a.OW;  // planes = N here
   at::parallel_for(0, pixels, grain_rows(C * a.g.kH * a.g.kW / 2 + C),
                    [&](int64_t b, int64_t e) { pool_nhwc_pixels_any<T>(a, C, b, e); });

@@ -97,6 +97,39 @@ XD_ALWAYS_INLINE void unpool_tiled_rows_nhwc(const UnpoolArgs<T>& a, int64_t C, 
   }
 }
 
+// 2x2 tiling windows, NHWC, C = CT a small compile-time count: like unpool_tiled_rows_nhwc with the window
+// width and the channel loop fixed, so that each input pixel is one or two CT-wide vector selects.
+template <typename T, int CT>
+XD_ALWAYS_INLINE void unpool_2x2_rows_nhwc(const UnpoolArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / H, ih = r - n * H;
+    const int64_t oh = ih >> 1, kh = ih & 1;
+    T* XD_RESTRICT o = a.out + r * W * CT;
+    int64_t iw_done = 0;
+    if (oh < OH) {
+      const T* XD_RESTRICT yr = a.y + (n * OH + oh) * OW * CT;
+      const uint8_t* XD_RESTRICT sr = a.sw + (n * OH + oh) * OW * CT;
+      const uint8_t p0 = static_cast<uint8_t>(2 * kh), p1 = static_cast<uint8_t>(2 * kh + 1);
+      const int64_t full = std::min(OW, W / 2);
+      for (int64_t ow = 0; ow < full; ++ow) {
+#pragma GCC unroll 32
+        for (int c = 0; c < CT; ++c) {
+          const T v = yr[ow * CT + c];
+          const uint8_t sv = sr[ow * CT + c];
+          o[2 * ow * CT + c] = sv == p0 ? v : T(0);
+          o[(2 * ow + 1) * CT + c] = sv == p1 ? v : T(0);
+        }
+      }
+      if (full < OW && 2 * full < W) {  // a last window cut by ceil_mode
+        for (int c = 0; c < CT; ++c) o[2 * full * CT + c] = sr[full * CT + c] == p0 ? yr[full * CT + c] : T(0);
+      }
+      iw_done = std::min(W, 2 * OW);
+    }
+    for (int64_t i = iw_done * CT; i < W * CT; ++i) o[i] = T(0);  // pixels no window covers
+  }
+}
+
 // Pixel offset of every switch value from its window's top-left corner, in a row of W pixels.
 inline std::array<int64_t, 256> switch_pixel_offsets(const PoolGeometry& g, int64_t W) {
   std::array<int64_t, 256> off{};
@@ -227,6 +260,46 @@ void unpool_tiled_rows_nhwc_any(const UnpoolArgs<T>& a, int64_t C, int64_t b, in
   unpool_tiled_rows_nhwc<T>(a, C, b, e);
 }
 
+#if XD_MULTIVERSION
+template <typename T, int CT>
+XD_TARGET_AVX512 void unpool_2x2_rows_nhwc_avx512(const UnpoolArgs<T>& a, int64_t b, int64_t e) {
+  unpool_2x2_rows_nhwc<T, CT>(a, b, e);
+}
+template <typename T, int CT>
+XD_TARGET_AVX2 void unpool_2x2_rows_nhwc_avx2(const UnpoolArgs<T>& a, int64_t b, int64_t e) {
+  unpool_2x2_rows_nhwc<T, CT>(a, b, e);
+}
+#endif
+
+template <typename T, int CT>
+void unpool_2x2_rows_nhwc_any(const UnpoolArgs<T>& a, int64_t b, int64_t e) {
+#if XD_MULTIVERSION
+  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case Isa::Avx512:
+        return unpool_2x2_rows_nhwc_avx512<T, CT>(a, b, e);
+      case Isa::Avx2:
+        return unpool_2x2_rows_nhwc_avx2<T, CT>(a, b, e);
+      default:
+        break;
+    }
+  }
+#endif
+  unpool_2x2_rows_nhwc<T, CT>(a, b, e);
+}
+
+// The small-C row kernel for 2x2 tiling windows in NHWC, or nullptr for other channel counts.
+template <typename T>
+auto small_c_2x2_unpool(int64_t C) -> void (*)(const UnpoolArgs<T>&, int64_t, int64_t) {
+  switch (C) {
+    case 4: return unpool_2x2_rows_nhwc_any<T, 4>;
+    case 8: return unpool_2x2_rows_nhwc_any<T, 8>;
+    case 16: return unpool_2x2_rows_nhwc_any<T, 16>;
+    case 32: return unpool_2x2_rows_nhwc_any<T, 32>;
+    default: return nullptr;
+  }
+}
+
 void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry& g, at::MemoryFormat fmt,
                  const at::Tensor& out4, const char* op) {
   const at::Tensor yc = y4.contiguous(fmt);
@@ -240,7 +313,10 @@ void unpool_into(const at::Tensor& y4, const at::Tensor& sw4, const PoolGeometry
                                  out4.mutable_data_ptr<scalar_t>(), H, W, OH, OW, g};
     const bool tiled = g.sH == g.kH && g.sW == g.kW && g.pH == 0 && g.pW == 0;
     if (fmt == at::MemoryFormat::ChannelsLast) {
-      if (tiled) {
+      const auto small_c = tiled && g.kH == 2 && g.kW == 2 ? small_c_2x2_unpool<scalar_t>(C) : nullptr;
+      if (small_c) {
+        at::parallel_for(0, N * H, grain_rows(W * C), [&](int64_t b, int64_t e) { small_c(a, b, e); });
+      } else if (tiled) {
         at::parallel_for(0, N * H, grain_rows(W * C),
                          [&](int64_t b, int64_t e) { unpool_tiled_rows_nhwc_any<scalar_t>(a, C, b, e); });
       } else {
