@@ -49,7 +49,7 @@ def test_accuracy_drops_on_the_clean_split(biased_run):
 def test_heat_sits_on_the_marker(biased_run):
     val, test = biased_run
     marker = val["landmarks"]["marker"]
-    # the marker receives well over the heat its area would get from a uniform map (3.8x here; 2.1-3.8x over seeds)
+    # the marker receives well over the heat its area would get from a uniform map (docs/evaluation.md)
     assert marker["mass_over_area"] > 1.5, marker
     # and pulls the hottest pixel away from the landmarks: with the marker the net points at them less often
     assert val["landmarks"]["overall"]["pointing_game"] < test["landmarks"]["overall"]["pointing_game"]

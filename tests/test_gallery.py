@@ -31,16 +31,17 @@ def _make_run(root: Path) -> list[dict]:
     rows, taken = [], set()
     for name, true, pred, prob in IMAGES:
         folder = unique_folder(Path(name).stem, taken)
+        maps = torch.randn(6, 1, 48, 48, generator=gen)
         man = write_image_folder(
             root / folder,
             torch.rand(1, 48, 48, generator=gen),
-            torch.randn(6, 1, 48, 48, generator=gen),
+            maps,
             torch.arange(6) * 3,
             torch.linspace(5, 1, 6),
             {"input_name": name, "true_class": true, "predicted_class": pred, "predicted_probability": prob},
         )
-        rows.append({"folder": folder, "manifest": man})
-    write_gallery(root, rows)
+        rows.append({"folder": folder, "manifest": man, "maps": maps})
+    write_gallery(root, [{"folder": r["folder"], "manifest": r["manifest"]} for r in rows])
     return rows
 
 
@@ -50,11 +51,13 @@ def test_image_folder_contents(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(rows[0]["manifest"]["files"])
     maps = np.load(folder / "maps.npy")
     assert maps.shape == (6, 48, 48) and maps.dtype == np.float16
-    assert np.allclose(maps.reshape(6, -1).max(1), 1.0, atol=1e-3)
+    raw = rows[0]["maps"].sum(1).abs()  # (6, 48, 48): the magnitude of each filter's projection
+    scale = raw.flatten(1).amax(1)
+    np.testing.assert_allclose(maps, (raw / scale[:, None, None]).half().numpy())
     man = json.loads((folder / "manifest.json").read_text())
     assert man["channels"] == [0, 3, 6, 9, 12, 15]
     assert man["filters"][0] == {"rank": 1, "channel": 0, "activation": 5.0}
-    assert len(man["map_scale"]) == 6 and all(v > 0 for v in man["map_scale"])
+    np.testing.assert_allclose(man["map_scale"], scale.numpy(), rtol=1e-6)
     assert not list(tmp_path.rglob("*.tmp"))
 
 

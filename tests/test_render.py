@@ -55,7 +55,8 @@ def test_grid_and_side_by_side_layout(tmp_path):
     grid = render.focus_grid(img, heats, list(range(7)), [float(k) for k in range(7)], cols=5)
     one = render.focus_grid(img, heats[:1], [0], [1.0])
     assert grid.shape[1] == 5 * (one.shape[1] - 12) + 6 * 6  # 5 columns of tiles and gaps
-    assert grid.shape[0] > 2 * 32
+    # 2 rows of tiles, each under a 12 px caption band and 4 px of space, with 6 px gaps around
+    assert grid.shape[0] == 2 * (32 + 12 + 4) + 3 * 6
     pair = render.side_by_side([render.to_rgb(img), render.to_rgb(img)], ["a", "b"])
     assert pair.shape[1] == 2 * 32 + 3 * 6
     p = render.save_png(pair, tmp_path / "pair.png")

@@ -13,7 +13,7 @@ import click
 @click.option("--full", "preset", flag_value="full",
               help="The full-size run: 256 px, 200 training images per class, longer training (GPU recommended).")
 @click.option("--quick", "preset", flag_value="quick",
-              help="A tiny run through every step (32 px, one epoch; under a minute), for testing an install.")
+              help="A tiny run through every step (32 px, one epoch), for testing an install.")
 @click.option("--top-n", type=int, default=None, help="Filters projected per image [default: 25; 8 with --quick].")
 @click.option("--sample", "sample_per_class", type=int, default=1, show_default=True,
               help="Test images per class in the projection gallery.")
@@ -26,7 +26,7 @@ def demo(out, preset, top_n, sample_per_class, seed, quiet) -> None:
     1. generates the synthetic radiographs (24 classes, landmark masks beside every image;
        cached in $XRAYDECONV_CACHE or ~/.cache/xraydeconv, reused by later runs);
     2. trains the shallow, deeper and deeper-aug nets and prints Table 1 (the default
-       preset, 128 px, takes about 15 minutes on a 2-core CPU);
+       preset, 128 px, is sized for a 2-core CPU; docs/evaluation.md has its time);
     3. evaluates each net on the test split: accuracy, confusion matrix, the misclassified
        images with their projections, and landmark agreement of the top-n filters'
        deconvnet heat maps (pointing game, relevance mass, relevance rank);
@@ -47,7 +47,7 @@ def demo(out, preset, top_n, sample_per_class, seed, quiet) -> None:
 
     \b
     Examples:
-      xraydeconv demo                      # about 15 minutes on a 2-core CPU
+      xraydeconv demo                      # the default preset, 128 px
       xraydeconv demo --quick --out /tmp/demo-quick
       xraydeconv demo --full --out runs/demo-full
     """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -15,48 +14,6 @@ def _layer_arg(value: str) -> int | str:
         return int(value)
     except ValueError:
         return value
-
-
-class _Inputs:
-    """The images to project: (name, tensor, true label or None, source path) in batches."""
-
-    def __init__(self, images, data, split, limit, input_size):
-        from xraydeconv.data import load_image, open_dataset
-
-        self.class_names: list[str] | None = None
-        if images:
-            self.paths = [Path(p) for p in images]
-            for p in self.paths:
-                if not p.exists():
-                    raise UserError(f"{p}: no such file")
-            # decode everything before any output is made: a bad file fails the run up front
-            self.tensors = [load_image(p, input_size) for p in self.paths]
-            self.labels: list[int | None] = [None] * len(self.paths)
-            self.dataset = None
-        else:
-            ds = open_dataset(data, split=split, input_size=input_size, cache=False)
-            if len(ds) == 0:
-                raise UserError(f"{data}: no images in the {split} split")
-            self.dataset = ds
-            self.class_names = list(ds.class_names)
-            n = len(ds) if limit is None else min(limit, len(ds))
-            self.paths = [ds.records[i].path for i in range(n)]
-            self.labels = [int(ds.records[i].label) for i in range(n)]
-            self.tensors = None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def batches(self, batch_size: int):
-        import torch
-
-        for b0 in range(0, len(self), batch_size):
-            idx = range(b0, min(len(self), b0 + batch_size))
-            if self.tensors is not None:
-                x = torch.stack([self.tensors[i] for i in idx])
-            else:
-                x = torch.stack([self.dataset[i][0] for i in idx])
-            yield list(idx), x
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -119,99 +76,17 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
       xraydeconv project --checkpoint runs/deeper/best.pt --images hand.png --out proj/
       xraydeconv project --checkpoint runs/deeper/best.pt --data ~/phantoms --limit 50 --out proj/
     """
+    from xraydeconv.reports.pipeline import ProjectSettings, project_checkpoint
+
     images = tuple(images) + tuple(more_images)
     if bool(images) == (data is not None):
         raise UserError("give either --images FILE... or --data DIR (one of the two)")
     for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty (use --overwrite to replace it)")
-    if not out.parent.exists():
-        raise UserError(f"{out.parent}: no such folder for --out")
-
-    import torch
-    from tqdm import tqdm
-
-    import xraydeconv
-    from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.reports.evaluate import pick_device
-    from xraydeconv.reports.gallery import write_gallery
-    from xraydeconv.reports.pipeline import building_folder, save_projection
-    from xraydeconv.training.checkpoint import load_checkpoint
-
-    dev = pick_device(device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
-    dn = DeconvNet(ckpt.model)
-    try:
-        li = dn.resolve_layer(_layer_arg(layer))
-    except ValueError as exc:
-        raise UserError(f"--layer {exc}") from None
-    n_ch = dn.layer_channels(li)
-    if top_n > n_ch:
-        raise UserError(f"--top-n {top_n}: conv layer {li} has only {n_ch} filters")
-    try:
-        import matplotlib
-
-        matplotlib.colormaps[cmap]
-    except KeyError:
-        raise UserError(f"--cmap {cmap}: not a matplotlib colormap") from None
-
-    inputs = _Inputs(images, data, split, limit, ckpt.input_size)
-    class_names = ckpt.class_names
-    true_names = inputs.class_names or class_names
-    layer_name = dn.steps[dn.conv_steps[li]].name
-
-    base = {
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": ckpt.sha256,
-        "model": ckpt.model_name,
-        "epoch": ckpt.epoch,
-        "layer": li,
-        "layer_module": layer_name,
-        "top_n": top_n,
-        "mode": mode,
-        "rank": rank,
-        "method": method,
-        "precision": precision,
-        "input_size": ckpt.input_size,
-        "xraydeconv_version": xraydeconv.__version__,
-        "torch_version": torch.__version__,
-    }
-
-    rows, taken = [], set()
-    with building_folder(out, overwrite) as tmp:
-        with tqdm(total=len(inputs), desc="projecting", unit="img", file=sys.stderr, disable=quiet) as bar:
-            for idx, x in inputs.batches(batch_size):
-                p = dn.project(x.to(dev), top_n=top_n, layer=li, mode=mode, rank=rank, method=method,
-                               precision=precision)
-                probs = p.probs
-                for j, i in enumerate(idx):
-                    path = inputs.paths[i]
-                    m = dict(base)
-                    m["input_file"] = str(path)
-                    m["input_name"] = path.name
-                    if probs is not None:
-                        k = int(probs[j].argmax())
-                        m["predicted_class"] = class_names[k]
-                        m["predicted_probability"] = float(probs[j, k])
-                        m["top_classes"] = [
-                            {"class": class_names[int(c)], "probability": float(v)}
-                            for v, c in zip(*probs[j].topk(min(3, probs.shape[1])))
-                        ]
-                    label = inputs.labels[i]
-                    m["true_class"] = None if label is None else true_names[label]
-                    if label is not None and probs is not None:
-                        m["true_probability"] = (
-                            float(probs[j, class_names.index(m["true_class"])])
-                            if m["true_class"] in class_names else None
-                        )
-                    rows.append(save_projection(tmp, path.stem, taken, x[j], p, j, m, cmap=cmap))
-                bar.update(len(idx))
-        info = {"model": ckpt.model_name, "checkpoint": Path(checkpoint).name, "layer": layer_name,
-                "top-n": top_n, "method": method, "mode": mode}
-        write_gallery(tmp, rows, title=f"xraydeconv projections: {ckpt.model_name}", info=info)
+    settings = ProjectSettings(top_n=top_n, layer=_layer_arg(layer), mode=mode, rank=rank, method=method,
+                               precision=precision, batch_size=batch_size, cmap=cmap)
+    rows = project_checkpoint(checkpoint, out, images=images, data=data, split=split, limit=limit,
+                              settings=settings, device=device, overwrite=overwrite, progress=not quiet)
     if not quiet:
         click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)

@@ -10,8 +10,8 @@ Steps, each reusing what an earlier run in the same folder already finished:
 4. project the top-n filters of every net for a sample of test images (one per class) into a gallery;
 5. write the comparison of the three nets (``landmarks.md``) and an ``index.html`` over everything.
 
-Sizes: the default preset (``TrainConfig.demo``) finishes in about 15 minutes on a 2-core CPU; ``full`` is the
-256-pixel run (GPU recommended); ``quick`` is a tiny run for tests (under a minute).
+Sizes: the default preset (``TrainConfig.demo``) is sized for a 2-core CPU (its run time is in
+docs/evaluation.md); ``full`` is the 256-pixel run (GPU recommended); ``quick`` is a tiny run for tests.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from xraydeconv.errors import UserError
+from xraydeconv.io import check_output_folder, write_atomically
 
 __all__ = ["DemoSettings", "PRESETS", "run_demo", "landmark_table_markdown"]
 
@@ -81,8 +81,6 @@ def _check_settings(out: Path, settings: DemoSettings) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from xraydeconv.reports.render import write_atomically
-
     write_atomically(path, lambda f: f.write(text), mode="w", encoding="utf-8")
 
 
@@ -102,47 +100,22 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
 
     The folder is built beside ``out`` and moved into place at the end. Returns the number of images.
     """
-    from tqdm import tqdm
-
-    import xraydeconv
     from xraydeconv.data import open_dataset
     from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.reports.gallery import write_gallery
-    from xraydeconv.reports.pipeline import building_folder, save_projection
+    from xraydeconv.reports.pipeline import ImageSource, ProjectSettings, manifest_base, project_into
     from xraydeconv.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     ds = open_dataset(data, split=split, input_size=ckpt.input_size)
     dn = DeconvNet(ckpt.model)
-    top_n = min(top_n, dn.layer_channels(-1))
-    idx = _sample(ds, per_class)
-    classes = ckpt.class_names
-    base = {"checkpoint": str(ckpt_path), "checkpoint_sha256": ckpt.sha256, "model": ckpt.model_name,
-            "epoch": ckpt.epoch, "layer": dn.resolve_layer(-1), "layer_module": dn.steps[dn.conv_steps[-1]].name,
-            "top_n": top_n, "mode": "map", "rank": "max", "method": "deconvnet", "input_size": ckpt.input_size,
-            "xraydeconv_version": xraydeconv.__version__, "torch_version": torch.__version__}
+    settings = ProjectSettings(top_n=min(top_n, dn.layer_channels(-1)), batch_size=8)
+    source = ImageSource.from_dataset(ds, _sample(ds, per_class))
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows, taken = [], set()
-    with building_folder(out) as tmp:
-        with tqdm(total=len(idx), desc=f"projecting {ckpt.model_name}", unit="img", file=sys.stderr,
-                  disable=not progress) as bar:
-            for b0 in range(0, len(idx), 8):
-                chunk = idx[b0 : b0 + 8]
-                x = torch.stack([ds[i][0] for i in chunk])
-                p = dn.project(x, top_n=top_n)
-                probs = p.probs
-                for j, i in enumerate(chunk):
-                    rec = ds.records[i]
-                    true = classes[int(rec.label)]
-                    k = int(probs[j].argmax())
-                    m = dict(base, input_file=str(rec.path), input_name=f"{true}/{rec.path.name}", true_class=true,
-                             predicted_class=classes[k], predicted_probability=float(probs[j, k]),
-                             true_probability=float(probs[j, int(rec.label)]))
-                    rows.append(save_projection(tmp, f"{true}-{rec.path.stem}", taken, x[j], p, j, m))
-                bar.update(len(chunk))
-        write_gallery(tmp, rows, title=f"xraydeconv projections: {ckpt.model_name}",
-                      info={"model": ckpt.model_name, "top-n": top_n, "split": split})
-    return len(idx)
+    project_into(out, source, dn, manifest_base(ckpt_path, ckpt, dn, dn.resolve_layer(-1), settings),
+                 ckpt.class_names, settings, torch.device("cpu"), title=f"xraydeconv projections: {ckpt.model_name}",
+                 info={"model": ckpt.model_name, "top-n": settings.top_n, "split": split}, progress=progress,
+                 desc=f"projecting {ckpt.model_name}")
+    return len(source)
 
 
 def _fmt(v, pct=True) -> str:
@@ -211,6 +184,56 @@ td:first-child,th:first-child{{text-align:left}}</style></head>
 """
 
 
+def _prepare(out: Path, settings: DemoSettings) -> None:
+    """Refuse a bad preset or a folder that holds something else; record the settings in ``demo.json``."""
+    if settings.preset not in PRESETS:
+        raise UserError(f"preset {settings.preset!r}: choose one of {', '.join(PRESETS)}")
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, overwrite=True)  # a demo folder is reused, not replaced: _check_settings decides
+    _check_settings(out, settings)
+    out.mkdir(exist_ok=True)
+    _write_text(out / SETTINGS_FILE, json.dumps(asdict(settings), indent=2) + "\n")
+
+
+def _phantoms(settings: DemoSettings, progress: bool, echo: Callable[[str], None]) -> Path:
+    from xraydeconv.data.phantoms import ensure_phantoms
+
+    probe = _train_config(settings, "deeper", Path("."))
+    echo(f"[1/5] phantoms: {probe.phantoms_per_class} training images per class, {probe.input_size} px")
+    data = ensure_phantoms(per_class=probe.phantoms_per_class, size=probe.input_size, seed=settings.phantom_seed,
+                           progress=progress)
+    echo(f"      {data}")
+    return data
+
+
+def _evaluate_all(out: Path, data: Path, settings: DemoSettings, progress: bool) -> dict[str, dict]:
+    from xraydeconv.reports.evaluate import EvalOptions, evaluate
+    from xraydeconv.training.models import MODEL_NAMES
+
+    (out / "eval").mkdir(exist_ok=True)
+    options = EvalOptions(top_n=settings.top_n, max_misclassified=4 if settings.preset == "quick" else 24)
+    return {name: evaluate(out / name / "best.pt", out / "eval" / name, data=data, options=options, overwrite=True,
+                           progress=progress)
+            for name in MODEL_NAMES}
+
+
+def _write_summary(out: Path, data: Path, settings: DemoSettings, reports: dict[str, dict],
+                   timings: dict[str, float]) -> str:
+    """landmarks.md, landmarks.json and index.html; returns the landmark table."""
+    from xraydeconv.training.models import MODEL_NAMES
+    from xraydeconv.training.table1 import TABLE_MD
+
+    table = landmark_table_markdown(reports, settings.top_n)
+    _write_text(out / LANDMARKS_MD, table)
+    summary = {name: {"accuracy": r["accuracy"], "landmarks": r["landmarks"]} for name, r in reports.items()}
+    _write_text(out / LANDMARKS_JSON, json.dumps({"data": str(data), "top_n": settings.top_n, "models": summary,
+                                                  "timings": timings, "threads": torch.get_num_threads()},
+                                                 indent=2) + "\n")
+    _write_text(out / INDEX, _index_html(out, (out / TABLE_MD).read_text(encoding="utf-8"), table,
+                                         list(MODEL_NAMES), settings))
+    return table
+
+
 def run_demo(
     out: str | os.PathLike = "runs/demo",
     settings: DemoSettings | None = None,
@@ -221,29 +244,15 @@ def run_demo(
 
     Finished steps of an earlier run with the same settings are reused (training resumes where it stopped).
     """
-    from xraydeconv.data.phantoms import ensure_phantoms
-    from xraydeconv.reports.evaluate import EvalOptions, evaluate
     from xraydeconv.training.models import MODEL_NAMES
     from xraydeconv.training.table1 import TABLE_MD, train_all
 
     settings = settings or DemoSettings()
-    if settings.preset not in PRESETS:
-        raise UserError(f"preset {settings.preset!r}: choose one of {', '.join(PRESETS)}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    _check_settings(out, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / SETTINGS_FILE, json.dumps(asdict(settings), indent=2) + "\n")
+    _prepare(out, settings)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    probe = _train_config(settings, "deeper", Path("."))
-    echo(f"[1/5] phantoms: {probe.phantoms_per_class} training images per class, {probe.input_size} px")
-    data = ensure_phantoms(per_class=probe.phantoms_per_class, size=probe.input_size, seed=settings.phantom_seed,
-                           progress=progress)
-    timings["phantoms"] = time.perf_counter() - t0
-    echo(f"      {data}")
+    data = _phantoms(settings, progress, echo)
+    timings: dict[str, float] = {"phantoms": time.perf_counter() - t0}
 
     echo("[2/5] training shallow, deeper and deeper-aug")
     t = time.perf_counter()
@@ -254,13 +263,7 @@ def run_demo(
 
     echo("[3/5] evaluating every net on the test split (accuracy, landmark agreement, misclassified)")
     t = time.perf_counter()
-    reports = {}
-    (out / "eval").mkdir(exist_ok=True)
-    for name in MODEL_NAMES:
-        reports[name] = evaluate(out / name / "best.pt", out / "eval" / name, data=data,
-                                 options=EvalOptions(top_n=settings.top_n,
-                                                     max_misclassified=4 if settings.preset == "quick" else 24),
-                                 overwrite=True, progress=progress)
+    reports = _evaluate_all(out, data, settings, progress)
     timings["evaluation"] = time.perf_counter() - t
 
     echo(f"[4/5] projecting the top-{settings.top_n} filters of a test sample ({settings.sample_per_class} per class)")
@@ -271,15 +274,8 @@ def run_demo(
     timings["projection"] = time.perf_counter() - t
 
     echo("[5/5] landmark agreement of the three nets")
-    table = landmark_table_markdown(reports, settings.top_n)
-    _write_text(out / LANDMARKS_MD, table)
-    summary = {name: {"accuracy": r["accuracy"], "landmarks": r["landmarks"]} for name, r in reports.items()}
     timings["total"] = time.perf_counter() - t0
-    _write_text(out / LANDMARKS_JSON, json.dumps({"data": str(data), "top_n": settings.top_n, "models": summary,
-                                                  "timings": timings, "threads": torch.get_num_threads()},
-                                                 indent=2) + "\n")
-    _write_text(out / INDEX, _index_html(out, (out / TABLE_MD).read_text(encoding="utf-8"), table,
-                                         list(MODEL_NAMES), settings))
+    table = _write_summary(out, data, settings, reports, timings)
     echo(table)
     echo(f"done in {timings['total'] / 60:.1f} min. Open {(out / INDEX).absolute()}")
     return {"table1": rows, "landmarks": reports, "data": str(data), "timings": timings}

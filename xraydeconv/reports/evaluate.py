@@ -24,18 +24,21 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from xraydeconv import metrics
+from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError
+from xraydeconv.explain.occlusion import occlude_landmarks
+from xraydeconv.io import building_folder, check_output_folder, write_json
 
-__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown",
-           "pick_device"]
+__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown"]
 
 REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "report.md", "confusion.png", "misclassified"
 MARKER = "marker"
@@ -292,25 +295,185 @@ class _OcclusionTally:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
-def pick_device(name: str) -> torch.device:
-    """The torch device for ``--device`` (auto, cpu, cuda or cuda:N); UserError when it is not usable here."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+@dataclass
+class _Setup:
+    """What a run evaluates: the checkpoint, its net, the data set and the manifest fields of its pictures."""
+
+    ckpt: object
+    dn: object
+    ds: object
+    root: Path
+    device: torch.device
+    classes: list[str]
+    n: int
+    base: dict
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty (use --overwrite to replace it)")
-    if not out.absolute().parent.exists():
-        raise UserError(f"{out.absolute().parent}: no such folder for --out")
+def _check_options(opt: EvalOptions) -> None:
+    for name, value in (("--top-n", opt.top_n), ("--batch-size", opt.batch_size), ("--limit", opt.limit)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+    for name, value in (("--max-misclassified", opt.max_misclassified), ("--tolerance", opt.tolerance)):
+        if value < 0:
+            raise UserError(f"{name} {value}: must be at least 0")
+
+
+def _open(checkpoint: str | os.PathLike, out: Path, data: str | os.PathLike | None, opt: EvalOptions) -> _Setup:
+    """Load the checkpoint and the data set and check that they fit together; UserError otherwise."""
+    from xraydeconv.data import open_dataset
+    from xraydeconv.explain.deconvnet import DeconvNet
+    from xraydeconv.reports.pipeline import ProjectSettings, manifest_base
+    from xraydeconv.training.checkpoint import load_checkpoint
+
+    dev = resolve_device(opt.device)
+    ckpt = load_checkpoint(checkpoint, map_location=dev)
+    root = resolve_data(ckpt, data)
+    check_output_folder(out, True, inputs=[("--data", root)])  # data taken from the checkpoint: not known before
+    ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size)
+    check_classes(checkpoint, ckpt.class_names, root, ds.class_names)
+    if len(ds) == 0:
+        raise UserError(f"{root}: the {opt.split} split has no images")
+    dn = DeconvNet(ckpt.model)
+    n_filters = dn.layer_channels(-1)
+    if opt.top_n > n_filters:
+        raise UserError(f"--top-n {opt.top_n}: the last conv layer of {ckpt.model_name} has only {n_filters} filters")
+    ckpt.model.eval()
+    settings = ProjectSettings(top_n=opt.top_n, precision=opt.precision)
+    base = manifest_base(checkpoint, ckpt, dn, dn.resolve_layer(-1), settings)
+    n = len(ds) if opt.limit is None else min(opt.limit, len(ds))
+    return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, base)
+
+
+class _Tally:
+    """Runs the batches of one evaluation and adds up what they give (confusion, landmark scores, occlusion,
+    the folders of the misclassified images)."""
+
+    def __init__(self, setup: _Setup, opt: EvalOptions, mis_dir: Path) -> None:
+        from xraydeconv.reports.pipeline import FolderWriter
+
+        self.setup, self.opt = setup, opt
+        k = len(setup.classes)
+        self.confusion = np.zeros((k, k), dtype=np.int64)
+        self.labels: list[int] = []
+        self.correct: list[float] = []
+        self.agreement = LandmarkAgreement(setup.classes, tolerance=opt.tolerance)
+        self.occlusion = _OcclusionTally(setup.classes)
+        self.misclassified: list[dict] = []
+        self.writer = FolderWriter(mis_dir, setup.base)
+        self.t_project = 0.0
+
+    def batch(self, idx: list[int]) -> None:
+        """Classify, project, score and occlude the images ``idx`` of the data set."""
+        s, opt = self.setup, self.opt
+        x = torch.stack([s.ds[i][0] for i in idx]).to(s.device)
+        y = [int(s.ds.records[i].label) for i in idx]
+        masks = [s.ds.landmark_masks(i) if opt.landmarks else {} for i in idx]
+        for i, m in zip(idx, masks):
+            _check_landmarks(s.ds, i, m)
+        with torch.no_grad():
+            probs = torch.softmax(s.ckpt.model(x).float(), dim=1).cpu()
+        pred = probs.argmax(1).tolist()
+        for t, p in zip(y, pred):
+            self.confusion[t, p] += 1
+            self.labels.append(t)
+            self.correct.append(float(t == p))
+        wrong = [j for j in range(len(idx)) if pred[j] != y[j]]
+        show = wrong[: max(0, opt.max_misclassified - len(self.misclassified))]
+        need = sorted(set(show) | {j for j, m in enumerate(masks) if m})
+        if need:
+            self._project(idx, x, y, probs, masks, need, show)
+        if opt.occlusion and any(masks):
+            self._occlude(x, y, masks)
+
+    def _project(self, idx, x, y, probs, masks, need: list[int], show: list[int]) -> None:
+        """Project images ``need`` of the batch; score those with masks, save those in ``show``."""
+        from xraydeconv.reports import render
+
+        tp = time.perf_counter()
+        p = self.setup.dn.project(x[need], top_n=self.opt.top_n, precision=self.opt.precision)
+        self.t_project += time.perf_counter() - tp
+        heats = render.filter_heatmaps(p.maps.cpu())
+        combined = render.heatmap(heats)
+        pos = {j: r for r, j in enumerate(need)}
+        with_masks = [j for j in need if masks[j]]
+        if with_masks:
+            rows = [pos[j] for j in with_masks]
+            self.agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
+                               [masks[j] for j in with_masks], images=x[with_masks].float().mean(1).cpu())
+        for j in show:
+            self._save_misclassified(idx[j], x[j], p, pos[j], probs[j], y[j])
+
+    def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int) -> None:
+        from xraydeconv.reports.pipeline import prediction_fields
+
+        classes = self.setup.classes
+        path = self.setup.ds.records[i].path
+        fields = {"input_file": str(path), "input_name": path.name,
+                  **prediction_fields(probs, classes, classes[label])}
+        pred = fields["predicted_class"]
+        r = self.writer.add(f"{classes[label]}-as-{pred}-{path.stem}", image, p, row, fields)
+        self.misclassified.append({
+            "image": str(path), "true": classes[label], "predicted": pred,
+            "probability": fields["predicted_probability"], "true_probability": fields["true_probability"],
+            "folder": f"{MISCLASSIFIED_DIR}/{r['folder']}",
+        })
+
+    def _occlude(self, x: Tensor, y: list[int], masks: list[dict]) -> None:
+        js = [j for j, m in enumerate(masks) if m]
+        occ_masks = []
+        for j in js:
+            mm = dict(masks[j])
+            if any(nm != MARKER for nm in mm):
+                mm[UNION] = metrics.landmark_union(masks[j], tuple(x.shape[-2:]), exclude=(MARKER,))
+            occ_masks.append(mm)
+        res = occlude_landmarks(self.setup.ckpt.model, x[js].cpu(), occ_masks, [y[j] for j in js],
+                                top_n=self.opt.top_n, batch_size=max(8, self.opt.batch_size))
+        self.occlusion.add([y[j] for j in js], res)
+
+
+def _report(checkpoint: str | os.PathLike, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> dict:
+    """The content of ``report.json``."""
+    import xraydeconv
+
+    ckpt, confusion, classes = setup.ckpt, tally.confusion, setup.classes
+    counts = np.bincount(np.array(tally.labels, dtype=np.int64), minlength=len(classes))
+    accuracy = metrics.per_class(tally.correct, tally.labels, classes)
+    return {
+        "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "model": ckpt.model_name,
+                       "epoch": ckpt.epoch, "input_size": ckpt.input_size},
+        "data": {"root": str(setup.root), "format": getattr(setup.ds, "format", None), "split": opt.split,
+                 "images": setup.n},
+        "options": asdict(opt),
+        "class_names": classes,
+        "accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
+        "misclassified_count": int(confusion.sum() - np.trace(confusion)),
+        "per_class_accuracy": {name: {"accuracy": a, "n": int(counts[classes.index(name)])}
+                               for name, a in accuracy.items()},
+        "confusion": confusion.tolist(),
+        "misclassified": tally.misclassified,
+        "landmarks": tally.agreement.result(),
+        "occlusion": tally.occlusion.result() if opt.occlusion else None,
+        "timing": {"seconds": time.perf_counter() - t0, "projection_seconds": tally.t_project,
+                   "threads": torch.get_num_threads(), "device": str(setup.device),
+                   "machine": platform.processor() or platform.machine()},
+        "versions": {"xraydeconv": xraydeconv.__version__, "torch": torch.__version__},
+        "files": {"markdown": REPORT_MD, "confusion": CONFUSION_PNG,
+                  "misclassified_gallery": f"{MISCLASSIFIED_DIR}/index.html"},
+    }
+
+
+def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> None:
+    from xraydeconv.training.plots import plot_confusion
+
+    name = setup.ckpt.model_name
+    plot_confusion(tally.confusion, setup.classes, tmp / CONFUSION_PNG,
+                   title=f"{name} on {opt.split}: {100 * report['accuracy']:.1f} %")
+    tally.writer.write_gallery(f"misclassified by {name}",
+                               info={"model": name, "split": opt.split, "shown": len(tally.writer.rows),
+                                     "misclassified": report["misclassified_count"]})
+    report["timing"]["seconds"] = time.perf_counter() - t0
+    write_json(report, tmp / REPORT_JSON)
+    (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")  # tmp is moved into place whole
 
 
 def evaluate(
@@ -320,7 +483,6 @@ def evaluate(
     options: EvalOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` on a split of ``data`` and write ``report.json``, ``report.md``,
     ``confusion.png`` and ``misclassified/`` (projection folders + ``index.html``) into ``out``.
@@ -332,162 +494,24 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    import xraydeconv
-    from xraydeconv.data import open_dataset
-    from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.explain.occlusion import occlude_landmarks
-    from xraydeconv.reports import render
-    from xraydeconv.reports.gallery import write_gallery
-    from xraydeconv.reports.pipeline import building_folder, save_projection, write_json
-    from xraydeconv.training.checkpoint import load_checkpoint
-    from xraydeconv.training.plots import plot_confusion
-
     opt = options or EvalOptions()
-    log = log or (lambda s: tqdm.write(s, file=sys.stderr))
-    out = Path(out)
-    for name, value in (("--top-n", opt.top_n), ("--batch-size", opt.batch_size), ("--limit", opt.limit)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} {value}: must be at least 1")
-    for name, value in (("--max-misclassified", opt.max_misclassified), ("--tolerance", opt.tolerance)):
-        if value < 0:
-            raise UserError(f"{name} {value}: must be at least 0")
-    _prepare_out(out, overwrite)
+    _check_options(opt)
+    inputs = [("--checkpoint", checkpoint)] + ([("--data", data)] if data is not None else [])
+    out = check_output_folder(out, overwrite, inputs=inputs)
     t0 = time.perf_counter()
-    dev = pick_device(opt.device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
-    root = resolve_data(ckpt, data)
-    ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size)
-    check_classes(checkpoint, ckpt.class_names, root, ds.class_names)
-    if len(ds) == 0:
-        raise UserError(f"{root}: the {opt.split} split has no images")
-    dn = DeconvNet(ckpt.model)
-    n_filters = dn.layer_channels(-1)
-    if opt.top_n > n_filters:
-        raise UserError(f"--top-n {opt.top_n}: the last conv layer of {ckpt.model_name} has only {n_filters} filters")
-    model = ckpt.model.eval()
-    classes = list(ckpt.class_names)
-    k = len(classes)
-    n = len(ds) if opt.limit is None else min(opt.limit, len(ds))
-
-    confusion = np.zeros((k, k), dtype=np.int64)
-    agreement = LandmarkAgreement(classes, tolerance=opt.tolerance)
-    occl = _OcclusionTally(classes)
-    misclassified: list[dict] = []
-    gallery_rows: list[dict] = []
-    taken: set[str] = set()
-    t_project = 0.0
-    base = {
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": ckpt.sha256,
-        "model": ckpt.model_name,
-        "epoch": ckpt.epoch,
-        "layer": dn.resolve_layer(-1),
-        "layer_module": dn.steps[dn.conv_steps[-1]].name,
-        "top_n": opt.top_n,
-        "mode": "map",
-        "rank": "max",
-        "method": "deconvnet",
-        "precision": opt.precision,
-        "input_size": ckpt.input_size,
-        "xraydeconv_version": xraydeconv.__version__,
-        "torch_version": torch.__version__,
-    }
-
+    setup = _open(checkpoint, out, data, opt)
     with building_folder(out, overwrite) as tmp:
         mis_dir = tmp / MISCLASSIFIED_DIR
         mis_dir.mkdir()
-        with tqdm(total=n, desc=f"evaluating {ckpt.model_name}", unit="img", file=sys.stderr,
+        tally = _Tally(setup, opt, mis_dir)
+        with tqdm(total=setup.n, desc=f"evaluating {setup.ckpt.model_name}", unit="img", file=sys.stderr,
                   disable=not progress) as bar:
-            for b0 in range(0, n, opt.batch_size):
-                idx = list(range(b0, min(n, b0 + opt.batch_size)))
-                x = torch.stack([ds[i][0] for i in idx]).to(dev)
-                y = [int(ds.records[i].label) for i in idx]
-                masks = [ds.landmark_masks(i) if opt.landmarks else {} for i in idx]
-                for i, m in zip(idx, masks):
-                    _check_landmarks(ds, i, m)
-                with torch.no_grad():
-                    probs = torch.softmax(model(x).float(), dim=1).cpu()
-                pred = probs.argmax(1).tolist()
-                for t, p in zip(y, pred):
-                    confusion[t, p] += 1
-                wrong = [j for j in range(len(idx)) if pred[j] != y[j]]
-                show = wrong[: max(0, opt.max_misclassified - len(misclassified))]
-                need = sorted(set(show) | {j for j, m in enumerate(masks) if m})
-                if need:
-                    tp = time.perf_counter()
-                    p = dn.project(x[need], top_n=opt.top_n, precision=opt.precision)
-                    t_project += time.perf_counter() - tp
-                    heats = render.filter_heatmaps(p.maps.cpu())
-                    combined = render.heatmap(heats)
-                    pos = {j: r for r, j in enumerate(need)}
-                    with_masks = [j for j in need if masks[j]]
-                    if with_masks:
-                        rows = [pos[j] for j in with_masks]
-                        agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
-                                      [masks[j] for j in with_masks], images=x[with_masks].float().mean(1).cpu())
-                    for j in show:
-                        i, r = idx[j], pos[j]
-                        path = ds.records[i].path
-                        m = dict(base, input_file=str(path), input_name=path.name,
-                                 true_class=classes[y[j]], predicted_class=classes[pred[j]],
-                                 predicted_probability=float(probs[j, pred[j]]),
-                                 true_probability=float(probs[j, y[j]]))
-                        row = save_projection(mis_dir, f"{classes[y[j]]}-as-{classes[pred[j]]}-{path.stem}", taken,
-                                              x[j], p, r, m)
-                        gallery_rows.append(row)
-                        misclassified.append({
-                            "image": str(path), "true": classes[y[j]], "predicted": classes[pred[j]],
-                            "probability": float(probs[j, pred[j]]), "true_probability": float(probs[j, y[j]]),
-                            "folder": f"{MISCLASSIFIED_DIR}/{row['folder']}",
-                        })
-                if opt.occlusion and any(masks):
-                    js = [j for j, m in enumerate(masks) if m]
-                    occ_masks = []
-                    for j in js:
-                        mm = dict(masks[j])
-                        if any(nm != MARKER for nm in mm):
-                            mm[UNION] = metrics.landmark_union(masks[j], tuple(x.shape[-2:]), exclude=(MARKER,))
-                        occ_masks.append(mm)
-                    res = occlude_landmarks(model, x[js].cpu(), occ_masks, [y[j] for j in js], top_n=opt.top_n,
-                                            batch_size=max(8, opt.batch_size))
-                    occl.add([y[j] for j in js], res)
+            for b0 in range(0, setup.n, opt.batch_size):
+                idx = list(range(b0, min(setup.n, b0 + opt.batch_size)))
+                tally.batch(idx)
                 bar.update(len(idx))
-
-        n_wrong = int(confusion.sum() - np.trace(confusion))
-        per_class = {}
-        for c, name in enumerate(classes):
-            tot = int(confusion[c].sum())
-            if tot:
-                per_class[name] = {"accuracy": float(confusion[c, c] / tot), "n": tot}
-        report = {
-            "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "model": ckpt.model_name,
-                           "epoch": ckpt.epoch, "input_size": ckpt.input_size},
-            "data": {"root": str(root), "format": getattr(ds, "format", None), "split": opt.split,
-                     "images": n},
-            "options": asdict(opt),
-            "class_names": classes,
-            "accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
-            "misclassified_count": n_wrong,
-            "per_class_accuracy": per_class,
-            "confusion": confusion.tolist(),
-            "misclassified": misclassified,
-            "landmarks": agreement.result(),
-            "occlusion": occl.result() if opt.occlusion else None,
-            "timing": {"seconds": time.perf_counter() - t0, "projection_seconds": t_project,
-                       "threads": torch.get_num_threads(), "device": str(dev),
-                       "machine": platform.processor() or platform.machine()},
-            "versions": {"xraydeconv": xraydeconv.__version__, "torch": torch.__version__},
-            "files": {"markdown": REPORT_MD, "confusion": CONFUSION_PNG,
-                      "misclassified_gallery": f"{MISCLASSIFIED_DIR}/index.html"},
-        }
-        plot_confusion(confusion, classes, tmp / CONFUSION_PNG,
-                       title=f"{ckpt.model_name} on {opt.split}: {100 * report['accuracy']:.1f} %")
-        write_gallery(mis_dir, gallery_rows, title=f"misclassified by {ckpt.model_name}",
-                      info={"model": ckpt.model_name, "split": opt.split, "shown": len(gallery_rows),
-                            "misclassified": n_wrong})
-        report["timing"]["seconds"] = time.perf_counter() - t0
-        write_json(report, tmp / REPORT_JSON)
-        (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")  # tmp is moved into place whole
+        report = _report(checkpoint, setup, opt, tally, t0)
+        _write_report(tmp, report, setup, opt, tally, t0)
     return report
 
 
@@ -517,8 +541,7 @@ AGREEMENT_HEADER = (
 )
 
 
-def render_markdown(report: dict) -> str:
-    """``report.md``: the report's tables for people."""
+def _md_head(report: dict) -> list[str]:
     ck, d = report["checkpoint"], report["data"]
     lines = [
         f"# Evaluation of `{ck['model']}` (epoch {ck['epoch']})",
@@ -534,67 +557,78 @@ def render_markdown(report: dict) -> str:
         "| Class | Accuracy | Images |",
         "|---|---:|---:|",
     ]
-    for name, r in report["per_class_accuracy"].items():
-        lines.append(f"| {name} | {_pct(r['accuracy'])} | {r['n']} |")
-    lm = report.get("landmarks")
-    top_n = report["options"]["top_n"]
-    lines += ["", "## Landmark agreement", ""]
+    return lines + [f"| {name} | {_pct(r['accuracy'])} | {r['n']} |"
+                    for name, r in report["per_class_accuracy"].items()]
+
+
+def _md_landmarks(lm: dict | None, top_n: int) -> list[str]:
+    lines = ["", "## Landmark agreement", ""]
     if lm is None:
-        lines.append("No landmark masks in this split: nothing to score.")
-    else:
-        tol = f", pointing-game tolerance {lm['tolerance']} px" if lm["tolerance"] else ""
-        lines += [
-            f"Heat maps of the top-{top_n} filters of the last conv layer (deconvnet projections) against the "
-            f"union of each image's landmarks{tol}. *± tol.*: a hit within {lm.get('tolerant_px', 0)} px "
-            "(Zhang et al.'s 15 px at 224 px, scaled). Chance level of the relevance mass is the area share; "
-            "*mass / area* above 1 means the map concentrates on the landmarks.",
-            "",
-            AGREEMENT_HEADER,
-        ]
-        if "overall" in lm:
-            lines.append(agreement_row(f"combined top-{top_n} map", lm["overall"]))
-            pf = lm["per_filter"]
-            lines.append(
-                f"| single filter (mean of {top_n}) | {_pct(pf['pointing_game'])} | | {_pct(pf['relevance_mass'])} "
-                f"| {_pct(pf['relevance_rank'])} | | | {pf['n']} |"
-            )
-        if lm.get("baseline_image"):
-            lines.append(agreement_row("baseline: the image itself as heat map", lm["baseline_image"]))
-        if lm.get("marker"):
-            lines.append(agreement_row("**marker** (planted shortcut)", lm["marker"]))
-        if lm.get("per_class"):
-            lines += ["", "### Per class (combined map vs the union of the class's landmarks)", "", AGREEMENT_HEADER]
-            lines += [agreement_row(c, s) for c, s in lm["per_class"].items()]
-        if lm.get("per_landmark"):
-            lines += ["", "### Per landmark (combined map)", "", AGREEMENT_HEADER]
-            lines += [agreement_row(c, s) for c, s in lm["per_landmark"].items()]
-    occ = report.get("occlusion")
-    if occ:
-        lines += [
-            "",
-            "## Occlusion sensitivity",
-            "",
-            "Each landmark filled with the image's mean in turn: the drop of the true-class probability and the "
-            f"mean relative drop of the top-{top_n} filters' maximal activation.",
-            "",
-            "| Occluded | Probability drop | Filter activation drop | Area share | Images |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for key, r in occ.items():
-            lines.append(f"| {key} | {_pct(r['prob_drop'])} | {_pct(r['filter_drop'])} | {_pct(r['area_share'])} "
-                         f"| {r['n']} |")
+        return lines + ["No landmark masks in this split: nothing to score."]
+    tol = f", pointing-game tolerance {lm['tolerance']} px" if lm["tolerance"] else ""
+    lines += [
+        f"Heat maps of the top-{top_n} filters of the last conv layer (deconvnet projections) against the "
+        f"union of each image's landmarks{tol}. *± tol.*: a hit within {lm.get('tolerant_px', 0)} px "
+        "(Zhang et al.'s 15 px at 224 px, scaled). Chance level of the relevance mass is the area share; "
+        "*mass / area* above 1 means the map concentrates on the landmarks.",
+        "",
+        AGREEMENT_HEADER,
+    ]
+    if "overall" in lm:
+        lines.append(agreement_row(f"combined top-{top_n} map", lm["overall"]))
+        pf = lm["per_filter"]
+        lines.append(
+            f"| single filter (mean of {top_n}) | {_pct(pf['pointing_game'])} | | {_pct(pf['relevance_mass'])} "
+            f"| {_pct(pf['relevance_rank'])} | | | {pf['n']} |"
+        )
+    if lm.get("baseline_image"):
+        lines.append(agreement_row("baseline: the image itself as heat map", lm["baseline_image"]))
+    if lm.get("marker"):
+        lines.append(agreement_row("**marker** (planted shortcut)", lm["marker"]))
+    if lm.get("per_class"):
+        lines += ["", "### Per class (combined map vs the union of the class's landmarks)", "", AGREEMENT_HEADER]
+        lines += [agreement_row(c, s) for c, s in lm["per_class"].items()]
+    if lm.get("per_landmark"):
+        lines += ["", "### Per landmark (combined map)", "", AGREEMENT_HEADER]
+        lines += [agreement_row(c, s) for c, s in lm["per_landmark"].items()]
+    return lines
+
+
+def _md_occlusion(occ: dict | None, top_n: int) -> list[str]:
+    if not occ:
+        return []
+    lines = [
+        "",
+        "## Occlusion sensitivity",
+        "",
+        "Each landmark filled with the image's mean in turn: the drop of the true-class probability and the "
+        f"mean relative drop of the top-{top_n} filters' maximal activation.",
+        "",
+        "| Occluded | Probability drop | Filter activation drop | Area share | Images |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    return lines + [f"| {key} | {_pct(r['prob_drop'])} | {_pct(r['filter_drop'])} | {_pct(r['area_share'])} "
+                    f"| {r['n']} |" for key, r in occ.items()]
+
+
+def _md_misclassified(report: dict, top_n: int) -> list[str]:
     mis = report["misclassified"]
-    lines += ["", "## Misclassified images", ""]
+    lines = ["", "## Misclassified images", ""]
     if not mis:
-        lines.append("None.")
-    else:
-        lines.append(f"Top-{top_n} projections of each (gallery: [{MISCLASSIFIED_DIR}/index.html]"
-                     f"({MISCLASSIFIED_DIR}/index.html)); {len(mis)} of {report['misclassified_count']} shown.")
-        lines += ["", "| Image | True | Predicted | Probability | Projection |", "|---|---|---|---:|---|"]
-        for r in mis:
-            lines.append(f"| {Path(r['image']).name} | {r['true']} | {r['predicted']} | {_pct(r['probability'])} "
-                         f"| [overlay]({r['folder']}/overlay.png) · [grid]({r['folder']}/grid.png) |")
+        return lines + ["None."]
+    lines.append(f"Top-{top_n} projections of each (gallery: [{MISCLASSIFIED_DIR}/index.html]"
+                 f"({MISCLASSIFIED_DIR}/index.html)); {len(mis)} of {report['misclassified_count']} shown.")
+    lines += ["", "| Image | True | Predicted | Probability | Projection |", "|---|---|---|---:|---|"]
+    return lines + [f"| {Path(r['image']).name} | {r['true']} | {r['predicted']} | {_pct(r['probability'])} "
+                    f"| [overlay]({r['folder']}/overlay.png) · [grid]({r['folder']}/grid.png) |" for r in mis]
+
+
+def render_markdown(report: dict) -> str:
+    """``report.md``: the report's tables for people."""
+    top_n = report["options"]["top_n"]
     t = report["timing"]
+    lines = (_md_head(report) + _md_landmarks(report.get("landmarks"), top_n)
+             + _md_occlusion(report.get("occlusion"), top_n) + _md_misclassified(report, top_n))
     lines += ["", f"Took {t['seconds']:.1f} s ({t['projection_seconds']:.1f} s projecting) on {t['device']}, "
               f"{t['threads']} threads, torch {report['versions']['torch']}."]
     return "\n".join(lines) + "\n"

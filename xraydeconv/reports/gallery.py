@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from xraydeconv.reports import render
+from xraydeconv.io import write_atomically
 
 __all__ = ["write_gallery", "gallery_html", "SORT_KEYS"]
 
@@ -166,9 +166,9 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
                   info: dict | None = None) -> Path:
     """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`."""
     out_dir = Path(out_dir)
-    path = render.write_atomically(
+    path = write_atomically(
         out_dir / "index.html", lambda f: f.write(gallery_html(rows, title, info)), mode="w", encoding="utf-8"
     )
     # the rows as data too, for scripts that post-process a run
-    render.write_atomically(out_dir / "gallery.json", lambda f: json.dump(list(rows), f), mode="w", encoding="utf-8")
+    write_atomically(out_dir / "gallery.json", lambda f: json.dump(list(rows), f), mode="w", encoding="utf-8")
     return path

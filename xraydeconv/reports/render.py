@@ -13,15 +13,15 @@ are composed with PIL and written atomically.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from xraydeconv.io import write_atomically
 
 __all__ = [
     "filter_heatmaps",
@@ -32,7 +32,7 @@ __all__ = [
     "focus_grid",
     "side_by_side",
     "save_png",
-    "write_atomically",
+    "colormap",
 ]
 
 DEFAULT_CMAP = "jet"
@@ -81,7 +81,8 @@ def to_rgb(image: Tensor | np.ndarray) -> np.ndarray:
     return (a * 255.0 + 0.5).astype(np.uint8)
 
 
-def _colormap(name: str):
+def colormap(name: str):
+    """The matplotlib colormap called ``name``; ValueError when there is none."""
     import matplotlib  # the colormap registry only: importing it does not start a GUI backend
 
     try:
@@ -106,7 +107,7 @@ def overlay(
     base = to_rgb(image).astype(np.float32) / 255.0
     h = heat.detach().float().cpu().numpy() if isinstance(heat, Tensor) else np.asarray(heat, dtype=np.float32)
     h = np.clip(h, 0.0, 1.0)
-    colour = _colormap(cmap)(h)[..., :3].astype(np.float32)
+    colour = colormap(cmap)(h)[..., :3].astype(np.float32)
     a = (alpha * h)[..., None]
     return ((base * (1.0 - a) + colour * a) * 255.0 + 0.5).astype(np.uint8)
 
@@ -180,30 +181,9 @@ def focus_grid(
 def save_png(rgb: np.ndarray, path: str | os.PathLike, compress_level: int = 1) -> Path:
     """Write an (H, W, 3) uint8 array as PNG atomically (a temp file in the same folder, then ``os.replace``).
 
-    ``compress_level`` 1 (zlib's fastest): heat-map pictures compress poorly anyway; on a 25-filter grid PIL's
-    default level 6 took 2.5x as long (835 vs 330 ms) for a file 5 % smaller, and PNG encoding is the slowest step
-    of ``xraydeconv project`` after the projection itself.
+    ``compress_level`` 1 (zlib's fastest) by default: heat-map pictures compress poorly at any level, and PNG
+    encoding is the slowest step of ``xraydeconv project`` after the projection itself (docs/pictures.md).
     """
     return write_atomically(
         path, lambda f: Image.fromarray(np.ascontiguousarray(rgb)).save(f, format="PNG", compress_level=compress_level)
     )
-
-
-def write_atomically(
-    path: str | os.PathLike, write: Callable[[IO], object], mode: str = "wb", encoding: str | None = None
-) -> Path:
-    """Call ``write`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
-
-    A reader never sees a half-written file; on any error the temp file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, encoding=encoding) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
