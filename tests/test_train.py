@@ -114,6 +114,10 @@ def test_all_writes_table1(data: Path, tmp_path: Path) -> None:
         (["--model", "deeper", "--data", "/no/such/dir"], "/no/such/dir: data directory does not exist"),
         (["--model", "deeper", "--all"], "give exactly one of them"),
         (["--model", "deeper", "--lr", "-1"], "--lr -1.0: must be a positive number"),
+        (["--model", "deeper", "--weight-decay", "nan"], "--weight-decay nan: must be a number >= 0"),
+        (["--model", "deeper", "--workers", "-1"], "--workers -1: must be >= 0"),
+        (["--model", "deeper", "--threads", "-1"], "--threads -1: must be between 1 and 4 per core"),
+        (["--model", "deeper", "--threads", "100000"], "--threads 100000: must be between 1 and 4 per core"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error_and_writes_nothing(tmp_path: Path, args, message) -> None:

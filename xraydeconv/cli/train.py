@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from xraydeconv.errors import UserError
+from xraydeconv.io import check_output_folder
 
 if TYPE_CHECKING:
     from xraydeconv.training.loop import TrainConfig
@@ -101,6 +102,8 @@ def train(
     """
     if all_models == bool(model):
         raise UserError("--model / --all: give exactly one of them (--model NAME, or --all for the three nets)")
+    inputs = [(flag, path) for flag, path in (("--data", data), ("--class-map", class_map)) if path is not None]
+    check_output_folder(out, overwrite=True, inputs=inputs)  # a run in --out is refused later unless --resume
     given = _given_options(overrides, data, class_map)
     if resume:
         _check_resume_consistency(out, model, _explicit_options(), given, all_models)

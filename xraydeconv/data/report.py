@@ -20,7 +20,10 @@ class LoadReport:
     ``\\N``, ``fallback_codes`` rows whose 2009 code was missing so an older column was used,
     ``missing_images`` rows whose image file was not found (``missing_examples`` lists a few ids) and
     ``duplicates`` ids found at several paths (the shallowest was used). For folder formats ``skipped``
-    counts the files below the class folders that are not images, by suffix.
+    counts the files below the class folders that are not images, by suffix. ``carved`` says what a split
+    the format does not ship got when it was carved out of train (``xraydeconv.data.split.carve``), and
+    ``rescaled`` how many films decoded so far use fewer bits than their file stores and were scaled by the
+    depth they use (see ``xraydeconv.data.preprocess``).
     """
 
     format: str
@@ -37,6 +40,8 @@ class LoadReport:
     missing_examples: list[str] = field(default_factory=list)
     duplicates: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    carved: str = ""
+    rescaled: int = 0
 
     @property
     def left_out_rows(self) -> int:
@@ -72,6 +77,10 @@ class LoadReport:
         if self.skipped:
             kinds = ", ".join(f"{k}: {n}" for k, n in self.skipped.items())
             text += f"; ignored {sum(self.skipped.values())} files that are not images ({kinds})"
+        if self.carved:
+            text += f"; carved by largest remainders: {self.carved}"
+        if self.rescaled:
+            text += f"; {self.rescaled} films scaled by the bit depth they use, not the one their file stores"
         if self.duplicates:
             text += f"; {self.duplicates} ids found at several paths (used the shallowest)"
         return text

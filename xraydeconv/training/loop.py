@@ -14,6 +14,7 @@ seed and a deterministic setup, ends with the same weights as an uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,14 +32,22 @@ from tqdm import tqdm
 
 from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError
-from xraydeconv.io import write_atomically
+from xraydeconv.io import output_lock, write_atomically
 from xraydeconv.training import distributed
 from xraydeconv.training.augment import AugmentConfig, augment_batch
-from xraydeconv.training.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from xraydeconv.training.checkpoint import (
+    non_finite_weights,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from xraydeconv.training.models import AUGMENTED, MODEL_NAMES, build, count_parameters
 
 LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
 CURVES, CONFUSION = "curves.png", "confusion.png"
+# more threads than this per core only oversubscribe, and very many crash the OpenMP runtime
+MAX_THREADS_PER_CORE = 4
 # how a run is executed, not what it computes: may change when a run is resumed
 RUNTIME_FIELDS = ("device", "threads", "num_workers", "pool_backend", "channels_last")
 
@@ -125,6 +134,13 @@ class TrainConfig:
             raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr {self.lr}: must be a positive number")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UserError(f"--weight-decay {self.weight_decay}: must be a number >= 0")
+        if self.num_workers < 0:
+            raise UserError(f"--workers {self.num_workers}: must be >= 0")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS_PER_CORE * available_cores():
+            raise UserError(f"--threads {self.threads}: must be between 1 and {MAX_THREADS_PER_CORE} per core "
+                            f"({MAX_THREADS_PER_CORE * available_cores()} here)")
         if self.input_size < 16:
             raise UserError(f"--input-size {self.input_size}: must be at least 16")
         if self.checkpoint_every < 0:
@@ -167,6 +183,9 @@ def open_splits(cfg: TrainConfig, log: Callable[[str], None] = print) -> Splits:
             raise UserError(f"{root}: the {name} split has other classes than the train split")
     if len(train_ds) == 0:
         raise UserError(f"{root}: the train split has no images")
+    if len(train_ds.class_names) == 1:
+        log(f"warning: {root} holds a single class ({train_ds.class_names[0]}): every prediction is right by "
+            "construction, so accuracy means nothing")
     return Splits(train_ds, val_ds, test_ds, list(train_ds.class_names), str(root))
 
 
@@ -271,6 +290,21 @@ def train(
         log = lambda s: None  # noqa: E731  (one voice: rank 0 speaks for the job)
     log = log or (lambda s: tqdm.write(s, file=sys.stderr))
     out = Path(out_dir)
+    created = not out.exists()
+    if info.is_main:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    # a second run into the same folder stops here instead of interleaving its snapshots with ours
+    with output_lock(out) if info.is_main else contextlib.nullcontext():
+        try:
+            return _train_locked(cfg, out, resume, info, log, progress)
+        except BaseException:
+            if created and info.is_main and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+            raise
+
+
+def _train_locked(cfg: TrainConfig, out: Path, resume: bool, info: distributed.DistInfo,
+                  log: Callable[[str], None], progress: bool) -> dict:
     cfg, raw = _starting_point(cfg, out, resume, info, log)
     cfg.validate()
     device = resolve_device(cfg.device, info.local_rank, info.world_size)
@@ -303,10 +337,14 @@ def _starting_point(
     return TrainConfig(**{**stored.to_dict(), **runtime}), raw
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
     """Threads and determinism: process-wide torch settings of the run."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = cfg.threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = cfg.threads or max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     if cfg.deterministic:
         if device.type == "cuda":  # cuBLAS needs a fixed workspace to be deterministic
@@ -425,7 +463,10 @@ class _Trainer:
                         training=training)
 
     def snapshot(self, path: Path, epoch: int, step_in: int, stats: dict) -> None:
-        """Everything an exact resume needs (all ranks take part; rank 0 writes)."""
+        """Everything an exact resume needs (all ranks take part; rank 0 writes). Never non-finite weights."""
+        bad = non_finite_weights(self.model.state_dict())
+        if bad:
+            raise self._diverged(f"{len(bad)} weight tensors hold NaN or infinity (e.g. {bad[0]})")
         ranks = distributed.all_gather_objects({"rng": rng_state(), "augment": self.aug_gen.get_state()}, self.info)
         if not self.info.is_main:
             return
@@ -443,6 +484,14 @@ class _Trainer:
             "world_size": self.info.world_size,
         }
         self._save(path, epoch, epoch * self.steps_per_epoch + step_in, {"history": st.history}, training)
+
+    def _diverged(self, what: str) -> UserError:
+        """The one-line error of a run whose numbers left the finite range; the snapshots on disk stay as they are."""
+        st = self.state
+        kept = [p.name for p in (self.out / RESUME, self.out / LAST, self.out / BEST) if p.is_file()]
+        where = f"kept {', '.join(kept)} from before" if kept else "no snapshot had been written yet"
+        return UserError(f"{self.out}: training diverged at epoch {st.epoch + 1}, step {st.step_in_epoch}: {what}; "
+                         f"{where} (try a lower --lr)")
 
     def train_epoch(self) -> None:
         """The remaining steps of the current epoch, with mid-epoch snapshots."""
@@ -481,6 +530,8 @@ class _Trainer:
         # one device sync per step for both numbers
         correct = (logits.argmax(1) == y).sum().to(loss.dtype)
         step_loss, step_correct = torch.stack([loss.detach(), correct]).tolist()
+        if not math.isfinite(step_loss):
+            raise self._diverged(f"the training loss is {step_loss}")
         st.epoch_stats["loss_sum"] += step_loss * len(y)
         st.epoch_stats["correct"] += int(step_correct)
         st.epoch_stats["seen"] += len(y)
@@ -493,6 +544,8 @@ class _Trainer:
                               device=self.device)
         distributed.all_reduce_sum(totals, info)
         val_loss, val_conf = evaluate(self.model, self.splits.val, self.num_classes, self.cfg, self.device, info)
+        if not math.isfinite(val_loss):
+            raise self._diverged(f"the validation loss is {val_loss}")
         val_acc = _accuracy(val_conf)
         seen = max(1.0, totals[2].item())
         row = {"epoch": st.epoch + 1, "train_loss": totals[0].item() / seen, "train_acc": totals[1].item() / seen,

@@ -22,7 +22,7 @@ from xraydeconv.data.landmarks import BOX_FILE, MASK_FOLDER_SUFFIX, mask_files, 
 from xraydeconv.data.preprocess import SUFFIXES, is_dicom
 from xraydeconv.data.record import Record
 from xraydeconv.data.report import LoadReport
-from xraydeconv.data.split import carve
+from xraydeconv.data.split import carve, describe_carving
 from xraydeconv.errors import UserError
 
 META_FILE = "dataset.json"
@@ -152,9 +152,12 @@ def read_imagefolder(
             found[class_names[r.label]].update(r.landmarks, r.boxes)
         landmark_names = {c: sorted(v) for c, v in found.items()}
 
+    carving = ""
     if carved is not None:
-        assignment = carve([r.label for r in records], carved, seed)
+        labels = [r.label for r in records]
+        assignment = carve(labels, carved, seed)
         records = [r for r, s in zip(records, assignment) if s == split]
+        carving = describe_carving(labels, assignment, len(class_names))
 
     if meta.get("format") == PHANTOM_FORMAT:
         fmt = "phantoms"
@@ -162,5 +165,5 @@ def read_imagefolder(
         fmt = "dicom"
     else:
         fmt = "imagefolder"
-    report = LoadReport(fmt, root, split, skipped=dict(skipped.most_common()))
+    report = LoadReport(fmt, root, split, skipped=dict(skipped.most_common()), carved=carving)
     return records, class_names, landmark_names, report

@@ -21,7 +21,7 @@ from xraydeconv.data.csvfile import read_rows
 from xraydeconv.data.landmarks import mask_files
 from xraydeconv.data.record import Record
 from xraydeconv.data.report import LoadReport
-from xraydeconv.data.split import carve
+from xraydeconv.data.split import carve, describe_carving
 from xraydeconv.errors import UserError
 
 TRAIN_FILE = "ImageCLEFmed2009_train_codes.02.csv"
@@ -242,6 +242,8 @@ def read_irma(
     report.left_out = dict(left_out.most_common())
     report.malformed = dict(malformed.most_common())
     if split != "test":
-        assignment = carve([r.label for r in records], {"val": val_fraction}, seed)
+        labels = [r.label for r in records]
+        assignment = carve(labels, {"val": val_fraction}, seed)
         records = [r for r, s in zip(records, assignment) if s == split]
+        report.carved = describe_carving(labels, assignment, len(cmap.class_names))
     return records, list(cmap.class_names), report

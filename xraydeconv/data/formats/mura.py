@@ -16,7 +16,7 @@ from pathlib import Path
 from xraydeconv.data.landmarks import mask_files
 from xraydeconv.data.record import Record
 from xraydeconv.data.report import LoadReport
-from xraydeconv.data.split import carve
+from xraydeconv.data.split import carve, describe_carving
 from xraydeconv.errors import UserError
 
 PARTS: dict[str, str] = {
@@ -83,9 +83,10 @@ def read_mura(
                 records.append(Record(path, label, mask_files(path), meta=meta))
     if not records:
         raise UserError(f"{folder}: no images below its XR_<PART> folders")
+    report = LoadReport("mura", root, split)
     if split != "test":
-        assignment = carve(
-            [r.label for r in records], {"val": val_fraction}, seed, groups=[r.meta["patient"] for r in records]
-        )
+        labels = [r.label for r in records]
+        assignment = carve(labels, {"val": val_fraction}, seed, groups=[r.meta["patient"] for r in records])
         records = [r for r, s in zip(records, assignment) if s == split]
-    return records, class_names, LoadReport("mura", root, split)
+        report.carved = describe_carving(labels, assignment, len(class_names)) + " (whole patients)"
+    return records, class_names, report
