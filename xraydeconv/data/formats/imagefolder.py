@@ -106,6 +106,16 @@ def class_order(root: Path, folders: list[str], meta: dict) -> list[str]:
     return sorted(folders)
 
 
+def _landmark_names(meta: dict, class_names: list[str], records: list[Record]) -> dict[str, list[str]]:
+    """Landmark names per class: from ``dataset.json`` when it lists them, else those found beside the images."""
+    if isinstance(meta.get("landmarks"), dict):
+        return {c: list(meta["landmarks"].get(c, [])) for c in class_names}
+    found: dict[str, set[str]] = {c: set() for c in class_names}
+    for r in records:
+        found[class_names[r.label]].update(r.landmarks, r.boxes)
+    return {c: sorted(v) for c, v in found.items()}
+
+
 def read_imagefolder(
     root: Path,
     split: str,
@@ -144,14 +154,7 @@ def read_imagefolder(
                 for name, items in boxes.items():
                     by_path[path].boxes.setdefault(name, []).extend(items)
 
-    if isinstance(meta.get("landmarks"), dict):
-        landmark_names = {c: list(meta["landmarks"].get(c, [])) for c in class_names}
-    else:
-        found: dict[str, set[str]] = {c: set() for c in class_names}
-        for r in records:
-            found[class_names[r.label]].update(r.landmarks, r.boxes)
-        landmark_names = {c: sorted(v) for c, v in found.items()}
-
+    landmark_names = _landmark_names(meta, class_names, records)
     carving = ""
     if carved is not None:
         labels = [r.label for r in records]
