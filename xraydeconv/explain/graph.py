@@ -124,7 +124,7 @@ def _module_op(node: fx.Node, m: nn.Module) -> Op:
         return Op("avgpool", node, x, place, module=m, run=m)
     if isinstance(m, _IDENTITY_MODULES):
         return Op("identity", node, x, place)
-    return Op("other", node, x, place)
+    return Op("other", node, x, place, module=m)
 
 
 def _function_op(node: fx.Node) -> Op:
@@ -185,6 +185,20 @@ def _fold_batchnorms(ops: dict[fx.Node, Op]) -> None:
         if conv.kind == "conv" and conv.bn is None and len(conv.node.users) == 1:
             op.kind, op.bn, op.module, op.conv_node, op.inputs = "conv", op.module, conv.module, conv.node, conv.inputs
             conv.kind = "fused"
+
+
+_HEAD_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
+_HEAD_FNS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.mean, torch.amax, torch.sum, F.linear)
+_HEAD_METHODS = ("mean", "amax", "max", "sum", "flatten", "view", "reshape")
+
+
+def _is_head(node: fx.Node, op: Op) -> bool:
+    """``node`` starts the head: global pooling, flattening or reshaping, a linear layer."""
+    if node.op == "call_module":
+        return isinstance(op.module, _HEAD_MODULES)
+    if node.op == "call_function":
+        return node.target in _HEAD_FNS
+    return node.op == "call_method" and node.target in _HEAD_METHODS
 
 
 def _module_outputs(nodes: list[fx.Node]) -> dict[str, fx.Node]:
@@ -259,16 +273,11 @@ class Graph:
         return -1
 
     def default_start(self) -> fx.Node:
-        """The last feature map before global pooling: the input of the first adaptive pool or op the walk does not
-        know (flatten, mean, linear ...), else the last walkable node."""
+        """The last feature map before global pooling: the input of the first node that pools globally, flattens or
+        reshapes (adaptive pooling, mean, flatten, view, linear ...), else the last walkable node."""
         for node in self.nodes:
-            op = self.ops[node]
-            adaptive = op.kind == "avgpool" and (isinstance(op.module, nn.AdaptiveAvgPool2d)
-                                                 or node.target is F.adaptive_avg_pool2d)
-            if (op.kind in ("other", "output") or adaptive) and op.inputs:
-                first = op.inputs[0]
-                if self.ops[first].kind in WALKABLE and self.ops[first].kind != "input":
-                    return first
+            if _is_head(node, self.ops[node]) and self.ops[node].inputs:
+                return self.ops[node].inputs[0]
         return [n for n in self.nodes if self.ops[n].kind in WALKABLE][-1]
 
     def channels(self, node: fx.Node) -> int:
