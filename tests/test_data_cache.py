@@ -30,13 +30,13 @@ def tree(tmp_path):
 def decodes(monkeypatch):
     """Counts calls of the image decoder (in this process)."""
     calls = []
-    real = pre.decode_image
+    real = pre.decode_film
 
-    def counting(path):
+    def counting(path, *args):
         calls.append(path)
-        return real(path)
+        return real(path, *args)
 
-    monkeypatch.setattr(pre, "decode_image", counting)
+    monkeypatch.setattr(pre, "decode_film", counting)
     return calls
 
 
@@ -79,7 +79,8 @@ def test_disk_cache_is_reused_by_a_later_run(tree, tmp_path, decodes):
     first = _epoch(ds)
     assert len(decodes) == 12
     files = sorted(p.name for p in cache_dir.iterdir())
-    assert files == [ds.cache_file.name] and files[0].endswith(".npy") and "partial" not in files[0]
+    flags = ds.cache_file.with_suffix(".flags").name  # which rows were noted (rescaled films) stays beside it
+    assert files == sorted([ds.cache_file.name, flags]) and "partial" not in ds.cache_file.name
     later = _open(tree, cache_dir=cache_dir)  # a new process would see the same file
     assert later.cached == 12
     assert torch.equal(_epoch(later), first) and len(decodes) == 12
@@ -132,7 +133,8 @@ def test_two_readers_share_one_disk_store(tree, tmp_path, decodes):
         (a if i % 2 else b)[i]
     assert len(decodes) == 12 and a.cached == b.cached == 12
     assert torch.equal(_epoch(a), expect) and torch.equal(_epoch(b), expect) and len(decodes) == 12
-    assert a.cache_file.exists() and sorted(p.name for p in cache_dir.iterdir()) == [a.cache_file.name]
+    names = sorted(p.name for p in cache_dir.iterdir())
+    assert a.cache_file.exists() and names == sorted([a.cache_file.name, a.cache_file.with_suffix(".flags").name])
 
 
 def test_preload_decodes_everything_once_on_threads(tree, tmp_path, decodes, capsys):

@@ -118,6 +118,7 @@ def test_all_writes_table1(data: Path, tmp_path: Path) -> None:
         (["--model", "deeper", "--workers", "-1"], "--workers -1: must be >= 0"),
         (["--model", "deeper", "--threads", "-1"], "--threads -1: must be between 1 and 4 per core"),
         (["--model", "deeper", "--threads", "100000"], "--threads 100000: must be between 1 and 4 per core"),
+        (["--model", "deeper", "--max-pixels", "0"], "--max-pixels 0: must be a positive number of pixels"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error_and_writes_nothing(tmp_path: Path, args, message) -> None:

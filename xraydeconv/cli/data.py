@@ -102,9 +102,12 @@ def phantoms(out: Path, per_class: int, val_per_class: int | None, test_per_clas
               help="PNG file to write.")
 @click.option("--per-class", default=2, show_default=True, type=click.IntRange(min=1), help="Images per class.")
 @click.option("--split", default=None, help="Split folder to read  [default: the first of train, val, test]")
-@click.option("--tile", default=128, show_default=True, type=click.IntRange(min=32), help="Tile side in pixels.")
+@click.option("--tile", default=128, show_default=True, type=int, help="Tile side in pixels (32 to 1024).")
 @click.option("--columns", default=6, show_default=True, type=click.IntRange(min=1), help="Classes per row.")
-def contact_sheet(data_dir: Path, out: Path, per_class: int, split: str | None, tile: int, columns: int) -> None:
+@click.option("--max-pixels", type=int, default=None,
+              help="Refuse images with more pixels (a decompression-bomb guard). [default: Pillow's limit, 89478485]")
+def contact_sheet(data_dir: Path, out: Path, per_class: int, split: str | None, tile: int, columns: int,
+                  max_pixels: int | None) -> None:
     """One PNG with a few images of every class and their landmark outlines in colour.
 
     Reads DATA/<split>/<class>/<image> (or DATA/<class>/<image> when there are no split folders);
@@ -117,6 +120,8 @@ def contact_sheet(data_dir: Path, out: Path, per_class: int, split: str | None, 
       xraydeconv data contact-sheet --data data/phantoms --out docs/images/contact_sheet.png
     """
     from xraydeconv.data.contact_sheet import contact_sheet as make_sheet
+    from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS
 
-    path = make_sheet(data_dir, out, per_class=per_class, split=split, tile=tile, columns=columns)
+    path = make_sheet(data_dir, out, per_class=per_class, split=split, tile=tile, columns=columns,
+                      max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
     click.echo(f"wrote {path}")

@@ -53,6 +53,8 @@ _CONFIG_OPTIONS = {
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores, shared among processes).")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--max-pixels", type=int, default=None,
+              help="Refuse images with more pixels (a decompression-bomb guard). [default: Pillow's limit, 89478485]")
 @click.option("--checkpoint-every", type=int, default=None,
               help="Steps between mid-epoch resume.pt snapshots (0: only at epoch ends). [default: 50]")
 @click.option("--channels-last/--no-channels-last", default=None,
@@ -63,7 +65,7 @@ _CONFIG_OPTIONS = {
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest snapshot.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(
-    model, all_models, out, data, class_map, preset, device, threads, workers, resume, quiet, **overrides
+    model, all_models, out, data, class_map, preset, device, threads, workers, max_pixels, resume, quiet, **overrides
 ) -> None:
     """Train an anatomy classifier on X-rays.
 
@@ -107,7 +109,10 @@ def train(
     given = _given_options(overrides, data, class_map)
     if resume:
         _check_resume_consistency(out, model, _explicit_options(), given, all_models)
-    make_config = _config_factory(preset, given, {"device": device, "threads": threads, "num_workers": workers})
+    runtime = {"device": device, "threads": threads, "num_workers": workers}
+    if max_pixels is not None:
+        runtime["max_pixels"] = max_pixels
+    make_config = _config_factory(preset, given, runtime)
     if all_models:
         from xraydeconv.training.table1 import TABLE_MD, train_all
 

@@ -28,9 +28,10 @@ from xraydeconv.errors import UserError
 log = logging.getLogger("xraydeconv.data")
 
 # bump when decoding/letterboxing changes so that stale disk caches are not reused
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: films scaled by the bit depth they use
 
-Loader = Callable[[Path], np.ndarray]
+# path -> (uint8 (S, S) image, whether the decoder had to note something about it: a rescaled film)
+Loader = Callable[[Path], tuple[np.ndarray, bool]]
 
 
 def cache_key(paths: Sequence[Path], input_size: int) -> str:
@@ -48,10 +49,12 @@ def cache_key(paths: Sequence[Path], input_size: int) -> str:
 
 
 class DecodedCache:
-    """Row ``i`` holds ``load(paths[i])`` (a uint8 (S, S) array), computed on first access only.
+    """Row ``i`` holds ``load(paths[i])[0]`` (a uint8 (S, S) array), computed on first access only.
 
     ``cache_dir=None`` keeps the rows in anonymous shared memory (lost at exit); a folder keeps
     them in ``<cache_dir>/<name>-<size>-<hash>.npy``. ``enabled=False`` calls ``load`` every time.
+    The flag byte of a row is 1 when it is filled, 2 when ``load`` also noted the image (see :attr:`noted`);
+    a complete disk store keeps the flags beside it as ``<...>.flags``.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class DecodedCache:
         self.file = self.cache_dir / f"{stem}.npy"
         self._partial = self.cache_dir / f"{stem}.partial.npy"
         self._flags = self.cache_dir / f"{stem}.partial.flags"
+        self._notes = self.cache_dir / f"{stem}.flags"
         if self.file.exists():
             try:
                 data = np.load(self.file, mmap_mode="r")
@@ -113,6 +117,10 @@ class DecodedCache:
                 data = None
             if data is not None and data.shape == (n, s, s) and data.dtype == np.uint8:
                 self._data, self._complete = data, True
+                try:
+                    self._filled = np.memmap(self._notes, dtype=np.uint8, mode="r")[:n]
+                except (OSError, ValueError):
+                    self._filled = None  # written before flags were kept: nothing noted is known
                 return
         for _ in range(3):
             if self._open_partial(n, s):
@@ -162,21 +170,21 @@ class DecodedCache:
         self._data.flush()
         try:
             os.replace(self._partial, self.file)
+            os.replace(self._flags, self._notes)
         except FileNotFoundError:
             pass  # another process sharing this store published it first
-        self._flags.unlink(missing_ok=True)
         self._complete = True
 
     # -- access ------------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> np.ndarray:
         if not self.enabled:
-            return self.load(self.paths[i])
+            return self.load(self.paths[i])[0]
         assert self._data is not None
         if self._complete or self._filled[i]:
             return np.array(self._data[i])
-        arr = self.load(self.paths[i])
+        arr, noted = self.load(self.paths[i])
         self._data[i] = arr
-        self._filled[i] = 1  # written after the row, so a reader never sees a flagged half row
+        self._filled[i] = 2 if noted else 1  # written after the row, so a reader never sees a flagged half row
         if self.file is not None and self._filled.all():
             self._finish()
         return arr
@@ -188,6 +196,13 @@ class DecodedCache:
         if self._complete:
             return []
         return np.flatnonzero(self._filled == 0).tolist()
+
+    @property
+    def noted(self) -> int:
+        """How many decoded rows ``load`` noted (rescaled films); 0 without a cache."""
+        if not self.enabled or self._filled is None:
+            return 0
+        return int(np.count_nonzero(np.asarray(self._filled) == 2))
 
     @property
     def filled(self) -> int:

@@ -14,11 +14,20 @@ from PIL import Image, ImageDraw, ImageFont
 
 from xraydeconv.data.formats.imagefolder import read_meta
 from xraydeconv.data.landmarks import MASK_FOLDER_SUFFIX, mask_files
-from xraydeconv.data.preprocess import IMAGE_SUFFIXES, Letterbox
+from xraydeconv.data.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    Letterbox,
+    check_max_pixels,
+    decode_image,
+    open_image,
+)
 from xraydeconv.errors import UserError
 from xraydeconv.io import write_atomically
 
 SPLITS = ("train", "val", "test")
+MAX_TILE = 1024
+MAX_SHEET_PIXELS = 2**28  # about 800 MB as RGB
 
 Example = tuple[Path, dict[str, Path]]
 
@@ -64,14 +73,20 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _letterbox(path: Path, tile: int, resample: int) -> Image.Image:
-    """Fit the image in a tile×tile square keeping its aspect, centred on black."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.convert("L")
-    except OSError as exc:
-        raise UserError(f"{path}: not a readable image ({exc})") from exc
+def _letterbox(path: Path, tile: int, resample: int, max_pixels: int, film: bool = True) -> Image.Image:
+    """Fit the image in a tile×tile square keeping its aspect, centred on black.
+
+    A film is decoded like the data sets decode it (bit depth, orientation); a mask is read as it is.
+    """
+    if film:
+        img = Image.fromarray(np.rint(decode_image(path, max_pixels) * 255.0).astype(np.uint8), mode="L")
+    else:
+        try:
+            with open_image(path, max_pixels) as im:
+                im.load()
+                img = im.convert("L")
+        except OSError as exc:
+            raise UserError(f"{path}: not a readable image ({exc})") from None
     box = Letterbox.fit(img.height, img.width, tile)
     canvas = Image.new("L", (tile, tile), 0)
     canvas.paste(img.resize((box.width, box.height), resample), (box.left, box.top))
@@ -95,17 +110,18 @@ def _colours(n: int) -> list[tuple[int, int, int]]:
 
 
 def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: int = 2, split: str | None = None,
-                  tile: int = 128, columns: int = 6) -> Path:
+                  tile: int = 128, columns: int = 6, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Write a PNG grid of ``per_class`` images per class with landmark outlines and a legend.
 
     Each class is a block titled with its name; each landmark gets its own colour, listed under the
     block. ``columns`` blocks per row. The file is written to a temporary name beside ``out`` and
-    renamed, so it is never half-written.
+    renamed, so it is never half-written. Films over ``max_pixels`` pixels are refused before decoding.
     """
     if per_class < 1:
         raise UserError(f"per-class: must be >= 1, got {per_class}")
-    if tile < 32:
-        raise UserError(f"tile: must be >= 32 pixels, got {tile}")
+    if not 32 <= tile <= MAX_TILE:
+        raise UserError(f"--tile {tile}: must be between 32 and {MAX_TILE} pixels")
+    max_pixels = check_max_pixels(max_pixels)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the contact sheet is a PNG; give a file name ending in .png")
@@ -121,7 +137,11 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
     block_h = title_h + tile + 4 + line_h * (-(-most // legend_cols))
     columns = max(1, min(columns, len(examples)))
     rows = -(-len(examples) // columns)
-    sheet = Image.new("RGB", (pad + columns * (block_w + pad), pad + rows * (block_h + pad)), (18, 18, 18))
+    width, height = pad + columns * (block_w + pad), pad + rows * (block_h + pad)
+    if width * height > MAX_SHEET_PIXELS:
+        raise UserError(f"--tile {tile}: the sheet would be {width}x{height} pixels, over {MAX_SHEET_PIXELS:,}; "
+                        "lower --tile, --per-class or --columns")
+    sheet = Image.new("RGB", (width, height), (18, 18, 18))
     draw = ImageDraw.Draw(sheet)
     for b, (name, ex) in enumerate(examples):
         bx = pad + (b % columns) * (block_w + pad)
@@ -129,12 +149,12 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, per_class: in
         draw.text((bx, by + 2), name, fill=(240, 240, 240), font=title_font)
         seen: list[str] = []  # colours are per class, in the order its landmarks first appear
         for i, (path, lms) in enumerate(ex):
-            gray = _letterbox(path, tile, Image.BILINEAR)
+            gray = _letterbox(path, tile, Image.BILINEAR, max_pixels)
             rgb = np.repeat(np.asarray(gray)[:, :, None], 3, axis=2)
             for lm, mpath in lms.items():
                 if lm not in seen:
                     seen.append(lm)
-                m = _letterbox(mpath, tile, Image.NEAREST)
+                m = _letterbox(mpath, tile, Image.NEAREST, max_pixels, film=False)
                 rgb[_outline(np.asarray(m) > 127)] = palette[seen.index(lm) % len(palette)]
             sheet.paste(Image.fromarray(rgb), (bx + i * (tile + gap), by + title_h))
         half = block_w // 2

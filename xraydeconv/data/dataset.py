@@ -29,14 +29,15 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 class _Preprocess:
-    """Picklable ``path -> uint8 (S, S)`` for the cache (DataLoader workers may be spawned)."""
+    """Picklable ``path -> (uint8 (S, S), rescaled)`` for the cache (DataLoader workers may be spawned)."""
 
-    def __init__(self, input_size: int) -> None:
+    def __init__(self, input_size: int, max_pixels: int) -> None:
         self.input_size = input_size
+        self.max_pixels = max_pixels
 
-    def __call__(self, path: Path) -> np.ndarray:
+    def __call__(self, path: Path) -> tuple[np.ndarray, bool]:
         # looked up through the module so that the decoder can be swapped (and counted) in tests
-        return _pre.preprocess(path, self.input_size)
+        return _pre.preprocess_film(path, self.input_size, self.max_pixels)
 
 
 class XrayDataset(Dataset):
@@ -60,6 +61,7 @@ class XrayDataset(Dataset):
         split: str = "train",
         root: str | Path | None = None,
         report: LoadReport | None = None,
+        max_pixels: int = _pre.DEFAULT_MAX_PIXELS,
     ) -> None:
         self.records: list[Record] = list(records)
         self.class_names: list[str] = list(class_names)
@@ -75,7 +77,7 @@ class XrayDataset(Dataset):
         self._cache = DecodedCache(
             [r.path for r in self.records],
             self.input_size,
-            _Preprocess(self.input_size),
+            _Preprocess(self.input_size, _pre.check_max_pixels(max_pixels)),
             enabled=cache,
             cache_dir=cache_dir,
             name=f"{format}-{split}",
@@ -106,13 +108,21 @@ class XrayDataset(Dataset):
             return 0
         todo = self._cache.missing()
         if not todo:
+            self.report.rescaled = self._cache.noted
             return 0
         workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         bar = tqdm(total=len(todo), desc=f"decoding {self.format} {self.split}", unit="img", disable=not progress)
         with bar, ThreadPoolExecutor(workers) as pool:
             for _ in pool.map(self._cache.__getitem__, todo):
                 bar.update()
+        self.report.rescaled = self._cache.noted
         return len(todo)
+
+    @property
+    def rescaled(self) -> int:
+        """How many of the films decoded so far were scaled by the bit depth they use rather than the one their
+        file stores (all of them after :meth:`preload`); also kept in ``report.rescaled`` by ``preload``."""
+        return self._cache.noted
 
     @property
     def cache_file(self) -> Path | None:
@@ -174,6 +184,7 @@ def open_dataset(
     *,
     test_fraction: float = 0.1,
     cache_dir: str | Path | None = None,
+    max_pixels: int = _pre.DEFAULT_MAX_PIXELS,
 ) -> XrayDataset:
     """Open one split of the data set in ``root``, detecting its format.
 
@@ -186,7 +197,8 @@ def open_dataset(
 
     ``class_map`` (IRMA only): a ``prefix,class`` CSV path or a dict replacing the default 24-class grouping.
     ``cache``: decode every image once and keep it in shared memory; ``cache_dir``: keep it in one
-    memory-mapped ``.npy`` per split there instead, reused by later runs.
+    memory-mapped ``.npy`` per split there instead, reused by later runs. ``max_pixels``: larger images are
+    refused when they are read (a decompression-bomb guard; default Pillow's limit).
     The loader's counts (images left out, missing, ...) are in ``ds.report`` and logged to
     ``logging.getLogger("xraydeconv.data")`` (WARNING when anything was left out).
     """
@@ -194,6 +206,7 @@ def open_dataset(
     if split not in SPLITS:
         raise UserError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
     input_size = _pre.check_input_size(input_size)
+    max_pixels = _pre.check_max_pixels(max_pixels)
     val_fraction = check_fraction("val_fraction", val_fraction)
     test_fraction = check_fraction("test_fraction", test_fraction)
     if not root.exists():
@@ -214,7 +227,8 @@ def open_dataset(
     report.per_class = {c: counts.get(i, 0) for i, c in enumerate(class_names)}
     report.log()
     return XrayDataset(records, class_names, input_size, landmark_names=landmark_names, cache=cache,
-                       cache_dir=cache_dir, format=report.format, split=split, root=root, report=report)
+                       cache_dir=cache_dir, format=report.format, split=split, root=root, report=report,
+                       max_pixels=max_pixels)
 
 
 def _read_records(

@@ -90,4 +90,4 @@ def describe_carving(labels: Sequence[int], assignment: Sequence[str], num_class
     for name in sorted({s for s in assignment if s != "train"}):
         got = [y for y, s in zip(labels, assignment) if s == name]
         parts.append(f"{name} {len(got)} of {len(labels)} images ({len(set(got))} of {num_classes} classes)")
-    return ", ".join(parts) if parts else f"nothing of {len(labels)} images"
+    return ", ".join(parts)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
 from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError
 from xraydeconv.io import output_lock, write_atomically
@@ -49,7 +50,7 @@ CURVES, CONFUSION = "curves.png", "confusion.png"
 # more threads than this per core only oversubscribe, and very many crash the OpenMP runtime
 MAX_THREADS_PER_CORE = 4
 # how a run is executed, not what it computes: may change when a run is resumed
-RUNTIME_FIELDS = ("device", "threads", "num_workers", "pool_backend", "channels_last")
+RUNTIME_FIELDS = ("device", "threads", "num_workers", "pool_backend", "channels_last", "max_pixels")
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrainConfig:
         channels_last: run the convolutions in channels-last memory format (faster for oneDNN on CPU).
         deterministic: ``torch.use_deterministic_algorithms(True)``; needed for bit-exact resume on GPU.
         pool_backend: ``SwitchMaxPool2d`` backend (``"auto"``, ``"kernel"``, ``"native"``).
+        max_pixels: images with more pixels are refused when read (a decompression-bomb guard).
     """
 
     model: str = "deeper"
@@ -97,6 +99,7 @@ class TrainConfig:
     channels_last: bool = True
     deterministic: bool = False
     pool_backend: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
     def demo(cls, model: str, **overrides) -> TrainConfig:
@@ -141,6 +144,7 @@ class TrainConfig:
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS_PER_CORE * available_cores():
             raise UserError(f"--threads {self.threads}: must be between 1 and {MAX_THREADS_PER_CORE} per core "
                             f"({MAX_THREADS_PER_CORE * available_cores()} here)")
+        check_max_pixels(self.max_pixels)
         if self.input_size < 16:
             raise UserError(f"--input-size {self.input_size}: must be at least 16")
         if self.checkpoint_every < 0:
@@ -160,8 +164,11 @@ class Splits:
     root: str
 
 
-def open_splits(cfg: TrainConfig, log: Callable[[str], None] = print) -> Splits:
-    """Open train / val / test of ``cfg.data`` (or of the synthetic phantoms when it is None)."""
+def open_splits(cfg: TrainConfig, log: Callable[[str], None] = print, preload: bool = False) -> Splits:
+    """Open train / val / test of ``cfg.data`` (or of the synthetic phantoms when it is None).
+
+    ``preload`` decodes every image up front (on threads) and logs how many films were rescaled.
+    """
     from xraydeconv.data import open_dataset
 
     if cfg.data is None:
@@ -170,7 +177,7 @@ def open_splits(cfg: TrainConfig, log: Callable[[str], None] = print) -> Splits:
         root = ensure_phantoms(per_class=cfg.phantoms_per_class, size=cfg.input_size, seed=cfg.phantom_seed)
     else:
         root = Path(cfg.data)
-    kw = dict(input_size=cfg.input_size, class_map=cfg.class_map, cache=True)
+    kw = dict(input_size=cfg.input_size, class_map=cfg.class_map, cache=True, max_pixels=cfg.max_pixels)
     train_ds = open_dataset(root, split="train", **kw)
     val_ds = open_dataset(root, split="val", **kw)
     try:
@@ -183,6 +190,12 @@ def open_splits(cfg: TrainConfig, log: Callable[[str], None] = print) -> Splits:
             raise UserError(f"{root}: the {name} split has other classes than the train split")
     if len(train_ds) == 0:
         raise UserError(f"{root}: the train split has no images")
+    for ds in (train_ds, val_ds, test_ds):
+        if preload and ds is not None:
+            ds.preload(progress=False)
+            if ds.rescaled:
+                log(f"note: {ds.rescaled} of the {len(ds)} {ds.split} films use fewer bits than their files store "
+                    "and were scaled by the depth they use")
     if len(train_ds.class_names) == 1:
         log(f"warning: {root} holds a single class ({train_ds.class_names[0]}): every prediction is right by "
             "construction, so accuracy means nothing")
@@ -360,7 +373,7 @@ def _run(cfg: TrainConfig, out: Path, raw: dict | None, info: distributed.DistIn
     generating = cfg.data is None and info.enabled
     if generating and not info.is_main:
         distributed.barrier(info)
-    splits = open_splits(cfg, log)
+    splits = open_splits(cfg, log, preload=info.is_main)
     if generating and info.is_main:
         distributed.barrier(info)
     if raw is not None:
@@ -589,6 +602,8 @@ class _Trainer:
             "class_names": splits.class_names,
             "num_images": {"train": len(splits.train), "val": len(splits.val),
                            "test": len(splits.test) if splits.test is not None else None},
+            "rescaled_films": {"train": splits.train.rescaled, "val": splits.val.rescaled,
+                               "test": splits.test.rescaled if splits.test is not None else None},
             "params": count_parameters(self.model),
             "world_size": self.info.world_size,
             "device": str(self.device),
