@@ -36,7 +36,7 @@ _CONFIG_OPTIONS = {
 @click.option("--all", "all_models", is_flag=True,
               help="Train all three nets into OUT/<model>/ and write OUT/table1.md and OUT/table1.json.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (created).")
+              help="Output folder (created; its parent must exist; locked while the run writes).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Data set folder (phantoms, ImageFolder, MURA, ImageCLEF 2009, DICOM). Default: synthetic phantoms.")
 @click.option("--class-map", type=click.Path(path_type=Path), default=None, help="Class-map file for the data set.")
