@@ -1,6 +1,6 @@
 // The one schema file: every xraydeconv dispatcher op is declared here. Kernels register their
 // implementations per backend in csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL), and the Python side
-// (xraydeconv/ops.py) adds fake tensors and autograd.
+// (xraydeconv/ops/) adds fake tensors and autograd.
 #include <Python.h>
 #include <torch/library.h>
 

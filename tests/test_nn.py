@@ -12,6 +12,7 @@ from torch import nn
 
 from xraydeconv import ops
 from xraydeconv.nn import SwitchMaxPool2d
+from xraydeconv.ops import pool_dispatch
 
 pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
 
@@ -65,9 +66,41 @@ def test_attributes_are_pairs_and_repr_reads_well():
     assert copy.deepcopy(m).kernel_size == (3, 3)
 
 
-def test_auto_uses_the_kernels_when_built():
-    assert SwitchMaxPool2d(2).uses_kernel(torch.zeros(1, 1, 2, 2))
-    assert not SwitchMaxPool2d(2, backend="native").uses_kernel(torch.zeros(1, 1, 2, 2))
+def test_auto_follows_the_dispatch_table(monkeypatch):
+    pool = SwitchMaxPool2d(2)
+    x = torch.zeros(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    fwd = "cpu/channels_last/float32/k2x2s2x2p0x0/C8/6x6/batch/fwd"
+    assert pool_dispatch.shape_class(x, (2, 2), (2, 2), (0, 0), False) == fwd
+    monkeypatch.setitem(pool_dispatch.TABLE, fwd, True)
+    assert pool.uses_kernel(x)
+    monkeypatch.setitem(pool_dispatch.TABLE, fwd, False)
+    assert not pool.uses_kernel(x)
+    # a gradient to come selects the forward+backward class, which the table does not hold: native
+    assert not pool.uses_kernel(x.requires_grad_(True))
+    monkeypatch.setitem(pool_dispatch.TABLE, fwd.replace("/fwd", "/fwd+bwd"), True)
+    assert pool.uses_kernel(x)
+    with torch.no_grad():
+        assert not pool.uses_kernel(x)
+    # another layout, dtype, batch or window is another class: never guessed
+    assert not pool.uses_kernel(x.detach().contiguous())
+    assert not pool.uses_kernel(x.detach().double())
+    assert not pool.uses_kernel(x.detach()[:1])
+    assert not SwitchMaxPool2d(3, 2, 1).uses_kernel(x)
+
+
+def test_explicit_backends_ignore_the_table(monkeypatch):
+    x = torch.zeros(1, 1, 2, 2)
+    monkeypatch.setitem(pool_dispatch.TABLE, pool_dispatch.shape_class(x, (2, 2), (2, 2), (0, 0), False), False)
+    assert SwitchMaxPool2d(2, backend="kernel").uses_kernel(x)
+    assert not SwitchMaxPool2d(2, backend="native").uses_kernel(x)
+
+
+def test_the_shipped_table_only_names_measured_pool_classes():
+    # every key is a 2x2/s2 class of the nets' pool layers as `xraydeconv bench --suite` writes them
+    for key, value in pool_dispatch.TABLE.items():
+        device, layout, dtype, geometry, c, hw, batch, passes = key.split("/")
+        assert (device, dtype, geometry) == ("cpu", "float32", "k2x2s2x2p0x0") and isinstance(value, bool)
+        assert layout in ("nchw", "channels_last") and batch in ("N1", "batch") and passes in ("fwd", "fwd+bwd")
 
 
 def test_from_max_pool():

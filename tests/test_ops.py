@@ -232,7 +232,7 @@ def test_every_row_length_of_the_fast_paths(device, layout, geometry):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels", [1, 3, 6, 8, 12, 16, 24, 40])
+@pytest.mark.parametrize("channels", [1, 3, 4, 6, 8, 12, 16, 24, 32, 40, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_channels_last_channel_counts(device, channels, dtype):
     # C below, at and between the channel vector widths: every channels-last kernel and its tails
@@ -325,7 +325,7 @@ def test_every_cpu_instruction_set_variant():
         import torch, torch.nn.functional as F
         from xraydeconv import ops
         torch.manual_seed(0)
-        for shape in [(2, 3, 32, 32), (1, 5, 17, 71), (2, 3, 8, 130), (2, 8, 16, 34), (1, 16, 12, 66)]:
+        for shape in [(2, 3, 32, 32), (1, 5, 17, 71), (2, 3, 8, 130), (2, 8, 16, 34), (1, 16, 12, 66), (1, 128, 6, 8)]:
             for k, s, p, c in [(2, 2, 0, False), (2, 2, 0, True), (3, 2, 1, True), (3, 3, 0, False)]:
                 for cl in (False, True):
                     x = torch.randn(shape)

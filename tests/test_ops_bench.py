@@ -74,3 +74,91 @@ def test_cli_names_a_missing_json_folder(tmp_path):
 def test_cli_without_a_gpu():
     result = CliRunner().invoke(bench, ["--device", "cuda"])
     assert isinstance(result.exception, UserError) and "no CUDA device" in str(result.exception)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The suite: the nets' pool layers, their training step, and the auto dispatch table derived from it
+
+
+def test_net_pool_shapes_are_the_inputs_of_every_pool_layer():
+    shapes = bench_lib.net_pool_shapes(sizes=(64,), batches=(1, 4))
+    # every net halves the map at each pool: shallow 16/32/64 channels, deeper(-aug) 16/32/64/128
+    expected_chw = [(16, 64, 64), (32, 32, 32), (64, 16, 16), (128, 8, 8)]
+    assert list(shapes) == [(n, *chw) for n in (1, 4) for chw in expected_chw]
+    assert shapes[(1, 16, 64, 64)] == "shallow, deeper, deeper-aug"
+    assert shapes[(4, 128, 8, 8)] == "deeper, deeper-aug"
+
+
+def test_pool_suite_rows_and_train_steps():
+    rows = bench_lib.run_pool_suite(threads=[1], repeats=1, sizes=(16,), batches=(2,))
+    n_shapes = len(bench_lib.net_pool_shapes((16,), (2,)))
+    assert len(rows) == n_shapes * len(bench_lib.LAYOUTS) * len(bench_lib.PASSES)
+    assert {r.what for r in rows} == {"pool fwd", "pool fwd+bwd"} and {r.threads for r in rows} == {1}
+    assert rows[0].speedup == pytest.approx(rows[0].native_ms / rows[0].kernel_ms)
+    steps = bench_lib.run_train_steps(nets=("shallow",), threads=[1], repeats=1, px=16, batch=2)
+    assert [(s.what, s.shape, s.layout) for s in steps] == [
+        ("train step shallow kernel", (2, 1, 16, 16), "channels_last"),
+        ("train step shallow auto", (2, 1, 16, 16), "channels_last"),
+    ]
+    text = bench_lib.format_suite(rows + steps, bench_lib.machine_info("cpu"), 1)
+    assert "train step shallow" in text and "2x16x16x16" in text and "speed-up" in text
+
+
+def _row(what, shape, layout, threads, kernel_ms, native_ms):
+    return bench_lib.SuiteRow(what, shape, layout, threads, kernel_ms, native_ms)
+
+
+def test_dispatch_table_needs_the_kernel_at_least_as_fast_at_every_thread_count():
+    rows = [
+        _row("pool fwd", (32, 16, 64, 64), "channels_last", 1, 1.0, 2.0),
+        _row("pool fwd", (32, 16, 64, 64), "channels_last", 2, 1.0, 1.0),  # a tie counts as fast enough
+        _row("pool fwd+bwd", (32, 16, 64, 64), "channels_last", 1, 1.0, 2.0),
+        _row("pool fwd+bwd", (32, 16, 64, 64), "channels_last", 2, 2.1, 2.0),
+        _row("pool fwd", (1, 8, 16, 16), "nchw", 1, 3.0, 2.0),
+        _row("train step deeper", (32, 1, 128, 128), "channels_last", 1, 1.0, 2.0),  # not a pool row
+    ]
+    table = bench_lib.dispatch_table(rows)
+    assert table == {
+        "cpu/channels_last/float32/k2x2s2x2p0x0/C16/64x64/batch/fwd": True,
+        "cpu/channels_last/float32/k2x2s2x2p0x0/C16/64x64/batch/fwd+bwd": False,
+        "cpu/nchw/float32/k2x2s2x2p0x0/C8/16x16/N1/fwd": False,
+    }
+    namespace: dict = {}
+    exec(bench_lib.dispatch_module_text(table, "xraydeconv bench --suite"), namespace)
+    assert namespace["TABLE"] == table
+
+
+def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_lib, "SUITE_SIZES", (16,))
+    monkeypatch.setattr(bench_lib, "SUITE_BATCHES", (2,))
+    monkeypatch.setattr(bench_lib, "TRAIN_PX", 16)
+    monkeypatch.setattr(bench_lib, "TRAIN_BATCH", 2)
+    out, table = tmp_path / "suite.json", tmp_path / "table.py"
+    args = ["--suite", "--threads", "1", "--repeats", "1", "--json", str(out), "--write-dispatch", str(table)]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    assert "train step deeper-aug" in result.output and "pool fwd+bwd" in result.output
+    data = json.loads(out.read_text())
+    assert data["machine"]["threads"] == [1] and data["repeats"] == 1
+    pool_rows = [r for r in data["rows"] if r["what"].startswith("pool")]
+    namespace: dict = {}
+    exec(table.read_text(), namespace)
+    assert len(namespace["TABLE"]) == len(pool_rows)  # one thread count: one row per shape class
+    for r in pool_rows:
+        key = (f"cpu/{r['layout']}/float32/k2x2s2x2p0x0/C{r['shape'][1]}/{r['shape'][2]}x{r['shape'][3]}/batch/"
+               f"{r['what'].removeprefix('pool ')}")
+        assert namespace["TABLE"][key] == (r["kernel_ms"] <= r["native_ms"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--write-dispatch", "t.py"], "comes from --suite"),
+        (["--suite", "--device", "cuda"], "--device cpu"),
+    ],
+)
+def test_cli_suite_option_errors(args, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ops, "has_kernels", lambda device="cpu": True)
+    result = CliRunner().invoke(bench, args)
+    assert isinstance(result.exception, UserError) and message in str(result.exception)

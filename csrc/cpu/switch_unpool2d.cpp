@@ -97,7 +97,7 @@ XD_ALWAYS_INLINE void unpool_tiled_rows_nhwc(const UnpoolArgs<T>& a, int64_t C, 
   }
 }
 
-// 2x2 tiling windows, NHWC, C = CT a small compile-time count: like unpool_tiled_rows_nhwc with the window
+// 2x2 tiling windows, NHWC, C = CT a compile-time count (4 to 128): like unpool_tiled_rows_nhwc with the window
 // width and the channel loop fixed, so that each input pixel is one or two CT-wide vector selects.
 template <typename T, int CT>
 XD_ALWAYS_INLINE void unpool_2x2_rows_nhwc(const UnpoolArgs<T>& a, int64_t begin, int64_t end) {
@@ -296,6 +296,8 @@ auto small_c_2x2_unpool(int64_t C) -> void (*)(const UnpoolArgs<T>&, int64_t, in
     case 8: return unpool_2x2_rows_nhwc_any<T, 8>;
     case 16: return unpool_2x2_rows_nhwc_any<T, 16>;
     case 32: return unpool_2x2_rows_nhwc_any<T, 32>;
+    case 64: return unpool_2x2_rows_nhwc_any<T, 64>;
+    case 128: return unpool_2x2_rows_nhwc_any<T, 128>;
     default: return nullptr;
   }
 }

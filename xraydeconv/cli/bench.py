@@ -43,12 +43,33 @@ def _threads(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 )
 @click.option("--quick", is_flag=True, help="Smaller shapes and 5 rounds: a first look in seconds.")
 @click.option(
+    "--suite",
+    is_flag=True,
+    help="Instead of the op table: every pool layer shape of the nets (128 and 256 px, batch 1 and 32, both layouts, "
+    "fwd and fwd+bwd) and each net's channels-last training step, kernel vs native, on the CPU.",
+)
+@click.option(
+    "--write-dispatch",
+    "dispatch_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --suite: write the auto dispatch table derived from the pool rows to this Python file "
+    "(xraydeconv/ops/pool_dispatch_table.py is the one SwitchMaxPool2d reads).",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write every row (and the machine description) to this JSON file.",
 )
-def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bool, json_path: Path | None) -> None:
+def bench(
+    device: str,
+    threads: list[int] | None,
+    repeats: int | None,
+    quick: bool,
+    suite: bool,
+    dispatch_path: Path | None,
+    json_path: Path | None,
+) -> None:
     """Time the switch-pooling kernels against PyTorch's own max pooling and print the ratios.
 
     For 2x2/s2 float32 max pooling on the shapes (32,64,128,128), (8,256,32,32) and (1,64,256,256),
@@ -74,13 +95,13 @@ def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bo
       xraydeconv bench --threads 1,2
       xraydeconv bench --quick --json bench.json
       xraydeconv bench --device cuda
+      xraydeconv bench --suite --threads 1,2 --json suite.json \\
+          --write-dispatch xraydeconv/ops/pool_dispatch_table.py
     """
     import torch
-    from tqdm import tqdm
 
     from xraydeconv import ops
     from xraydeconv.errors import UserError
-    from xraydeconv.reports.bench import format_report, run_report
     from xraydeconv.io import write_atomically
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -90,8 +111,31 @@ def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bo
             f"--device {device}: xraydeconv._C has no {device} kernels; build them with "
             "`pip install --no-build-isolation -e .` (CUDA needs nvcc at build time)"
         )
-    if json_path is not None and not json_path.parent.is_dir():
-        raise UserError(f"{json_path}: the folder {json_path.parent} does not exist")
+    for path in (json_path, dispatch_path):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{path}: the folder {path.parent} does not exist")
+    if dispatch_path is not None and not suite:
+        raise UserError(f"--write-dispatch {dispatch_path}: the dispatch table comes from --suite; add it")
+    if suite and device != "cpu":
+        raise UserError("--suite --device cuda: the suite measures the CPU kernels; run it with --device cpu")
+    rounds = repeats if repeats is not None else (5 if quick else (7 if suite else 15))
+    runner = _run_suite if suite else _run_table
+    text, data, table = runner(device, threads, rounds, quick, dispatch_path is not None)
+    click.echo(text)
+    if json_path is not None:
+        write_atomically(json_path, lambda f: json.dump(data, f, indent=2), mode="w", encoding="utf-8")
+        click.echo(f"wrote {json_path}")
+    if dispatch_path is not None:
+        from xraydeconv.reports.bench import dispatch_module_text
+
+        command = "xraydeconv bench --suite" + (f" --threads {','.join(map(str, threads))}" if threads else "")
+        text = dispatch_module_text(table, f"{command} --write-dispatch xraydeconv/ops/pool_dispatch_table.py")
+        write_atomically(dispatch_path, lambda f: f.write(text), mode="w", encoding="utf-8")
+        click.echo(f"wrote {dispatch_path} ({sum(table.values())} of {len(table)} shape classes use the kernels)")
+
+
+def _progress_bar():
+    from tqdm import tqdm
 
     bar = tqdm(desc="bench", unit="row", leave=False)
 
@@ -99,12 +143,36 @@ def bench(device: str, threads: list[int] | None, repeats: int | None, quick: bo
         bar.set_postfix_str(label)
         bar.update(1)
 
+    return bar, progress
+
+
+def _run_table(device: str, threads, rounds: int, quick: bool, use_table: bool):
+    from xraydeconv.reports.bench import format_report, run_report
+
+    bar, progress = _progress_bar()
     try:
-        rounds = repeats if repeats is not None else (5 if quick else 15)
         report = run_report(device=device, threads=threads, repeats=rounds, quick=quick, progress=progress)
     finally:
         bar.close()
-    click.echo(format_report(report))
-    if json_path is not None:
-        write_atomically(json_path, lambda f: json.dump(report.as_dict(), f, indent=2), mode="w", encoding="utf-8")
-        click.echo(f"wrote {json_path}")
+    return format_report(report), report.as_dict(), {}
+
+
+def _run_suite(device: str, threads, rounds: int, quick: bool, use_table: bool):
+    from xraydeconv.ops import pool_dispatch
+    from xraydeconv.reports import bench as lib
+
+    sizes = lib.SUITE_SIZES[:1] if quick else lib.SUITE_SIZES
+    bar, progress = _progress_bar()
+    try:
+        rows = lib.run_pool_suite(threads, rounds, sizes, lib.SUITE_BATCHES, progress=progress)
+        table = lib.dispatch_table(rows)
+        if use_table:  # the training steps' auto side runs on the table just measured
+            pool_dispatch.TABLE.clear()
+            pool_dispatch.TABLE.update(table)
+        rows += lib.run_train_steps(threads=threads, repeats=rounds, progress=progress)
+    finally:
+        bar.close()
+    machine = lib.machine_info("cpu")
+    machine["threads"] = sorted({r.threads for r in rows})
+    data = {"machine": machine, "repeats": rounds, "rows": [r.as_dict() for r in rows]}
+    return lib.format_suite(rows, machine, rounds), data, table

@@ -2,14 +2,17 @@
 
 A deconvnet needs, for every pooling layer, where each maximum came from. This module pools with the
 uint8-switch kernels of :mod:`xraydeconv.ops.switch_pool` (``backend="kernel"``) or with PyTorch's own
-``max_pool2d`` (``backend="native"``), so a whole pipeline can be run both ways and compared;
-``"auto"`` takes the kernels whenever they are built for the input's device.
+``max_pool2d`` (``backend="native"``), so a whole pipeline can be run both ways and compared.
+``"auto"`` pools with the kernels only where the benchmark-derived table of :mod:`xraydeconv.ops.pool_dispatch`
+measured them at least as fast as native for the input's shape class, layout and dtype (forward alone, or
+forward and backward when the input needs a gradient); it unpools with the kernels whenever they are built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,6 +20,7 @@ from xraydeconv.ops import extension
 from xraydeconv.ops.geometry import int_pair, pool_geometry
 from xraydeconv.ops.kernels import has_kernels
 from xraydeconv.ops.native import native_switch_pool2d, native_switch_unpool2d
+from xraydeconv.ops.pool_dispatch import kernel_is_faster
 from xraydeconv.ops.switch_pool import switch_pool2d, switch_unpool2d
 
 BACKENDS = ("auto", "kernel", "native")
@@ -31,7 +35,8 @@ class SwitchMaxPool2d(nn.Module):
         padding: implicit -inf padding on both sides, at most half the window.
         ceil_mode: use ceil instead of floor for the output size, as in ``nn.MaxPool2d``.
         backend: ``"kernel"`` (compiled ops; errors with build instructions if ``xraydeconv._C`` is
-            missing), ``"native"`` (``F.max_pool2d``) or ``"auto"``.
+            missing), ``"native"`` (``F.max_pool2d``) or ``"auto"`` (the kernels where the measured dispatch
+            table of :mod:`xraydeconv.ops.pool_dispatch` has them at least as fast, else native).
 
     Shapes: input (N, C, H, W) or (C, H, W); output (..., OH, OW) exactly as ``nn.MaxPool2d``.
     ``kernel_size``, ``stride`` and ``padding`` are stored as pairs.
@@ -65,10 +70,13 @@ class SwitchMaxPool2d(nn.Module):
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, backend=backend)
 
     def uses_kernel(self, x: Tensor) -> bool:
-        """Whether a call on ``x`` runs the compiled kernels (else PyTorch's own ops)."""
-        if self.backend == "native":
+        """Whether pooling ``x`` runs the compiled kernels (else PyTorch's own ops)."""
+        if self.backend != "auto":
+            return self.backend == "kernel"
+        if not has_kernels(x.device):
             return False
-        return self.backend == "kernel" or has_kernels(x.device)
+        backward = torch.is_grad_enabled() and x.requires_grad
+        return kernel_is_faster(x, self.kernel_size, self.stride, self.padding, backward)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_kernel(x):
@@ -83,7 +91,7 @@ class SwitchMaxPool2d(nn.Module):
 
     def unpool(self, y: Tensor, switches: Tensor, output_size: Sequence[int]) -> Tensor:
         """Adjoint of this pooling: put ``y`` back at the switch positions of an (H, W) = ``output_size`` input."""
-        if self.uses_kernel(y):
+        if self.backend == "kernel" or (self.backend == "auto" and has_kernels(y.device)):
             return switch_unpool2d(y, switches, self.kernel_size, self.stride, self.padding, output_size)
         return native_switch_unpool2d(y, switches, self.kernel_size, self.stride, self.padding, output_size)
 

@@ -8,6 +8,7 @@ writing into preallocated buffers (``*_out`` ops against native ``out=`` variant
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -205,6 +206,37 @@ def op_cases(x: torch.Tensor) -> Iterator[tuple[str, Callable[[], object], Calla
     )
 
 
+def _input(shape, layout: str, device: str, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(shape, device=device, generator=gen)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _measure(kernel_fn, native_fn, copy_bytes: int, repeats: int, device: str) -> dict[str, float]:
+    """Interleaved medians of the kernel, native and a ``copy_`` of ``copy_bytes`` bytes."""
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return time_interleaved({"kernel": kernel_fn, "native": native_fn, "copy": lambda: dst.copy_(src)}, repeats, device)
+
+
+def _shape_rows(x: torch.Tensor, layout: str, n_threads: int, repeats: int, progress) -> Iterator[Row]:
+    """One row per operation of :func:`op_cases` on ``x``."""
+    shape = tuple(x.shape)
+    pooled = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
+    for op, kernel_fn, native_fn, k_bytes, n_bytes in op_cases(x):
+        if progress is not None:
+            progress(f"{op} {shape} {layout} {n_threads}t")
+        med = _measure(kernel_fn, native_fn, k_bytes // 2, repeats, x.device.type)
+        yield Row(op=op, shape=shape, layout=layout, threads=n_threads, kernel_ms=med["kernel"],
+                  native_ms=med["native"], copy_ms=med["copy"], kernel_bytes=k_bytes, native_bytes=n_bytes,
+                  switch_bytes=pooled, index_bytes=8 * pooled)
+
+
+def require_kernels_for(device: str) -> None:
+    """RuntimeError unless the build has the switch-pooling kernels for ``device``."""
+    if not ops.has_kernels(device):
+        raise RuntimeError(f"xraydeconv._C has no {device} kernels in this build")
+
+
 def run_report(
     device: str = "cpu",
     threads: Sequence[int] | None = None,
@@ -223,52 +255,33 @@ def run_report(
         shapes: explicit (N, C, H, W) shapes instead of the defaults.
         progress: called with a short label before each measurement.
     """
-    if not ops.has_kernels(device):
-        raise RuntimeError(f"xraydeconv._C has no {device} kernels in this build")
-    shapes = list(shapes or (QUICK_SHAPES if quick else FULL_SHAPES))
-    thread_counts = list(threads or [torch.get_num_threads()])
+    require_kernels_for(device)
     report = Report(machine=machine_info(device), repeats=repeats)
-    before = torch.get_num_threads()
     gen = torch.Generator(device=device).manual_seed(0)
-    try:
-        for n_threads in thread_counts:
-            torch.set_num_threads(n_threads)
-            for shape in shapes:
-                pooled = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
+    with thread_counts(threads) as counts:
+        for n_threads in counts():
+            for shape in shapes or (QUICK_SHAPES if quick else FULL_SHAPES):
                 for layout in LAYOUTS:
-                    x = torch.randn(shape, device=device, generator=gen)
-                    if layout == "channels_last":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    for op, kernel_fn, native_fn, k_bytes, n_bytes in op_cases(x):
-                        if progress is not None:
-                            progress(f"{op} {tuple(shape)} {layout} {n_threads}t")
-                        src = torch.empty(k_bytes // 2, dtype=torch.uint8, device=device)
-                        dst = torch.empty_like(src)
-                        med = time_interleaved(
-                            {"kernel": kernel_fn, "native": native_fn, "copy": lambda d=dst, s=src: d.copy_(s)},
-                            repeats,
-                            device,
-                        )
-                        report.rows.append(
-                            Row(
-                                op=op,
-                                shape=tuple(shape),
-                                layout=layout,
-                                threads=n_threads,
-                                kernel_ms=med["kernel"],
-                                native_ms=med["native"],
-                                copy_ms=med["copy"],
-                                kernel_bytes=k_bytes,
-                                native_bytes=n_bytes,
-                                switch_bytes=pooled,
-                                index_bytes=8 * pooled,
-                            )
-                        )
-                        del src, dst
+                    x = _input(shape, layout, device, gen)
+                    report.rows.extend(_shape_rows(x, layout, n_threads, repeats, progress))
                     del x
+    return report
+
+
+@contextlib.contextmanager
+def thread_counts(threads: Sequence[int] | None):
+    """Yields a generator factory that sets each thread count in turn; the count in force is restored after."""
+    before = torch.get_num_threads()
+
+    def each() -> Iterator[int]:
+        for n in threads or [before]:
+            torch.set_num_threads(n)
+            yield n
+
+    try:
+        yield each
     finally:
         torch.set_num_threads(before)
-    return report
 
 
 def format_report(report: Report) -> str:
@@ -294,3 +307,194 @@ def format_report(report: Report) -> str:
             f"{r.copy_fraction:>5.0%} {r.switch_bytes / MiB:>10.1f} {r.index_bytes / MiB:>9.1f}"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The suite: every pool layer of the nets, and their training step, kernel vs native
+
+
+SUITE_SIZES = (128, 256)
+SUITE_BATCHES = (1, 32)
+PASSES = ("fwd", "fwd+bwd")
+# `train`'s defaults: 128 px, batch 32, channels-last
+TRAIN_PX = 128
+TRAIN_BATCH = 32
+
+
+@dataclass
+class SuiteRow:
+    """One pool layer shape (or a whole training step) timed with the kernels and with native pooling."""
+
+    what: str  # "pool fwd", "pool fwd+bwd" or "train step <net> <kernel|auto>"
+    shape: tuple[int, ...]
+    layout: str
+    threads: int
+    kernel_ms: float
+    native_ms: float
+    nets: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.native_ms / self.kernel_ms
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def net_pool_shapes(sizes: Sequence[int] = SUITE_SIZES, batches: Sequence[int] = SUITE_BATCHES) -> dict:
+    """{(N, C, H, W): "net, net"} for every pooling layer input of every net in ``MODEL_NAMES``."""
+    from xraydeconv.nn import SwitchMaxPool2d
+    from xraydeconv.training.models import MODEL_NAMES, build
+
+    found: dict[tuple[int, int, int], list[str]] = {}
+    for name in MODEL_NAMES:
+        for px in sizes:
+            model = build(name, input_size=px, pool_backend="native").eval()
+            seen: list[tuple[int, int, int]] = []
+            hooks = [m.register_forward_hook(lambda m, i, o, seen=seen: seen.append(tuple(i[0].shape[1:])))
+                     for m in model.modules() if isinstance(m, SwitchMaxPool2d)]
+            with torch.no_grad():
+                model(torch.zeros(1, 1, px, px))
+            for h in hooks:
+                h.remove()
+            for chw in seen:
+                found.setdefault(chw, [])
+                if name not in found[chw]:
+                    found[chw].append(name)
+    return {(n, *chw): ", ".join(nets) for n in batches for chw, nets in sorted(found.items())}
+
+
+def _pool_fns(x: torch.Tensor, backward: bool):
+    if not backward:
+        return lambda: ops.switch_pool2d(x, 2, 2), lambda: F.max_pool2d(x, 2, 2)
+    xg = x.detach().clone().requires_grad_(True)
+    grad = torch.randn_like(F.max_pool2d(x, 2, 2))
+
+    def kernel() -> object:
+        return torch.autograd.grad(ops.switch_pool2d(xg, 2, 2)[0], xg, grad)
+
+    def native() -> object:
+        return torch.autograd.grad(F.max_pool2d(xg, 2, 2), xg, grad)
+
+    return kernel, native
+
+
+def run_pool_suite(
+    threads: Sequence[int] | None = None,
+    repeats: int = 7,
+    sizes: Sequence[int] = SUITE_SIZES,
+    batches: Sequence[int] = SUITE_BATCHES,
+    progress: Callable[[str], None] | None = None,
+) -> list[SuiteRow]:
+    """Every pool layer shape of the nets, both layouts, forward and forward+backward, float32, on the CPU."""
+    require_kernels_for("cpu")
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    shapes = net_pool_shapes(sizes, batches)
+    with thread_counts(threads) as counts:
+        for n_threads in counts():
+            for shape, nets in shapes.items():
+                for layout in LAYOUTS:
+                    x = _input(shape, layout, "cpu", gen)
+                    for what in PASSES:
+                        if progress is not None:
+                            progress(f"pool {what} {shape} {layout} {n_threads}t")
+                        med = time_interleaved(dict(zip(("kernel", "native"), _pool_fns(x, what != "fwd"))), repeats)
+                        rows.append(SuiteRow(f"pool {what}", shape, layout, n_threads, med["kernel"], med["native"],
+                                             nets))
+    return rows
+
+
+def _train_step_fn(name: str, backend: str, px: int, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """One AdamW step of ``name`` with ``backend`` pooling, channels-last, as ``train`` runs it by default."""
+    from xraydeconv.training.models import build
+
+    torch.manual_seed(0)
+    model = build(name, input_size=px, pool_backend=backend).train().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> object:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def run_train_steps(
+    nets: Sequence[str] = ("shallow", "deeper", "deeper-aug"),
+    threads: Sequence[int] | None = None,
+    repeats: int = 7,
+    px: int | None = None,
+    batch: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[SuiteRow]:
+    """The training step of each net with ``pool_backend="kernel"`` and ``"auto"`` vs ``"native"`` (channels-last,
+    AdamW), interleaved; ``auto`` follows :data:`xraydeconv.ops.pool_dispatch.TABLE` as it stands.
+
+    ``px`` and ``batch`` default to :data:`TRAIN_PX` and :data:`TRAIN_BATCH`.
+    """
+    require_kernels_for("cpu")
+    px, batch = px or TRAIN_PX, batch or TRAIN_BATCH
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, px, px, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 24, (batch,), generator=gen)
+    with thread_counts(threads) as counts:
+        for n_threads in counts():
+            for name in nets:
+                if progress is not None:
+                    progress(f"train step {name} {n_threads}t")
+                fns = {side: _train_step_fn(name, side, px, x, y) for side in ("kernel", "auto", "native")}
+                med = time_interleaved(fns, repeats)
+                for side in ("kernel", "auto"):
+                    rows.append(SuiteRow(f"train step {name} {side}", tuple(x.shape), "channels_last", n_threads,
+                                         med[side], med["native"], name))
+    return rows
+
+
+def format_suite(rows: Sequence[SuiteRow], machine: dict, repeats: int) -> str:
+    """The suite's table: one line per row with its speed-up (native ms / kernel ms)."""
+    lines = [
+        f"machine: {machine.get('cpu')} ({machine.get('cpu_cores')} cores, kernels: {machine.get('kernel_isa')}), "
+        f"torch {machine.get('torch')}, OMP_WAIT_POLICY={machine.get('omp_wait_policy')}",
+        f"median of {repeats} interleaved rounds; 2x2/s2 max pooling, float32; speed-up = native ms / kernel ms",
+        "",
+    ]
+    header = (f"{'what':<24} {'shape':<16} {'layout':<13} {'thr':>3} {'kernel ms':>10} {'native ms':>10} "
+              f"{'speed-up':>8}  nets")
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.what:<24} {'x'.join(map(str, r.shape)):<16} {r.layout:<13} {r.threads:>3} {r.kernel_ms:>10.2f} "
+            f"{r.native_ms:>10.2f} {r.speedup:>7.2f}x  {r.nets}"
+        )
+    return "\n".join(lines)
+
+
+def dispatch_table(rows: Sequence[SuiteRow]) -> dict[str, bool]:
+    """The ``auto`` dispatch table: a pool shape class is True when the kernel was at least as fast at every
+    thread count measured."""
+    from xraydeconv.ops.pool_dispatch import shape_class
+
+    table: dict[str, bool] = {}
+    for r in rows:
+        if not r.what.startswith("pool "):
+            continue
+        fmt = torch.channels_last if r.layout == "channels_last" else torch.contiguous_format
+        x = torch.empty(r.shape, memory_format=fmt)  # never written: only its shape, layout and dtype count
+        key = shape_class(x, (2, 2), (2, 2), (0, 0), r.what == "pool fwd+bwd")
+        table[key] = table.get(key, True) and r.kernel_ms <= r.native_ms
+    return dict(sorted(table.items()))
+
+
+def dispatch_module_text(table: dict[str, bool], command: str) -> str:
+    """The source of :mod:`xraydeconv.ops.pool_dispatch_table` holding ``table``."""
+    body = "".join(f"    {k!r}: {v},\n" for k, v in table.items())
+    return (
+        f'"""The auto dispatch table of SwitchMaxPool2d; generated, do not edit. Regenerate with\n\n    {command}\n\n'
+        "Keys: see :func:`xraydeconv.ops.pool_dispatch.shape_class`. True: the kernels measured at least as fast as "
+        'native.\n"""\n\nTABLE: dict[str, bool] = {\n' + body + "}\n"
+    )
