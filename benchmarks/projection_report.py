@@ -38,9 +38,54 @@ from xraydeconv.explain.deconvnet import DeconvNet  # noqa: E402
 from xraydeconv.training.models import build  # noqa: E402
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: one ReLU module called twice, ``out += identity``, 1x1 strided downsample."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18 layout (widths 64-128-256-512, two BasicBlocks per stage), 3 input channels."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for i, w in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w)))
+            cin = w
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def build_model(name: str, device: str) -> nn.Module:
     torch.manual_seed(0)
-    model = build(name, num_classes=24, in_channels=1, input_size=256)
+    model = ResNet18() if name == "resnet18" else build(name, num_classes=24, in_channels=1, input_size=256)
     for m in model.modules():  # non-trivial BatchNorm statistics, as after training
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -100,6 +145,43 @@ def plain_zf(features: nn.Sequential, x: torch.Tensor, top_n: int) -> torch.Tens
         return g.view(B, top_n, *g.shape[1:])
 
 
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU forward, deconvnet backward: the signal is rectified, not masked by the forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g.clamp(min=0)
+
+
+def plain_autograd(model: nn.Module, layer: nn.Module, x: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch batched deconvnet for any model: each image repeated top_n times in one batch, every ReLU
+    module's output swapped (forward hook) for a deconvnet ReLU, one backward from ``layer``'s output."""
+    B, n = chans.shape
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    inplace = [m.inplace for m in relus]
+    store = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: _DeconvReLU.apply(i[0])) for m in relus]
+    hooks.append(layer.register_forward_hook(lambda m, i, o: store.__setitem__("o", o)))
+    try:
+        for m in relus:  # the hook replaces the output: the input must still be the pre-ReLU values
+            m.inplace = False
+        xs = x.repeat_interleave(n, 0).requires_grad_(True)
+        with torch.enable_grad():
+            model(xs)
+            o = store["o"][torch.arange(B * n, device=x.device), chans.reshape(-1)]
+            (g,) = torch.autograd.grad((o * o.detach()).sum(), xs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in zip(relus, inplace, strict=True):
+            m.inplace = flag
+    return g.view(B, n, *g.shape[1:])
+
+
 def captum_zf(model: nn.Module, relu: nn.Module, x: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
     from captum.attr import NeuronDeconvolution
 
@@ -119,6 +201,8 @@ def _sync(device: str) -> None:
 
 
 def make_runners(args, model, x):
+    if args.model == "resnet18":
+        return _graph_runners(args, model, x)
     dn = DeconvNet(model)
     relu = _relu_of_last_conv(model.features)
     # the filters Captum is asked for: the top-n of the last conv's ReLU (a cheap forward, no projection)
@@ -133,6 +217,27 @@ def make_runners(args, model, x):
     }
     if args.precision != "fp32":
         runners["xraydeconv-fp32"] = lambda: dn.project(x, top_n=args.top_n)
+    if args.dense:
+        dense = DeconvNet(model, sparse=False)
+        runners["xraydeconv-dense"] = lambda: dense.project(x, top_n=args.top_n, precision=args.precision)
+    return runners
+
+
+def _graph_runners(args, model, x):
+    """The ResNet-18: projected through its graph from ``layer4`` (the default layer); "plain" is the batched
+    autograd deconvnet, Captum is called once per filter of the same layer."""
+    dn = DeconvNet(model)
+    act = {}
+    hook = model.layer4.register_forward_hook(lambda m, i, o: act.__setitem__("o", o))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    chans = act["o"].flatten(2).amax(2).topk(args.top_n, dim=1).indices
+    runners = {
+        "xraydeconv": lambda: dn.project(x, top_n=args.top_n, precision=args.precision),
+        "plain": lambda: plain_autograd(model, model.layer4, x, chans),
+        "captum": lambda: captum_zf(model, model.layer4, x, chans),
+    }
     if args.dense:
         dense = DeconvNet(model, sparse=False)
         runners["xraydeconv-dense"] = lambda: dense.project(x, top_n=args.top_n, precision=args.precision)
@@ -183,7 +288,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="images per call (data-set throughput with batching)")
     ap.add_argument("--top-n", type=int, default=25)
     ap.add_argument("--size", type=int, default=None, help="input side (default: the checkpoint's, else 256)")
-    ap.add_argument("--model", default="deeper")
+    ap.add_argument("--model", default="deeper", help="deeper, shallow or resnet18 (torchvision's layout, 3 channels)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="xraydeconv's projection dtype")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -205,13 +310,14 @@ def main() -> None:
         model, args.model, args.size = ck.model, f"{ck.model_name} ({args.checkpoint})", args.size or ck.input_size
     else:
         model = build_model(args.model, args.device)
-        args.size = args.size or 256
+        args.size = args.size or (224 if args.model == "resnet18" else 256)
     if args.image:
         from xraydeconv.data import load_image
 
         x = load_image(args.image, args.size)[None].repeat(args.batch, 1, 1, 1).to(args.device)
     else:
-        x = torch.rand(args.batch, 1, args.size, args.size, device=args.device)
+        channels = 3 if args.model == "resnet18" else 1
+        x = torch.rand(args.batch, channels, args.size, args.size, device=args.device)
 
     if args.peak_of:  # child: one contender, report its peak memory increase
         runners = make_runners(args, model, x)

@@ -217,12 +217,16 @@ def _output_padding(conv: nn.Conv2d, k: tuple[int, int], out: tuple[int, int], i
     return tuple(in_size[d] - ((out[d] - 1) * stride[d] - 2 * pad[d] + dil[d] * (k[d] - 1) + 1) for d in range(2))
 
 
-def conv_transpose(g: Tensor, conv: nn.Conv2d, w: Tensor, in_size: tuple[int, int]) -> Tensor:
-    """Adjoint of ``conv`` (weight ``w``, no bias): (P, C_out, h, w) -> (P, C_in, H, W) with (H, W) = ``in_size``."""
+def conv_transpose(
+    g: Tensor, conv: nn.Conv2d, w: Tensor, in_size: tuple[int, int], channels_last: bool = True
+) -> Tensor:
+    """Adjoint of ``conv`` (weight ``w``, no bias): (P, C_out, h, w) -> (P, C_in, H, W) with (H, W) = ``in_size``,
+    run on ``g`` in channels-last or in NCHW layout."""
     k = (w.shape[-2], w.shape[-1])
     out_pad = _output_padding(conv, k, (g.shape[-2], g.shape[-1]), in_size)
-    # channels-last: oneDNN's transposed conv runs about twice as fast on it as on NCHW here
-    g = g.contiguous(memory_format=torch.channels_last)
+    # oneDNN's transposed conv runs about twice as fast channels-last as NCHW on large planes with few channels,
+    # and the other way round on small planes with many channels (docs/projection.md, "Any model")
+    g = g.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return F.conv_transpose2d(g, w, None, pair(conv.stride), pad_of(conv), out_pad, conv.groups, pair(conv.dilation))
 
 

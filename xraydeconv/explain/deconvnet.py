@@ -405,15 +405,13 @@ class DeconvNet:
             layer: conv-layer index (``-1`` = last conv; the projection starts at that conv's ReLU output, at the
                 conv/BatchNorm output when no ReLU follows it), a module name (see :meth:`resolve_layer`), or None:
                 the last conv of a Sequential, the last feature map before global pooling of any other model.
-            mode: ``"map"`` keeps the filter's whole activation map; ``"max"`` only its strongest activation
-                (the first maximum in row-major order), as in Zeiler & Fergus.
+            mode: ``"map"``: the filter's whole activation map; ``"max"``: its first strongest activation only.
             rank: order the filters by the ``"max"`` or the ``"mean"`` of their activation maps.
             method: ``"deconvnet"`` (rectify the signal at each ReLU), ``"guided"`` (guided backprop: also mask by
                 the forward ReLU) or ``"gradient"`` (plain gradient: forward mask only).
             channels: optional (B, top_n) int64 filter indices to project instead of the ranked top ones.
-            precision: ``"fp32"`` (exact) or ``"bf16"``: the downward walk in bfloat16 (the forward pass, the
-                ranking and the switches stay in the input's dtype); about 3 significant digits, for speed on CPUs
-                with AVX-512 BF16 and on GPUs. ``maps`` are returned in the input's dtype either way.
+            precision: ``"fp32"`` (exact) or ``"bf16"``: the walk down in bfloat16 (the forward pass, ranking and
+                switches stay in the input's dtype; ``maps`` too); about 3 significant digits.
             progress: called with the number of images finished after each chunk.
         Returns:
             :class:`Projection` (``maps`` (B, top_n, C_in, H, W), ``channels``, ``activations``, ``layer``, ``logits``).

@@ -191,12 +191,13 @@ class GraphDeconvNet:
         conv: nn.Conv2d = op.module
         bn = op.bn if op.kind == "conv" else None  # a fused conv as the start layer: before its BatchNorm
         in_size = rec.conv_inputs[op.conv_node]
-        if walk.sparse and nonneg and scatter_ok(conv, False):
+        if walk.sparse and nonneg and scatter_ok(conv, False) and (conv.in_channels <= 4 or _sparse_enough(g)):
             wt = walk.weights.hwc(op.node.name, conv, bn, g.dtype)
             walk.send(op.inputs[0], scatter_conv_transpose(g, None, conv, wt, in_size, walk.group), False)
         else:
             w = walk.weights.weight(op.node.name, conv, bn, g.dtype)
-            walk.send(op.inputs[0], conv_transpose(g, conv, w, in_size), False)
+            channels_last = g.shape[-2] * g.shape[-1] >= CHANNELS_LAST_MIN_PIXELS
+            walk.send(op.inputs[0], conv_transpose(g, conv, w, in_size, channels_last), False)
 
     def _relu_step(self, op: Op, g: Tensor, rec: GraphRecords, walk: _Walk) -> None:
         if walk.method == "deconvnet":
@@ -228,6 +229,19 @@ class GraphDeconvNet:
         if conv.kind != "conv" or len(conv.node.users) != 1 or not scatter_ok(conv.module, True):
             return None
         return conv
+
+
+# The sparse scatter of a signal that did not just come out of an unpooling beats oneDNN's transposed conv only when
+# few of its values are positive (docs/projection.md, "Any model"); the first steps below the start layer, where
+# one channel per signal is non-zero, are far below this.
+SCATTER_MAX_DENSITY = 0.1
+# Dense transposed convs of planes with fewer pixels than this run in NCHW, larger ones channels-last (the faster
+# layout of oneDNN for each, docs/projection.md, "Any model").
+CHANNELS_LAST_MIN_PIXELS = 28 * 28
+
+
+def _sparse_enough(g: Tensor) -> bool:
+    return int(torch.count_nonzero(g > 0)) <= SCATTER_MAX_DENSITY * g.numel()
 
 
 def _linear_adjoint(run: Callable[[Tensor], Tensor], g: Tensor, in_shape: torch.Size) -> Tensor:
