@@ -42,13 +42,18 @@ def _layer_arg(value: str) -> int | str:
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--cmap", default="jet", show_default=True, help="Matplotlib colormap of the heat maps.")
+@click.option("--cmap", default="plasma", show_default=True,
+              help="Matplotlib colormap of the heat (plasma: perceptually uniform, no grey at any level).")
+@click.option("--max-side", type=int, default=1024, show_default=True,
+              help="Pictures show the film at its own resolution, its longest side at most this many pixels.")
+@click.option("--compare", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="CKPT",
+              help="Another checkpoint to draw beside --checkpoint on the same films (compare.png); repeatable.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def project(checkpoint, images, more_images, data, split, limit, top_n, layer, mode, rank, method, precision,
-            batch_size, device, cmap, out, overwrite, quiet) -> None:
+            batch_size, device, cmap, max_side, compare, out, overwrite, quiet) -> None:
     """Project the top-n filters of a trained net back into its input images.
 
     \b
@@ -59,15 +64,22 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
     mean of the normalised per-filter maps.
 
     \b
-    Writes into --out, one folder per image (named after the image file):
-      overlay.png    the image | the combined heat map over it
-      focus.png      the image | top-5 focus | top-n focus
-      grid.png       each filter's heat map, captioned with channel and activation
-      thumb.png      a thumbnail for the gallery
-      maps.npy       float16 (top_n, H, W) per-filter heat maps, each scaled to [0, 1]
+    Writes into --out, one folder per image (named after the image file); every picture is
+    drawn on the film as it was given (its own resolution, longest side capped by --max-side)
+    with a display transform (docs/pictures.md) that leaves the raw maps untouched:
+      overlay.png    the combined heat over the film, colour bar, method, layer and top-n
+      focus.png      the focus areas of the top-5 filters, outlined on the film
+      grid.png       every filter's heat and focus area, with its channel and activation
+      landmarks.png  film | landmark outlines | heat (when the data have landmark masks)
+      filters/       one picture per filter; thumb.jpg, a small overlay for the gallery
+      index.html     the image's page: every filter (click to enlarge), arrow keys step
+      maps.npy       float16 (top_n, H, W) raw per-filter heat maps at network resolution,
+                     each scaled to [0, 1]
       manifest.json  checkpoint sha256, model, layer, filters and activations, predicted
                      and true class with probability, versions, settings
     and index.html, a gallery over all images (sortable, misclassified ones flagged).
+    With --compare CKPT (repeatable) each folder also gets compare.png: the heat of every
+    checkpoint on the same film, side by side.
     Everything is built in a temporary folder beside --out and moved into place at the end:
     an interrupted or failed run leaves --out untouched.
 
@@ -75,18 +87,24 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
     Examples:
       xraydeconv project --checkpoint runs/deeper/best.pt --images hand.png --out proj/
       xraydeconv project --checkpoint runs/deeper/best.pt --data ~/phantoms --limit 50 --out proj/
+      xraydeconv project --checkpoint runs/demo/deeper-aug/best.pt --compare runs/demo/shallow/best.pt \\
+          --data ~/phantoms --limit 24 --out compare/
     """
+    from xraydeconv.reports.display import DisplaySettings
     from xraydeconv.reports.pipeline import ProjectSettings, project_checkpoint
 
     images = tuple(images) + tuple(more_images)
     if bool(images) == (data is not None):
         raise UserError("give either --images FILE... or --data DIR (one of the two)")
-    for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size)):
+    for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size),
+                        ("--max-side", max_side)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
     settings = ProjectSettings(top_n=top_n, layer=_layer_arg(layer), mode=mode, rank=rank, method=method,
-                               precision=precision, batch_size=batch_size, cmap=cmap)
+                               precision=precision, batch_size=batch_size,
+                               display=DisplaySettings(cmap=cmap, max_side=max_side, min_side=min(512, max_side)))
     rows = project_checkpoint(checkpoint, out, images=images, data=data, split=split, limit=limit,
-                              settings=settings, device=device, overwrite=overwrite, progress=not quiet)
+                              settings=settings, device=device, overwrite=overwrite, progress=not quiet,
+                              compare=compare)
     if not quiet:
         click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)

@@ -102,7 +102,7 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
     """
     from xraydeconv.data import open_dataset
     from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.reports.pipeline import ImageSource, ProjectSettings, manifest_base, project_into
+    from xraydeconv.reports.pipeline import ImageSource, Net, ProjectSettings, manifest_base, project_into
     from xraydeconv.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
@@ -110,9 +110,9 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
     dn = DeconvNet(ckpt.model)
     settings = ProjectSettings(top_n=min(top_n, dn.layer_channels(-1)), batch_size=8)
     source = ImageSource.from_dataset(ds, _sample(ds, per_class))
+    net = Net.make(dn, manifest_base(ckpt_path, ckpt, dn, dn.resolve_layer(-1), settings), ckpt.class_names)
     out.parent.mkdir(parents=True, exist_ok=True)
-    project_into(out, source, dn, manifest_base(ckpt_path, ckpt, dn, dn.resolve_layer(-1), settings),
-                 ckpt.class_names, settings, torch.device("cpu"), title=f"xraydeconv projections: {ckpt.model_name}",
+    project_into(out, source, net, settings, torch.device("cpu"), title=f"xraydeconv projections: {ckpt.model_name}",
                  info={"model": ckpt.model_name, "top-n": settings.top_n, "split": split}, progress=progress,
                  desc=f"projecting {ckpt.model_name}")
     return len(source)

@@ -307,6 +307,7 @@ class _Setup:
     classes: list[str]
     n: int
     base: dict
+    stride: int
 
 
 def _check_options(opt: EvalOptions) -> None:
@@ -322,7 +323,7 @@ def _open(checkpoint: str | os.PathLike, out: Path, data: str | os.PathLike | No
     """Load the checkpoint and the data set and check that they fit together; UserError otherwise."""
     from xraydeconv.data import open_dataset
     from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.reports.pipeline import ProjectSettings, manifest_base
+    from xraydeconv.reports.pipeline import Net, ProjectSettings, manifest_base
     from xraydeconv.training.checkpoint import load_checkpoint
 
     dev = resolve_device(opt.device)
@@ -339,9 +340,9 @@ def _open(checkpoint: str | os.PathLike, out: Path, data: str | os.PathLike | No
         raise UserError(f"--top-n {opt.top_n}: the last conv layer of {ckpt.model_name} has only {n_filters} filters")
     ckpt.model.eval()
     settings = ProjectSettings(top_n=opt.top_n, precision=opt.precision)
-    base = manifest_base(checkpoint, ckpt, dn, dn.resolve_layer(-1), settings)
+    net = Net.make(dn, manifest_base(checkpoint, ckpt, dn, dn.resolve_layer(-1), settings), ckpt.class_names)
     n = len(ds) if opt.limit is None else min(opt.limit, len(ds))
-    return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, base)
+    return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, net.base, net.stride)
 
 
 class _Tally:
@@ -359,7 +360,7 @@ class _Tally:
         self.agreement = LandmarkAgreement(setup.classes, tolerance=opt.tolerance)
         self.occlusion = _OcclusionTally(setup.classes)
         self.misclassified: list[dict] = []
-        self.writer = FolderWriter(mis_dir, setup.base)
+        self.writer = FolderWriter(mis_dir, setup.base, setup.stride)
         self.t_project = 0.0
 
     def batch(self, idx: list[int]) -> None:
@@ -401,9 +402,11 @@ class _Tally:
             self.agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
                                [masks[j] for j in with_masks], images=x[with_masks].float().mean(1).cpu())
         for j in show:
-            self._save_misclassified(idx[j], x[j], p, pos[j], probs[j], y[j])
+            self._save_misclassified(idx[j], x[j], p, pos[j], probs[j], y[j], masks[j])
 
-    def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int) -> None:
+    def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
+                            masks: dict[str, np.ndarray]) -> None:
+        from xraydeconv.reports.film import Film
         from xraydeconv.reports.pipeline import prediction_fields
 
         classes = self.setup.classes
@@ -411,7 +414,9 @@ class _Tally:
         fields = {"input_file": str(path), "input_name": path.name,
                   **prediction_fields(probs, classes, classes[label])}
         pred = fields["predicted_class"]
-        r = self.writer.add(f"{classes[label]}-as-{pred}-{path.stem}", image, p, row, fields)
+        settings = self.writer.settings
+        film = Film.load(path, self.setup.ckpt.input_size, settings.min_side, settings.max_side)
+        r = self.writer.add(f"{classes[label]}-as-{pred}-{path.stem}", image, p, row, fields, film, masks)
         self.misclassified.append({
             "image": str(path), "true": classes[label], "predicted": pred,
             "probability": fields["predicted_probability"], "true_probability": fields["true_probability"],

@@ -1,11 +1,13 @@
-"""The ``index.html`` gallery over a folder of projected images.
+"""The ``index.html`` gallery over a folder of projected images, and the page of each image.
 
-One self-contained page (no network, relative links only): a card per image with its thumbnail, true and
-predicted class with probability and the strongest filters, misclassified images flagged in red. A sort
-control (name, confidence, true class, predicted class, misclassified first) and a "misclassified only"
-filter work client-side; both can be preset in the URL (``index.html#sort=confidence&misclassified``) so a
-view can be shared. When the page has loaded, ``<body>`` carries ``data-images-loaded`` and
-``data-images-broken`` counts, which the browser test reads.
+Self-contained pages (no network, relative links only). The gallery opens on a card per image with its heat
+overlay, true and predicted class with probability and the strongest filters, misclassified images flagged in
+red. A sort control (name, confidence, true class, predicted class, misclassified first) and a "misclassified
+only" filter work client-side; both can be preset in the URL (``index.html#sort=confidence&misclassified``) so a
+view can be shared. Each card opens the image's own page (``<folder>/index.html``): the overlay, the focus areas,
+the landmark view and every filter; a click enlarges a filter, the arrow keys step through the filters while one
+is enlarged and through the images otherwise. When a page has loaded, ``<body>`` carries ``data-images-loaded``
+and ``data-images-broken`` counts, which the browser tests read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from xraydeconv.io import write_atomically
 
-__all__ = ["write_gallery", "gallery_html", "SORT_KEYS"]
+__all__ = ["write_gallery", "gallery_html", "image_page_html", "SORT_KEYS"]
 
 SORT_KEYS = ("name", "confidence", "true", "predicted", "misclassified")
 
@@ -27,9 +29,9 @@ body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}
 header{display:flex;gap:1.5em;align-items:center;flex-wrap:wrap;margin-bottom:1em}
 h1{font-size:1.3em;margin:0}
 #cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{border:2px solid #ccc;border-radius:6px;padding:6px;width:176px;font-size:12px;background:#fff}
+.card{border:2px solid #ccc;border-radius:6px;padding:6px;width:296px;font-size:13px;background:#fff}
 .card.misclassified{border-color:#c00;background:#fff3f3}
-.card img{width:160px;height:160px;object-fit:contain;display:block;margin:auto;background:#000}
+.card img{width:280px;height:280px;object-fit:contain;display:block;margin:auto;background:#000}
 .card .name{font-weight:600;word-break:break-all}
 .flag{color:#c00;font-weight:700}
 .card a{color:inherit;text-decoration:none}
@@ -114,7 +116,7 @@ def _card(row: dict) -> str:
     esc = html.escape
     href = esc(folder, quote=True)
     lines = [f'<div class="{cls}" {attr_s}>']
-    lines.append(f'<a href="{href}/overlay.png"><img src="{href}/thumb.png" alt="{esc(name, quote=True)}"></a>')
+    lines.append(f'<a href="{href}/index.html"><img src="{href}/thumb.jpg" alt="{esc(name, quote=True)}"></a>')
     lines.append(f'<div class="name">{esc(name)}</div>')
     if pred is not None:
         p = "" if conf is None else f" ({100 * conf:.1f} %)"
@@ -126,8 +128,8 @@ def _card(row: dict) -> str:
     chans = m.get("channels", [])[:5]
     lines.append(f'<div class="meta">top filters: {esc(", ".join(str(c) for c in chans))}</div>')
     lines.append(
-        f'<div class="files"><a href="{href}/grid.png">grid</a><a href="{href}/focus.png">focus</a>'
-        f'<a href="{href}/manifest.json">manifest</a></div>'
+        f'<div class="files"><a href="{href}/index.html">every filter</a><a href="{href}/grid.png">grid</a>'
+        f'<a href="{href}/focus.png">focus</a><a href="{href}/manifest.json">manifest</a></div>'
     )
     lines.append("</div>")
     return "\n".join(lines)
@@ -166,9 +168,119 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
                   info: dict | None = None) -> Path:
     """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`."""
     out_dir = Path(out_dir)
+    for k, row in enumerate(rows):
+        prev = rows[k - 1]["folder"] if k > 0 else None
+        nxt = rows[k + 1]["folder"] if k + 1 < len(rows) else None
+        page = image_page_html(row, prev, nxt, title)
+        write_atomically(out_dir / row["folder"] / "index.html", lambda f, page=page: f.write(page), mode="w",
+                         encoding="utf-8")
     path = write_atomically(
         out_dir / "index.html", lambda f: f.write(gallery_html(rows, title, info)), mode="w", encoding="utf-8"
     )
     # the rows as data too, for scripts that post-process a run
     write_atomically(out_dir / "gallery.json", lambda f: json.dump(list(rows), f), mode="w", encoding="utf-8")
     return path
+
+
+_PAGE_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+nav{display:flex;gap:1em;align-items:center;margin-bottom:.6em}
+nav a{color:#06c}
+.views{display:flex;flex-wrap:wrap;gap:.5em;align-items:flex-start}
+.views img{height:auto;border:1px solid #ccc;display:block}
+.views img.main{max-height:72vh;max-width:min(100%, 60em)}
+#filters{display:flex;flex-wrap:wrap;gap:8px}
+#filters figure{margin:0;width:200px;font-size:12px;cursor:zoom-in}
+#filters img{width:200px;height:200px;object-fit:contain;background:#000;display:block}
+#lightbox{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);align-items:center;
+justify-content:center;flex-direction:column;color:#fff;cursor:zoom-out}
+#lightbox.open{display:flex}
+#lightbox img{max-width:92vw;max-height:86vh;image-rendering:auto}
+.meta{color:#555}
+"""
+
+_PAGE_SCRIPT = """
+(function(){
+  var figs = Array.prototype.slice.call(document.querySelectorAll('#filters figure'));
+  var box = document.getElementById('lightbox'), big = document.getElementById('big'),
+      cap = document.getElementById('bigcap'), cur = -1;
+  function show(k){
+    cur = (k + figs.length) % figs.length;
+    big.src = figs[cur].dataset.src; cap.textContent = figs[cur].dataset.caption;
+    box.classList.add('open'); document.body.dataset.enlarged = cur + 1;
+  }
+  function hide(){ box.classList.remove('open'); cur = -1; document.body.dataset.enlarged = 0; }
+  figs.forEach(function(f, k){ f.addEventListener('click', function(){ show(k); }); });
+  box.addEventListener('click', hide);
+  document.addEventListener('keydown', function(e){
+    var open = box.classList.contains('open');
+    if(e.key === 'Escape' && open){ hide(); return; }
+    if(e.key !== 'ArrowLeft' && e.key !== 'ArrowRight') return;
+    var step = e.key === 'ArrowRight' ? 1 : -1;
+    if(open){ show(cur + step); return; }
+    var link = document.getElementById(step > 0 ? 'next' : 'prev');
+    if(link && link.getAttribute('href')) location.href = link.getAttribute('href');
+  });
+  window.addEventListener('load', function(){
+    var imgs = document.querySelectorAll('img'), ok = 0, bad = 0;
+    imgs.forEach(function(im){ if(!im.getAttribute('src')) return;
+      if(im.complete && im.naturalWidth > 0) ok++; else bad++; });
+    document.body.dataset.imagesLoaded = ok;
+    document.body.dataset.imagesBroken = bad;
+  });
+})();
+"""
+
+
+def _prediction_line(m: dict) -> str:
+    esc = html.escape
+    parts = []
+    if m.get("predicted_class") is not None:
+        parts.append(f"predicted <b>{esc(m['predicted_class'])}</b> {100 * m.get('predicted_probability', 0):.1f} %")
+    if m.get("true_class") is not None:
+        tp = m.get("true_probability")
+        parts.append(f"true <b>{esc(m['true_class'])}</b>" + ("" if tp is None else f" {100 * tp:.1f} %"))
+    line = " · ".join(parts)
+    return f'<span class="flag">misclassified</span> · {line}' if _misclassified(m) else line
+
+
+def _nav_link(rel: str, folder: str | None, text: str) -> str:
+    if folder is None:
+        return f'<a id="{rel}">{text}</a>'
+    return f'<a id="{rel}" href="../{html.escape(folder, quote=True)}/index.html">{text}</a>'
+
+
+def image_page_html(row: dict, prev: str | None, nxt: str | None, title: str = "xraydeconv projections") -> str:
+    """The page of one image (``<folder>/index.html``): its views and every filter; ``prev``/``nxt`` are the
+    neighbouring folders in the gallery's order (None at the ends)."""
+    m, esc = row["manifest"], html.escape
+    name = m.get("input_name") or row["folder"]
+    views = ['<a href="overlay.png"><img class="main" src="overlay.png" alt="heat overlay"></a>']
+    views += [f'<a href="{f}"><img class="main" src="{f}" alt="{f}"></a>' for f in ("focus.png", "landmarks.png")
+              if f in m.get("files", [])]
+    figs = []
+    for f, pic in zip(m.get("filters", []), m.get("filter_pictures", [])):
+        cap = f"#{f['rank']} ch {f['channel']} a={f['activation']:.3g}"
+        figs.append(f'<figure data-src="{esc(pic, quote=True)}" data-caption="{esc(cap, quote=True)}">'
+                    f'<img src="{esc(pic, quote=True)}" alt="{esc(cap, quote=True)}"><figcaption>{esc(cap)}'
+                    "</figcaption></figure>")
+    settings = " · ".join(f"{k}: {esc(str(m.get(k)))}" for k in ("model", "layer_module", "method", "mode", "top_n")
+                          if m.get(k) is not None)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(name)}: {esc(title)}</title>
+<style>{_STYLE}{_PAGE_STYLE}</style></head>
+<body data-enlarged="0">
+<nav>{_nav_link("prev", prev, "&larr; previous")}<a href="../index.html">all images</a>
+{_nav_link("next", nxt, "next &rarr;")}
+<span class="meta">arrow keys: previous / next image; click a filter to enlarge it</span></nav>
+<h1>{esc(name)}</h1>
+<div>{_prediction_line(m)}</div><div class="meta">{settings}</div>
+<div class="views">{''.join(views)}</div>
+<h2>Every filter ({len(figs)}), strongest first</h2>
+<div id="filters">{''.join(figs)}</div>
+<p class="files"><a href="grid.png">grid.png</a><a href="maps.npy">maps.npy</a>
+<a href="manifest.json">manifest.json</a></p>
+<div id="lightbox"><img id="big" alt="enlarged filter"><div id="bigcap"></div></div>
+<script>{_PAGE_SCRIPT}</script>
+</body></html>
+"""

@@ -1,14 +1,20 @@
 """The one projection pipeline of ``project``, ``evaluate`` and ``demo``: project a batch of images, write one folder
 per image (pictures, ``maps.npy``, ``manifest.json``), then the gallery over the folders.
 
-Layout of a folder (named after the image stem, made unique with ``-2``, ``-3`` ...)::
+Layout of a folder (named after the image stem, made unique with ``-2``, ``-3`` ...); every picture is drawn on
+the film as it was given (:mod:`xraydeconv.reports.film`) through the display transform
+(:mod:`xraydeconv.reports.display`)::
 
-    overlay.png    original | combined top-n heat map over it (poster Fig. 2/3)
-    focus.png      original | top-5 focus | top-n focus (poster Fig. 1/4)
-    grid.png       each filter's heat map over the image, captioned with channel and activation
-    thumb.png      a thumbnail for the gallery
-    maps.npy       float16 (top_n, H, W): per-filter heat maps |sum_c projection|, each normalised to [0, 1]
-                   (the maximum |value| of each raw map is kept as ``map_scale`` in the manifest)
+    overlay.png    the combined heat of the top-n filters over the film, colour bar, caption (poster Fig. 3)
+    focus.png      the focus areas of the top-5 filters outlined on the film (Fig. 1)
+    grid.png       every filter's heat and focus area, captioned with channel and activation (Fig. 4)
+    landmarks.png  film | landmark outlines | heat with the outlines, when the image has masks (Fig. 2)
+    filters/       one JPEG per filter (NN.jpg, rank order), for the image's page
+    thumb.jpg      the overlay, small, for the gallery card
+    index.html     the image's page (written with the gallery)
+    maps.npy       float16 (top_n, H, W) at network resolution: per-filter heat maps |sum_c projection|, each
+                   normalised to [0, 1] (the maximum |value| of each raw map is kept as ``map_scale``); no display
+                   transform touches them
     manifest.json  checkpoint hash, model, layer, filters, prediction, truth, versions, settings
 """
 
@@ -29,7 +35,9 @@ from torch import Tensor
 
 from xraydeconv.errors import UserError
 from xraydeconv.io import building_folder, check_output_folder, write_atomically, write_json
-from xraydeconv.reports import render
+from xraydeconv.reports import display, render, views
+from xraydeconv.reports.display import DisplaySettings
+from xraydeconv.reports.film import Film
 from xraydeconv.reports.gallery import write_gallery
 
 if TYPE_CHECKING:
@@ -38,11 +46,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "FolderWriter", "unique_folder", "write_image_folder",
-    "manifest_base", "prediction_fields", "layer_module_name", "project_into", "project_checkpoint",
+    "manifest_base", "prediction_fields", "layer_module_name", "project_into", "project_checkpoint", "check_settings",
+    "Net", "open_net",
 ]
 
 MANIFEST_VERSION = 1
-FOLDER_FILES = ("overlay.png", "focus.png", "grid.png", "thumb.png", "maps.npy", "manifest.json")
+FILTERS_DIR = "filters"
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class ProjectSettings:
     method: str = "deconvnet"
     precision: str = "fp32"
     batch_size: int = 4
-    cmap: str = render.DEFAULT_CMAP
+    display: DisplaySettings = DisplaySettings()
 
 
 # --- the images of a run ----------------------------------------------------------------------------------------
@@ -75,6 +84,7 @@ class ImageSource:
     labels: list[int | None]
     class_names: list[str] | None
     load: Callable[[int], Tensor]
+    masks: Callable[[int], dict[str, np.ndarray]] | None = None
 
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], input_size: int) -> ImageSource:
@@ -97,7 +107,7 @@ class ImageSource:
         classes = [ds.class_names[int(r.label)] for r in recs]
         return cls([r.path for r in recs], [f"{c}/{r.path.name}" for c, r in zip(classes, recs)],
                    [f"{c}-{r.path.stem}" for c, r in zip(classes, recs)], [int(r.label) for r in recs],
-                   list(ds.class_names), lambda i: ds[indices[i]][0])
+                   list(ds.class_names), lambda i: ds[indices[i]][0], lambda i: ds.landmark_masks(indices[i]))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -105,6 +115,10 @@ class ImageSource:
     def true_class(self, i: int) -> str | None:
         label = self.labels[i]
         return None if label is None else self.class_names[label]
+
+    def film(self, i: int, input_size: int, settings: DisplaySettings) -> Film:
+        """Image ``i`` as it was given, scaled for display."""
+        return Film.load(self.paths[i], input_size, settings.min_side, settings.max_side)
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[int], Tensor]]:
         """``(indices, (b, C_in, S, S) images)`` in order."""
@@ -183,25 +197,34 @@ def unique_folder(stem: str, taken: set[str]) -> str:
     return name
 
 
-def _write_pictures(folder: Path, image: Tensor, heats: Tensor, chans: list[int], acts: list[float], cmap: str,
-                    grid_cols: int) -> None:
-    """overlay.png, focus.png, grid.png and thumb.png of one image from its (top_n, H, W) heat maps."""
-    n = heats.shape[0]
-    combined = render.normalise(heats.mean(0))
-    top5 = render.normalise(heats[:5].mean(0))
-    orig = render.to_rgb(image)
-    over = render.overlay(image, combined, cmap)
-    render.save_png(render.side_by_side([orig, over], ["input", f"top-{n} filters"]), folder / "overlay.png")
-    render.save_png(
-        render.side_by_side(
-            [orig, render.overlay(image, top5, cmap), over], ["input", f"top-{min(5, n)} focus", f"top-{n} focus"]
-        ),
-        folder / "focus.png",
-    )
-    render.save_png(render.focus_grid(image, heats, chans, acts, cols=grid_cols, cmap=cmap), folder / "grid.png")
-    im = Image.fromarray(over)
-    im.thumbnail((160, 160))
-    render.save_png(np.asarray(im), folder / "thumb.png")
+def _write_pictures(folder: Path, heats: views.Heats, chans: list[int], acts: list[float], meta: dict,
+                    masks: dict[str, np.ndarray] | None) -> dict:
+    """Every picture of one image; returns the manifest fields that describe them."""
+    over, box = views.overlay_view(heats, meta)
+    render.save_png(over, folder / "overlay.png")
+    render.save_png(views.focus_view(heats, chans, acts, meta), folder / "focus.png")
+    tiles = views.filter_tiles(heats)
+    render.save_png(views.grid_view(tiles, chans, acts, meta), folder / "grid.png")
+    (folder / FILTERS_DIR).mkdir()
+    names = [f"{FILTERS_DIR}/{k + 1:02d}.jpg" for k in range(len(tiles))]
+    for name, tile in zip(names, tiles):
+        _save_jpeg(tile, folder / name)
+    files = ["overlay.png", "focus.png", "grid.png"]
+    if masks:
+        render.save_png(views.landmark_view(heats, masks, meta), folder / "landmarks.png")
+        files.append("landmarks.png")
+    thumb = Image.fromarray(over[box[0]:box[0] + box[2], box[1]:box[1] + box[3]])
+    thumb.thumbnail((320, 320))
+    _save_jpeg(np.asarray(thumb), folder / "thumb.jpg")
+    film = heats.film
+    files += ["thumb.jpg", FILTERS_DIR, "index.html", "maps.npy", "manifest.json"]
+    return {"files": files, "filter_pictures": names,
+            "overlay_film_box": list(box), "film": {"original": list(film.original), "display": list(film.shape),
+                                                    "letterbox": [film.top, film.left, film.height, film.width]}}
+
+
+def _save_jpeg(rgb: np.ndarray, path: Path) -> None:
+    write_atomically(path, lambda f: Image.fromarray(rgb).save(f, format="JPEG", quality=88))
 
 
 def write_image_folder(
@@ -211,26 +234,39 @@ def write_image_folder(
     channels: Tensor,
     activations: Tensor,
     manifest: dict,
-    cmap: str = render.DEFAULT_CMAP,
-    grid_cols: int = 5,
+    film: Film | None = None,
+    masks: dict[str, np.ndarray] | None = None,
+    stride: int = 1,
+    settings: DisplaySettings | None = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Write the pictures, heat maps and manifest of one projected image into ``folder`` (created).
 
     Args:
-        image: (C_in, H, W) the model's input in [0, 1].
-        maps: (top_n, C_in, H, W) the projections of its filters, strongest first.
+        image: (C_in, S, S) the model's input in [0, 1].
+        maps: (top_n, C_in, S, S) the projections of its filters, strongest first.
         channels, activations: (top_n,) filter ids and ranking scores.
         manifest: fields describing the run and the image; the filter list, map scales and file names are added.
+        film: the film as it was given (default: the input itself).
+        masks: landmark name -> bool (S, S) mask; gives ``landmarks.png``.
+        stride: input pixels between the activations of the projected layer (sets the smoothing).
+        extra: more pictures to write, file name -> (H, W, 3) uint8 (``compare.png``).
     Returns:
         The manifest as written.
     """
+    settings = settings or DisplaySettings()
+    film = film or Film.from_input(image, settings.min_side, settings.max_side)
     folder.mkdir(parents=True, exist_ok=True)
-    raw = maps.float().sum(1).abs()  # (top_n, H, W)
+    raw = maps.float().sum(1).abs()  # (top_n, S, S)
     scale = raw.flatten(1).amax(1)
     heats = render.normalise(raw)
     chans = [int(c) for c in channels.tolist()]
     acts = [float(a) for a in activations.tolist()]
-    _write_pictures(folder, image, heats, chans, acts, cmap, grid_cols)
+    pictures = _write_pictures(folder, views.Heats.make(film, heats, stride, settings), chans, acts, manifest,
+                               masks)
+    for name, rgb in (extra or {}).items():
+        render.save_png(rgb, folder / name)
+        pictures["files"].insert(0, name)
     write_atomically(folder / "maps.npy", lambda f: np.save(f, heats.to(torch.float16).cpu().numpy()))
     out = dict(manifest)
     out.update(
@@ -242,7 +278,8 @@ def write_image_folder(
             "map_scale": [float(v) for v in scale.tolist()],
             "maps": {"file": "maps.npy", "dtype": "float16", "shape": list(heats.shape),
                      "content": "per-filter |sum over input channels| of the projection, each divided by map_scale"},
-            "files": list(FOLDER_FILES),
+            "display": {**settings.as_dict(), "stride": stride, "sigma": display.smoothing_sigma(stride)},
+            **pictures,
         }
     )
     write_json(out, folder / "manifest.json")
@@ -257,24 +294,29 @@ class FolderWriter:
         base: the manifest fields shared by every image (:func:`manifest_base`).
     """
 
-    def __init__(self, root: Path, base: dict, cmap: str = render.DEFAULT_CMAP) -> None:
-        self.root, self.base, self.cmap = Path(root), base, cmap
+    def __init__(self, root: Path, base: dict, stride: int = 1, settings: DisplaySettings | None = None) -> None:
+        self.root, self.base, self.stride = Path(root), base, stride
+        self.settings = settings or DisplaySettings()
         self.rows: list[dict] = []
         self.taken: set[str] = set()
 
-    def add(self, stem: str, image: Tensor, projection: Projection, index: int, fields: dict) -> dict:
+    def add(self, stem: str, image: Tensor, projection: Projection, index: int, fields: dict,
+            film: Film | None = None, masks: dict[str, np.ndarray] | None = None,
+            extra: dict[str, np.ndarray] | None = None) -> dict:
         """Write image ``index`` of a batch ``projection`` into a new folder named after ``stem``.
 
         Args:
-            image: (C_in, H, W) the input the projection was made from.
+            image: (C_in, S, S) the input the projection was made from.
             fields: the image's own manifest fields (input file, prediction, truth).
+            film, masks: the film as it was given and its landmark masks (see :func:`write_image_folder`).
         Returns:
             The gallery row ``{"folder": name, "manifest": manifest as written}``.
         """
         folder = unique_folder(stem, self.taken)
         man = write_image_folder(self.root / folder, image.cpu(), projection.maps[index].cpu(),
                                  projection.channels[index].cpu(), projection.activations[index].cpu(),
-                                 {**self.base, **fields}, cmap=self.cmap)
+                                 {**self.base, **fields}, film=film, masks=masks, stride=self.stride,
+                                 settings=self.settings, extra=extra)
         row = {"folder": folder, "manifest": man}
         self.rows.append(row)
         return row
@@ -287,27 +329,66 @@ class FolderWriter:
 # --- a whole run ------------------------------------------------------------------------------------------------
 
 
-def project_into(out: Path, source: ImageSource, dn: DeconvNet, base: dict, class_names: Sequence[str],
-                 settings: ProjectSettings, device: torch.device, title: str, info: dict, overwrite: bool = True,
-                 progress: bool = True, desc: str = "projecting") -> list[dict]:
+@dataclass
+class Net:
+    """A checkpoint ready to project: its model's deconvnet, manifest base, classes and layer stride."""
+
+    dn: DeconvNet
+    base: dict
+    class_names: list[str]
+    stride: int
+
+    @classmethod
+    def make(cls, dn: DeconvNet, base: dict, class_names: Sequence[str]) -> Net:
+        first = next(m for m in dn.model.modules() if isinstance(m, torch.nn.Conv2d))
+        stride = display.layer_stride(dn.model, base["layer_module"], base["input_size"], first.in_channels)
+        return cls(dn, base, list(class_names), stride)
+
+    def project(self, x: Tensor, settings: ProjectSettings, device: torch.device) -> Projection:
+        return self.dn.project(x.to(device), top_n=settings.top_n, layer=self.base["layer"], mode=settings.mode,
+                               rank=settings.rank, method=settings.method, precision=settings.precision)
+
+
+def _compare_picture(film: Film, nets: Sequence[Net], projections: Sequence[Projection], j: int,
+                     settings: DisplaySettings) -> tuple[np.ndarray, list[dict]]:
+    """compare.png of image ``j`` of a batch and the manifest entry of each net."""
+    heats, metas = [], []
+    for net, p in zip(nets, projections):
+        h = render.filter_heatmaps(p.maps[j].cpu())
+        heats.append(views.Heats.make(film, h, net.stride, settings))
+        pred = prediction_fields(None if p.probs is None else p.probs[j], net.class_names, None)
+        metas.append({"model": net.base["model"], "checkpoint": net.base["checkpoint"],
+                      "checkpoint_sha256": net.base["checkpoint_sha256"], **pred})
+    return views.compare_view(film, heats, metas), metas
+
+
+def project_into(out: Path, source: ImageSource, net: Net, settings: ProjectSettings, device: torch.device,
+                 title: str, info: dict, overwrite: bool = True, progress: bool = True, desc: str = "projecting",
+                 compare: Sequence[Net] = ()) -> list[dict]:
     """Project every image of ``source`` and write the folders and the gallery into ``out``.
 
-    ``out`` is built beside itself and moved into place at the end. Returns the gallery rows.
+    With ``compare``, every folder also gets ``compare.png``: the heat of ``net`` and of each of these on the
+    same film. ``out`` is built beside itself and moved into place at the end. Returns the gallery rows.
     """
     from tqdm import tqdm
 
     with building_folder(out, overwrite) as tmp:
-        writer = FolderWriter(tmp, base, settings.cmap)
+        writer = FolderWriter(tmp, net.base, net.stride, settings.display)
         with tqdm(total=len(source), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
             for idx, x in source.batches(settings.batch_size):
-                p = dn.project(x.to(device), top_n=settings.top_n, layer=base["layer"], mode=settings.mode,
-                               rank=settings.rank, method=settings.method, precision=settings.precision)
-                probs = p.probs
+                ps = [n.project(x, settings, device) for n in (net, *compare)]
                 for j, i in enumerate(idx):
                     fields = {"input_file": str(source.paths[i]), "input_name": source.names[i],
-                              **prediction_fields(None if probs is None else probs[j], class_names,
+                              **prediction_fields(None if ps[0].probs is None else ps[0].probs[j], net.class_names,
                                                   source.true_class(i))}
-                    writer.add(source.stems[i], x[j], p, j, fields)
+                    film = source.film(i, net.base["input_size"], settings.display)
+                    extra = None
+                    if compare:
+                        extra = {"compare.png": None}
+                        extra["compare.png"], fields["compare"] = _compare_picture(film, (net, *compare), ps, j,
+                                                                                   settings.display)
+                    writer.add(source.stems[i], x[j], ps[0], j, fields, film,
+                               source.masks(i) if source.masks else None, extra)
                 bar.update(len(idx))
         writer.write_gallery(title, info)
     return writer.rows
@@ -323,31 +404,32 @@ def check_settings(dn: DeconvNet, settings: ProjectSettings) -> int:
     if settings.top_n > n_ch:
         raise UserError(f"--top-n {settings.top_n}: conv layer {layer} has only {n_ch} filters")
     try:
-        render.colormap(settings.cmap)
+        render.colormap(settings.display.cmap)
     except ValueError:
-        raise UserError(f"--cmap {settings.cmap}: not a matplotlib colormap") from None
+        raise UserError(f"--cmap {settings.display.cmap}: not a matplotlib colormap") from None
     return layer
 
 
 def project_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, images: Sequence[str | os.PathLike] = (),
                        data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
                        settings: ProjectSettings | None = None, device: str = "auto", overwrite: bool = False,
-                       progress: bool = True) -> list[dict]:
+                       progress: bool = True, compare: Sequence[str | os.PathLike] = ()) -> list[dict]:
     """``xraydeconv project``: project ``images`` (files) or the first ``limit`` images of a split of ``data``.
 
     Returns the gallery rows (one per image). Raises UserError for bad options, inputs and output folders.
     """
     from xraydeconv.device import resolve_device
-    from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.training.checkpoint import load_checkpoint
 
     settings = settings or ProjectSettings()
-    inputs = [("--checkpoint", checkpoint)] + [("--images", p) for p in images]
+    inputs = [("--checkpoint", checkpoint)] + [("--compare", c) for c in compare] + [("--images", p) for p in images]
     out = check_output_folder(out, overwrite, inputs=inputs + ([("--data", data)] if data is not None else []))
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
-    dn = DeconvNet(ckpt.model)
-    layer = check_settings(dn, settings)
+    net, ckpt = open_net(checkpoint, settings, dev)
+    others = [open_net(c, settings, dev)[0] for c in compare]
+    for c, other in zip(compare, others):
+        if other.base["input_size"] != ckpt.input_size:
+            raise UserError(f"--compare {c}: input size {other.base['input_size']}, but --checkpoint has "
+                            f"{ckpt.input_size}; compare nets trained at the same size")
     if images:
         source = ImageSource.from_files(images, ckpt.input_size)
     else:
@@ -357,9 +439,21 @@ def project_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, im
         if len(ds) == 0:
             raise UserError(f"{data}: no images in the {split} split")
         source = ImageSource.from_dataset(ds, range(len(ds) if limit is None else min(limit, len(ds))))
-    base = manifest_base(checkpoint, ckpt, dn, layer, settings)
-    info = {"model": ckpt.model_name, "checkpoint": Path(checkpoint).name, "layer": base["layer_module"],
+    info = {"model": ckpt.model_name, "checkpoint": Path(checkpoint).name, "layer": net.base["layer_module"],
             "top-n": settings.top_n, "method": settings.method, "mode": settings.mode}
-    return project_into(out, source, dn, base, ckpt.class_names, settings, dev,
-                        title=f"xraydeconv projections: {ckpt.model_name}", info=info, overwrite=overwrite,
-                        progress=progress)
+    if others:
+        info["compared with"] = ", ".join(f"{o.base['model']} ({Path(o.base['checkpoint']).name})" for o in others)
+    return project_into(out, source, net, settings, dev, title=f"xraydeconv projections: {ckpt.model_name}",
+                        info=info, overwrite=overwrite, progress=progress, compare=others)
+
+
+def open_net(checkpoint: str | os.PathLike, settings: ProjectSettings, device: torch.device,
+             flag: str = "--checkpoint") -> tuple[Net, Checkpoint]:
+    """Load a checkpoint for projection with ``settings`` (layer and top-n checked against its net)."""
+    from xraydeconv.explain.deconvnet import DeconvNet
+    from xraydeconv.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    dn = DeconvNet(ckpt.model)
+    layer = check_settings(dn, settings)
+    return Net.make(dn, manifest_base(checkpoint, ckpt, dn, layer, settings), ckpt.class_names), ckpt

@@ -33,6 +33,7 @@ __all__ = [
     "side_by_side",
     "save_png",
     "colormap",
+    "font",
 ]
 
 DEFAULT_CMAP = "jet"
@@ -112,7 +113,8 @@ def overlay(
     return ((base * (1.0 - a) + colour * a) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def font(size: int) -> ImageFont.ImageFont:
+    """PIL's built-in font at ``size`` pixels (one bitmap size on old Pillow)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size
@@ -125,7 +127,7 @@ def _labelled(tile: np.ndarray, label: str, size: int) -> Image.Image:
         band = max(12, size)
         out = Image.new("RGB", (im.width, im.height + band + 4), (255, 255, 255))
         out.paste(im, (0, band + 4))
-        ImageDraw.Draw(out).text((3, 2), label, fill=(0, 0, 0), font=_font(size))
+        ImageDraw.Draw(out).text((3, 2), label, fill=(0, 0, 0), font=font(size))
         return out
     return im
 
