@@ -449,17 +449,67 @@ def test_layer_names_and_indices():
 
 
 class _DataDependent(nn.Module):
-    def __init__(self):
+    """A forward torch.fx cannot trace (a branch on the data) with a ReLU module reused, max pooling and a
+    residual addition."""
+
+    def __init__(self, branch: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
+        self.branch = branch
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.block = BasicBlock(8, 8)
+        self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.conv(x) if x.sum() > 0 else -self.conv(x)
+        x = self.block(self.stem(x))
+        if self.branch and x.sum() > 0:
+            x = x * 1.0
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def test_untraceable_model_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="_DataDependent: torch.fx cannot trace its forward"):
-        DeconvNet(_DataDependent())
+def _twin_without_branch(net: nn.Module) -> nn.Module:
+    twin = _DataDependent(branch=False).eval()
+    twin.load_state_dict(net.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("method,layer", [("deconvnet", None), ("guided", None), ("deconvnet", "stem.2"),
+                                          ("gradient", "block")])
+def test_untraceable_model_falls_back_to_hooks(method, layer):
+    torch.manual_seed(0)
+    net = _randomise_bn(_DataDependent(), 1)
+    x = _x(15)
+    dn = DeconvNet(net, chunk_size=4)
+    assert dn.engine == "hooks" and dn.layer_name() == "block" and dn.layer_channels() == 8
+    p = dn.project(x, top_n=3, layer=layer, method=method)
+    assert p.layer_name == (layer or "block") and torch.allclose(p.logits, net(x), atol=1e-6)
+    module = net.get_submodule(layer or "block")
+    if method == "gradient":
+        ref = _captum(net, module, x, p.channels, captum_attr.NeuronGradient)
+    else:
+        cls = captum_attr.NeuronDeconvolution if method == "deconvnet" else captum_attr.NeuronGuidedBackprop
+        ref = _captum(net, module, x, p.channels, cls)
+    assert _rel_err(p.maps, ref) <= 1e-4
+    # the same network without the branch goes through the graph walk and gives the same maps
+    graph = GraphDeconvNet(_twin_without_branch(net)).project(x, top_n=3, layer=layer, method=method)
+    assert torch.equal(graph.channels, p.channels)
+    assert _rel_err(graph.maps, p.maps) <= 1e-5
+
+
+def test_hooks_max_mode_and_errors():
+    torch.manual_seed(0)
+    net = _randomise_bn(_DataDependent(), 1)
+    x = _x(16)
+    dn = DeconvNet(net)
+    p = dn.project(x, top_n=2, mode="max", layer="stem.0")
+    assert p.layer == 0
+    twin = _twin_without_branch(net)
+    assert _rel_err(GraphDeconvNet(twin).project(x, top_n=2, mode="max", layer="stem.0").maps, p.maps) <= 1e-5
+    with pytest.raises(ValueError, match="'nope': no such module"):
+        dn.project(x, layer="nope")
+    with pytest.raises(ValueError, match="through hooks, in fp32 only"):
+        dn.project(x, precision="bf16")
+    with pytest.raises(ValueError, match="top_n 9"):
+        dn.project(x, top_n=9)
 
 
 def test_package_models_keep_the_step_list_walk():

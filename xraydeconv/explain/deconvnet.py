@@ -55,7 +55,9 @@ from xraydeconv.explain.common import (
     check_top_n,
     select_filters,
 )
+from xraydeconv.explain.graph import UntraceableModel
 from xraydeconv.explain.graph_deconvnet import GraphDeconvNet
+from xraydeconv.explain.hooks import HookDeconvNet
 
 __all__ = ["DeconvNet", "Projection", "MODES", "RANKS", "METHODS"]
 
@@ -169,8 +171,15 @@ class DeconvNet:
         self.sparse = sparse
         self._head: Callable[[Tensor], Tensor] | None = None
         features = sequential_features(model)
-        # any other model: its torch.fx graph (the Sequential steps below stay empty)
-        self.graph = GraphDeconvNet(model, chunk_size, sparse) if features is None else None
+        # any other model: its torch.fx graph, or autograd with hooks where fx cannot trace it (the Sequential
+        # steps below then stay empty)
+        self.graph: GraphDeconvNet | HookDeconvNet | None = None
+        self.engine = "sequential"
+        if features is None:
+            try:
+                self.graph, self.engine = GraphDeconvNet(model, chunk_size, sparse), "graph"
+            except UntraceableModel:
+                self.graph, self.engine = HookDeconvNet(model, chunk_size), "hooks"
         self.features = features
         self.steps = [] if features is None else _plan(features, "features." if features is not model else "")
         self.conv_steps = [i for i, s in enumerate(self.steps) if s.kind == "conv"]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from xraydeconv.explain.adjoint import PoolRecord, bn_forward, is_switch_pool, pair, pool_forward
 
-__all__ = ["Graph", "GraphRecords", "Op", "trace"]
+__all__ = ["Graph", "GraphRecords", "Op", "UntraceableModel", "trace"]
 
 _RELU_FNS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _ADD_FNS = (operator.add, operator.iadd, torch.add)
@@ -41,17 +41,21 @@ class _Tracer(fx.Tracer):
         return is_switch_pool(m) or super().is_leaf_module(m, qualname)
 
 
+class UntraceableModel(ValueError):
+    """torch.fx cannot trace the model's forward."""
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """The model's forward as a ``GraphModule`` sharing the model's parameters and buffers.
 
     Raises:
-        ValueError: the forward cannot be traced symbolically (data-dependent control flow, ...), with the
+        UntraceableModel: the forward cannot be traced symbolically (data-dependent control flow, ...), with the
             tracer's reason.
     """
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 -- fx raises whatever the model's code raises on a Proxy
-        raise ValueError(
+        raise UntraceableModel(
             f"{type(model).__name__}: torch.fx cannot trace its forward ({type(e).__name__}: {e}); "
             "see docs/own-models.md"
         ) from e
