@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,24 @@ def test_out_inside_or_around_data_is_refused(tmp_path: Path, tiny_imagefolder) 
                                      "--out", str(out)])
         assert isinstance(r.exception, UserError) and f"overlaps the input --data {data}" in str(r.exception)
     assert not (data / "run").exists()
+
+
+def test_two_train_processes_into_one_out_the_second_gets_one_error(tmp_path: Path, tiny_imagefolder) -> None:
+    data = tiny_imagefolder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "xraydeconv.cli.main", "train", "--model", "shallow", "--data", str(data),
+            "--input-size", "32", "--batch-size", "4", "--threads", "1", "--quiet", "--device", "cpu",
+            "--checkpoint-every", "0", "--out", str(out)]
+    first = subprocess.Popen([*args, "--epochs", "500"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not out.is_dir() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # out appears once the first run holds the lock and has opened the data
+        assert out.is_dir(), first.stderr.read().decode() if first.poll() is not None else "no --out after 120 s"
+        second = subprocess.run([*args, "--epochs", "1"], capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [f"error: {out}: another xraydeconv run is writing it now; "
+                                                  "wait for it or choose another output"]
