@@ -67,12 +67,14 @@ def test_quick_demo(tmp_path, cache, capsys, monkeypatch):
     table = (out / "landmarks.md").read_text()
     assert table.count("\n") == 3 + len(MODEL_NAMES) and "the image itself (no net)" in table
 
-    # every relative link of the front page points at a file that exists
+    # every relative link and picture of the front page points at a file that exists; it opens on pictures
     page = (out / "index.html").read_text()
-    links = re.findall(r"href='([^']+)'", page)
-    assert len(links) == 5 * len(MODEL_NAMES)
+    links = re.findall(r"""(?:href|src)=["']([^"']+)["']""", page)
+    assert len(links) >= 6 * len(MODEL_NAMES)
     for link in links:
         assert (out / link).is_file(), link
+    first_picture = page.index("<img")
+    assert first_picture < page.index("Table 1")
 
     # a second run reuses the trained nets
     stamp = {n: (out / n / "best.pt").stat().st_mtime_ns for n in MODEL_NAMES}

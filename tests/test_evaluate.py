@@ -75,7 +75,8 @@ def test_report_on_phantoms(phantoms, ckpt24, tmp_path):
     out = tmp_path / "ev"
     opts = EvalOptions(split="val", top_n=4, batch_size=5, limit=12, max_misclassified=3, occlusion=True)
     rep = evaluate(ckpt24, out, data=phantoms, options=opts, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "misclassified", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "examples", "index.html", "misclassified",
+                                                      "report.json", "report.md"]
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["accuracy"] == pytest.approx(rep["accuracy"])
     conf = np.array(rep["confusion"])
@@ -89,6 +90,14 @@ def test_report_on_phantoms(phantoms, ckpt24, tmp_path):
         assert man["true_class"] == m["true"] and man["predicted_class"] == m["predicted"] != m["true"]
         assert len(man["channels"]) == 4
     assert (out / "misclassified" / "index.html").is_file()
+    # correctly classified examples, one per class, among the images projected anyway
+    examples = json.loads((out / "examples" / "gallery.json").read_text())
+    assert len(examples) == min(4, 12 - rep["misclassified_count"])
+    assert all(r["manifest"]["true_class"] == r["manifest"]["predicted_class"] for r in examples)
+    assert len({r["manifest"]["true_class"] for r in examples}) == len(examples)
+    page = (out / "index.html").read_text()
+    assert page.index("<img") < page.index("Landmark agreement")  # the page opens on pictures
+    assert page.count('<div class="card') == len(rep["misclassified"]) + len(examples)
 
     lm = rep["landmarks"]
     assert lm["overall"]["n"] == 12 and lm["baseline_image"]["n"] == 12

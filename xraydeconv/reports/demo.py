@@ -153,33 +153,102 @@ def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _index_html(out: Path, table1_md: str, landmarks_md: str, models: list[str], settings: DemoSettings) -> str:
-    def table(md: str) -> str:
-        rows = [r for r in md.strip().splitlines() if r.startswith("|") and not set(r) <= set("|-: ")]
-        cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-        if not cells:
-            return ""
-        head = "".join(f"<th>{html.escape(c.replace('`', ''))}</th>" for c in cells[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c.replace('`', ''))}</td>" for c in r) + "</tr>"
-                       for r in cells[1:])
-        return f"<table><tr>{head}</tr>{body}</table>"
+def _md_table(md: str, extra: dict[str, str] | None = None) -> str:
+    """A Markdown table as HTML; ``extra`` adds a last column, keyed by the row's first cell."""
+    rows = [r for r in md.strip().splitlines() if r.startswith("|") and not set(r) <= set("|-: ")]
+    cells = [[c.strip().replace("`", "") for c in r.strip("|").split("|")] for r in rows]
+    if not cells:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + ("<th>one film</th>" if extra else "")
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r)
+                   + (f"<td>{extra.get(r[0], '')}</td>" if extra else "") + "</tr>" for r in cells[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
 
+
+def _rows(gallery: Path) -> list[dict]:
+    f = gallery / "gallery.json"
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else []
+
+
+def _figure(href: str, src: str, caption: str, cls: str = "") -> str:
+    esc = html.escape
+    return (f'<figure class="{cls}"><a href="{esc(href, quote=True)}"><img src="{esc(src, quote=True)}" '
+            f'alt="{esc(caption, quote=True)}"></a><figcaption>{esc(caption)}</figcaption></figure>')
+
+
+def _comparison(models: list[str], galleries: dict[str, list[dict]], films: int = 6) -> str:
+    """Fig. 3 as a table: sample films (rows) and each net's heat on them (columns)."""
+    first = galleries[models[0]]
+    step = max(1, len(first) // films)
+    picked = [r["folder"] for r in first[::step][:films]]
+    head = "<tr><th>film</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in models) + "</tr>"
+    body = []
+    for folder in picked:
+        cells = []
+        for m in models:
+            row = next((r for r in galleries[m] if r["folder"] == folder), None)
+            if row is None:
+                cells.append("<td></td>")
+                continue
+            man = row["manifest"]
+            cap = f"{man.get('predicted_class')} {100 * man.get('predicted_probability', 0):.0f} %"
+            cls = "wrong" if man.get("predicted_class") != man.get("true_class") else ""
+            cells.append("<td>" + _figure(f"gallery/{m}/{folder}/index.html", f"gallery/{m}/{folder}/thumb.jpg",
+                                          cap, cls) + "</td>")
+        name = first[[r["folder"] for r in first].index(folder)]["manifest"].get("input_name", folder)
+        body.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
+    return f"<table class='pics'>{head}{''.join(body)}</table>"
+
+
+def _misclassified(out: Path, models: list[str], per_model: int = 3) -> str:
+    figs = []
+    for m in models:
+        for r in _rows(out / "eval" / m / "misclassified")[:per_model]:
+            man, f = r["manifest"], f"eval/{m}/misclassified/{r['folder']}"
+            cap = (f"{m}: {man.get('true_class')} taken for {man.get('predicted_class')} "
+                   f"({100 * man.get('predicted_probability', 0):.0f} %)")
+            figs.append(_figure(f"{f}/index.html", f"{f}/thumb.jpg", cap, "wrong"))
+    return "".join(figs) or "<p>None.</p>"
+
+
+_INDEX_STYLE = """body{font-family:system-ui,sans-serif;margin:1.2em;max-width:90em}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}
+figure{margin:0;display:inline-block;font-size:12px;vertical-align:top}
+figure img{width:220px;height:220px;object-fit:contain;background:#000;display:block}
+table.pics td{padding:3px}figure.wrong figcaption{color:#c00}
+td figure img{width:160px;height:160px}.thumb img{width:120px;height:120px}"""
+
+
+def _index_html(out: Path, table1_md: str, landmarks_md: str, models: list[str], settings: DemoSettings) -> str:
+    """The demo's front page: the three nets on the same films first, then Table 1, the landmark table with
+    one film's landmark view per net, misclassified films, and links to everything."""
+    galleries = {m: _rows(out / "gallery" / m) for m in models}
+    examples = {}
+    for m in models:
+        rows = [r for r in galleries[m] if "landmarks.png" in r["manifest"].get("files", [])]
+        if rows:
+            f = f"gallery/{m}/{rows[0]['folder']}"
+            examples[m] = f'<a class="thumb" href="{f}/landmarks.png"><img src="{f}/landmarks.png" alt="{m}" ' \
+                          'style="height:90px"></a>'
     links = "".join(
         f"<li><b>{html.escape(m)}</b>: <a href='gallery/{m}/index.html'>projections of a test sample</a> · "
-        f"<a href='eval/{m}/report.md'>evaluation report</a> · "
+        f"<a href='eval/{m}/index.html'>evaluation</a> · <a href='eval/{m}/report.md'>report.md</a> · "
         f"<a href='eval/{m}/misclassified/index.html'>misclassified images</a> · "
         f"<a href='eval/{m}/confusion.png'>confusion matrix</a> · <a href='{m}/curves.png'>training curves</a></li>"
         for m in models
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>xraydeconv demo</title>
-<style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:70em}}
-table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}</style></head>
-<body><h1>xraydeconv demo ({html.escape(settings.preset)} preset)</h1>
-<h2>Table 1: test accuracy on the synthetic phantoms</h2>{table(table1_md)}
-<h2>Landmark agreement of the top-{settings.top_n} filters</h2>{table(landmarks_md)}
-<h2>Pictures</h2><ul>{links}</ul>
+<style>{_INDEX_STYLE}</style></head>
+<body><h1>xraydeconv demo ({html.escape(settings.preset)} preset): where each net looks</h1>
+<p>The combined heat of each net's top-{settings.top_n} last-layer filters (deconvnet) on the same test films;
+click a picture for every filter of that film.</p>
+{_comparison(models, galleries) if galleries.get(models[0]) else ""}
+<h2>Table 1: test accuracy on the synthetic phantoms</h2>{_md_table(table1_md)}
+<h2>Landmark agreement of the top-{settings.top_n} filters</h2>{_md_table(landmarks_md, examples)}
+<h2>Misclassified films and what the nets looked at</h2>{_misclassified(out, models)}
+<h2>Everything</h2><ul>{links}</ul>
 </body></html>
 """
 

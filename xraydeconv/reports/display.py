@@ -9,8 +9,9 @@ film. The transform, step by step (docs/pictures.md shows each step):
    the pattern of the switches;
 2. **back onto the film**: the letterboxed square is cropped to the film and resized to the film's display size
    (:class:`xraydeconv.reports.film.Film`);
-3. **robust normalisation**: divided by a high percentile (99.5th by default) instead of the single maximum, and
-   clipped to [0, 1], so that one hot pixel cannot make the rest of the map look cold;
+3. **robust normalisation**: ``(map - median) / (p99.5 - median)``, clipped to [0, 1]: a high percentile instead of
+   the single maximum, so that one hot pixel cannot make the rest of the map look cold, and the median as the
+   floor, so that a broad map does not colour the whole film (at most half of it can be coloured);
 4. **opacity curve**: a smoothstep from ``low`` (transparent: the film shows unchanged) to ``high`` (opacity
    ``alpha``); the hot part is coloured clearly, cold areas stay plain film;
 5. **colour**: a perceptually uniform colormap (``plasma`` by default: no black and no grey at any level, so
@@ -40,7 +41,8 @@ class DisplaySettings:
     """The knobs of the display transform (stored in each manifest as ``display``)."""
 
     cmap: str = DEFAULT_CMAP
-    percentile: float = 99.5  # robust normalisation: this percentile of the smoothed map becomes 1
+    percentile: float = 99.5  # robust normalisation: this percentile of the smoothed map becomes 1 ...
+    floor: float = 50.0  # ... and this one 0
     low: float = 0.3  # opacity curve: transparent below ``low`` ...
     high: float = 0.7  # ... full ``alpha`` above ``high``
     alpha: float = 0.8
@@ -75,12 +77,15 @@ def smooth(heat: Tensor, sigma: float) -> Tensor:
     return flat.reshape(shape)
 
 
-def robust_normalise(heat: Tensor, percentile: float = 99.5) -> Tensor:
-    """(..., H, W) -> [0, 1]: divided by the ``percentile`` of each map (its maximum when that is 0), clipped."""
+def robust_normalise(heat: Tensor, percentile: float = 99.5, floor: float = 50.0) -> Tensor:
+    """(..., H, W) -> [0, 1]: ``(map - f) / (p - f)`` clipped, with ``p`` the ``percentile`` and ``f`` the ``floor``
+    percentile (the median by default) of each map; a map whose ``p`` equals ``f`` uses its maximum for ``p``."""
     flat = heat.float().flatten(-2).clamp_min(0)
-    ref = torch.quantile(flat, percentile / 100, dim=-1, keepdim=True)
-    ref = torch.where(ref > 0, ref, flat.amax(-1, keepdim=True)).clamp_min(torch.finfo(torch.float32).tiny)
-    return (flat / ref).clamp(0, 1).reshape(heat.shape)
+    q = torch.quantile(flat, torch.tensor([floor / 100, percentile / 100]), dim=-1, keepdim=True)
+    lo, hi = q[0], q[1]
+    hi = torch.where(hi > lo, hi, flat.amax(-1, keepdim=True))
+    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    return ((flat - lo) / span).clamp(0, 1).reshape(heat.shape)
 
 
 def opacity(h: np.ndarray, settings: DisplaySettings) -> np.ndarray:

@@ -37,10 +37,12 @@ from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError
 from xraydeconv.explain.occlusion import occlude_landmarks
 from xraydeconv.io import building_folder, check_output_folder, write_json
+from xraydeconv.reports.pages import write_index
 
 __all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown"]
 
 REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "report.md", "confusion.png", "misclassified"
+EXAMPLES_DIR, INDEX_HTML = "examples", "index.html"
 MARKER = "marker"
 UNION = "all landmarks"
 METRIC_KEYS = ("pointing_game", "relevance_mass", "relevance_rank")
@@ -60,6 +62,7 @@ class EvalOptions:
     device: str = "cpu"
     landmarks: bool = True  # False: accuracy and misclassified projections only
     limit: int | None = None  # only the first N images of the split
+    examples: int = 4  # correctly classified images drawn with their projections (of those projected anyway)
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -349,7 +352,7 @@ class _Tally:
     """Runs the batches of one evaluation and adds up what they give (confusion, landmark scores, occlusion,
     the folders of the misclassified images)."""
 
-    def __init__(self, setup: _Setup, opt: EvalOptions, mis_dir: Path) -> None:
+    def __init__(self, setup: _Setup, opt: EvalOptions, mis_dir: Path, examples_dir: Path) -> None:
         from xraydeconv.reports.pipeline import FolderWriter
 
         self.setup, self.opt = setup, opt
@@ -361,6 +364,7 @@ class _Tally:
         self.occlusion = _OcclusionTally(setup.classes)
         self.misclassified: list[dict] = []
         self.writer = FolderWriter(mis_dir, setup.base, setup.stride)
+        self.examples = FolderWriter(examples_dir, setup.base, setup.stride)
         self.t_project = 0.0
 
     def batch(self, idx: list[int]) -> None:
@@ -382,12 +386,13 @@ class _Tally:
         show = wrong[: max(0, opt.max_misclassified - len(self.misclassified))]
         need = sorted(set(show) | {j for j, m in enumerate(masks) if m})
         if need:
-            self._project(idx, x, y, probs, masks, need, show)
+            self._project(idx, x, y, probs, masks, need, show, wrong)
         if opt.occlusion and any(masks):
             self._occlude(x, y, masks)
 
-    def _project(self, idx, x, y, probs, masks, need: list[int], show: list[int]) -> None:
-        """Project images ``need`` of the batch; score those with masks, save those in ``show``."""
+    def _project(self, idx, x, y, probs, masks, need: list[int], show: list[int], wrong: list[int]) -> None:
+        """Project images ``need`` of the batch; score those with masks, save those in ``show`` and a few
+        correctly classified examples."""
         from xraydeconv.reports import render
 
         tp = time.perf_counter()
@@ -403,20 +408,31 @@ class _Tally:
                                [masks[j] for j in with_masks], images=x[with_masks].float().mean(1).cpu())
         for j in show:
             self._save_misclassified(idx[j], x[j], p, pos[j], probs[j], y[j], masks[j])
+        seen = {r["manifest"]["true_class"] for r in self.examples.rows}
+        for j in need:  # correct ones, a class at most once, among the images projected anyway
+            if len(self.examples.rows) < self.opt.examples and j not in wrong and self.setup.classes[y[j]] not in seen:
+                seen.add(self.setup.classes[y[j]])
+                self._save(self.examples, idx[j], x[j], p, pos[j], probs[j], y[j], masks[j], "")
 
-    def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
-                            masks: dict[str, np.ndarray]) -> None:
+    def _save(self, writer, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
+              masks: dict[str, np.ndarray], infix: str) -> dict:
         from xraydeconv.reports.film import Film
         from xraydeconv.reports.pipeline import prediction_fields
 
         classes = self.setup.classes
         path = self.setup.ds.records[i].path
-        fields = {"input_file": str(path), "input_name": path.name,
+        fields = {"input_file": str(path), "input_name": f"{classes[label]}/{path.name}",
                   **prediction_fields(probs, classes, classes[label])}
-        pred = fields["predicted_class"]
-        settings = self.writer.settings
-        film = Film.load(path, self.setup.ckpt.input_size, settings.min_side, settings.max_side)
-        r = self.writer.add(f"{classes[label]}-as-{pred}-{path.stem}", image, p, row, fields, film, masks)
+        film = Film.load(path, self.setup.ckpt.input_size, writer.settings.min_side, writer.settings.max_side)
+        return writer.add(f"{classes[label]}-{infix}{path.stem}", image, p, row, fields, film, masks)
+
+    def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
+                            masks: dict[str, np.ndarray]) -> None:
+        classes = self.setup.classes
+        pred = classes[int(probs.argmax())]
+        r = self._save(self.writer, i, image, p, row, probs, label, masks, f"as-{pred}-")
+        path = self.setup.ds.records[i].path
+        fields = r["manifest"]
         self.misclassified.append({
             "image": str(path), "true": classes[label], "predicted": pred,
             "probability": fields["predicted_probability"], "true_probability": fields["true_probability"],
@@ -462,8 +478,9 @@ def _report(checkpoint: str | os.PathLike, setup: _Setup, opt: EvalOptions, tall
                    "threads": torch.get_num_threads(), "device": str(setup.device),
                    "machine": platform.processor() or platform.machine()},
         "versions": {"xraydeconv": xraydeconv.__version__, "torch": torch.__version__},
-        "files": {"markdown": REPORT_MD, "confusion": CONFUSION_PNG,
-                  "misclassified_gallery": f"{MISCLASSIFIED_DIR}/index.html"},
+        "files": {"markdown": REPORT_MD, "confusion": CONFUSION_PNG, "index": INDEX_HTML,
+                  "misclassified_gallery": f"{MISCLASSIFIED_DIR}/index.html",
+                  "examples_gallery": f"{EXAMPLES_DIR}/index.html"},
     }
 
 
@@ -476,8 +493,10 @@ def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, tall
     tally.writer.write_gallery(f"misclassified by {name}",
                                info={"model": name, "split": opt.split, "shown": len(tally.writer.rows),
                                      "misclassified": report["misclassified_count"]})
+    tally.examples.write_gallery(f"correctly classified by {name}", info={"model": name, "split": opt.split})
     report["timing"]["seconds"] = time.perf_counter() - t0
     write_json(report, tmp / REPORT_JSON)
+    write_index(tmp / INDEX_HTML, report, tally.writer.rows, tally.examples.rows)
     (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")  # tmp is moved into place whole
 
 
@@ -506,9 +525,9 @@ def evaluate(
     t0 = time.perf_counter()
     setup = _open(checkpoint, out, data, opt)
     with building_folder(out, overwrite) as tmp:
-        mis_dir = tmp / MISCLASSIFIED_DIR
-        mis_dir.mkdir()
-        tally = _Tally(setup, opt, mis_dir)
+        (tmp / MISCLASSIFIED_DIR).mkdir()
+        (tmp / EXAMPLES_DIR).mkdir()
+        tally = _Tally(setup, opt, tmp / MISCLASSIFIED_DIR, tmp / EXAMPLES_DIR)
         with tqdm(total=setup.n, desc=f"evaluating {setup.ckpt.model_name}", unit="img", file=sys.stderr,
                   disable=not progress) as bar:
             for b0 in range(0, setup.n, opt.batch_size):

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from xraydeconv.io import write_atomically
 
-__all__ = ["write_gallery", "gallery_html", "image_page_html", "SORT_KEYS"]
+__all__ = ["write_gallery", "gallery_html", "image_page_html", "card_html", "STYLE", "SORT_KEYS"]
 
 SORT_KEYS = ("name", "confidence", "true", "predicted", "misclassified")
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}
 header{display:flex;gap:1.5em;align-items:center;flex-wrap:wrap;margin-bottom:1em}
 h1{font-size:1.3em;margin:0}
@@ -95,9 +95,11 @@ def _misclassified(m: dict) -> bool:
     )
 
 
-def _card(row: dict) -> str:
+def card_html(row: dict, prefix: str = "") -> str:
+    """The card of one image (``row`` as in :func:`gallery_html`); ``prefix``: the folder holding the image
+    folders, relative to the page."""
     m = row["manifest"]
-    folder = row["folder"]
+    folder = prefix + row["folder"]
     name = m.get("input_name") or folder
     true = m.get("true_class")
     pred = m.get("predicted_class")
@@ -145,11 +147,11 @@ def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", in
         f'<option value="{k}">{k.replace("true", "true class").replace("predicted", "predicted class")}</option>'
         for k in SORT_KEYS
     )
-    cards = "\n".join(_card(r) for r in rows)
+    cards = "\n".join(card_html(r) for r in rows)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>{html.escape(title)}</title>
-<style>{_STYLE}</style></head>
+<style>{STYLE}</style></head>
 <body data-misclassified-count="{n_mis}">
 <header><h1>{html.escape(title)}</h1>
 <label>sort by <select id="sort">{options}</select></label>
@@ -268,7 +270,7 @@ def image_page_html(row: dict, prev: str | None, nxt: str | None, title: str = "
                           if m.get(k) is not None)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(name)}: {esc(title)}</title>
-<style>{_STYLE}{_PAGE_STYLE}</style></head>
+<style>{STYLE}{_PAGE_STYLE}</style></head>
 <body data-enlarged="0">
 <nav>{_nav_link("prev", prev, "&larr; previous")}<a href="../index.html">all images</a>
 {_nav_link("next", nxt, "next &rarr;")}

@@ -54,8 +54,8 @@ class Heats:
         """From raw per-filter heat maps (n, S, S) of a layer whose activations are ``stride`` pixels apart."""
         smoothed = film.crop(display.smooth(heats, display.smoothing_sigma(stride)))
         means = smoothed.cumsum(0) / torch.arange(1, smoothed.shape[0] + 1).view(-1, 1, 1)
-        return cls(film, display.robust_normalise(smoothed, settings.percentile),
-                   display.robust_normalise(means, settings.percentile), settings)
+        return cls(film, display.robust_normalise(smoothed, settings.percentile, settings.floor),
+                   display.robust_normalise(means, settings.percentile, settings.floor), settings)
 
     def combined(self, top: int | None = None, film: Film | None = None) -> np.ndarray:
         """The normalised mean map of the first ``top`` filters (default: all) on ``film`` (default: this one)."""

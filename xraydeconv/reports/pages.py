@@ -1,0 +1,71 @@
+"""The ``index.html`` of an evaluation: pictures first (what the net looked at, misclassified films flagged),
+then the numbers. Self-contained, relative links only, no network."""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+
+from xraydeconv.io import write_atomically
+from xraydeconv.reports.gallery import STYLE, card_html
+
+__all__ = ["write_index", "evaluate_index_html", "landmark_rows_html"]
+
+
+def _pct(v) -> str:
+    return "–" if v is None or v != v else f"{100 * v:.1f} %"
+
+
+def landmark_rows_html(lm: dict | None, top_n: int) -> str:
+    """The landmark agreement of a report as an HTML table (combined map, single filter, baseline, marker)."""
+    if not lm or "overall" not in lm:
+        return "<p>No landmark masks: nothing to score.</p>"
+    head = ("<tr><th></th><th>Pointing game</th><th>± tol.</th><th>Relevance mass</th><th>Area share</th>"
+            "<th>Relevance rank</th><th>Images</th></tr>")
+    rows = [(f"combined top-{top_n} map", lm["overall"]), ("the film itself as heat map", lm.get("baseline_image")),
+            ("marker (planted shortcut)", lm.get("marker"))]
+    body = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{_pct(s['pointing_game'])}</td>"
+        f"<td>{_pct(s.get('pointing_game_tolerant'))}</td><td>{_pct(s['relevance_mass'])}</td>"
+        f"<td>{_pct(s['area_share'])}</td><td>{_pct(s['relevance_rank'])}</td><td>{s['n']}</td></tr>"
+        for label, s in rows if s)
+    return f"<table>{head}{body}</table>"
+
+
+def evaluate_index_html(report: dict, misclassified: Sequence[dict], examples: Sequence[dict]) -> str:
+    """The evaluation's front page: misclassified films and correct examples with their heat, then the tables."""
+    ck, d = report["checkpoint"], report["data"]
+    top_n = report["options"]["top_n"]
+    esc = html.escape
+    cards = "\n".join([card_html(r, "misclassified/") for r in misclassified[:8]]
+                      + [card_html(r, "examples/") for r in examples])
+    if not cards:
+        cards = "<p>No projections were drawn (no landmark masks and nothing misclassified).</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation of {esc(ck['model'])}</title>
+<style>{STYLE}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}
+td:first-child{{text-align:left}}</style></head>
+<body>
+<header><h1>{esc(ck['model'])} on {esc(d['split'])}: accuracy {_pct(report['accuracy'])}</h1>
+<span>{report['misclassified_count']} of {d['images']} misclassified ·
+<a href="misclassified/index.html">all misclassified</a> · <a href="examples/index.html">correct examples</a> ·
+<a href="report.md">report.md</a> · <a href="report.json">report.json</a></span></header>
+<h2>What the net looked at (top-{top_n} filters; misclassified first)</h2>
+<div id="cards">
+{cards}
+</div>
+<h2>Landmark agreement</h2>
+{landmark_rows_html(report.get('landmarks'), top_n)}
+<h2>Confusion matrix</h2>
+<img src="confusion.png" alt="confusion matrix" style="max-width:100%">
+</body></html>
+"""
+
+
+def write_index(path: str | os.PathLike, report: dict, misclassified: Sequence[dict],
+                examples: Sequence[dict]) -> None:
+    """Write :func:`evaluate_index_html` to ``path`` atomically."""
+    page = evaluate_index_html(report, misclassified, examples)
+    write_atomically(path, lambda f: f.write(page), mode="w", encoding="utf-8")
