@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xraydeconv import ops
@@ -86,6 +87,20 @@ def test_auto_follows_the_dispatch_table(monkeypatch):
     assert not pool.uses_kernel(x.detach().double())
     assert not pool.uses_kernel(x.detach()[:1])
     assert not SwitchMaxPool2d(3, 2, 1).uses_kernel(x)
+
+
+def test_auto_on_a_kernel_class_pools_like_max_pool(monkeypatch):
+    x = torch.randn(3, 8, 10, 12).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    for backward in (False, True):
+        monkeypatch.setitem(pool_dispatch.TABLE, pool_dispatch.shape_class(x, (2, 2), (2, 2), (0, 0), backward), True)
+    pool = SwitchMaxPool2d(2)
+    assert pool.uses_kernel(x)
+    out, expected = pool(x), F.max_pool2d(x, 2)
+    assert torch.equal(out, expected) and out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(expected, x, g)[0])
+    with torch.no_grad():
+        assert torch.equal(pool(x), expected)
 
 
 def test_explicit_backends_ignore_the_table(monkeypatch):

@@ -80,6 +80,11 @@ class SwitchMaxPool2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_kernel(x):
+            if self.backend == "auto":
+                # the geometry was checked at construction and uses_kernel found the device's kernels: skip the
+                # wrapper's checks, which cost as much as the op itself on a one-image feature map
+                op = torch.ops.xraydeconv.switch_pool2d
+                return op(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)[0]
             return switch_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)[0]
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode)
 

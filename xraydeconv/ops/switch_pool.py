@@ -9,9 +9,9 @@ The switches of a pooled value are the position of the maximum inside its window
   gradient for overlapping ones);
 - :func:`switch_gather2d` -- read a tensor at the switch positions (the adjoint of unpooling).
 
-They run the compiled kernels of ``xraydeconv._C`` (``torch.ops.xraydeconv.*``, with fake tensors and
-autograd registered here so they work under ``torch.compile``). ``native_*`` are pure-PyTorch twins with
-identical semantics built on ``F.max_pool2d(..., return_indices=True)`` / ``F.max_unpool2d``, and
+They run the compiled kernels of ``xraydeconv._C`` (``torch.ops.xraydeconv.*``, with fake tensors registered
+here and autograd in C++, so they differentiate and work under ``torch.compile``). ``native_*`` are pure-PyTorch
+twins with identical semantics built on ``F.max_pool2d(..., return_indices=True)`` / ``F.max_unpool2d``, and
 :func:`switches_to_indices` / :func:`indices_to_switches` convert between the two representations.
 
 Declared API twins: :func:`switch_pool2d`, :func:`switch_unpool2d` and :func:`switch_gather2d` here and
@@ -131,7 +131,8 @@ def switch_gather2d(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fake tensors and autograd for the dispatcher ops (registered once the extension is loaded)
+# Fake tensors for the dispatcher ops (registered once the extension is loaded); their autograd is C++
+# (csrc/autograd.cpp): pool's backward is unpool, unpool's is gather, gather's is unpool
 
 
 def _pool_fake(x: Tensor, kernel_size, stride, padding, ceil_mode):
@@ -157,49 +158,6 @@ def _gather_fake(x: Tensor, switches: Tensor, kernel_size, stride, padding):
     return torch.empty(switches.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
 
-def _pool_setup(ctx, inputs, output) -> None:
-    x, kernel_size, stride, padding, _ = inputs
-    ctx.geometry = (kernel_size, stride, padding)
-    ctx.input_size = (x.shape[-2], x.shape[-1])
-    ctx.save_for_backward(output[1])
-    ctx.set_materialize_grads(False)  # the switches never get a gradient: don't build zeros for it
-
-
-def _pool_backward(ctx, grad_out: Tensor | None, _grad_switches: Tensor | None):
-    if grad_out is None:
-        return None, None, None, None, None
-    (sw,) = ctx.saved_tensors
-    k, s, p = ctx.geometry
-    grad_x = torch.ops.xraydeconv.switch_unpool2d(grad_out, sw, k, s, p, ctx.input_size)
-    return grad_x, None, None, None, None
-
-
-def _unpool_setup(ctx, inputs, output) -> None:
-    _, sw, kernel_size, stride, padding, _ = inputs
-    ctx.geometry = (kernel_size, stride, padding)
-    ctx.save_for_backward(sw)
-
-
-def _unpool_backward(ctx, grad_out: Tensor):
-    (sw,) = ctx.saved_tensors
-    k, s, p = ctx.geometry
-    return torch.ops.xraydeconv.switch_gather2d(grad_out, sw, k, s, p), None, None, None, None, None
-
-
-def _gather_setup(ctx, inputs, output) -> None:
-    x, sw, kernel_size, stride, padding = inputs
-    ctx.geometry = (kernel_size, stride, padding)
-    ctx.input_size = (x.shape[-2], x.shape[-1])
-    ctx.save_for_backward(sw)
-
-
-def _gather_backward(ctx, grad_out: Tensor):
-    (sw,) = ctx.saved_tensors
-    k, s, p = ctx.geometry
-    grad_x = torch.ops.xraydeconv.switch_unpool2d(grad_out, sw, k, s, p, ctx.input_size)
-    return grad_x, None, None, None, None
-
-
 def _register() -> None:
     lib = "xraydeconv::"
     torch.library.register_fake(lib + "switch_pool2d")(_pool_fake)
@@ -207,9 +165,6 @@ def _register() -> None:
     torch.library.register_fake(lib + "switch_gather2d")(_gather_fake)
     torch.library.register_fake(lib + "switch_pool2d_out")(lambda *args: None)
     torch.library.register_fake(lib + "switch_unpool2d_out")(lambda *args: None)
-    torch.library.register_autograd(lib + "switch_pool2d", _pool_backward, setup_context=_pool_setup)
-    torch.library.register_autograd(lib + "switch_unpool2d", _unpool_backward, setup_context=_unpool_setup)
-    torch.library.register_autograd(lib + "switch_gather2d", _gather_backward, setup_context=_gather_setup)
 
 
 if extension.load():

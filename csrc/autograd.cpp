@@ -1,0 +1,148 @@
+// Autograd of the switch ops, for every backend (the Autograd dispatch key): pool's backward is unpool,
+// unpool's is gather, gather's is unpool. Each backward calls the ops through the dispatcher again, so any
+// order of derivatives works, and torch.compile traces them like any other op.
+//
+// In C++ rather than Python (torch.library.register_autograd) because the Python layer cost about 50 us per
+// call on each of forward and backward: as much as the pooling itself on the one-image feature maps the
+// projection and batch-1 inference run.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace xraydeconv {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using PoolFn = std::tuple<Tensor, Tensor>(const Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, bool);
+using UnpoolFn = Tensor(const Tensor&, const Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
+                        c10::IntArrayRef);
+using GatherFn = Tensor(const Tensor&, const Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef);
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+Tensor unpool(const Tensor& y, const Tensor& sw, c10::IntArrayRef k, c10::IntArrayRef s, c10::IntArrayRef p,
+              c10::IntArrayRef size) {
+  static const auto op = op_handle<UnpoolFn>("xraydeconv::switch_unpool2d");
+  return op.call(y, sw, k, s, p, size);
+}
+
+Tensor gather(const Tensor& x, const Tensor& sw, c10::IntArrayRef k, c10::IntArrayRef s, c10::IntArrayRef p) {
+  static const auto op = op_handle<GatherFn>("xraydeconv::switch_gather2d");
+  return op.call(x, sw, k, s, p);
+}
+
+// The (H, W) of a tensor; symbolic sizes (torch.compile with dynamic shapes) are specialised, as the int[2]
+// output_size of the schema needs.
+std::vector<int64_t> spatial_size(const Tensor& t) {
+  return {t.sym_size(-2).guard_int(__FILE__, __LINE__), t.sym_size(-1).guard_int(__FILE__, __LINE__)};
+}
+
+void save_geometry(AutogradContext* ctx, c10::IntArrayRef k, c10::IntArrayRef s, c10::IntArrayRef p) {
+  ctx->saved_data["k"] = k.vec();
+  ctx->saved_data["s"] = s.vec();
+  ctx->saved_data["p"] = p.vec();
+}
+
+struct Geometry {
+  std::vector<int64_t> k, s, p;
+};
+
+Geometry saved_geometry(AutogradContext* ctx) {
+  return {ctx->saved_data["k"].toIntVector(), ctx->saved_data["s"].toIntVector(), ctx->saved_data["p"].toIntVector()};
+}
+
+class SwitchPool2d : public torch::autograd::Function<SwitchPool2d> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
+                               c10::IntArrayRef p, bool ceil_mode) {
+    static const auto op = op_handle<PoolFn>("xraydeconv::switch_pool2d");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, sw] = op.call(x, k, s, p, ceil_mode);
+    save_geometry(ctx, k, s, p);
+    ctx->saved_data["size"] = spatial_size(x);
+    ctx->save_for_backward({sw});
+    ctx->mark_non_differentiable({sw});
+    ctx->set_materialize_grads(false);  // the switches never get a gradient: don't build zeros for it
+    return {out, sw};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor sw = ctx->get_saved_variables()[0];
+    const Geometry g = saved_geometry(ctx);
+    const std::vector<int64_t> size = ctx->saved_data["size"].toIntVector();
+    return {unpool(grads[0], sw, g.k, g.s, g.p, size), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+class SwitchUnpool2d : public torch::autograd::Function<SwitchUnpool2d> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& y, const Tensor& sw, c10::IntArrayRef k,
+                        c10::IntArrayRef s, c10::IntArrayRef p, c10::IntArrayRef size) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor out = unpool(y, sw, k, s, p, size);
+    save_geometry(ctx, k, s, p);
+    ctx->save_for_backward({sw});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor sw = ctx->get_saved_variables()[0];
+    const Geometry g = saved_geometry(ctx);
+    return {gather(grads[0], sw, g.k, g.s, g.p), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+class SwitchGather2d : public torch::autograd::Function<SwitchGather2d> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& sw, c10::IntArrayRef k,
+                        c10::IntArrayRef s, c10::IntArrayRef p) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    Tensor out = gather(x, sw, k, s, p);
+    save_geometry(ctx, k, s, p);
+    ctx->saved_data["size"] = spatial_size(x);
+    ctx->save_for_backward({sw});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor sw = ctx->get_saved_variables()[0];
+    const Geometry g = saved_geometry(ctx);
+    const std::vector<int64_t> size = ctx->saved_data["size"].toIntVector();
+    return {unpool(grads[0], sw, g.k, g.s, g.p, size), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> switch_pool2d_autograd(const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
+                                                  c10::IntArrayRef p, bool ceil_mode) {
+  variable_list r = SwitchPool2d::apply(x, k, s, p, ceil_mode);
+  return {r[0], r[1]};
+}
+
+Tensor switch_unpool2d_autograd(const Tensor& y, const Tensor& sw, c10::IntArrayRef k, c10::IntArrayRef s,
+                                c10::IntArrayRef p, c10::IntArrayRef size) {
+  return SwitchUnpool2d::apply(y, sw, k, s, p, size);
+}
+
+Tensor switch_gather2d_autograd(const Tensor& x, const Tensor& sw, c10::IntArrayRef k, c10::IntArrayRef s,
+                                c10::IntArrayRef p) {
+  return SwitchGather2d::apply(x, sw, k, s, p);
+}
+
+}  // namespace
+}  // namespace xraydeconv
+
+TORCH_LIBRARY_IMPL(xraydeconv, Autograd, m) {
+  m.impl("switch_pool2d", &xraydeconv::switch_pool2d_autograd);
+  m.impl("switch_unpool2d", &xraydeconv::switch_unpool2d_autograd);
+  m.impl("switch_gather2d", &xraydeconv::switch_gather2d_autograd);
+}
