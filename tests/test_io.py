@@ -138,6 +138,17 @@ def test_building_folder_replaces_only_on_success(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
 
 
+def test_a_built_folder_follows_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with io.building_folder(tmp_path / "out") as tmp:
+            io.write_json({}, tmp / "manifest.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "manifest.json").stat().st_mode) == 0o644
+
+
 def test_building_folder_removes_builds_left_by_killed_runs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     stale = tmp_path / ".out.tmp-abc123"

@@ -66,9 +66,7 @@ def write_atomically(
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -78,6 +76,12 @@ def write_atomically(
     if durable:
         _fsync_folder(path.parent)
     return path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _link_target(path: Path) -> Path:
@@ -190,6 +194,7 @@ def building_folder(out: Path, overwrite: bool = True) -> Iterator[Path]:
         remove_stale_builds(out)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is meant to be shared
         except OSError as exc:
             raise UserError(f"{out}: cannot create the output beside it: {exc.strerror or exc}") from None
         old = None
