@@ -9,7 +9,10 @@ Contenders, run interleaved in the same process (medians over --repeat rounds, r
 * ``plain``: the best plain-PyTorch deconvnet we could write: one shared forward recording the max-pool indices,
   then all top-n projections as one batch through ``F.max_unpool2d`` + ``conv_transpose2d`` (BatchNorm folded).
 
-The net is ``xraydeconv.training.models.build("deeper")`` with random weights (the timing does not depend on training).
+The net is ``xraydeconv.training.models.build("deeper")`` with random weights (the timing does not depend on training),
+or with ``--model resnet18`` torchvision's ResNet-18 layout (3 input channels, 224 px, projected through its graph
+from ``layer4``); its "plain" contender is the batched autograd deconvnet (each image repeated once per filter,
+the ReLU modules' backward replaced by rectification, one backward pass).
 Peak memory: the increase of the peak resident set (VmHWM) over the model's setup on CPU, measured in a child
 process per contender so that one contender's peak does not hide another's; ``torch.cuda.max_memory_allocated``
 on CUDA.
@@ -238,6 +241,8 @@ def _graph_runners(args, model, x):
         "plain": lambda: plain_autograd(model, model.layer4, x, chans),
         "captum": lambda: captum_zf(model, model.layer4, x, chans),
     }
+    if args.precision != "fp32":
+        runners["xraydeconv-fp32"] = lambda: dn.project(x, top_n=args.top_n)
     if args.dense:
         dense = DeconvNet(model, sparse=False)
         runners["xraydeconv-dense"] = lambda: dense.project(x, top_n=args.top_n, precision=args.precision)
@@ -356,7 +361,7 @@ def main() -> None:
     peaks = {k: _peak_child(args, k) for k in runners}
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    print(f"# top-{args.top_n} projection, {args.model} net, {args.batch}x1x{args.size}x{args.size}, {args.device} "
+    print(f"# top-{args.top_n} projection, {args.model} net, {'x'.join(map(str, x.shape))}, {args.device} "
           f"({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {args.repeat}")
     print(f"{'contender':<16} {'median s':>10} {'images/s':>10} {'vs ours':>9} {'peak MiB':>9}")
