@@ -7,8 +7,8 @@ closer) and differ the way real films differ. Lateral head/neck, dorsoplantar fo
 drawn by their own models. Units are anatomy units (1 ≈ 10 cm); x is image right (the patient's
 left in a frontal view), y points down, the top of the head is at y = 0.
 
-Each structure is drawn under a *structure key*; a view turns the keys it cares about into the
-landmark masks of its class.
+Each structure is drawn under a *structure key* (or several: the thumb's bones are also metacarpals
+and phalanges); a view turns the keys it cares about into the landmark masks of its class.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .shapes import AIR, BONE, FAT, GLAND, SOFT, Canvas
+from .shapes import AIR, BONE, FAT, GLAND, SOFT, Canvas, Keys
 
 
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -79,8 +79,8 @@ def head_lateral(cv: Canvas, rng: np.random.Generator) -> None:
     cv.capsule(0.02, 1.6, 0.1, 3.3, 0.5, 0.58, depth=1.0, mu=SOFT)
     cv.capsule(-0.33, 1.75, -0.25, 3.4, 0.07, mu=AIR, landmark="airway")
     cv.ellipsoid(0.1, 3.45, 1.0, 0.35, 1.0, mu=SOFT)
-    cv.cancellous(-0.02, 1.64, 0.05, 0.04, landmark="vertebral-bodies")  # anterior arch of C1
-    cv.capsule(0.06, 1.52, 0.07, 1.7, 0.045, mu=BONE, landmark="vertebral-bodies")  # dens
+    cv.cancellous(-0.02, 1.64, 0.05, 0.04, landmark=("vertebral-bodies", "odontoid"))  # anterior arch of C1
+    cv.capsule(0.06, 1.52, 0.07, 1.7, 0.045, mu=BONE, landmark=("vertebral-bodies", "odontoid"))  # dens
     for k in range(6):
         y = 1.8 + 0.19 * k
         x = 0.06 - 0.09 * math.sin(math.pi * (k + 0.5) / 7.0)
@@ -104,14 +104,15 @@ def trunk(cv: Canvas, rng: np.random.Generator) -> None:
 
 
 def _vertebra(cv: Canvas, y: float, half_w: float, half_h: float, depth: float, key: str,
-              transverse: float = 0.0, pedicles: str | None = None) -> None:
+              transverse: float = 0.0, pedicles: Keys = None,
+              transverse_key: Keys = "transverse-processes") -> None:
     cv.cancellous(0, y, half_w, half_h, c=depth, power=4.0, landmark=key)
     for s in (-1, 1):
         cv.arc(s * half_w * 0.62, y - half_h * 0.25, half_w * 0.18, half_h * 0.42, 0, 360, half_w * 0.07,
                mu=BONE, taper=0.0, landmark=pedicles)
         if transverse:
             cv.capsule(s * half_w * 0.7, y - half_h * 0.2, s * (half_w + transverse), y - half_h * 0.1,
-                       half_h * 0.2, half_h * 0.16, mu=BONE, landmark="transverse-processes")
+                       half_h * 0.2, half_h * 0.16, mu=BONE, landmark=transverse_key)
     cv.ellipsoid(0, y + half_h * 0.3, half_w * 0.14, half_h * 0.55, depth * 0.6, mu=BONE * 0.7,
                  landmark="spinous-processes")
 
@@ -176,7 +177,8 @@ def abdomen(cv: Canvas, rng: np.random.Generator) -> None:
     for i in range(5):
         y = 7.12 + 0.43 * i
         _vertebra(cv, y, 0.27 + 0.012 * i, 0.165, 0.35, "lumbar-bodies",
-                  transverse=(0.16, 0.22, 0.28, 0.24, 0.2)[i], pedicles="pedicles")
+                  transverse=(0.16, 0.22, 0.28, 0.24, 0.2)[i], pedicles=("pedicles", "lumbar-pedicles"),
+                  transverse_key=("transverse-processes", "lumbar-transverse-processes"))
 
 
 def pelvis_bones(cv: Canvas, rng: np.random.Generator, sides: tuple[int, ...] = (-1, 1)) -> None:
@@ -210,7 +212,7 @@ def pelvis_bones(cv: Canvas, rng: np.random.Generator, sides: tuple[int, ...] = 
 # ---------------------------------------------------------------------------------------------
 # limbs (frontal, anatomical position); side -1 is the patient's right (image left)
 # ---------------------------------------------------------------------------------------------
-def _ray(cv: Canvas, x: float, y: float, direction: float, bones: list[tuple[float, float, str]],
+def _ray(cv: Canvas, x: float, y: float, direction: float, bones: list[tuple[float, float, Keys]],
          gap: float = 0.03) -> None:
     """Bones one after another along ``direction`` (degrees, 90 = down) with joint gaps between them."""
     dx, dy = math.cos(math.radians(direction)), math.sin(math.radians(direction))
@@ -234,7 +236,8 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
     cv.cancellous(s * 1.96, ye - 0.12, 0.3, 0.13, c=0.09, power=4.0, landmark="distal-humerus")
     cv.cancellous(s * 2.1, ye, 0.12, 0.11, c=0.1, landmark="distal-humerus")  # capitellum
     cv.cancellous(s * 1.86, ye, 0.13, 0.1, c=0.1, landmark="distal-humerus")  # trochlea
-    cv.cancellous(s * 1.64, ye - 0.12, 0.07, 0.06, c=0.06, landmark="distal-humerus")  # medial epicondyle
+    cv.cancellous(s * 1.64, ye - 0.12, 0.07, 0.06, c=0.06,
+                  landmark=("distal-humerus", "medial-epicondyle"))
     cv.ellipsoid(s * 1.96, ye - 0.12, 0.09, 0.07, 0.06, mu=-BONE * 0.5)  # olecranon fossa
     cv.cancellous(s * 1.83, ye - 0.04, 0.1, 0.16, c=0.08, landmark="olecranon")
     cv.cancellous(s * 2.13, ye + 0.2, 0.1, 0.06, c=0.09, landmark="radial-head")
@@ -262,9 +265,10 @@ def arm(cv: Canvas, rng: np.random.Generator, s: int) -> None:
         L = lengths[f] * b
         reach = L + sum(phal[f]) * b + 0.12
         cv.capsule(x0, y0, x0 + dx * reach, y0 + dy * reach, 0.1, 0.075, depth=0.8, mu=SOFT)
-        _ray(cv, x0, y0, direction, [(L, 0.045 if f else 0.05, "metacarpals")])
+        thumb = ("thumb",) if f == 0 else ()
+        _ray(cv, x0, y0, direction, [(L, 0.045 if f else 0.05, ("metacarpals", *thumb))])
         x1, y1 = x0 + dx * (L + 0.04), y0 + dy * (L + 0.04)
-        segs = [(p * b, 0.038 - 0.006 * i, "phalanges") for i, p in enumerate(phal[f]) if p > 0]
+        segs = [(p * b, 0.038 - 0.006 * i, ("phalanges", *thumb)) for i, p in enumerate(phal[f]) if p > 0]
         _ray(cv, x1, y1, direction + s * (f - 2) * 2, segs, gap=0.035)
 
 
@@ -302,8 +306,8 @@ def foot_dp(cv: Canvas, rng: np.random.Generator) -> None:
     b = _u(rng, 0.9, 1.1)
     cv.ellipsoid(0.0, 0.3, 0.38, 0.75, 0.28, mu=SOFT)
     cv.ellipsoid(0.02, -0.55, 0.4, 0.32, 0.12, mu=SOFT)
-    cv.cancellous(0.04, 0.98, 0.17, 0.26, c=0.14, landmark="tarsal-bones")  # calcaneus
-    cv.cancellous(-0.07, 0.68, 0.14, 0.19, angle=-10, c=0.12, landmark="tarsal-bones")  # talus
+    cv.cancellous(0.04, 0.98, 0.17, 0.26, c=0.14, landmark=("tarsal-bones", "hindfoot"))  # calcaneus
+    cv.cancellous(-0.07, 0.68, 0.14, 0.19, angle=-10, c=0.12, landmark=("tarsal-bones", "hindfoot"))  # talus
     cv.cancellous(-0.14, 0.42, 0.14, 0.09, angle=-15, landmark="tarsal-bones")  # navicular
     cv.cancellous(0.14, 0.43, 0.12, 0.14, landmark="tarsal-bones")  # cuboid
     for k, x in enumerate((-0.22, -0.1, 0.01)):

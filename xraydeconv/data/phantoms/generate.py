@@ -12,6 +12,8 @@ The tree written by :func:`generate` is an ImageFolder with masks beside the ima
     DIR/dataset.json
     DIR/{train,val,test}/<class>/<id>.png
     DIR/{train,val,test}/<class>/<id>.landmarks/<landmark>.png
+    DIR/{train,val,test}/<class>/<id>.landmarks/discriminative/<landmark>.png
+    DIR/landmark_sets.json      {"all": {class: [landmark, ...]}, "discriminative": {...}}
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from xraydeconv.data.classes import CLASS_NAMES
+from xraydeconv.data.landmarks import ALL_SET, LANDMARK_SETS_FILE
 from xraydeconv.errors import UserError
 from xraydeconv.io import building_folder
 
@@ -37,7 +40,7 @@ from .clutter import add_clutter
 from .film import develop, sample_field
 from .marker import draw_marker
 from .shapes import Canvas, Pose
-from .views import VIEWS, landmark_names
+from .views import VIEWS, landmark_names, set_keys
 
 FORMAT = "xraydeconv-phantoms"
 VERSION = 1
@@ -57,10 +60,16 @@ BIASES = ("marker",)
 BIASED_SPLITS = ("train", "val")  # the shortcut is planted here; the test split stays clean
 MIN_SIZE, MAX_SIZE = 32, 2048
 
-__all__ = ["BIASES", "CLASS_LANDMARKS", "default_cache_dir", "ensure_phantoms", "generate", "render_phantom",
-           "split_counts"]
+__all__ = ["BIASES", "CLASS_LANDMARKS", "LANDMARK_SETS", "SET_LANDMARKS", "default_cache_dir", "ensure_phantoms",
+           "generate", "render_landmark_sets", "render_phantom", "split_counts"]
 
 CLASS_LANDMARKS: dict[str, list[str]] = {name: landmark_names(VIEWS[name]) for name in CLASS_NAMES}
+# "all": every named structure of a view (the masks beside each film); "discriminative": only those that tell
+# the class apart from the classes it resembles (in <id>.landmarks/discriminative/)
+LANDMARK_SETS: tuple[str, ...] = (ALL_SET, "discriminative")
+SET_LANDMARKS: dict[str, dict[str, list[str]]] = {
+    s: {name: landmark_names(VIEWS[name], s) for name in CLASS_NAMES} for s in LANDMARK_SETS
+}
 
 
 def _draw(canvas: Canvas, region: str, rng: np.random.Generator) -> None:
@@ -84,7 +93,28 @@ def render_phantom(class_name: str, rng: np.random.Generator, size: int = 256, *
     (size, size) array (landmarks cut off by pose or collimation are left out). With
     ``bias="marker"`` the class's lead marker is drawn too and its mask is returned as ``"marker"``.
     All randomness (anatomy, pose, laterality, foreign bodies, exposure, noise, collimation) comes
-    from ``rng``.
+    from ``rng``. :func:`render_landmark_sets` draws the same film with the masks of every landmark set.
+    """
+    image, sets = render_landmark_sets(class_name, rng, size, bias=bias)
+    return image, sets[ALL_SET]
+
+
+def _compose(key_masks: dict[str, np.ndarray], keys: dict[str, str], inside: np.ndarray) -> dict[str, np.ndarray]:
+    """Landmark name -> the union of its structures' masks inside the field, for names drawn in this film."""
+    out: dict[str, np.ndarray] = {}
+    for key, name in keys.items():
+        if key in key_masks:
+            out[name] = out[name] | key_masks[key] if name in out else key_masks[key].copy()
+    masks = {name: out[name] & inside for name in dict.fromkeys(keys.values()) if name in out}
+    return {name: m for name, m in masks.items() if m.any()}
+
+
+def render_landmark_sets(class_name: str, rng: np.random.Generator, size: int = 256, *,
+                         bias: str | None = None) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """Render one film like :func:`render_phantom` (same ``rng`` draws, same pixels and same "all" masks).
+
+    Returns ``(image, sets)``: ``sets`` maps each name of ``LANDMARK_SETS`` to that set's masks of the film,
+    bool (size, size) per visible landmark; the marker (``bias="marker"``) is in the ``"all"`` set only.
     """
     if class_name not in VIEWS:
         raise UserError(f"class {class_name!r}: not one of the 24 phantom classes")
@@ -92,31 +122,32 @@ def render_phantom(class_name: str, rng: np.random.Generator, size: int = 256, *
         raise UserError(f"bias {bias!r}: expected one of {', '.join(BIASES)} or none")
     view = VIEWS[class_name]
     wanted = CLASS_LANDMARKS[class_name]
+    keys = {k: k for s in LANDMARK_SETS for k in set_keys(view, s)}  # the canvas keeps one mask per structure key
     for attempt in range(4):  # re-pose (rarely) when a landmark of the class falls outside the film
         pose = Pose(size, scale=view.zoom * float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
                     angle=view.angle + rng.uniform(-1.5, 1.5) * view.spin,
                     tx=rng.uniform(-0.14, 0.14), ty=rng.uniform(-0.14, 0.14), ox=view.origin[0], oy=view.origin[1])
-        canvas = Canvas(pose, keep=view.landmarks)
+        canvas = Canvas(pose, keep=keys)
         for region in view.draw:
             _draw(canvas, region, rng)
         field = sample_field(rng, size)
         inside = np.zeros((size, size), bool)
         inside[field[1]:field[3], field[0]:field[2]] = True
-        masks = {name: canvas.masks[name] & inside for name in wanted if name in canvas.masks}
-        masks = {name: m for name, m in masks.items() if m.any()}
+        masks = _compose(canvas.masks, view.landmarks, inside)
         if len(masks) == len(wanted) or attempt == 3:
             break
+    sets = {s: masks if s == ALL_SET else _compose(canvas.masks, set_keys(view, s), inside) for s in LANDMARK_SETS}
     att = canvas.att
     add_clutter(att, rng)
     if rng.random() < 0.5:  # laterality: a left-sided film is the mirror image of a right-sided one
         att = att[:, ::-1]
-        masks = {name: m[:, ::-1] for name, m in masks.items()}
+        sets = {s: {name: m[:, ::-1] for name, m in ms.items()} for s, ms in sets.items()}
         field = (size - field[2], field[1], size - field[0], field[3])
     lead = None
     if bias == "marker":
-        lead, masks["marker"] = draw_marker(size, CLASS_NAMES.index(class_name), field, rng)
+        lead, sets[ALL_SET]["marker"] = draw_marker(size, CLASS_NAMES.index(class_name), field, rng)
     image = develop(np.ascontiguousarray(att), rng, field, bone=view.bone, opaque=lead)
-    return image, {name: np.ascontiguousarray(m) for name, m in masks.items()}
+    return image, {s: {name: np.ascontiguousarray(m) for name, m in ms.items()} for s, ms in sets.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,13 +192,16 @@ def _write_one(task: tuple[str, int, int], root: Path, size: int, seed: int, bia
     class_name = CLASS_NAMES[label]
     # one independent stream per image: the tree does not depend on the number of workers or their order
     rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), label, index]))
-    image, masks = render_phantom(class_name, rng, size, bias=bias if split in BIASED_SPLITS else None)
+    image, sets = render_landmark_sets(class_name, rng, size, bias=bias if split in BIASED_SPLITS else None)
     folder = root / split / class_name
     stem = f"{index:06d}"
     _save_png(np.round(image * 255.0).astype(np.uint8), folder / f"{stem}.png")
-    if masks:
+    for landmark_set, masks in sets.items():
+        # the "all" masks lie in <id>.landmarks/ itself, another set's in a folder of that name inside it
         lm_dir = folder / f"{stem}.landmarks"
-        lm_dir.mkdir()
+        lm_dir = lm_dir if landmark_set == ALL_SET else lm_dir / landmark_set
+        if masks:
+            lm_dir.mkdir(parents=True, exist_ok=True)
         for name, mask in masks.items():
             _save_png(mask.astype(np.uint8) * 255, lm_dir / f"{name}.png")
     return 1
@@ -208,6 +242,7 @@ def generate(out_dir: str | os.PathLike, per_class: int = 200, size: int = 256, 
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data set is as shareable as any new folder
         _render_all(tmp, out.name, counts, size, seed, bias, workers, progress)
         (tmp / "dataset.json").write_text(json.dumps(_manifest(counts, size, seed, bias), indent=2) + "\n")
+        (tmp / LANDMARK_SETS_FILE).write_text(json.dumps(SET_LANDMARKS, indent=2) + "\n")
         if out.is_dir() and not force and any(out.iterdir()):
             raise UserError(f"{out}: another process filled this folder while the phantoms were generated")
     return out

@@ -22,6 +22,9 @@ BONE = 5.0  # cortical bone
 MARROW = 1.8  # cancellous bone / marrow
 AIR = -1.0  # gas in lung or bowel: it replaces soft tissue, so it removes attenuation
 
+# A structure is drawn under one structure key or several (a thumb is also a metacarpal and phalanges).
+Keys = str | tuple[str, ...] | None
+
 _THIN = 0.7  # pixels: thinner structures are widened to this and their μ scaled down
 
 
@@ -59,7 +62,8 @@ class Canvas:
     """Sum of μ·thickness over all shapes drawn, plus one boolean mask per named landmark."""
 
     def __init__(self, pose: Pose, keep: dict[str, str] | None = None):
-        """``keep`` maps structure keys used by the drawing code to the landmark names recorded."""
+        """``keep`` maps structure keys used by the drawing code to the landmark names recorded; a shape drawn
+        under several keys adds its pixels to the mask of each kept one."""
         self.pose = pose
         self.keep = keep or {}
         self.size = pose.size
@@ -76,15 +80,21 @@ class Canvas:
             return None
         return (slice(r0, r1), slice(c0, c1)), self._centers[None, c0:c1], self._centers[r0:r1, None]
 
-    def _deposit(self, sl, t: np.ndarray, mu: float, landmark: str | None) -> None:
+    def _deposit(self, sl, t: np.ndarray, mu: float, landmark: Keys) -> None:
         if mu:
             self.att[sl] += mu * t
-        landmark = self.keep.get(landmark) if landmark else None
-        if landmark:
-            mask = self.masks.get(landmark)
+        keys = (landmark,) if isinstance(landmark, str) else landmark or ()
+        inside = None
+        for key in keys:
+            name = self.keep.get(key)
+            if not name:
+                continue
+            mask = self.masks.get(name)
             if mask is None:
-                mask = self.masks[landmark] = np.zeros((self.size, self.size), bool)
-            mask[sl] |= t > 0
+                mask = self.masks[name] = np.zeros((self.size, self.size), bool)
+            if inside is None:
+                inside = t > 0
+            mask[sl] |= inside
 
     def _frame(self, cx: float, cy: float, angle: float):
         px, py = self.pose.point(cx, cy)
@@ -93,7 +103,7 @@ class Canvas:
 
     # -- shapes -------------------------------------------------------------------------------
     def ellipsoid(self, cx: float, cy: float, a: float, b: float, c: float, angle: float = 0.0,
-                  mu: float = BONE, landmark: str | None = None, power: float = 2.0,
+                  mu: float = BONE, landmark: Keys = None, power: float = 2.0,
                   shell: float = 0.0, inner_mu: float = 0.0) -> None:
         """Ellipsoid with in-plane half-axes ``a`` (along ``angle``, degrees) and ``b``, depth half-axis ``c``.
 
@@ -135,7 +145,7 @@ class Canvas:
             self.att[sl] += (2.0 * c * f * inner_mu) * np.sqrt(np.maximum(0.0, 1.0 - q / (f * f)))
 
     def capsule(self, x0: float, y0: float, x1: float, y1: float, r0: float, r1: float | None = None,
-                depth: float = 1.0, mu: float = BONE, landmark: str | None = None,
+                depth: float = 1.0, mu: float = BONE, landmark: Keys = None,
                 shell: float = 0.0, inner_mu: float = 0.0) -> None:
         """Cylinder with rounded ends from (x0, y0) to (x1, y1), radius tapering from ``r0`` to ``r1``.
 
@@ -173,7 +183,7 @@ class Canvas:
 
     def arc(self, cx: float, cy: float, rx: float, ry: float, start: float, end: float, r: float,
             angle: float = 0.0, depth: float = 1.0, taper: float = 0.15, mu: float = BONE,
-            landmark: str | None = None) -> None:
+            landmark: Keys = None) -> None:
         """Tube of radius ``r`` bent along an elliptical arc (a section of an elliptic torus): ribs, rims.
 
         The arc runs from ``start`` to ``end`` degrees (parametric angle on the ellipse with half-axes
@@ -216,12 +226,12 @@ class Canvas:
 
     # -- composite helpers ---------------------------------------------------------------------
     def long_bone(self, x0: float, y0: float, x1: float, y1: float, r: float, r1: float | None = None,
-                  cortex: float = 0.35, landmark: str | None = None) -> None:
+                  cortex: float = 0.35, landmark: Keys = None) -> None:
         """A tubular bone: a bright cortical shell around a darker medullary canal."""
         self.capsule(x0, y0, x1, y1, r, r1, mu=BONE, landmark=landmark, shell=cortex, inner_mu=MARROW - BONE)
 
     def cancellous(self, cx: float, cy: float, a: float, b: float, angle: float = 0.0, c: float | None = None,
-                   landmark: str | None = None, power: float = 2.0, shell: float = 0.18) -> None:
+                   landmark: Keys = None, power: float = 2.0, shell: float = 0.18) -> None:
         """An epiphysis, carpal or vertebral body: thin cortical rim, cancellous inside."""
         c = min(a, b) if c is None else c
         self.ellipsoid(cx, cy, a, b, c, angle, mu=BONE, landmark=landmark, power=power, shell=shell,
