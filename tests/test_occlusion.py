@@ -122,8 +122,54 @@ def test_eval_mode_is_used_and_restored():
     assert net.training
 
 
+class _Residual(nn.Module):
+    """No ``features``: a conv, a residual block and a global-average-pool head."""
+
+    def __init__(self, functional_top: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.relu = nn.ReLU()
+        self.functional_top = functional_top
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block(x)
+        x = torch.relu(x) if self.functional_top else self.relu(x)
+        return self.fc(x.mean((2, 3)))
+
+
 def test_default_layer():
     net = LeftHalfNet()
     assert occlusion.default_layer(net) is net.features[1]
-    with pytest.raises(ValueError, match="features"):
+    with pytest.raises(ValueError, match="Linear has no Conv2d layer"):
         occlusion.default_layer(nn.Linear(2, 2))
+    # any other model: the module giving the last feature map before global pooling
+    res = _Residual().eval()
+    assert occlusion.default_layer(res) is res.relu
+    with pytest.raises(ValueError, match="default layer 'relu' is not a module"):
+        occlusion.default_layer(_Residual(functional_top=True))
+
+
+def test_filter_drop_of_a_model_without_features_reads_its_default_layer():
+    torch.manual_seed(0)
+    net = _Residual().eval()
+    x, masks = _image()
+    res = occlusion.occlude_landmarks(net, x, [masks], [0], top_n=2, fill="zero")
+    store = {}
+    hook = net.relu.register_forward_hook(lambda m, i, o: store.__setitem__("a", o.detach().amax((2, 3))))
+    occluded = x.clone()
+    occluded[0, :, torch.from_numpy(masks["left"])] = 0.0
+    with torch.no_grad():
+        net(x)
+        clean = store["a"]
+        net(occluded)
+        hidden = store["a"]
+    hook.remove()
+    chans = clean.topk(2, dim=1).indices
+    assert np.array_equal(res.channels, chans.numpy())
+    c, o = clean.gather(1, chans), hidden.gather(1, chans)
+    expected = ((c - o) / c).mean().item()
+    j = res.names.index("left")
+    assert res.filter_drop[0, j] == pytest.approx(expected, rel=1e-5)

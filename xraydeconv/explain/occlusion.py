@@ -8,7 +8,8 @@ landmark, or a square patch slid over the image), run the net again, and measure
   maximal activation on the clean image, read through a forward hook; by default the ReLU after the
   last conv layer of ``model.features``, i.e. the layer the deconvnet projects from).
 
-All occluded copies are run in batches; nothing here needs the deconvnet or the switch-pooling ops.
+All occluded copies are run in batches; nothing here needs the deconvnet's walk or the switch-pooling ops (only its
+graph reading, to find the default layer of a model without ``features``).
 """
 
 from __future__ import annotations
@@ -20,30 +21,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from xraydeconv.explain.graph import Graph
+
 __all__ = ["default_layer", "LandmarkOcclusion", "occlude_landmarks", "OcclusionMap", "occlusion_map"]
 
 Fill = str | float
 
 
 def default_layer(model: nn.Module) -> nn.Module:
-    """The module whose output the top filters are read from: the ReLU after the last conv of ``model.features``.
+    """The module whose output the top filters are read from: the layer the deconvnet projects from by default.
 
-    Falls back to the last Conv2d when no ReLU follows it. Raises ValueError for a model without ``features``.
+    For a model with ``features``: the ReLU after the last conv of ``model.features`` (the last Conv2d when no
+    ReLU follows it). For any other model: the module whose output is the last feature map before global pooling
+    (``layer4`` of a ResNet), read from its ``torch.fx`` graph. Raises ValueError when there is no such module
+    (no conv, an untraceable forward, or a default layer made by a function rather than a module).
     """
     features = getattr(model, "features", None)
-    if not isinstance(features, nn.Sequential):
-        raise ValueError("the model has no `features` nn.Sequential: pass the layer to read activations from")
+    if not isinstance(features, nn.Sequential) or not any(isinstance(m, nn.Conv2d) for m in features):
+        return _graph_default_layer(model)
     mods = list(features)
-    convs = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError("model.features has no Conv2d layer")
-    last = convs[-1]
+    last = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)][-1]
     for m in mods[last + 1 :]:
         if isinstance(m, nn.ReLU):
             return m
         if isinstance(m, nn.Conv2d):
             break
     return mods[last]
+
+
+def _graph_default_layer(model: nn.Module) -> nn.Module:
+    graph = Graph(model)  # ValueError: untraceable, no conv
+    node = graph.default_start()
+    name = graph.name_of(node)
+    if graph.module_outputs.get(name) is not node:
+        raise ValueError(f"the default layer {name!r} is not a module: pass the layer to read activations from")
+    return model.get_submodule(name)
 
 
 def _fill_values(images: torch.Tensor, fill: Fill) -> torch.Tensor:
