@@ -22,12 +22,15 @@ __all__ = [
     "bn_forward",
     "bn_scale",
     "conv_transpose",
+    "conv_transpose_phases",
     "conv_transpose_single",
     "has_scatter_kernel",
     "is_switch_pool",
     "non_overlapping",
     "pad_of",
     "pair",
+    "phase_weight",
+    "phases_ok",
     "pool_forward",
     "scatter_conv_transpose",
     "scatter_ok",
@@ -81,7 +84,7 @@ class FoldedWeights:
     yet always from the model's current weights."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, Tensor] = {}
+        self._cache: dict[str, object] = {}
 
     def weight(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> Tensor:
         """(C_out, C_in / groups, kH, kW) in ``dtype``."""
@@ -92,6 +95,15 @@ class FoldedWeights:
                 w = w * bn_scale(bn).to(w.dtype).view(-1, 1, 1, 1)
             w = self._cache[name] = w.to(dtype)
         return w
+
+    def phases(
+        self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """The weight split into stride x stride phases, for :func:`conv_transpose_phases`."""
+        key = name + ":phases"
+        if key not in self._cache:
+            self._cache[key] = phase_weight(self.weight(name, conv, bn, dtype), pair(conv.stride)[0], pad_of(conv))
+        return self._cache[key]
 
     def hwc(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> Tensor:
         """(C_out, kH, kW, C_in), the layout of the sparse scatter kernel."""
@@ -254,6 +266,49 @@ def conv_transpose_single(a: Tensor, conv: nn.Conv2d, w: Tensor, in_size: tuple[
         return full[:, pad[0] : pad[0] + H, pad[1] : pad[1] + W].permute(0, 3, 1, 2)
     out = F.conv_transpose2d(a.unsqueeze(0), w, None, stride, pad, out_pad, P, dil)
     return out.view(P, conv.in_channels, out.shape[-2], out.shape[-1])
+
+
+def phases_ok(conv: nn.Conv2d) -> bool:
+    """The transposed conv of ``conv`` runs faster as its stride x stride phases (:func:`conv_transpose_phases`):
+    a strided conv out of the image (at most 4 input channels), whose transposed conv oneDNN runs poorly."""
+    s = pair(conv.stride)
+    return s[0] == s[1] > 1 and pair(conv.dilation) == (1, 1) and conv.groups == 1 and conv.in_channels <= 4
+
+
+def phase_weight(w: Tensor, stride: int, padding: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """Rearrange the weight (C_out, C_in, kH, kW) of a stride-``stride`` conv into the weight of one stride-1
+    transposed conv producing all ``stride**2`` output phases as channels: (C_out, C_in * stride**2, mH, mW), and
+    the offset (rows, cols) of phase position 0 in that conv's output."""
+    C, Cin, kh, kw = w.shape
+    taps, offsets = [], []
+    for k, p in ((kh, padding[0]), (kw, padding[1])):
+        # output y = s*a + r takes tap k = s*d + r + p from input i = a - d; d runs over d_min .. d_max
+        d_min, d_max = -((p + stride - 1) // stride), (k - 1 - p) // stride
+        taps.append(d_max - d_min + 1)
+        offsets.append(-d_min)
+    out = w.new_zeros(C, Cin, stride, stride, taps[0], taps[1])
+    for r in range(stride):
+        for j in range(taps[0]):
+            ky = stride * (j - offsets[0]) + r + padding[0]
+            if not 0 <= ky < kh:
+                continue
+            for c in range(stride):
+                for m in range(taps[1]):
+                    kx = stride * (m - offsets[1]) + c + padding[1]
+                    if 0 <= kx < kw:
+                        out[:, :, r, c, j, m] = w[:, :, ky, kx]
+    return out.reshape(C, Cin * stride * stride, taps[0], taps[1]), (offsets[0], offsets[1])
+
+
+def conv_transpose_phases(g: Tensor, phases: tuple[Tensor, tuple[int, int]], stride: int, in_size) -> Tensor:
+    """The transposed conv of a strided conv as one stride-1 transposed conv into its ``stride**2`` output phases,
+    interleaved by ``pixel_shuffle``: (P, C_out, h, w) -> (P, C_in, H, W) with (H, W) = ``in_size``."""
+    w, (oy, ox) = phases
+    H, W = in_size
+    rows, cols = -(-H // stride), -(-W // stride)
+    o = F.conv_transpose2d(g.contiguous(memory_format=torch.channels_last), w)
+    o = F.pad(o, (0, max(0, ox + cols - o.shape[-1]), 0, max(0, oy + rows - o.shape[-2])))
+    return F.pixel_shuffle(o[:, :, oy : oy + rows, ox : ox + cols], stride)[:, :, :H, :W]
 
 
 def scatter_conv_transpose(

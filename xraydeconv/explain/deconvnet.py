@@ -1,8 +1,10 @@
 """Zeiler & Fergus deconvnet: project the most activated filters of a conv layer back into the input.
 
-The parallel network is read from the live modules of ``model.features`` (or a plain ``nn.Sequential``):
-nothing is copied, BatchNorm is folded into the preceding conv's weight on every call, so a model that is
-still being trained is always projected with its current weights.
+The parallel network is read from the live modules of ``model.features`` (or a plain ``nn.Sequential``) as a
+list of steps; any other model is read as a graph (:mod:`xraydeconv.explain.graph_deconvnet`, or through hooks
+where ``torch.fx`` cannot trace it, :mod:`xraydeconv.explain.hooks`). Nothing is copied, BatchNorm is folded
+into the preceding conv's weight on every call, so a model that is still being trained is always projected with
+its current weights.
 
 Going down from the chosen layer, each step is the adjoint of the forward step: unpool with the
 max-pool switches recorded in the forward pass, rectify, and apply the transposed conv with the same
@@ -149,9 +151,11 @@ class DeconvNet:
     """Zeiler & Fergus deconvnet over a CNN's conv layers, sharing the model's weights.
 
     Args:
-        model: an ``nn.Sequential`` of Conv2d / BatchNorm2d / ReLU / MaxPool2d / SwitchMaxPool2d (Dropout and
-            Identity are skipped), or a model holding such a Sequential as ``.features``; in the latter case a
-            ``.classifier`` gives the logits of :class:`Projection`.
+        model: any CNN. An ``nn.Sequential`` of Conv2d / BatchNorm2d / ReLU / MaxPool2d / SwitchMaxPool2d (Dropout
+            and Identity are skipped), or a model holding one as ``.features`` (a ``.classifier`` then gives the
+            logits), is walked as a list of steps; any other model through its ``torch.fx`` graph (``engine``
+            ``"graph"``), or with autograd hooks where its forward cannot be traced (``"hooks"``); see
+            docs/own-models.md.
         chunk_size: at most this many (image, filter) projections are computed at once (default: 5 on the CPU,
             256 on a GPU).
         sparse: on the CPU in fp32 with ``method="deconvnet"``, run each "unpool -> ReLU -> transposed conv" (and
@@ -163,6 +167,7 @@ class DeconvNet:
         dn = DeconvNet(model)
         p = dn.project(x, top_n=25)        # x: (B, 1, 256, 256)
         p.maps.shape                       # (B, 25, 1, 256, 256)
+        dn.project(x, layer="layer3")      # a ResNet's module, by its qualified name
     """
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None, sparse: bool = True) -> None:

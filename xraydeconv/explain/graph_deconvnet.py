@@ -23,8 +23,10 @@ from xraydeconv.explain.adjoint import (
     FoldedWeights,
     bn_scale,
     conv_transpose,
+    conv_transpose_phases,
     has_scatter_kernel,
     non_overlapping,
+    phases_ok,
     scatter_conv_transpose,
     scatter_ok,
     unpool,
@@ -194,6 +196,9 @@ class GraphDeconvNet:
         if walk.sparse and nonneg and scatter_ok(conv, False) and (conv.in_channels <= 4 or _sparse_enough(g)):
             wt = walk.weights.hwc(op.node.name, conv, bn, g.dtype)
             walk.send(op.inputs[0], scatter_conv_transpose(g, None, conv, wt, in_size, walk.group), False)
+        elif phases_ok(conv):
+            phases = walk.weights.phases(op.node.name, conv, bn, g.dtype)
+            walk.send(op.inputs[0], conv_transpose_phases(g, phases, conv.stride[0], in_size), False)
         else:
             w = walk.weights.weight(op.node.name, conv, bn, g.dtype)
             channels_last = g.shape[-2] * g.shape[-1] >= CHANNELS_LAST_MIN_PIXELS
