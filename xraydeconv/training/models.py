@@ -1,4 +1,4 @@
-"""The three anatomy classifiers of the poster's Table 1: ``shallow``, ``deeper`` and ``deeper-aug``.
+"""The anatomy classifiers: the poster's Table 1 nets ``shallow``, ``deeper``, ``deeper-aug``, and ``resnet18``.
 
 The poster gives accuracies but no layer counts, so the architectures are ours:
 
@@ -12,16 +12,25 @@ Every model has ``features`` (an ``nn.Sequential`` of Conv2d / BatchNorm2d / ReL
 only, which the deconvnet walks backwards) and ``classifier`` (global average pool, dropout, linear), so that
 ``model.classifier(model.features(x)) == model(x)``. The global average pool makes every input size work:
 ``input_size`` is recorded on the model but does not change its weights.
+
+``resnet18`` is torchvision's ResNet-18 layout (module names ``conv1``, ``bn1``, ``relu``, ``maxpool``,
+``layer1``-``layer4`` of two BasicBlocks each, ``avgpool``, ``fc``; one ReLU module called twice per block) with
+a single-channel input and a SwitchMaxPool2d 3x3/s2 max pool: a larger residual net to compare the Table 1 nets
+with. It has no ``features`` Sequential: the deconvnet projects it through its graph. It is not part of Table 1.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from xraydeconv.errors import UserError
 from xraydeconv.nn import SwitchMaxPool2d
 
+# The nets of the poster's Table 1 (trained by ``train --all`` and the demo).
 MODEL_NAMES: tuple[str, ...] = ("shallow", "deeper", "deeper-aug")
+# Every architecture ``build`` knows.
+ARCHITECTURES: tuple[str, ...] = (*MODEL_NAMES, "resnet18")
 
 # Test accuracy (%) on ImageCLEF 2009 reported by the poster (Table 1), shown beside ours.
 POSTER_ACCURACY: dict[str, float] = {"shallow": 71.1, "deeper": 90.36, "deeper-aug": 95.62}
@@ -90,34 +99,101 @@ def _deeper_features(in_channels: int, pool_backend: str) -> tuple[nn.Sequential
     return nn.Sequential(*layers), c
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3x3 conv + BatchNorm, ``out += identity``, one ReLU module called twice.
+
+    (B, cin, H, W) -> (B, cout, H / stride, W / stride); ``downsample`` (1x1 strided conv + BatchNorm) matches the
+    identity's shape when the stride or the width changes.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+RESNET18_WIDTHS: tuple[int, ...] = (64, 128, 256, 512)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in torchvision's layout: (B, in_channels, H, W) images -> (B, num_classes) logits.
+
+    Stem 7x7/s2 conv + BatchNorm + ReLU + 3x3/s2 max pool (``SwitchMaxPool2d``), four stages of two BasicBlocks
+    (widths 64-128-256-512, stride 2 from the second stage on), global average pool, linear. Weights are
+    initialised as torchvision does (Kaiming normal, fan out, for the convs; BatchNorm 1 and 0).
+    """
+
+    def __init__(self, num_classes: int = 24, in_channels: int = 1, pool_backend: str = "auto") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = SwitchMaxPool2d(3, 2, 1, backend=pool_backend)
+        cin = 64
+        for i, width in enumerate(RESNET18_WIDTHS):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, width, stride), BasicBlock(width, width)))
+            cin = width
+        self.avgpool = GlobalAvgPool2d()
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, H, W) images -> (B, num_classes) logits."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 def build(
     name: str,
     num_classes: int = 24,
     in_channels: int = 1,
     input_size: int = 256,
     pool_backend: str = "auto",
-) -> AnatomyNet:
-    """Build an untrained classifier by name (one of ``MODEL_NAMES``).
+) -> nn.Module:
+    """Build an untrained classifier by name (one of ``ARCHITECTURES``).
 
     Args:
-        name: ``"shallow"``, ``"deeper"`` or ``"deeper-aug"``.
+        name: ``"shallow"``, ``"deeper"``, ``"deeper-aug"`` or ``"resnet18"``.
         num_classes: number of anatomy classes (logits).
         in_channels: image channels (1 for radiographs).
         input_size: the side of the square training images; kept as ``model.input_size`` (any size works).
         pool_backend: ``SwitchMaxPool2d`` backend, ``"auto"``, ``"kernel"`` or ``"native"``.
     Returns:
-        An ``AnatomyNet`` in training mode.
+        An ``AnatomyNet`` (``ResNet18`` for ``"resnet18"``) in training mode, with ``model_name`` and ``input_size``.
     Raises:
         UserError: unknown model name or non-positive sizes.
     """
-    if name not in MODEL_NAMES:
-        raise UserError(f"model {name!r}: unknown, choose one of {', '.join(MODEL_NAMES)}")
+    if name not in ARCHITECTURES:
+        raise UserError(f"model {name!r}: unknown, choose one of {', '.join(ARCHITECTURES)}")
     if num_classes < 1 or in_channels < 1 or input_size < 16:
         raise UserError(
             f"model {name!r}: needs num_classes >= 1, in_channels >= 1 and input_size >= 16 "
             f"(got {num_classes}, {in_channels}, {input_size})"
         )
-    if name == "shallow":
+    model: nn.Module
+    if name == "resnet18":
+        model = ResNet18(num_classes, in_channels, pool_backend)
+    elif name == "shallow":
         features, c = _shallow_features(in_channels, pool_backend)
         model = AnatomyNet(features, c, num_classes, dropout=0.0)
     else:
