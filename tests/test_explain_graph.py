@@ -531,3 +531,22 @@ def test_torchvision_definitions_equal_captum(arch, layers):
         assert torch.allclose(p.logits, net(x), atol=1e-4)
         ref = _captum(net, net.get_submodule(layer or "layer4"), x, p.channels)
         assert _rel_err(p.maps, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("name,backend", [("deeper", "auto"), ("deeper", "native"), ("shallow", "auto")])
+def test_graph_walk_of_package_models_equals_the_step_list_walk(name, backend):
+    """Our nets through their graph: SwitchMaxPool2d kept whole, tiled unpool -> ReLU -> conv chains scattered."""
+    from xraydeconv.training.models import build
+
+    torch.manual_seed(0)
+    model = _randomise_bn(build(name, num_classes=5, input_size=48, pool_backend=backend), 1)
+    x = torch.rand(2, 1, 50, 52, generator=torch.Generator().manual_seed(2))
+    # the step-list walk's default start: the last ReLU (the graph's default is the last pool after it)
+    relu = [f"features.{n}" for n, m in model.features.named_children() if isinstance(m, nn.ReLU)][-1]
+    assert GraphDeconvNet(model).layer_channels() == DeconvNet(model).layer_channels()
+    for method in ("deconvnet", "guided"):
+        ref = DeconvNet(model).project(x, top_n=4, method=method)
+        got = GraphDeconvNet(model).project(x, top_n=4, layer=relu, method=method)
+        assert torch.equal(got.channels, ref.channels)
+        assert torch.allclose(got.logits, ref.logits, atol=1e-5)
+        assert _rel_err(got.maps, ref.maps) <= 1e-5
