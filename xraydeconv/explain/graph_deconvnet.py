@@ -5,8 +5,9 @@ Each signal goes down the graph in reverse forward order; a node's signal is the
 splits its signal by channels). The steps are the adjoints of :mod:`xraydeconv.explain.adjoint`: unpooling with
 the recorded switches, the ReLU rule of the method, transposed convs with BatchNorm folded in, BatchNorm's scale,
 average pooling's adjoint. On the CPU in fp32 with ``method="deconvnet"``, a transposed conv whose signal is known
-to be rectified (it just passed a ReLU, possibly through additions, concatenations or unpoolings) runs as the
-sparse scatter of ``xraydeconv._C``, and a tiled max pool over a ReLU over a conv runs as one fused scatter.
+to be rectified (it just passed a ReLU, possibly through additions, concatenations or unpoolings) and is sparse
+runs as the sparse scatter of ``xraydeconv._C``, and a tiled max pool over a ReLU over a conv as one fused
+scatter; dense signals go through oneDNN's transposed convs, a strided conv out of the image through its phases.
 """
 
 from __future__ import annotations
