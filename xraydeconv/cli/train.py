@@ -32,7 +32,8 @@ _CONFIG_OPTIONS = {
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.option("--model", "model", metavar="NAME", help="shallow, deeper or deeper-aug.")
+@click.option("--model", "model", metavar="NAME",
+              help="shallow, deeper, deeper-aug (the three nets of Table 1) or resnet18.")
 @click.option("--all", "all_models", is_flag=True,
               help="Train all three nets into OUT/<model>/ and write OUT/table1.md and OUT/table1.json.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),

@@ -30,7 +30,7 @@ from torch import nn
 
 from xraydeconv.errors import UserError
 from xraydeconv.io import atomic_write_bytes
-from xraydeconv.training.models import MODEL_NAMES, build
+from xraydeconv.training.models import ARCHITECTURES, build
 
 FORMAT = "xraydeconv-checkpoint"
 VERSION = 1
@@ -173,8 +173,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [k for k in ("model_name", "model_kwargs", "class_names", "input_size", "state_dict") if k not in raw]
     if missing:
         raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if raw["model_name"] not in MODEL_NAMES:
-        raise UserError(f"{path}: unknown model {raw['model_name']!r} (known: {', '.join(MODEL_NAMES)})")
+    if raw["model_name"] not in ARCHITECTURES:
+        raise UserError(f"{path}: unknown model {raw['model_name']!r} (known: {', '.join(ARCHITECTURES)})")
     _check_settings(path, raw)
     return raw, digest
 

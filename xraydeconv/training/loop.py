@@ -43,7 +43,7 @@ from xraydeconv.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from xraydeconv.training.models import AUGMENTED, MODEL_NAMES, build, count_parameters
+from xraydeconv.training.models import ARCHITECTURES, AUGMENTED, build, count_parameters
 
 LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
 CURVES, CONFUSION = "curves.png", "confusion.png"
@@ -129,8 +129,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``UserError`` for values no run can use."""
-        if self.model not in MODEL_NAMES:
-            raise UserError(f"--model {self.model!r}: unknown, choose one of {', '.join(MODEL_NAMES)}")
+        if self.model not in ARCHITECTURES:
+            raise UserError(f"--model {self.model!r}: unknown, choose one of {', '.join(ARCHITECTURES)}")
         if self.epochs < 1:
             raise UserError(f"--epochs {self.epochs}: must be at least 1")
         if self.batch_size < 1:
