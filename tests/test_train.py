@@ -65,6 +65,15 @@ def test_a_run_writes_checkpoints_metrics_and_pictures(data: Path, tmp_path: Pat
             assert im.format == "PNG" and im.size[0] > 300
 
 
+def test_resnet18_trains_and_its_checkpoint_loads(data: Path, tmp_path: Path) -> None:
+    r = _invoke(["--model", "resnet18", "--data", str(data), "--input-size", "32", "--epochs", "1",
+                 "--batch-size", "8", "--threads", "1", "--out", str(tmp_path / "r18")])
+    assert r.exit_code == 0, r.output
+    c = load_checkpoint(tmp_path / "r18" / "best.pt")
+    assert (c.model_name, c.class_names) == ("resnet18", ["left", "middle", "right"])
+    assert c.model.fc.out_features == 3 and c.model.conv1.in_channels == 1
+
+
 def test_same_seed_same_weights_other_seed_other_weights(data: Path, tmp_path: Path) -> None:
     runs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
