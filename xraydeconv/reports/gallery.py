@@ -190,7 +190,7 @@ nav{display:flex;gap:1em;align-items:center;margin-bottom:.6em}
 nav a{color:#06c}
 .views{display:flex;flex-wrap:wrap;gap:.5em;align-items:flex-start}
 .views img{height:auto;border:1px solid #ccc;display:block}
-.views img.main{max-height:72vh;max-width:min(100%, 60em)}
+.views a{flex:0 1 calc(50% - .5em)}.views img.main{max-height:78vh;max-width:100%}
 #filters{display:flex;flex-wrap:wrap;gap:8px}
 #filters figure{margin:0;width:200px;font-size:12px;cursor:zoom-in}
 #filters img{width:200px;height:200px;object-fit:contain;background:#000;display:block}
