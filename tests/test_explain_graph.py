@@ -550,3 +550,34 @@ def test_graph_walk_of_package_models_equals_the_step_list_walk(name, backend):
         assert torch.equal(got.channels, ref.channels)
         assert torch.allclose(got.logits, ref.logits, atol=1e-5)
         assert _rel_err(got.maps, ref.maps) <= 1e-5
+
+
+class _WithOptions(nn.Module):
+    """A forward with arguments after the image: traced with their defaults."""
+
+    def __init__(self, needs_mask: bool = False):
+        super().__init__()
+        self.needs_mask = needs_mask
+        self.conv, self.relu, self.fc = nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x, return_features=False, scale=2.0):
+        f = self.relu(self.conv(x))
+        return f if return_features else self.fc(f.mean((2, 3)) * scale)
+
+
+class _NeedsMask(_WithOptions):
+    def forward(self, x, mask):
+        return super().forward(x * mask)
+
+
+def test_forward_arguments_after_the_image_keep_their_defaults():
+    torch.manual_seed(0)
+    net = _WithOptions().eval()
+    x = _x(17)
+    dn = DeconvNet(net)
+    assert dn.engine == "graph" and dn.layer_name() == "relu"
+    p = dn.project(x, top_n=2)
+    assert torch.allclose(p.logits, net(x))
+    assert _rel_err(p.maps, _captum(net, net.relu, x, p.channels)) <= 1e-4
+    with pytest.raises(ValueError, match="_NeedsMask: its forward takes 'mask' besides the image"):
+        DeconvNet(_NeedsMask())

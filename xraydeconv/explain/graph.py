@@ -9,6 +9,7 @@ run as the model runs them. The walk itself is in :mod:`xraydeconv.explain.graph
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,15 +46,32 @@ class UntraceableModel(ValueError):
     """torch.fx cannot trace the model's forward."""
 
 
+def _concrete_args(model: nn.Module) -> dict[str, object]:
+    """The forward's arguments after the image, fixed at their defaults (``forward(x, return_features=False)``)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    out = {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise ValueError(f"{type(model).__name__}: its forward takes {p.name!r} besides the image; "
+                             "give it a default or wrap the model")
+        out[p.name] = p.default
+    return out
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """The model's forward as a ``GraphModule`` sharing the model's parameters and buffers.
+    """The model's forward as a ``GraphModule`` sharing the model's parameters and buffers; arguments after the
+    image keep their defaults.
 
     Raises:
         UntraceableModel: the forward cannot be traced symbolically (data-dependent control flow, ...), with the
             tracer's reason.
+        ValueError: the forward takes more than the image, without defaults.
     """
+    concrete = _concrete_args(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 -- fx raises whatever the model's code raises on a Proxy
         raise UntraceableModel(
             f"{type(model).__name__}: torch.fx cannot trace its forward ({type(e).__name__}: {e}); "
@@ -66,7 +84,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
 class Op:
     """One node of the forward, as the walk sees it."""
 
-    kind: str  # one of WALKABLE, or "fused" (a conv whose BatchNorm step stands for it), "attr", "output", "other"
+    kind: str  # one of WALKABLE, or "fused" (a conv whose BatchNorm step stands for it), "const" (a forward
+    # argument after the image), "attr", "output", "other"
     node: fx.Node
     inputs: list[fx.Node]  # the tensor inputs a signal is sent back to
     place: str  # where the node is, for messages: "layer1.0.conv1 (Conv2d)", "add (operator.add)"
@@ -229,6 +248,8 @@ class Graph:
         self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
         modules = dict(self.gm.named_modules())
         self.ops: dict[fx.Node, Op] = {n: _op_of(n, modules) for n in self.nodes}
+        for n in [n for n in self.nodes if n.op == "placeholder"][1:]:  # the forward's other arguments
+            self.ops[n].kind = "const"
         _fold_batchnorms(self.ops)
         self.module_outputs = _module_outputs(self.nodes)
         self.by_name: dict[str, fx.Node] = {n.name: n for n in self.nodes}
@@ -340,6 +361,8 @@ class Graph:
         h = env[op.node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else None
         if kind == "input":
             return x
+        if kind == "const":  # an argument after the image, fixed at its default when traced
+            return node.args[0] if node.args else None
         if (kind == "conv" and op.conv_node is node) or kind == "fused":
             rec.conv_inputs[node] = (h.shape[-2], h.shape[-1])
             return op.module(h)
