@@ -9,7 +9,7 @@ film. The transform, step by step (docs/pictures.md shows each step):
    the pattern of the switches;
 2. **back onto the film**: the letterboxed square is cropped to the film and resized to the film's display size
    (:class:`xraydeconv.reports.film.Film`);
-3. **robust normalisation**: ``(map - median) / (p99.5 - median)``, clipped to [0, 1]: a high percentile instead of
+3. **robust normalisation**: ``(map - median) / (p98 - median)``, clipped to [0, 1]: a high percentile instead of
    the single maximum, so that one hot pixel cannot make the rest of the map look cold, and the median as the
    floor, so that a broad map does not colour the whole film (at most half of it can be coloured);
 4. **opacity curve**: a smoothstep from ``low`` (transparent: the film shows unchanged) to ``high`` (opacity
@@ -41,7 +41,7 @@ class DisplaySettings:
     """The knobs of the display transform (stored in each manifest as ``display``)."""
 
     cmap: str = DEFAULT_CMAP
-    percentile: float = 99.5  # robust normalisation: this percentile of the smoothed map becomes 1 ...
+    percentile: float = 98.0  # robust normalisation: this percentile of the smoothed map becomes 1 ...
     floor: float = 50.0  # ... and this one 0
     low: float = 0.2  # opacity curve: transparent below ``low`` ...
     high: float = 0.6  # ... full ``alpha`` above ``high``
@@ -77,7 +77,7 @@ def smooth(heat: Tensor, sigma: float) -> Tensor:
     return flat.reshape(shape)
 
 
-def robust_normalise(heat: Tensor, percentile: float = 99.5, floor: float = 50.0) -> Tensor:
+def robust_normalise(heat: Tensor, percentile: float = 98.0, floor: float = 50.0) -> Tensor:
     """(..., H, W) -> [0, 1]: ``(map - f) / (p - f)`` clipped, with ``p`` the ``percentile`` and ``f`` the ``floor``
     percentile (the median by default) of each map; a map whose ``p`` equals ``f`` uses its maximum for ``p``."""
     flat = heat.float().flatten(-2).clamp_min(0)
