@@ -239,5 +239,8 @@ def test_pages_open_on_heat_in_headless_chromium(projected, tmp_path):
     dom = _chromium(["--dump-dom", (folder / "index.html").as_uri()], tmp_path).stdout
     n_images = 8 + len([f for f in ("overlay.png", "focus.png", "landmarks.png") if (folder / f).is_file()])
     assert f'data-images-loaded="{n_images}"' in dom and 'data-images-broken="0"' in dom
+    dom3 = _chromium(["--dump-dom", (folder / "index.html").as_uri() + "#filter=3"], tmp_path).stdout
+    assert 'data-enlarged="3"' in dom3 and 'id="big" alt="enlarged filter" src="filters/03.jpg"' in dom3
+    assert 'data-enlarged="0"' in dom  # nothing enlarged without the link
     assert f'id="prev" href="../{rows[0]["folder"]}/index.html"' in dom
     assert f'id="next" href="../{rows[2]["folder"]}/index.html"' in dom

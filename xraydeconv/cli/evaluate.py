@@ -43,9 +43,13 @@ def evaluate(checkpoint, data, split, top_n, occlusion, tolerance, max_misclassi
       report.md       the same as tables: accuracy, per-class accuracy, landmark agreement,
                       occlusion sensitivity, the misclassified images
       confusion.png   the confusion matrix
+      index.html      the page to open: the misclassified films and a few correct ones with
+                      their heat first, then the landmark agreement and the confusion matrix
       misclassified/  top-n deconvnet projections of each misclassified image (overlay.png,
-                      focus.png, grid.png, maps.npy, manifest.json) and an index.html gallery:
-                      what did the net look at when it took a hand for a cranium?
+                      focus.png, grid.png, landmarks.png, the image's page, maps.npy,
+                      manifest.json) and an index.html gallery: what did the net look at when
+                      it took a hand for a cranium?
+      examples/       the same for up to four correctly classified films
 
     \b
     Landmark agreement: for every image with landmark masks (the phantoms always have them;

@@ -5,9 +5,9 @@ overlay, true and predicted class with probability and the strongest filters, mi
 red. A sort control (name, confidence, true class, predicted class, misclassified first) and a "misclassified
 only" filter work client-side; both can be preset in the URL (``index.html#sort=confidence&misclassified``) so a
 view can be shared. Each card opens the image's own page (``<folder>/index.html``): the overlay, the focus areas,
-the landmark view and every filter; a click enlarges a filter, the arrow keys step through the filters while one
-is enlarged and through the images otherwise. When a page has loaded, ``<body>`` carries ``data-images-loaded``
-and ``data-images-broken`` counts, which the browser tests read.
+the landmark view and every filter; a click enlarges a filter (``#filter=3`` in the URL opens the third), the
+arrow keys step through the filters while one is enlarged and through the images otherwise. When a page has
+loaded, ``<body>`` carries ``data-images-loaded`` and ``data-images-broken`` counts, which the browser tests read.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ justify-content:center;flex-direction:column;color:#fff;cursor:zoom-out}
 .meta{color:#555}
 """
 
-_PAGE_SCRIPT = """
+_PAGE_SCRIPT = r"""
 (function(){
   var figs = Array.prototype.slice.call(document.querySelectorAll('#filters figure'));
   var box = document.getElementById('lightbox'), big = document.getElementById('big'),
@@ -223,6 +223,8 @@ _PAGE_SCRIPT = """
     var link = document.getElementById(step > 0 ? 'next' : 'prev');
     if(link && link.getAttribute('href')) location.href = link.getAttribute('href');
   });
+  var m = /filter=(\d+)/.exec(location.hash);
+  if(m && figs.length) show(parseInt(m[1], 10) - 1);
   window.addEventListener('load', function(){
     var imgs = document.querySelectorAll('img'), ok = 0, bad = 0;
     imgs.forEach(function(im){ if(!im.getAttribute('src')) return;
