@@ -34,30 +34,24 @@ def test_combined_heatmap_gives_each_filter_the_same_say():
     assert render.heatmap(maps, top=1)[0, 3, 3] == 0
 
 
-def test_overlay_uses_the_matplotlib_colormap_and_keeps_cold_areas():
+def test_colormap_is_matplotlibs_and_a_bad_name_is_a_clear_error():
     import matplotlib
 
-    img = torch.full((1, 4, 4), 0.5)
-    heat = torch.zeros(4, 4)
-    heat[0, 0] = 1.0
-    rgb = render.overlay(img, heat, cmap="viridis", alpha=1.0)
-    assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
-    expected = np.round(np.array(matplotlib.colormaps["viridis"](1.0)[:3]) * 255)
-    assert np.abs(rgb[0, 0].astype(int) - expected).max() <= 1
-    assert (rgb[3, 3] == 128).all()  # heat 0: the radiograph shows through unchanged
-    with pytest.raises(ValueError, match="colormap"):
-        render.overlay(img, heat, cmap="no-such-map")
+    assert render.colormap("viridis") is matplotlib.colormaps["viridis"]
+    with pytest.raises(ValueError, match="colormap 'no-such-map'"):
+        render.colormap("no-such-map")
 
 
 def test_grid_and_side_by_side_layout(tmp_path):
-    img = torch.rand(1, 32, 32)
-    heats = torch.rand(7, 32, 32)
-    grid = render.focus_grid(img, heats, list(range(7)), [float(k) for k in range(7)], cols=5)
-    one = render.focus_grid(img, heats[:1], [0], [1.0])
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(7)]
+    labels = [f"#{k + 1}" for k in range(7)]
+    grid = render.focus_grid_tiles(tiles, labels, cols=5)
+    one = render.focus_grid_tiles(tiles[:1], labels[:1])
     assert grid.shape[1] == 5 * (one.shape[1] - 12) + 6 * 6  # 5 columns of tiles and gaps
     # 2 rows of tiles, each under a 12 px caption band and 4 px of space, with 6 px gaps around
     assert grid.shape[0] == 2 * (32 + 12 + 4) + 3 * 6
-    pair = render.side_by_side([render.to_rgb(img), render.to_rgb(img)], ["a", "b"])
+    pair = render.side_by_side([tiles[0], tiles[1]], ["a", "b"])
     assert pair.shape[1] == 2 * 32 + 3 * 6
     p = render.save_png(pair, tmp_path / "pair.png")
     assert np.array_equal(np.asarray(Image.open(p)), pair)

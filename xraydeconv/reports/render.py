@@ -1,4 +1,4 @@
-"""Heat maps from deconvnet projections, and the pictures made of them (overlay, per-filter grid, focus views).
+"""Heat maps from deconvnet projections (raw, for metrics and pictures alike), and the layout of pictures.
 
 A projection is a signed reconstruction of the input pattern a filter responds to; its sign says which
 polarity of the pattern (bright or dark edge) drives the filter, not whether a region matters. A heat map is
@@ -7,7 +7,8 @@ to [0, 1]. The combined map of the top-n filters is the mean of their normalised
 [0, 1], so that every selected filter has the same say however large its reconstruction is.
 
 Colours come from matplotlib's colormaps (only ``matplotlib.colormaps``; pyplot is never imported), pictures
-are composed with PIL and written atomically.
+are composed with PIL and written atomically. What a heat map looks like on a film is
+:mod:`xraydeconv.reports.display` and :mod:`xraydeconv.reports.views`.
 """
 
 from __future__ import annotations
@@ -23,20 +24,8 @@ from torch import Tensor
 
 from xraydeconv.io import write_atomically
 
-__all__ = [
-    "filter_heatmaps",
-    "heatmap",
-    "normalise",
-    "to_rgb",
-    "overlay",
-    "focus_grid",
-    "side_by_side",
-    "save_png",
-    "colormap",
-    "font",
-]
-
-DEFAULT_CMAP = "jet"
+__all__ = ["filter_heatmaps", "heatmap", "normalise", "colormap", "font", "side_by_side", "focus_grid_tiles",
+           "save_png"]
 
 
 def normalise(maps: Tensor, dims: int = 2) -> Tensor:
@@ -71,17 +60,6 @@ def heatmap(maps: Tensor, top: int | None = None) -> Tensor:
     return normalise(heats.mean(1))
 
 
-def to_rgb(image: Tensor | np.ndarray) -> np.ndarray:
-    """(C, H, W) or (H, W) image in [0, 1] (1 or 3 channels) -> (H, W, 3) uint8."""
-    a = image.detach().float().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image, dtype=np.float32)
-    if a.ndim == 3:
-        a = a[0] if a.shape[0] == 1 else np.moveaxis(a[:3], 0, -1)
-    a = np.clip(a, 0.0, 1.0)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    return (a * 255.0 + 0.5).astype(np.uint8)
-
-
 def colormap(name: str):
     """The matplotlib colormap called ``name``; ValueError when there is none."""
     import matplotlib  # the colormap registry only: importing it does not start a GUI backend
@@ -90,27 +68,6 @@ def colormap(name: str):
         return matplotlib.colormaps[name]
     except KeyError:
         raise ValueError(f"colormap {name!r}: not a matplotlib colormap") from None
-
-
-def overlay(
-    image: Tensor | np.ndarray, heat: Tensor | np.ndarray, cmap: str = DEFAULT_CMAP, alpha: float = 0.6
-) -> np.ndarray:
-    """Colour a heat map over the radiograph, opacity growing with intensity (cold areas show the image).
-
-    Args:
-        image: (C, H, W) or (H, W) in [0, 1].
-        heat: (H, W) in [0, 1].
-        cmap: a matplotlib colormap name.
-        alpha: opacity where the heat map is 1.
-    Returns:
-        (H, W, 3) uint8 RGB.
-    """
-    base = to_rgb(image).astype(np.float32) / 255.0
-    h = heat.detach().float().cpu().numpy() if isinstance(heat, Tensor) else np.asarray(heat, dtype=np.float32)
-    h = np.clip(h, 0.0, 1.0)
-    colour = colormap(cmap)(h)[..., :3].astype(np.float32)
-    a = (alpha * h)[..., None]
-    return ((base * (1.0 - a) + colour * a) * 255.0 + 0.5).astype(np.uint8)
 
 
 def font(size: int) -> ImageFont.ImageFont:
@@ -154,30 +111,6 @@ def focus_grid_tiles(
         r, c = divmod(k, cols)
         sheet.paste(im, (gap + c * (tw + gap), gap + r * (th + gap)))
     return np.asarray(sheet)
-
-
-def focus_grid(
-    image: Tensor | np.ndarray,
-    heats: Tensor | np.ndarray,
-    channels: Sequence[int],
-    activations: Sequence[float],
-    cols: int = 5,
-    cmap: str = DEFAULT_CMAP,
-    alpha: float = 0.6,
-) -> np.ndarray:
-    """Per-filter focus grid (Fig. 1/4 style): each filter's heat map over the image, captioned
-    ``#rank ch <channel> a=<activation>``.
-
-    Args:
-        image: (C, H, W) or (H, W) in [0, 1].
-        heats: (top_n, H, W) per-filter heat maps in [0, 1].
-        channels, activations: top_n filter ids and their ranking scores.
-    Returns:
-        (H', W', 3) uint8 RGB.
-    """
-    tiles = [overlay(image, heats[k], cmap, alpha) for k in range(len(channels))]
-    labels = [f"#{k + 1} ch {int(c)} a={float(a):.3g}" for k, (c, a) in enumerate(zip(channels, activations))]
-    return focus_grid_tiles(tiles, labels, cols=cols)
 
 
 def save_png(rgb: np.ndarray, path: str | os.PathLike, compress_level: int = 1) -> Path:
