@@ -37,7 +37,8 @@ def test_combined_heatmap_gives_each_filter_the_same_say():
 def test_colormap_is_matplotlibs_and_a_bad_name_is_a_clear_error():
     import matplotlib
 
-    assert render.colormap("viridis") is matplotlib.colormaps["viridis"]
+    v = np.linspace(0, 1, 9)
+    np.testing.assert_array_equal(render.colormap("viridis")(v), matplotlib.colormaps["viridis"](v))
     with pytest.raises(ValueError, match="colormap 'no-such-map'"):
         render.colormap("no-such-map")
 
