@@ -210,10 +210,11 @@ def test_gradcam_by_hand_and_captum(trained):
 def test_gradcam_at_a_named_module_of_another_model():
     captum = pytest.importorskip("captum.attr")
     model, x = _Residual().eval(), torch.rand(3, 1, 12, 12)
-    cam = heat_maps(model, x, "gradcam", layer="block", target=1)
-    ref = captum.LayerGradCam(model, model.block).attribute(x, target=1, relu_attributions=True)
+    cam = heat_maps(model, x, "gradcam", layer="block", target=2)
+    assert (cam.flatten(1).amax(1) > cam.flatten(1).amin(1)).all()
+    ref = captum.LayerGradCam(model, model.block).attribute(x, target=2, relu_attributions=True)
     torch.testing.assert_close(cam, captum.LayerAttribution.interpolate(ref, (12, 12), "bilinear")[:, 0],
-                               rtol=0, atol=1e-5)
+                               rtol=1e-5, atol=1e-9)  # a random net's map is small: compare relatively
     assert gradcam_layer(model) is model.act  # the graph's default layer: the last feature map before pooling
     with pytest.raises(ValueError, match="nowhere"):
         heat_maps(model, x, "gradcam", layer="nowhere")
@@ -270,3 +271,19 @@ def test_bad_arguments(trained):
         heat_maps(model, x, "saliency", target=[0, 1, 2])
     with pytest.raises(ValueError, match="another model"):
         heat_maps(model, x, "deconvnet", deconvnet=DeconvNet(_Residual()))
+
+
+def test_gradcam_of_the_resnet_at_its_default_layer():
+    captum = pytest.importorskip("captum.attr")
+    torch.manual_seed(4)
+    model, x = build("resnet18", num_classes=3, input_size=64).eval(), torch.rand(2, 1, 64, 64)  # layer4: 2x2
+    assert gradcam_layer(model) is model.layer4
+    assert DeconvNet(model).layer_name() == "layer4"
+    t = model(x).argmax(1)
+    ref = captum.LayerGradCam(model, model.layer4).attribute(x, target=t, relu_attributions=True)
+    assert ref.shape == (2, 1, 2, 2) and (ref.flatten(1).amax(1) > ref.flatten(1).amin(1)).all()
+    torch.testing.assert_close(heat_maps(model, x, "gradcam"),
+                               captum.LayerAttribution.interpolate(ref, (64, 64), "bilinear")[:, 0],
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="no such module"):
+        heat_maps(_Residual().eval(), x[:, :, :12, :12], "gradcam", layer=0)  # its first conv feeds F.relu
