@@ -334,7 +334,10 @@ def format_report(report: Report) -> str:
 SUITE_SIZES = (128, 256)
 SUITE_BATCHES = (1, 32)
 PASSES = ("fwd", "fwd+bwd")
-MIN_SAMPLE_MS = 5.0  # one-image pools take tens of microseconds: time them in runs of calls this long
+# Each call once per round, as a model calls each layer once between other ops. Runs of the same call in a tight
+# loop (time_samples' min_sample_ms) leave the allocator and the caches in a state a model never sees; they moved
+# one-image fwd+bwd ratios by up to 4x either way.
+MIN_SAMPLE_MS = 0.0
 # `train`'s defaults: 128 px, batch 32, channels-last
 TRAIN_PX = 128
 TRAIN_BATCH = 32
