@@ -72,26 +72,28 @@ def combine_filter_maps(maps: Tensor) -> Tensor:
     return normalise(heats.mean(1))
 
 
-def _targets(model: nn.Module, x: Tensor, target: Target) -> Tensor:
-    """(B,) int64 target classes on x's device: ``target`` broadcast, or the model's predicted classes."""
+def _targets(logits: Tensor, target: Target) -> Tensor:
+    """(B,) int64 target classes: ``target`` broadcast to the batch, or the predicted classes of (B, K) ``logits``."""
     if target is None:
-        with torch.no_grad():
-            return model(x).argmax(1)
-    t = torch.as_tensor(target, dtype=torch.long, device=x.device).reshape(-1)
+        return logits.detach().argmax(1)
+    t = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
     if t.numel() == 1:
-        t = t.expand(x.shape[0])
-    if t.numel() != x.shape[0]:
-        raise ValueError(f"target: {t.numel()} classes for {x.shape[0]} images")
+        t = t.expand(logits.shape[0])
+    if t.numel() != logits.shape[0]:
+        raise ValueError(f"target: {t.numel()} classes for {logits.shape[0]} images")
     return t
+
+
+def _target_logits(logits: Tensor, target: Target) -> Tensor:
+    """The sum over the batch of each image's target logit: its gradient is each image's own."""
+    return logits.gather(1, _targets(logits, target)[:, None]).sum()
 
 
 def _input_gradient(model: nn.Module, x: Tensor, target: Target) -> Tensor:
     """(B, C, H, W) ``d logit_t / d x`` in float32 (each image's own target logit)."""
-    t = _targets(model, x, target)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        logits = model(xg)
-        (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xg)
+        (grad,) = torch.autograd.grad(_target_logits(model(xg), target), xg)
     return grad.float()
 
 
@@ -141,7 +143,6 @@ def gradcam(model: nn.Module, x: Tensor, layer: int | str | None = None, target:
         (B, H, W) float32, the (B, h, w) map of the layer upsampled bilinearly (``align_corners=False``).
     """
     module = gradcam_layer(model, layer)
-    t = _targets(model, x, target)
     seen: list[Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:
@@ -150,7 +151,7 @@ def gradcam(model: nn.Module, x: Tensor, layer: int | str | None = None, target:
             if not seen or seen[-1].dim() != 4:
                 raise ValueError(f"layer {layer!r}: its output is not a (B, K, h, w) feature map")
             acts = seen[-1]  # the last call: a module run twice per forward is weighed at its last use
-            (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), acts)
+            (grad,) = torch.autograd.grad(_target_logits(logits, target), acts)
     finally:
         handle.remove()
     alpha = grad.float().mean((2, 3), keepdim=True)
@@ -170,7 +171,8 @@ def _projected(model: nn.Module, x: Tensor, method: str, layer, top_n: int, opti
 
 
 def _occlusion(model: nn.Module, x: Tensor, target: Target, options: dict) -> Tensor:
-    t = _targets(model, x, target).cpu()
+    with torch.no_grad():
+        t = _targets(model(x), target).cpu()
     occ = occlusion_map(model, x, t, patch=options.get("patch", 32), stride=options.get("stride", 16),
                         layer=False, fill=options.get("fill", "mean"), batch_size=options.get("batch_size", 64))
     return occ.to_image().clamp_min(0).to(x.device)
