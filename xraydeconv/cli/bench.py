@@ -24,6 +24,11 @@ def _threads(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     return counts
 
 
+def _file_option(flag: str, dest: str, help_text: str):
+    """A click option naming a file to write."""
+    return click.option(flag, dest, type=click.Path(dir_okay=False, path_type=Path), help=help_text)
+
+
 @click.command(context_settings={"max_content_width": 100})
 @click.option(
     "--device",
@@ -39,7 +44,9 @@ def _threads(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     help="CPU thread counts to measure at, e.g. 1,2 (torch.set_num_threads). Default: torch's current count.",
 )
 @click.option(
-    "--repeats", type=click.IntRange(min=1), help="Timed rounds per row (median kept). [default: 15; 5 with --quick]"
+    "--repeats",
+    type=click.IntRange(min=1),
+    help="Timed rounds per row (median kept). [default: 15; 7 with --suite; 5 with --quick]",
 )
 @click.option("--quick", is_flag=True, help="Smaller shapes and 5 rounds: a first look in seconds.")
 @click.option(
@@ -48,19 +55,13 @@ def _threads(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     help="Instead of the op table: every pool layer shape of the nets (128 and 256 px, batch 1 and 32, both layouts, "
     "fwd and fwd+bwd) and each net's channels-last training step, kernel vs native, on the CPU.",
 )
-@click.option(
+@_file_option(
     "--write-dispatch",
     "dispatch_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="With --suite: write the auto dispatch table derived from the pool rows to this Python file "
+    "With --suite: write the auto dispatch table derived from the pool rows to this Python file "
     "(xraydeconv/ops/pool_dispatch_table.py is the one SwitchMaxPool2d reads).",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write every row (and the machine description) to this JSON file.",
-)
+@_file_option("--json", "json_path", "Also write every row (and the machine description) to this JSON file.")
 def bench(
     device: str,
     threads: list[int] | None,
@@ -89,6 +90,13 @@ def bench(
     indices. The allocating rows include the page faults of fresh outputs; the "out=" rows time the
     kernels alone. The header names the CPU (and GPU), the instruction set the kernels use and the
     torch version. OMP_WAIT_POLICY defaults to passive for this command.
+
+    With --suite it measures instead what the nets run, on the CPU: every pool layer input of
+    shallow, deeper and deeper-aug at 128 and 256 px (128 only with --quick), batch 1 and 32, NCHW
+    and channels-last, forward and forward+backward; then each net's training step (128 px, batch
+    32, channels-last, AdamW) with the kernels, with auto and with native pooling. Speed-ups are
+    medians over the interleaved rounds of the per-round ratio. --write-dispatch turns the pool rows
+    into the table SwitchMaxPool2d(backend="auto") follows.
 
     \b
     Examples:
