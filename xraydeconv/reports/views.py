@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -40,27 +39,25 @@ class Heats:
         film: the film at display resolution.
         filters: (n, h, w) per-filter maps at network resolution, smoothed, cropped to the film (the letterbox
             padding left out) and robustly normalised to [0, 1]; display only.
-        combined_maps: (n, h, w) the same for the mean of the first k + 1 filters, k = 0 .. n - 1.
+        combined_map: (h, w) the same for the mean of all n filters (the combined map).
         settings: the display transform.
     """
 
     film: Film
     filters: Tensor
-    combined_maps: Tensor
+    combined_map: Tensor
     settings: DisplaySettings
 
     @classmethod
     def make(cls, film: Film, heats: Tensor, stride: int, settings: DisplaySettings) -> Heats:
         """From raw per-filter heat maps (n, S, S) of a layer whose activations are ``stride`` pixels apart."""
         smoothed = film.crop(display.smooth(heats, display.smoothing_sigma(stride)))
-        means = smoothed.cumsum(0) / torch.arange(1, smoothed.shape[0] + 1).view(-1, 1, 1)
         return cls(film, display.robust_normalise(smoothed, settings.percentile, settings.floor),
-                   display.robust_normalise(means, settings.percentile, settings.floor), settings)
+                   display.robust_normalise(smoothed.mean(0), settings.percentile, settings.floor), settings)
 
-    def combined(self, top: int | None = None, film: Film | None = None) -> np.ndarray:
-        """The normalised mean map of the first ``top`` filters (default: all) on ``film`` (default: this one)."""
-        k = self.filters.shape[0] if top is None else min(top, self.filters.shape[0])
-        return (film or self.film).fit(self.combined_maps[k - 1]).numpy()
+    def combined(self, film: Film | None = None) -> np.ndarray:
+        """The normalised mean map of all the filters on ``film`` (default: this one)."""
+        return (film or self.film).fit(self.combined_map).numpy()
 
     def singles(self, film: Film | None = None) -> np.ndarray:
         """(n, H, W) every filter's normalised map on ``film`` (default: this one)."""
@@ -170,7 +167,7 @@ def focus_view(heats: Heats, channels: Sequence[int], activations: Sequence[floa
     return _with_caption(body, caption_lines({**meta, "top_n": n}))
 
 
-def filter_tiles(heats: Heats, side: int = 256) -> list[np.ndarray]:
+def filter_tiles(heats: Heats, side: int = 224) -> list[np.ndarray]:
     """Each filter's heat over the film at ``side`` px (longest side), its focus area outlined in white."""
     small = heats.film.resized(side)
     tiles = []
