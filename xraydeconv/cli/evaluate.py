@@ -82,8 +82,11 @@ def evaluate(checkpoint, data, split, top_n, occlusion, tolerance, max_misclassi
                        max_misclassified=max_misclassified, tolerance=tolerance, precision=precision,
                        device=device, landmarks=not no_landmarks, limit=limit)
     report = run(checkpoint, out, data=data, options=opts, overwrite=overwrite, progress=not quiet)
-    if quiet:
-        return
+    if not quiet:
+        _print_summary(report, top_n, out)
+
+
+def _print_summary(report: dict, top_n: int, out: Path) -> None:
     lm = report["landmarks"]
     click.echo(f"{report['checkpoint']['model']} on {report['data']['split']} ({report['data']['images']} images): "
                f"accuracy {100 * report['accuracy']:.2f} %, {report['misclassified_count']} misclassified")
@@ -96,4 +99,4 @@ def evaluate(checkpoint, data, split, top_n, occlusion, tolerance, max_misclassi
         m = lm["marker"]
         click.echo(f"marker: pointing game {100 * m['pointing_game']:.1f} %, relevance mass "
                    f"{100 * m['relevance_mass']:.1f} % (area share {100 * m['area_share']:.1f} %)")
-    click.echo(f"report: {out / 'report.md'}  ({report['timing']['seconds']:.1f} s)")
+    click.echo(f"report: {out / 'report.md'}, pictures: {out / 'index.html'}  ({report['timing']['seconds']:.1f} s)")
