@@ -7,6 +7,7 @@ Subcommands live one per module in this package and are imported only when invok
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -51,8 +52,15 @@ def cli() -> None:
     """
 
 
+_MAIN_PID = os.getpid()
+
+
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary outputs are removed on the way out
+    # SIGTERM cleans up like Ctrl-C: temporary outputs are removed on the way out. Forked workers inherit the
+    # handler; they just end, as they would without it, and leave the cleanup to the main process.
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
 
 
 def main() -> None:
