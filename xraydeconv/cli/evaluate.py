@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
+from xraydeconv.cli.model_options import model_options, model_source
+
 
 @click.command(context_settings={"max_content_width": 100})
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="A checkpoint written by `xraydeconv train` (best.pt or last.pt).")
+@model_options("A checkpoint written by `xraydeconv train` (best.pt or last.pt).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Data set folder (phantoms, ImageFolder, MURA, ImageCLEF 2009). Default: the data the "
-                   "checkpoint was trained on (the synthetic phantoms, regenerated if needed).")
+                   "checkpoint was trained on (the synthetic phantoms, regenerated if needed); required with "
+                   "--model-factory.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
               help="Which split to evaluate.")
 @click.option("--top-n", type=int, default=25, show_default=True,
@@ -33,8 +35,8 @@ import click
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
-def evaluate(checkpoint, data, split, top_n, occlusion, tolerance, max_misclassified, no_landmarks, limit,
-             batch_size, precision, device, out, overwrite, quiet) -> None:
+def evaluate(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, tolerance,
+             max_misclassified, no_landmarks, limit, batch_size, precision, device, out, overwrite, quiet) -> None:
     """Accuracy, confusion matrix and landmark agreement of a checkpoint.
 
     \b
@@ -74,6 +76,8 @@ def evaluate(checkpoint, data, split, top_n, occlusion, tolerance, max_misclassi
       xraydeconv evaluate --checkpoint runs/demo/deeper/best.pt --out runs/eval-deeper
       xraydeconv evaluate --checkpoint best.pt --data ~/phantoms-bias --split val --out eval-val
       xraydeconv evaluate --checkpoint best.pt --data ~/mura --occlusion --out eval-mura
+      xraydeconv evaluate --model-factory mynets.chest:make_net --weights chest.pt --classes classes.txt \\
+          --data ~/chest --out eval-chest
     """
     from xraydeconv.reports.evaluate import EvalOptions
     from xraydeconv.reports.evaluate import evaluate as run
@@ -81,7 +85,8 @@ def evaluate(checkpoint, data, split, top_n, occlusion, tolerance, max_misclassi
     opts = EvalOptions(split=split, top_n=top_n, occlusion=occlusion, batch_size=batch_size,
                        max_misclassified=max_misclassified, tolerance=tolerance, precision=precision,
                        device=device, landmarks=not no_landmarks, limit=limit)
-    report = run(checkpoint, out, data=data, options=opts, overwrite=overwrite, progress=not quiet)
+    model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
+    report = run(model, out, data=data, options=opts, overwrite=overwrite, progress=not quiet)
     if not quiet:
         _print_summary(report, top_n, out)
 

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import click
 
+from xraydeconv.cli.model_options import model_options, model_source
 from xraydeconv.errors import UserError
 
 
-def _layer_arg(value: str) -> int | str:
+def layer_arg(value: str | None) -> int | str | None:
+    """``--layer``: an integer is a conv-layer index, anything else a module name, passed on unchanged."""
+    if value is None:
+        return None
     try:
         return int(value)
     except ValueError:
@@ -17,8 +21,7 @@ def _layer_arg(value: str) -> int | str:
 
 
 @click.command(context_settings={"max_content_width": 100})
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="A checkpoint written by `xraydeconv train` (last.pt or best.pt).")
+@model_options("A checkpoint written by `xraydeconv train` (last.pt or best.pt).")
 @click.option("--images", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
               help="An image to project (PNG, JPEG, DICOM); repeat the option for several.")
 @click.argument("more_images", nargs=-1, type=click.Path(path_type=Path), metavar="[FILE]...")
@@ -29,8 +32,10 @@ def _layer_arg(value: str) -> int | str:
 @click.option("--limit", type=int, default=None, help="Only the first K images of --data.")
 @click.option("--top-n", type=int, default=25, show_default=True,
               help="Filters projected per image (at most the layer's channel count).")
-@click.option("--layer", default="-1", show_default=True,
-              help="Start layer: conv-layer index (-1 = last conv) or a module name such as features.21.")
+@click.option("--layer", default=None,
+              help="Start layer: conv-layer index (-1 = last conv) or a module name such as features.21, layer4 or "
+                   "layer1.0.relu@1 (a module's second call) [default: the last conv of our nets, the last feature "
+                   "map before global pooling of other models].")
 @click.option("--mode", type=click.Choice(["map", "max"]), default="map", show_default=True,
               help="map: the filter's whole activation map; max: only its strongest activation.")
 @click.option("--rank", type=click.Choice(["max", "mean"]), default="max", show_default=True,
@@ -52,8 +57,9 @@ def _layer_arg(value: str) -> int | str:
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def project(checkpoint, images, more_images, data, split, limit, top_n, layer, mode, rank, method, precision,
-            batch_size, device, cmap, max_side, compare, out, overwrite, quiet) -> None:
+def project(checkpoint, model_factory, weights, classes, input_size, images, more_images, data, split, limit, top_n,
+            layer, mode, rank, method, precision, batch_size, device, cmap, max_side, compare, out, overwrite,
+            quiet) -> None:
     """Project the top-n filters of a trained net back into its input images.
 
     \b
@@ -87,6 +93,8 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
     Examples:
       xraydeconv project --checkpoint runs/deeper/best.pt --images hand.png --out proj/
       xraydeconv project --checkpoint runs/deeper/best.pt --data ~/phantoms --limit 50 --out proj/
+      xraydeconv project --model-factory mynets.chest:make_net --weights chest.pt --classes classes.txt \\
+          --layer layer4 --images film.png --out proj/
       xraydeconv project --checkpoint runs/demo/deeper-aug/best.pt --compare runs/demo/shallow/best.pt \\
           --data ~/phantoms --limit 24 --out compare/
     """
@@ -100,10 +108,11 @@ def project(checkpoint, images, more_images, data, split, limit, top_n, layer, m
                         ("--max-side", max_side)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
-    settings = ProjectSettings(top_n=top_n, layer=_layer_arg(layer), mode=mode, rank=rank, method=method,
+    settings = ProjectSettings(top_n=top_n, layer=layer_arg(layer), mode=mode, rank=rank, method=method,
                                precision=precision, batch_size=batch_size,
                                display=DisplaySettings(cmap=cmap, max_side=max_side, min_side=min(512, max_side)))
-    rows = project_checkpoint(checkpoint, out, images=images, data=data, split=split, limit=limit,
+    model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
+    rows = project_checkpoint(model, out, images=images, data=data, split=split, limit=limit,
                               settings=settings, device=device, overwrite=overwrite, progress=not quiet,
                               compare=compare)
     if not quiet:

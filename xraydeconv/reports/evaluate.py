@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from xraydeconv.errors import UserError
 from xraydeconv.explain.occlusion import occlude_landmarks
 from xraydeconv.io import building_folder, check_output_folder, write_json
 from xraydeconv.reports.pages import write_index
+
+if TYPE_CHECKING:
+    from xraydeconv.reports.pipeline import CheckpointLike
 
 __all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown"]
 
@@ -76,6 +80,9 @@ def resolve_data(ckpt, data: str | os.PathLike | None) -> Path:
             raise UserError(f"{p}: data directory does not exist")
         return p
     cfg = ckpt.config or {}
+    if "factory" in cfg:
+        raise UserError(f"--model-factory {cfg['factory']}: give --data DIR (the data the model was trained on "
+                        "are not known)")
     if cfg.get("data"):
         p = Path(cfg["data"])
         if not p.is_dir():
@@ -322,28 +329,34 @@ def _check_options(opt: EvalOptions) -> None:
             raise UserError(f"{name} {value}: must be at least 0")
 
 
-def _open(checkpoint: str | os.PathLike, out: Path, data: str | os.PathLike | None, opt: EvalOptions) -> _Setup:
+def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None, opt: EvalOptions) -> _Setup:
     """Load the checkpoint and the data set and check that they fit together; UserError otherwise."""
     from xraydeconv.data import open_dataset
     from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.reports.pipeline import Net, ProjectSettings, manifest_base
+    from xraydeconv.reports.pipeline import Net, ProjectSettings, manifest_base, model_input
     from xraydeconv.training.checkpoint import load_checkpoint
 
     dev = resolve_device(opt.device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        ckpt = load_checkpoint(checkpoint, map_location=dev)
+    else:
+        ckpt = checkpoint
+        ckpt.model.to(dev)
     root = resolve_data(ckpt, data)
     check_output_folder(out, True, inputs=[("--data", root)])  # data taken from the checkpoint: not known before
     ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size)
-    check_classes(checkpoint, ckpt.class_names, root, ds.class_names)
+    check_classes(model_input(checkpoint)[1], ckpt.class_names, root, ds.class_names)
     if len(ds) == 0:
         raise UserError(f"{root}: the {opt.split} split has no images")
     dn = DeconvNet(ckpt.model)
-    n_filters = dn.layer_channels(-1)
+    layer = dn.resolve_layer(None)  # the last conv of a Sequential, the last feature map of any other model
+    n_filters = dn.layer_channels(layer)
     if opt.top_n > n_filters:
-        raise UserError(f"--top-n {opt.top_n}: the last conv layer of {ckpt.model_name} has only {n_filters} filters")
+        what = "the last conv layer" if isinstance(layer, int) else f"layer {layer}"
+        raise UserError(f"--top-n {opt.top_n}: {what} of {ckpt.model_name} has only {n_filters} filters")
     ckpt.model.eval()
     settings = ProjectSettings(top_n=opt.top_n, precision=opt.precision)
-    net = Net.make(dn, manifest_base(checkpoint, ckpt, dn, dn.resolve_layer(-1), settings), ckpt.class_names)
+    net = Net.make(dn, manifest_base(checkpoint, ckpt, dn, layer, settings), ckpt.class_names)
     n = len(ds) if opt.limit is None else min(opt.limit, len(ds))
     return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, net.base, net.stride)
 
@@ -452,16 +465,17 @@ class _Tally:
         self.occlusion.add([y[j] for j in js], res)
 
 
-def _report(checkpoint: str | os.PathLike, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> dict:
+def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> dict:
     """The content of ``report.json``."""
     import xraydeconv
 
     ckpt, confusion, classes = setup.ckpt, tally.confusion, setup.classes
+    own = {"factory": setup.base["factory"]} if "factory" in setup.base else {}
     counts = np.bincount(np.array(tally.labels, dtype=np.int64), minlength=len(classes))
     accuracy = metrics.per_class(tally.correct, tally.labels, classes)
     return {
-        "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "model": ckpt.model_name,
-                       "epoch": ckpt.epoch, "input_size": ckpt.input_size},
+        "checkpoint": {"path": setup.base["checkpoint"], "sha256": ckpt.sha256, "model": ckpt.model_name,
+                       "epoch": ckpt.epoch, "input_size": ckpt.input_size, **own},
         "data": {"root": str(setup.root), "format": getattr(setup.ds, "format", None), "split": opt.split,
                  "images": setup.n},
         "options": asdict(opt),
@@ -501,14 +515,15 @@ def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, tall
 
 
 def evaluate(
-    checkpoint: str | os.PathLike,
+    checkpoint: CheckpointLike,
     out: str | os.PathLike,
     data: str | os.PathLike | None = None,
     options: EvalOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Evaluate ``checkpoint`` on a split of ``data`` and write ``report.json``, ``report.md``,
+    """Evaluate ``checkpoint`` (a checkpoint file, or a loaded ``Checkpoint`` such as a user's model from
+    ``load_user_model``, which needs ``data``) on a split of ``data`` and write ``report.json``, ``report.md``,
     ``confusion.png`` and ``misclassified/`` (projection folders + ``index.html``) into ``out``.
 
     Returns:
@@ -520,7 +535,9 @@ def evaluate(
 
     opt = options or EvalOptions()
     _check_options(opt)
-    inputs = [("--checkpoint", checkpoint)] + ([("--data", data)] if data is not None else [])
+    from xraydeconv.reports.pipeline import model_input
+
+    inputs = [model_input(checkpoint)] + ([("--data", data)] if data is not None else [])
     out = check_output_folder(out, overwrite, inputs=inputs)
     t0 = time.perf_counter()
     setup = _open(checkpoint, out, data, opt)

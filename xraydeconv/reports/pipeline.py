@@ -44,10 +44,13 @@ if TYPE_CHECKING:
     from xraydeconv.explain.deconvnet import DeconvNet, Projection
     from xraydeconv.training.checkpoint import Checkpoint
 
+    # a checkpoint file of ``xraydeconv train``, or a model already loaded (a user's own, ``load_user_model``)
+    CheckpointLike = str | os.PathLike | Checkpoint
+
 __all__ = [
     "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "FolderWriter", "unique_folder", "write_image_folder",
-    "manifest_base", "prediction_fields", "layer_module_name", "project_into", "project_checkpoint", "check_settings",
-    "Net", "open_net",
+    "manifest_base", "prediction_fields", "layer_stride", "model_input", "project_into", "project_checkpoint",
+    "check_settings", "Net", "open_net", "is_user_model",
 ]
 
 MANIFEST_VERSION = 1
@@ -59,7 +62,7 @@ class ProjectSettings:
     """How each image is projected (``DeconvNet.project`` arguments) and drawn."""
 
     top_n: int = 25
-    layer: int | str = -1
+    layer: int | str | None = None  # None: the net's default layer (the last conv of a Sequential)
     mode: str = "map"
     rank: str = "max"
     method: str = "deconvnet"
@@ -130,23 +133,50 @@ class ImageSource:
 # --- manifests ----------------------------------------------------------------------------------------------------
 
 
-def layer_module_name(dn: DeconvNet, layer: int) -> str:
-    """The qualified module name of conv layer ``layer`` (a non-negative index) of ``dn``'s model."""
-    return dn.steps[dn.conv_steps[layer]].name
+def is_user_model(checkpoint: CheckpointLike) -> bool:
+    """True for a model built by a user's factory (:func:`~xraydeconv.training.user_model.load_user_model`)."""
+    return not isinstance(checkpoint, (str, os.PathLike)) and "factory" in (checkpoint.config or {})
 
 
-def manifest_base(checkpoint: str | os.PathLike, ckpt: Checkpoint, dn: DeconvNet, layer: int,
+def model_input(checkpoint: CheckpointLike) -> tuple[str, Path]:
+    """The option and file a run reads its model from, for ``check_output_folder(inputs=...)``."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return "--checkpoint", Path(checkpoint)
+    return ("--weights" if is_user_model(checkpoint) else "--checkpoint"), Path(checkpoint.path)
+
+
+def layer_stride(dn: DeconvNet, name: str, input_size: int, in_channels: int) -> int:
+    """Input pixels between the activations of layer ``name`` (``dn.layer_name``) of ``dn``'s model.
+
+    A module's later call (``"layer1.0.relu@1"``) is measured at its first call; a graph node that is no module
+    (``"add_3"``) gives 1.
+    """
+    module = name.split("@")[0]
+    try:
+        dn.model.get_submodule(module)
+    except AttributeError:
+        return 1
+    return display.layer_stride(dn.model, module, input_size, in_channels)
+
+
+def manifest_base(checkpoint: CheckpointLike, ckpt: Checkpoint, dn: DeconvNet, layer: int | str,
                   settings: ProjectSettings) -> dict:
-    """The manifest fields shared by every image of a run: checkpoint, model, layer, settings, versions."""
+    """The manifest fields shared by every image of a run: checkpoint, model, layer, settings, versions.
+
+    ``layer`` is ``dn.resolve_layer(...)``: a conv index for a Sequential, a layer name for any other model. For a
+    user's model, ``checkpoint`` is its weights file and ``factory`` is added.
+    """
     import xraydeconv
 
+    own = {"factory": ckpt.config["factory"]} if is_user_model(ckpt) else {}
     return {
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(model_input(checkpoint)[1]) if not isinstance(checkpoint, (str, os.PathLike))
+        else str(checkpoint),
         "checkpoint_sha256": ckpt.sha256,
         "model": ckpt.model_name,
         "epoch": ckpt.epoch,
         "layer": layer,
-        "layer_module": layer_module_name(dn, layer),
+        "layer_module": dn.layer_name(layer),
         "top_n": settings.top_n,
         "mode": settings.mode,
         "rank": settings.rank,
@@ -155,6 +185,7 @@ def manifest_base(checkpoint: str | os.PathLike, ckpt: Checkpoint, dn: DeconvNet
         "input_size": ckpt.input_size,
         "xraydeconv_version": xraydeconv.__version__,
         "torch_version": torch.__version__,
+        **own,
     }
 
 
@@ -341,7 +372,7 @@ class Net:
     @classmethod
     def make(cls, dn: DeconvNet, base: dict, class_names: Sequence[str]) -> Net:
         first = next(m for m in dn.model.modules() if isinstance(m, torch.nn.Conv2d))
-        stride = display.layer_stride(dn.model, base["layer_module"], base["input_size"], first.in_channels)
+        stride = layer_stride(dn, base["layer_module"], base["input_size"], first.in_channels)
         return cls(dn, base, list(class_names), stride)
 
     def project(self, x: Tensor, settings: ProjectSettings, device: torch.device) -> Projection:
@@ -394,15 +425,17 @@ def project_into(out: Path, source: ImageSource, net: Net, settings: ProjectSett
     return writer.rows
 
 
-def check_settings(dn: DeconvNet, settings: ProjectSettings) -> int:
-    """The conv layer of ``settings`` as a non-negative index; UserError naming the option that is wrong."""
+def check_settings(dn: DeconvNet, settings: ProjectSettings) -> int | str:
+    """The layer of ``settings`` resolved (``dn.resolve_layer``: a non-negative conv index for a Sequential, a layer
+    name for any other model); UserError naming the option that is wrong."""
     try:
         layer = dn.resolve_layer(settings.layer)
     except ValueError as exc:
         raise UserError(f"--layer {exc}") from None
     n_ch = dn.layer_channels(layer)
     if settings.top_n > n_ch:
-        raise UserError(f"--top-n {settings.top_n}: conv layer {layer} has only {n_ch} filters")
+        what = f"conv layer {layer}" if isinstance(layer, int) else f"layer {layer}"
+        raise UserError(f"--top-n {settings.top_n}: {what} has only {n_ch} filters")
     try:
         render.colormap(settings.display.cmap)
     except ValueError:
@@ -410,18 +443,19 @@ def check_settings(dn: DeconvNet, settings: ProjectSettings) -> int:
     return layer
 
 
-def project_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, images: Sequence[str | os.PathLike] = (),
+def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, images: Sequence[str | os.PathLike] = (),
                        data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
                        settings: ProjectSettings | None = None, device: str = "auto", overwrite: bool = False,
                        progress: bool = True, compare: Sequence[str | os.PathLike] = ()) -> list[dict]:
     """``xraydeconv project``: project ``images`` (files) or the first ``limit`` images of a split of ``data``.
 
+    ``checkpoint`` is a checkpoint file, or a loaded ``Checkpoint`` (a user's model from ``load_user_model``).
     Returns the gallery rows (one per image). Raises UserError for bad options, inputs and output folders.
     """
     from xraydeconv.device import resolve_device
 
     settings = settings or ProjectSettings()
-    inputs = [("--checkpoint", checkpoint)] + [("--compare", c) for c in compare] + [("--images", p) for p in images]
+    inputs = [model_input(checkpoint)] + [("--compare", c) for c in compare] + [("--images", p) for p in images]
     out = check_output_folder(out, overwrite, inputs=inputs + ([("--data", data)] if data is not None else []))
     dev = resolve_device(device)
     net, ckpt = open_net(checkpoint, settings, dev)
@@ -439,21 +473,27 @@ def project_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, im
         if len(ds) == 0:
             raise UserError(f"{data}: no images in the {split} split")
         source = ImageSource.from_dataset(ds, range(len(ds) if limit is None else min(limit, len(ds))))
-    info = {"model": ckpt.model_name, "checkpoint": Path(checkpoint).name, "layer": net.base["layer_module"],
-            "top-n": settings.top_n, "method": settings.method, "mode": settings.mode}
+    info = {"model": ckpt.model_name, "checkpoint": Path(net.base["checkpoint"]).name,
+            "layer": net.base["layer_module"], "top-n": settings.top_n, "method": settings.method,
+            "mode": settings.mode}
     if others:
         info["compared with"] = ", ".join(f"{o.base['model']} ({Path(o.base['checkpoint']).name})" for o in others)
     return project_into(out, source, net, settings, dev, title=f"xraydeconv projections: {ckpt.model_name}",
                         info=info, overwrite=overwrite, progress=progress, compare=others)
 
 
-def open_net(checkpoint: str | os.PathLike, settings: ProjectSettings, device: torch.device,
+def open_net(checkpoint: CheckpointLike, settings: ProjectSettings, device: torch.device,
              flag: str = "--checkpoint") -> tuple[Net, Checkpoint]:
-    """Load a checkpoint for projection with ``settings`` (layer and top-n checked against its net)."""
+    """Load a checkpoint (or take a loaded one onto ``device``) for projection with ``settings`` (layer and top-n
+    checked against its net)."""
     from xraydeconv.explain.deconvnet import DeconvNet
     from xraydeconv.training.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint, map_location=device)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        ckpt = load_checkpoint(checkpoint, map_location=device)
+    else:
+        ckpt = checkpoint
+        ckpt.model.to(device).eval()
     dn = DeconvNet(ckpt.model)
     layer = check_settings(dn, settings)
     return Net.make(dn, manifest_base(checkpoint, ckpt, dn, layer, settings), ckpt.class_names), ckpt
