@@ -165,3 +165,13 @@ def test_help_reads_like_a_manual(monkeypatch, capsys):
     text = capsys.readouterr().out
     for word in ("--checkpoint", "--top-n", "manifest.json", "index.html", "Examples"):
         assert word in text
+
+
+@pytest.mark.parametrize("value, expected", [("-1", -1), ("3", 3), ("layer4", "layer4"),
+                                             ("layer1.0.relu@1", "layer1.0.relu@1"), ("features.21", "features.21"),
+                                             (None, None)])
+def test_layer_arg(value, expected):
+    """Numbers are conv indices; any other --layer is a module name, passed on unchanged."""
+    from xraydeconv.cli.project import layer_arg
+
+    assert layer_arg(value) == expected and type(layer_arg(value)) is type(expected)

@@ -37,7 +37,12 @@ from xraydeconv.cli.model_options import model_options, model_source
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
 def evaluate(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, tolerance,
              max_misclassified, no_landmarks, limit, batch_size, precision, device, out, overwrite, quiet) -> None:
-    """Accuracy, confusion matrix and landmark agreement of a checkpoint.
+    """Accuracy, confusion matrix and landmark agreement of a checkpoint (or of your own model).
+
+    \b
+    Instead of --checkpoint, --model-factory package.module:function with --weights FILE
+    evaluates your own CNN on --data (docs/own-models.md); its projections start from its
+    last feature map before global pooling.
 
     \b
     Runs the net over a split and writes into --out:

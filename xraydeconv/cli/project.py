@@ -68,6 +68,9 @@ def project(checkpoint, model_factory, weights, classes, input_size, images, mor
     unpool with the max-pool switches, rectify, transposed conv with the net's own weights.
     The heat map of a filter is the magnitude of its projection; the combined map is the
     mean of the normalised per-filter maps.
+    Instead of --checkpoint, --model-factory package.module:function with --weights FILE
+    projects your own CNN (docs/own-models.md), by default from its last feature map
+    before global pooling.
 
     \b
     Writes into --out, one folder per image (named after the image file); every picture is
