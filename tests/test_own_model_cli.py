@@ -134,17 +134,22 @@ def test_project_user_model(work, tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(maps.astype(np.float32), _expected_maps(model, work / "hand.png", SIZE, 5), atol=1e-3)
 
 
-def test_project_user_model_layer_by_name(work, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layer, name, stride", [
+    ("block1.relu@1", "block1.relu@1", 2),  # a module's second call, by name
+    ("add_1", "add_1", 4),  # a graph node that is no module: block2's residual sum
+    ("1", "block1_relu", 2),  # a number counts conv layers: conv 1 starts at its ReLU's first call
+])
+def test_project_user_model_layer(work, tmp_path, monkeypatch, capsys, layer, name, stride):
     out = tmp_path / "proj"
     code, err = run(monkeypatch, capsys, "project", "--model-factory", FACTORY, "--weights",
-                    str(work / "resnetish.pt"), "--layer", "block1.relu@1", "--top-n", "3",
+                    str(work / "resnetish.pt"), "--layer", layer, "--top-n", "3",
                     "--images", str(work / "knee.png"), "--out", str(out))
     assert code == 0, err
     man = json.loads((out / "knee" / "manifest.json").read_text())
-    assert (man["layer"], man["layer_module"], man["display"]["stride"]) == ("block1.relu@1", "block1.relu@1", 2)
+    assert (man["layer"], man["layer_module"], man["display"]["stride"]) == (name, name, stride)
     model = resnetish()
     model.load_state_dict(torch.load(work / "resnetish.pt"))
-    expected = _expected_maps(model, work / "knee.png", SIZE, 3, layer="block1.relu@1")
+    expected = _expected_maps(model, work / "knee.png", SIZE, 3, layer=name)
     np.testing.assert_allclose(np.load(out / "knee" / "maps.npy").astype(np.float32), expected, atol=1e-3)
 
 

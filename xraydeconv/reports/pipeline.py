@@ -149,14 +149,41 @@ def layer_stride(dn: DeconvNet, name: str, input_size: int, in_channels: int) ->
     """Input pixels between the activations of layer ``name`` (``dn.layer_name``) of ``dn``'s model.
 
     A module's later call (``"layer1.0.relu@1"``) is measured at its first call; a graph node that is no module
-    (``"add_3"``) gives 1.
+    (``"add_3"``) in a ``torch.fx`` trace of the model; 1 where neither finds it.
     """
     module = name.split("@")[0]
     try:
         dn.model.get_submodule(module)
     except AttributeError:
-        return 1
+        return _node_stride(dn.model, name, input_size, in_channels)
     return display.layer_stride(dn.model, module, input_size, in_channels)
+
+
+def _node_stride(model: torch.nn.Module, name: str, input_size: int, in_channels: int) -> int:
+    """:func:`layer_stride` of the graph node ``name`` of a ``torch.fx`` trace of ``model`` (1: not found)."""
+    import torch.fx
+
+    seen: list[int] = []
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            out = super().run_node(n)
+            if n.name == name and torch.is_tensor(out) and out.dim() == 4:
+                seen.append(out.shape[-1])
+            return out
+
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, in_channels, input_size, input_size, device=None if param is None else param.device,
+                    dtype=None if param is None else param.dtype)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            Shapes(torch.fx.symbolic_trace(model.eval())).run(x)
+    except Exception:  # a forward fx cannot trace on its own: the layer is still projected, drawn unsmoothed
+        return 1
+    finally:
+        model.train(was_training)
+    return max(1, round(input_size / seen[0])) if seen else 1
 
 
 def manifest_base(checkpoint: CheckpointLike, ckpt: Checkpoint, dn: DeconvNet, layer: int | str,
