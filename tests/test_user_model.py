@@ -113,17 +113,17 @@ def test_the_current_folder_is_searched_and_sys_path_is_left_alone(tmp_path, fx,
 
 
 @pytest.mark.parametrize("factory, message", [
-    ("tiny", "--factory 'tiny': expected package.module:function"),
-    (f"{F}:", f"--factory '{F}:': expected package.module:function"),
-    (":tiny", "--factory ':tiny': expected package.module:function"),
-    (f"{F}:tiny:x", f"--factory '{F}:tiny:x': expected package.module:function"),
+    ("tiny", "--model-factory 'tiny': expected package.module:function"),
+    (f"{F}:", f"--model-factory '{F}:': expected package.module:function"),
+    (":tiny", "--model-factory ':tiny': expected package.module:function"),
+    (f"{F}:tiny:x", f"--model-factory '{F}:tiny:x': expected package.module:function"),
     ("no_such_module_4711:make",
-     "--factory no_such_module_4711:make: cannot import no_such_module_4711 "
+     "--model-factory no_such_module_4711:make: cannot import no_such_module_4711 "
      "(ModuleNotFoundError: No module named 'no_such_module_4711')"),
-    (f"{F}:missing", f"--factory {F}:missing: {F} has no attribute 'missing'"),
-    (f"{F}:NOT_CALLABLE", f"--factory {F}:NOT_CALLABLE: NOT_CALLABLE is a int, not a function"),
-    (f"{F}:broken", f"--factory {F}:broken: calling broken() failed (RuntimeError: no GPU here)"),
-    (f"{F}:not_a_module", f"--factory {F}:not_a_module: not_a_module() returned a dict, not a torch.nn.Module"),
+    (f"{F}:missing", f"--model-factory {F}:missing: {F} has no attribute 'missing'"),
+    (f"{F}:NOT_CALLABLE", f"--model-factory {F}:NOT_CALLABLE: NOT_CALLABLE is a int, not a function"),
+    (f"{F}:broken", f"--model-factory {F}:broken: calling broken() failed (RuntimeError: no GPU here)"),
+    (f"{F}:not_a_module", f"--model-factory {F}:not_a_module: not_a_module() returned a dict, not a torch.nn.Module"),
 ])
 def test_factory_errors(tmp_path, fx, factory, message):
     weights = _save(_trained(fx).state_dict(), tmp_path / "w.pt")
@@ -137,14 +137,14 @@ def test_a_module_that_fails_while_importing(tmp_path, fx, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(UserError) as err:
         load_user_model("bad_nets_4711:make", _save(_trained(fx).state_dict(), tmp_path / "w.pt"))
-    assert str(err.value) == "--factory bad_nets_4711:make: cannot import bad_nets_4711 (ImportError: needs timm)"
+    assert str(err.value) == "--model-factory bad_nets_4711:make: cannot import bad_nets_4711 (ImportError: needs timm)"
 
 
 def test_models_that_are_no_classifier_cnn(tmp_path, fx):
     cases = {
-        "no_conv": "--factory {f}: the model has no Conv2d layer; only CNNs can be projected",
-        "feature_maps": "--factory {f}: the model returns 1x2x256x256 for one image, expected 1 x classes logits",
-        "fails_forward": "--factory {f}: the model fails on a 1x1x256x256 input (ValueError: expects 3 channels)",
+        "no_conv": "--model-factory {f}: the model has no Conv2d layer; only CNNs can be projected",
+        "feature_maps": "--model-factory {f}: the model returns 1x2x256x256 for one image, expected 1 x classes logits",
+        "fails_forward": "--model-factory {f}: the model fails on a 1x1x256x256 input (ValueError: expects 3 channels)",
     }
     for name, message in cases.items():
         weights = _save(getattr(fx, name)().state_dict(), tmp_path / f"{name}.pt")

@@ -70,11 +70,5 @@ def model_source(checkpoint: Path | None, model_factory: str | None, weights: Pa
     from xraydeconv.device import resolve_device
     from xraydeconv.training.user_model import load_user_model
 
-    try:
-        return load_user_model(model_factory, weights, classes=classes, input_size=input_size,
-                               map_location=resolve_device(device))
-    except UserError as exc:  # the loader names the factory --factory; these commands call it --model-factory
-        message = str(exc)
-        if message.startswith("--factory "):
-            raise UserError("--model-factory " + message.removeprefix("--factory ")) from None
-        raise
+    return load_user_model(model_factory, weights, classes=classes, input_size=input_size,
+                           map_location=resolve_device(device))

@@ -46,30 +46,30 @@ def import_factory(factory: str) -> nn.Module:
     """
     module_name, sep, attr = factory.partition(":")
     if not sep or not module_name or not attr or ":" in attr:
-        raise UserError(f"--factory {factory!r}: expected package.module:function")
+        raise UserError(f"--model-factory {factory!r}: expected package.module:function")
     added = os.getcwd() not in sys.path
     if added:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # an import error, or any error raised while the module runs
-        raise UserError(f"--factory {factory}: cannot import {module_name} ({_why(exc)})") from None
+        raise UserError(f"--model-factory {factory}: cannot import {module_name} ({_why(exc)})") from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
     fn: object = module
     for part in attr.split("."):
         if not hasattr(fn, part):
-            raise UserError(f"--factory {factory}: {module_name} has no attribute {attr!r}")
+            raise UserError(f"--model-factory {factory}: {module_name} has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise UserError(f"--factory {factory}: {attr} is a {type(fn).__name__}, not a function")
+        raise UserError(f"--model-factory {factory}: {attr} is a {type(fn).__name__}, not a function")
     try:
         model = fn()
     except Exception as exc:
-        raise UserError(f"--factory {factory}: calling {attr}() failed ({_why(exc)})") from None
+        raise UserError(f"--model-factory {factory}: calling {attr}() failed ({_why(exc)})") from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"--factory {factory}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
+        raise UserError(f"--model-factory {factory}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -152,11 +152,12 @@ def _count_outputs(model: nn.Module, factory: str, in_channels: int, size: int) 
         with torch.no_grad():
             out = model(torch.zeros(1, in_channels, size, size, device=next(model.parameters()).device))
     except Exception as exc:
-        raise UserError(f"--factory {factory}: the model fails on a 1x{in_channels}x{size}x{size} input "
+        raise UserError(f"--model-factory {factory}: the model fails on a 1x{in_channels}x{size}x{size} input "
                         f"({_why(exc)})") from None
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != 1:
         shape = "x".join(map(str, out.shape)) if torch.is_tensor(out) else type(out).__name__
-        raise UserError(f"--factory {factory}: the model returns {shape} for one image, expected 1 x classes logits")
+        raise UserError(f"--model-factory {factory}: the model returns {shape} for one image, "
+                        "expected 1 x classes logits")
     return int(out.shape[1])
 
 
@@ -196,7 +197,7 @@ def load_user_model(
     load_weights(model, state, path)
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is None:
-        raise UserError(f"--factory {factory}: the model has no Conv2d layer; only CNNs can be projected")
+        raise UserError(f"--model-factory {factory}: the model has no Conv2d layer; only CNNs can be projected")
     model.to(map_location).eval()
     n = _count_outputs(model, factory, first_conv.in_channels, size)
     if classes is not None:
