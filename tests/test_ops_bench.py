@@ -74,7 +74,14 @@ def test_cli_rejects_bad_options(args, message):
 
 def test_cli_names_a_missing_json_folder(tmp_path):
     result = CliRunner().invoke(bench, ["--quick", "--json", str(tmp_path / "nope" / "b.json")])
-    assert isinstance(result.exception, UserError) and "does not exist" in str(result.exception)
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception) == f"{tmp_path / 'nope'}: no such folder for the output"
+
+
+def test_cli_refuses_a_device_as_json_before_timing(tmp_path):
+    result = CliRunner().invoke(bench, ["--quick", "--json", "/dev/null"])
+    assert isinstance(result.exception, UserError) and "not a regular file" in str(result.exception)
+    assert "op" not in result.output  # no table: refused before any timing
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

@@ -106,11 +106,21 @@ def bench(
       xraydeconv bench --suite --threads 1,2 --json suite.json \\
           --write-dispatch xraydeconv/ops/pool_dispatch_table.py
     """
+    _check_arguments(device, suite, json_path, dispatch_path)
+    rounds = repeats if repeats is not None else (5 if quick else (7 if suite else 15))
+    runner = _run_suite if suite else _run_table
+    text, data, table = runner(device, threads, rounds, quick, dispatch_path is not None)
+    click.echo(text)
+    _write_outputs(data, table, threads, json_path, dispatch_path)
+
+
+def _check_arguments(device: str, suite: bool, json_path: Path | None, dispatch_path: Path | None) -> None:
+    """Refuse what cannot run or be written before any timing starts."""
     import torch
 
     from xraydeconv import ops
     from xraydeconv.errors import UserError
-    from xraydeconv.io import write_atomically
+    from xraydeconv.io import check_output_file
 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -120,16 +130,18 @@ def bench(
             "`pip install --no-build-isolation -e .` (CUDA needs nvcc at build time)"
         )
     for path in (json_path, dispatch_path):
-        if path is not None and not path.parent.is_dir():
-            raise UserError(f"{path}: the folder {path.parent} does not exist")
+        if path is not None:
+            check_output_file(path)
     if dispatch_path is not None and not suite:
         raise UserError(f"--write-dispatch {dispatch_path}: the dispatch table comes from --suite; add it")
     if suite and device != "cpu":
         raise UserError("--suite --device cuda: the suite measures the CPU kernels; run it with --device cpu")
-    rounds = repeats if repeats is not None else (5 if quick else (7 if suite else 15))
-    runner = _run_suite if suite else _run_table
-    text, data, table = runner(device, threads, rounds, quick, dispatch_path is not None)
-    click.echo(text)
+
+
+def _write_outputs(data: dict, table: dict, threads: list[int] | None, json_path: Path | None,
+                   dispatch_path: Path | None) -> None:
+    from xraydeconv.io import write_atomically
+
     if json_path is not None:
         write_atomically(json_path, lambda f: json.dump(data, f, indent=2), mode="w", encoding="utf-8")
         click.echo(f"wrote {json_path}")
