@@ -16,7 +16,6 @@ without the file has the one set ``"all"``, the landmark names it declares or ha
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from xraydeconv.data.csvfile import read_rows
+from xraydeconv.data.jsonfile import read_json_object
 from xraydeconv.data.preprocess import Letterbox, image_size
 from xraydeconv.errors import UserError
 
@@ -155,12 +155,7 @@ def read_landmark_sets(root: str | Path | None, landmark_names: Mapping[str, Seq
     path = Path(root) / LANDMARK_SETS_FILE if root is not None else None
     if path is None or not path.is_file():
         return sets
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object mapping set names to {{class: [landmarks]}}")
+    raw = read_json_object(path, "a JSON object mapping set names to {class: [landmarks]}")
     for name, per_class in raw.items():
         if not _SET_NAME.fullmatch(name):
             raise UserError(f"{path}: set name {name!r}: use letters, digits, '-' and '_' only")

@@ -18,6 +18,7 @@ from xraydeconv import ops
 __all__ = [
     "SPARSE_MIN_CHANNELS",
     "FoldedWeights",
+    "WalkBlock",
     "PoolRecord",
     "bn_forward",
     "bn_scale",
@@ -114,6 +115,17 @@ class FoldedWeights:
 
 
 # --- pooling with switches --------------------------------------------------------------------------------
+
+
+@dataclass
+class WalkBlock:
+    """One block of signals going down a walk: ``group`` filters for each image of ``img_slice``."""
+
+    method: str
+    group: int
+    img_slice: slice
+    weights: FoldedWeights
+    sparse: bool  # the sparse scatter steps may run
 
 
 @dataclass

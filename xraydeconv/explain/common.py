@@ -3,11 +3,11 @@ the blocks of (image, filter) pairs the walk down runs in."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_CHUNK_CPU",
@@ -20,6 +20,8 @@ __all__ = [
     "block_signals",
     "blocks",
     "check_options",
+    "ProjectRequest",
+    "activation_after_conv",
     "check_top_n",
     "select_filters",
 ]
@@ -78,6 +80,23 @@ def check_options(mode: str, rank: str, method: str, precision: str) -> None:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
+@dataclass(frozen=True)
+class ProjectRequest:
+    """The options of :meth:`xraydeconv.explain.DeconvNet.project` (documented there), checked when made."""
+
+    top_n: int = 25
+    layer: int | str | None = None
+    mode: str = "map"
+    rank: str = "max"
+    method: str = "deconvnet"
+    channels: Tensor | None = None
+    precision: str = "fp32"
+    progress: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        check_options(self.mode, self.rank, self.method, self.precision)
+
+
 def check_top_n(top_n: int, channels: Tensor | None, n_ch: int, what: str) -> int:
     """The number of filters to project: ``channels.shape[1]`` when given, else ``top_n``, checked against the
     ``n_ch`` filters of the layer described by ``what``."""
@@ -123,3 +142,16 @@ def block_signals(act: Tensor, sel: Tensor, imgs: slice, mode: str) -> Tensor:
         pos = a.argmax(2, keepdim=True)
         a = torch.zeros_like(a).scatter_(2, pos, a.gather(2, pos))
     return a.reshape(-1, h, w)
+
+
+def activation_after_conv(features: nn.Sequential, conv: int) -> nn.Module:
+    """The module of ``features`` whose output a projection from conv ``conv`` (an index among the Conv2d
+    layers, negative from the end) starts at: the ReLU after it, or the conv itself when no ReLU follows it."""
+    mods = list(features)
+    at = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)][conv]
+    for m in mods[at + 1:]:
+        if isinstance(m, nn.ReLU):
+            return m
+        if isinstance(m, nn.Conv2d):
+            break
+    return mods[at]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from xraydeconv.explain.adjoint import (
     FoldedWeights,
     PoolRecord,
+    WalkBlock,
     bn_forward,
     bn_scale,
     conv_transpose,
@@ -51,9 +52,9 @@ from xraydeconv.explain.common import (
     PRECISIONS,
     RANKS,
     Projection,
+    ProjectRequest,
     block_signals,
     blocks,
-    check_options,
     check_top_n,
     select_filters,
 )
@@ -134,14 +135,9 @@ class _ForwardRecords:
 
 
 @dataclass
-class _Walk:
-    """One block of signals going down: ``group`` filters for each image of ``img_slice``."""
+class _Walk(WalkBlock):
+    """A block going down the step list (see :class:`WalkBlock`)."""
 
-    method: str
-    group: int
-    img_slice: slice
-    weights: FoldedWeights
-    sparse: bool  # the sparse scatter steps may run
     first: tuple[Tensor, Tensor]  # (P, h, w) the kept activation maps, (P,) their channels (one each)
     g: Tensor | None = None  # (P, C, h, w) the signal, once the first transposed conv has run
     rectified: bool = False  # the deconvnet ReLU below a tiled unpool was already applied to the pooled signal
@@ -432,9 +428,9 @@ class DeconvNet:
         Raises:
             ValueError: bad ``top_n``, ``layer``, ``mode``, ``rank``, ``method`` or input shape.
         """
+        request = ProjectRequest(top_n, layer, mode, rank, method, channels, precision, progress)
         if self.graph is not None:
-            return self.graph.project(x, top_n, layer, mode, rank, method, channels, precision, progress)
-        check_options(mode, rank, method, precision)
+            return self.graph.project(x, **vars(request))
         self._check_input(x)
         li = self.resolve_layer(layer)
         top_n = check_top_n(top_n, channels, self.layer_channels(li), f"conv layer {li}")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from xraydeconv.explain.adjoint import (
     FoldedWeights,
+    WalkBlock,
     bn_scale,
     conv_transpose,
     conv_transpose_phases,
@@ -37,9 +38,9 @@ from xraydeconv.explain.common import (
     DEFAULT_CHUNK_CUDA,
     PRECISIONS,
     Projection,
+    ProjectRequest,
     block_signals,
     blocks,
-    check_options,
     check_top_n,
     select_filters,
 )
@@ -49,14 +50,9 @@ __all__ = ["GraphDeconvNet"]
 
 
 @dataclass
-class _Walk:
-    """One block of signals going down: ``group`` filters for each image of ``img_slice``."""
+class _Walk(WalkBlock):
+    """A block going down the graph (see :class:`WalkBlock`)."""
 
-    method: str
-    group: int
-    img_slice: slice
-    weights: FoldedWeights
-    sparse: bool  # the sparse scatter steps may run
     grads: dict[fx.Node, Tensor] = field(default_factory=dict)  # (P, C, h, w) the signal arriving at each node
     nonneg: dict[fx.Node, bool] = field(default_factory=dict)  # that signal is known to be >= 0
 
@@ -112,20 +108,11 @@ class GraphDeconvNet:
         return self.graph.channels(self.start_node(layer))
 
     @torch.no_grad()
-    def project(
-        self,
-        x: Tensor,
-        top_n: int = 25,
-        layer: int | str | None = None,
-        mode: str = "map",
-        rank: str = "max",
-        method: str = "deconvnet",
-        channels: Tensor | None = None,
-        precision: str = "fp32",
-        progress: Callable[[int], None] | None = None,
-    ) -> Projection:
+    def project(self, x: Tensor, **options) -> Projection:
         """As :meth:`xraydeconv.explain.DeconvNet.project`; ``logits`` is the model's output when it is (B, K)."""
-        check_options(mode, rank, method, precision)
+        r = ProjectRequest(**options)
+        top_n, layer, mode, rank, method, channels, precision, progress = (
+            r.top_n, r.layer, r.mode, r.rank, r.method, r.channels, r.precision, r.progress)
         if x.dim() != 4 or x.shape[1] != self.graph.in_channels:
             raise ValueError(f"input of shape {tuple(x.shape)}: expected (B, {self.graph.in_channels}, H, W) "
                              "for this model")

@@ -20,8 +20,8 @@ from xraydeconv.explain.common import (
     DEFAULT_CHUNK_CPU,
     DEFAULT_CHUNK_CUDA,
     Projection,
+    ProjectRequest,
     blocks,
-    check_options,
     check_top_n,
     select_filters,
 )
@@ -149,20 +149,11 @@ class HookDeconvNet:
             raise ValueError(f"layer module {type(module).__name__} is not called by the model's forward")
         return out, store["act"]
 
-    def project(
-        self,
-        x: Tensor,
-        top_n: int = 25,
-        layer: int | str | None = None,
-        mode: str = "map",
-        rank: str = "max",
-        method: str = "deconvnet",
-        channels: Tensor | None = None,
-        precision: str = "fp32",
-        progress: Callable[[int], None] | None = None,
-    ) -> Projection:
+    def project(self, x: Tensor, **options) -> Projection:
         """As :meth:`xraydeconv.explain.DeconvNet.project`; ``precision`` must be ``"fp32"`` here."""
-        check_options(mode, rank, method, precision)
+        r = ProjectRequest(**options)
+        top_n, layer, mode, rank, method, channels, precision, progress = (
+            r.top_n, r.layer, r.mode, r.rank, r.method, r.channels, r.precision, r.progress)
         if precision != "fp32":
             raise ValueError(f"precision {precision!r}: this model is projected through hooks, in fp32 only")
         if x.dim() != 4:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xraydeconv.explain.common import activation_after_conv
 from xraydeconv.explain.deconvnet import DeconvNet, sequential_features
 from xraydeconv.explain.occlusion import default_layer, occlusion_map
 
@@ -118,14 +119,7 @@ def gradcam_layer(model: nn.Module, layer: int | str | None = None) -> nn.Module
         except ValueError:
             index = None
         if index is not None:
-            mods = list(features)
-            conv = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)][index]
-            for m in mods[conv + 1:]:
-                if isinstance(m, nn.ReLU):
-                    return m
-                if isinstance(m, nn.Conv2d):
-                    break
-            return mods[conv]
+            return activation_after_conv(features, index)
     if isinstance(layer, int):
         layer = DeconvNet(model).layer_name(layer)
     try:

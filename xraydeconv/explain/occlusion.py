@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xraydeconv.explain.common import activation_after_conv
 from xraydeconv.explain.graph import Graph
 
 __all__ = ["default_layer", "LandmarkOcclusion", "occlude_landmarks", "OcclusionMap", "occlusion_map"]
@@ -39,14 +40,7 @@ def default_layer(model: nn.Module) -> nn.Module:
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential) or not any(isinstance(m, nn.Conv2d) for m in features):
         return _graph_default_layer(model)
-    mods = list(features)
-    last = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)][-1]
-    for m in mods[last + 1 :]:
-        if isinstance(m, nn.ReLU):
-            return m
-        if isinstance(m, nn.Conv2d):
-            break
-    return mods[last]
+    return activation_after_conv(features, -1)
 
 
 def _graph_default_layer(model: nn.Module) -> nn.Module:

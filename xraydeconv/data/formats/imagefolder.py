@@ -12,12 +12,12 @@ is one of the 24 classes, else sorted folder names.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
 
 from xraydeconv.data.classes import CLASS_NAMES
+from xraydeconv.data.jsonfile import read_json_object
 from xraydeconv.data.landmarks import BOX_FILE, MASK_FOLDER_SUFFIX, mask_files, read_boxes
 from xraydeconv.data.preprocess import SUFFIXES, is_dicom
 from xraydeconv.data.record import Record
@@ -39,12 +39,7 @@ def read_meta(root: Path) -> dict:
     path = root / META_FILE
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    meta = read_json_object(path)
     classes = meta.get("classes")
     if classes is not None and (
         not isinstance(classes, list)
