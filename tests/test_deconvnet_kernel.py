@@ -7,13 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from xraydeconv import ops
-from xraydeconv.ops import extension as _extension
 
-pytestmark = pytest.mark.skipif(
-    not (_extension.load() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "xraydeconv::relu_scatter_conv_transpose2d", "CPU")),
-    reason="xraydeconv._C is not built",
-)
+pytestmark = pytest.mark.skipif(not ops.has_kernel("relu_scatter_conv_transpose2d", "cpu"),
+                                reason="xraydeconv._C is not built")
 
 
 def _reference(g, switches, weight, pool, padding, out_size, group):
