@@ -64,3 +64,34 @@ def test_report_json_has_no_bare_nan(tmp_path, phantoms):
     assert on_disk["landmarks"]["per_class"]["knee"]["pointing_game"] is None
     assert on_disk["landmarks"]["per_class"]["hand"]["pointing_game"] == rep["landmarks"]["per_class"]["hand"][
         "pointing_game"]
+
+
+def _cli(args, capsys) -> tuple[int, str]:
+    import sys
+
+    from xraydeconv.cli.main import main
+
+    old = sys.argv
+    sys.argv = ["xraydeconv", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = old
+    return exc.value.code, capsys.readouterr().err.strip()
+
+
+def test_tolerance_bounded_by_the_input_size(tmp_path, phantoms, capsys):
+    root = _tree(tmp_path / "data", phantoms)
+    ck = _checkpoint(tmp_path / "two.pt", ["hand", "knee"])
+    out = tmp_path / "ev"
+    code, err = _cli(["evaluate", "--checkpoint", ck, "--data", root, "--out", out, "--tolerance", 100000,
+                      "--quiet"], capsys)
+    assert code == 2
+    assert err == f"error: --tolerance 100000: larger than the {SIZE}-pixel input of shallow; at most {SIZE}"
+    assert not out.exists()
+    with pytest.raises(UserError, match="--tolerance 65"):
+        evaluate(ck, out, data=root, options=EvalOptions(top_n=2, tolerance=SIZE + 1), progress=False)
+    rep = evaluate(ck, out, data=root, options=EvalOptions(top_n=2, tolerance=SIZE), progress=False)
+    assert rep["landmarks"]["tolerance"] == SIZE
+    assert rep["landmarks"]["per_class"]["hand"]["pointing_game"] == 1.0  # the grown mask covers the film

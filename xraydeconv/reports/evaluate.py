@@ -343,6 +343,9 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
     else:
         ckpt = checkpoint
         ckpt.model.to(dev)
+    if opt.tolerance > ckpt.input_size:  # the masks are padded by it: 10^5 px would ask for 160 GB
+        raise UserError(f"--tolerance {opt.tolerance}: larger than the {ckpt.input_size}-pixel input of "
+                        f"{ckpt.model_name}; at most {ckpt.input_size}")
     root = resolve_data(ckpt, data)
     check_output_folder(out, True, inputs=[("--data", root)])  # data taken from the checkpoint: not known before
     ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size)
