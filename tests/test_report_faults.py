@@ -1,6 +1,7 @@
 """Bad inputs and faults of `project` and `evaluate`: what a careless user or an adversary gives them."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -71,14 +72,15 @@ def _cli(args, capsys) -> tuple[int, str]:
 
     from xraydeconv.cli.main import main
 
-    old = sys.argv
-    sys.argv = ["xraydeconv", *map(str, args)]
+    old, code = sys.argv, 0
+    sys.argv = ["xraydeconv", *(str(a) if isinstance(a, int) else os.fsdecode(a) for a in args)]
     try:
-        with pytest.raises(SystemExit) as exc:
-            main()
+        main()
+    except SystemExit as exc:
+        code = exc.code
     finally:
         sys.argv = old
-    return exc.value.code, capsys.readouterr().err.strip()
+    return code, capsys.readouterr().err.strip()
 
 
 def test_tolerance_bounded_by_the_input_size(tmp_path, phantoms, capsys):
@@ -95,3 +97,51 @@ def test_tolerance_bounded_by_the_input_size(tmp_path, phantoms, capsys):
     rep = evaluate(ck, out, data=root, options=EvalOptions(top_n=2, tolerance=SIZE), progress=False)
     assert rep["landmarks"]["tolerance"] == SIZE
     assert rep["landmarks"]["per_class"]["hand"]["pointing_game"] == 1.0  # the grown mask covers the film
+
+
+def _odd_names(root: Path, phantoms: Path, names: dict[str, bytes]) -> Path:
+    """A plain ImageFolder with one film of each class of ``names`` saved under that (raw, bytes) file name."""
+    for c, raw in names.items():
+        folder = root / "test" / c
+        folder.mkdir(parents=True)
+        src = sorted((phantoms / "test" / c).glob("*.png"))[0]
+        with open(os.path.join(os.fsencode(folder), raw), "wb") as f:
+            f.write(src.read_bytes())
+    return root
+
+
+def _pages(out: Path) -> list[Path]:
+    return sorted(out.rglob("*.html"))
+
+
+def test_file_names_that_are_not_utf8(tmp_path, phantoms, capsys):
+    root = _odd_names(tmp_path / "data", phantoms, {"hand": b"\xff.png", "knee": b"caf\xe9.png"})
+    ck = _checkpoint(tmp_path / "two.pt", ["hand", "knee"])
+    ev, pr = tmp_path / "ev", tmp_path / "pr"
+    code, err = _cli(["evaluate", "--checkpoint", ck, "--data", root, "--out", ev, "--top-n", 2, "--quiet"], capsys)
+    assert code == 0, err
+    code, err = _cli(["project", "--checkpoint", ck, "--data", root, "--out", pr, "--top-n", 2, "--quiet"], capsys)
+    assert code == 0, err
+    for page in _pages(ev) + _pages(pr):
+        page.read_text(encoding="utf-8")  # every page is valid UTF-8
+    manifests = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(pr.rglob("manifest.json"))]
+    names = {m["input_name"] for m in manifests if "input_name" in m}
+    assert names == {"hand/\\xff.png", "knee/caf\\xe9.png"}
+    index = (pr / "index.html").read_text(encoding="utf-8")
+    assert "hand/\\xff.png" in index and "knee/caf\\xe9.png" in index
+    report = _strict((ev / "report.json").read_text(encoding="utf-8"))
+    assert len(report["misclassified"]) == report["misclassified_count"]
+    assert {m["image"] for m in report["misclassified"]} <= {str(root / "test" / "hand" / "\\xff.png"),
+                                                              str(root / "test" / "knee" / "caf\\xe9.png")}
+
+
+def test_gallery_page_with_a_raw_surrogate_name(tmp_path):
+    from xraydeconv.reports.gallery import utf8_text, write_gallery
+
+    raw = os.fsdecode(b"\xff.png")  # how Python holds a name that is not UTF-8
+    assert utf8_text(f"a/{raw}") == "a/\ufffd.png"
+    assert utf8_text("café.png") == "café.png"
+    (tmp_path / "img").mkdir()
+    write_gallery(tmp_path, [{"folder": "img", "manifest": {"input_name": raw, "top_filters": []}}])
+    assert "\ufffd.png" in (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "\ufffd.png" in (tmp_path / "img" / "index.html").read_text(encoding="utf-8")

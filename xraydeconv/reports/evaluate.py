@@ -434,24 +434,27 @@ class _Tally:
     def _save(self, writer, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
               masks: dict[str, np.ndarray], infix: str) -> dict:
         from xraydeconv.reports.film import Film
-        from xraydeconv.reports.pipeline import prediction_fields
+        from xraydeconv.reports.pipeline import prediction_fields, printable_name
 
         classes = self.setup.classes
         path = self.setup.ds.records[i].path
-        fields = {"input_file": str(path), "input_name": f"{classes[label]}/{path.name}",
+        name = f"{classes[label]}/{printable_name(path.name)}"
+        fields = {"input_file": printable_name(path), "input_name": name,
                   **prediction_fields(probs, classes, classes[label])}
         film = Film.load(path, self.setup.ckpt.input_size, writer.settings.min_side, writer.settings.max_side)
         return writer.add(f"{classes[label]}-{infix}{path.stem}", image, p, row, fields, film, masks)
 
     def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
                             masks: dict[str, np.ndarray]) -> None:
+        from xraydeconv.reports.pipeline import printable_name
+
         classes = self.setup.classes
         pred = classes[int(probs.argmax())]
         r = self._save(self.writer, i, image, p, row, probs, label, masks, f"as-{pred}-")
         path = self.setup.ds.records[i].path
         fields = r["manifest"]
         self.misclassified.append({
-            "image": str(path), "true": classes[label], "predicted": pred,
+            "image": printable_name(path), "true": classes[label], "predicted": pred,
             "probability": fields["predicted_probability"], "true_probability": fields["true_probability"],
             "folder": f"{MISCLASSIFIED_DIR}/{r['folder']}",
         })

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from xraydeconv.io import write_atomically
 
-__all__ = ["write_gallery", "gallery_html", "image_page_html", "card_html", "STYLE", "SORT_KEYS"]
+__all__ = ["write_gallery", "utf8_text", "gallery_html", "image_page_html", "card_html", "STYLE", "SORT_KEYS"]
 
 SORT_KEYS = ("name", "confidence", "true", "predicted", "misclassified")
 
@@ -166,6 +166,12 @@ def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", in
 """
 
 
+def utf8_text(text: str) -> str:
+    """``text`` with the lone surrogates of a file name that is not UTF-8 (``os.fsdecode(b"\\xff.png")``) shown as
+    U+FFFD, so that a page always encodes as UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str = "xraydeconv projections",
                   info: dict | None = None) -> Path:
     """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`."""
@@ -173,11 +179,12 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
     for k, row in enumerate(rows):
         prev = rows[k - 1]["folder"] if k > 0 else None
         nxt = rows[k + 1]["folder"] if k + 1 < len(rows) else None
-        page = image_page_html(row, prev, nxt, title)
+        page = utf8_text(image_page_html(row, prev, nxt, title))
         write_atomically(out_dir / row["folder"] / "index.html", lambda f, page=page: f.write(page), mode="w",
                          encoding="utf-8")
     path = write_atomically(
-        out_dir / "index.html", lambda f: f.write(gallery_html(rows, title, info)), mode="w", encoding="utf-8"
+        out_dir / "index.html", lambda f: f.write(utf8_text(gallery_html(rows, title, info))), mode="w",
+        encoding="utf-8"
     )
     # the rows as data too, for scripts that post-process a run
     write_atomically(out_dir / "gallery.json", lambda f: json.dump(list(rows), f), mode="w", encoding="utf-8")

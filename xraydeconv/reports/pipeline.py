@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "FolderWriter", "unique_folder", "write_image_folder",
     "manifest_base", "prediction_fields", "layer_stride", "model_input", "project_into", "project_checkpoint",
-    "check_settings", "Net", "open_net", "is_user_model",
+    "check_settings", "Net", "open_net", "is_user_model", "printable_name",
 ]
 
 MANIFEST_VERSION = 1
@@ -72,6 +72,13 @@ class ProjectSettings:
 
 
 # --- the images of a run ----------------------------------------------------------------------------------------
+
+
+def printable_name(path: str | os.PathLike) -> str:
+    """``path`` as text that can always be written as UTF-8: a file name's bytes that are not UTF-8 (which Python
+    keeps as lone surrogates) become ``\\xNN`` escapes, so ``b"\\xff.png"`` reads ``\\xff.png``; any other name
+    is unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -99,8 +106,8 @@ class ImageSource:
             if not p.exists():
                 raise UserError(f"{p}: no such file")
         tensors = [load_image(p, input_size) for p in paths]
-        return cls(paths, [p.name for p in paths], [p.stem for p in paths], [None] * len(paths), None,
-                   tensors.__getitem__)
+        return cls(paths, [printable_name(p.name) for p in paths], [p.stem for p in paths], [None] * len(paths),
+                   None, tensors.__getitem__)
 
     @classmethod
     def from_dataset(cls, ds, indices: Sequence[int]) -> ImageSource:
@@ -108,7 +115,7 @@ class ImageSource:
         indices = list(indices)
         recs = [ds.records[i] for i in indices]
         classes = [ds.class_names[int(r.label)] for r in recs]
-        return cls([r.path for r in recs], [f"{c}/{r.path.name}" for c, r in zip(classes, recs)],
+        return cls([r.path for r in recs], [f"{c}/{printable_name(r.path.name)}" for c, r in zip(classes, recs)],
                    [f"{c}-{r.path.stem}" for c, r in zip(classes, recs)], [int(r.label) for r in recs],
                    list(ds.class_names), lambda i: ds[indices[i]][0], lambda i: ds.landmark_masks(indices[i]))
 
@@ -436,7 +443,7 @@ def project_into(out: Path, source: ImageSource, net: Net, settings: ProjectSett
             for idx, x in source.batches(settings.batch_size):
                 ps = [n.project(x, settings, device) for n in (net, *compare)]
                 for j, i in enumerate(idx):
-                    fields = {"input_file": str(source.paths[i]), "input_name": source.names[i],
+                    fields = {"input_file": printable_name(source.paths[i]), "input_name": source.names[i],
                               **prediction_fields(None if ps[0].probs is None else ps[0].probs[j], net.class_names,
                                                   source.true_class(i))}
                     film = source.film(i, net.base["input_size"], settings.display)
