@@ -145,3 +145,26 @@ def test_gallery_page_with_a_raw_surrogate_name(tmp_path):
     write_gallery(tmp_path, [{"folder": "img", "manifest": {"input_name": raw, "top_filters": []}}])
     assert "\ufffd.png" in (tmp_path / "index.html").read_text(encoding="utf-8")
     assert "\ufffd.png" in (tmp_path / "img" / "index.html").read_text(encoding="utf-8")
+
+
+def test_images_named_like_the_gallery_files(tmp_path, phantoms, capsys):
+    from xraydeconv.reports.pipeline import unique_folder
+
+    taken: set[str] = set()
+    assert [unique_folder(s, taken) for s in ("index.html", "INDEX.HTML", "gallery.json")] == [
+        "index.html-2", "INDEX.HTML-3", "gallery.json-2"]
+    src = sorted((phantoms / "test" / "hand").glob("*.png"))[0]
+    images = [tmp_path / "index.html.png", tmp_path / "gallery.json.png"]
+    for p in images:
+        shutil.copy(src, p)
+    ck = _checkpoint(tmp_path / "two.pt", ["hand", "knee"])
+    out = tmp_path / "pr"
+    code, err = _cli(["project", "--checkpoint", ck, "--images", images[0], "--images", images[1], "--out", out,
+                      "--top-n", 2, "--quiet"], capsys)
+    assert code == 0, err
+    rows = json.loads((out / "gallery.json").read_text(encoding="utf-8"))
+    assert [r["folder"] for r in rows] == ["index.html-2", "gallery.json-2"]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    for r in rows:
+        assert f'href="{r["folder"]}/index.html"' in index
+        assert (out / r["folder"] / "index.html").is_file()

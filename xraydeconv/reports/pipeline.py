@@ -251,11 +251,15 @@ def prediction_fields(probs: Tensor | None, class_names: Sequence[str], true_cla
 # --- one folder per image ---------------------------------------------------------------------------------------
 
 
+GALLERY_FILES = frozenset({"index.html", "gallery.json"})  # beside the image folders; no folder may take their name
+
+
 def unique_folder(stem: str, taken: set[str]) -> str:
-    """A folder name for ``stem``: safe characters only, suffixed ``-2``, ``-3`` ... until it is not in ``taken``."""
+    """A folder name for ``stem``: safe characters only, suffixed ``-2``, ``-3`` ... until it is neither in ``taken``
+    nor the name of a gallery file (``index.html.png`` gets the folder ``index.html-2``)."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
     name, k = base, 2
-    while name.lower() in taken:
+    while name.lower() in taken or name.lower() in GALLERY_FILES:
         name = f"{base}-{k}"
         k += 1
     taken.add(name.lower())
