@@ -168,3 +168,29 @@ def test_images_named_like_the_gallery_files(tmp_path, phantoms, capsys):
     for r in rows:
         assert f'href="{r["folder"]}/index.html"' in index
         assert (out / r["folder"] / "index.html").is_file()
+
+
+def test_max_pixels(tmp_path, phantoms, capsys):
+    root = _tree(tmp_path / "data", phantoms, landmarks=("hand", "knee"))
+    ck = _checkpoint(tmp_path / "two.pt", ["hand", "knee"])
+    film = sorted((root / "test" / "hand").glob("*.png"))[0]
+    small = SIZE * SIZE - 1
+    runs = {"evaluate": ["--data", root], "project": ["--images", film]}
+    for cmd, given in runs.items():
+        out = tmp_path / f"{cmd}-small"
+        code, err = _cli([cmd, "--checkpoint", ck, *given, "--out", out, "--top-n", 2, "--max-pixels", small,
+                          "--quiet"], capsys)
+        assert code == 2, err
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "--max-pixels" in err, err
+        assert f"{SIZE}x{SIZE} = {SIZE * SIZE:,} pixels, over the limit of {small:,}" in err, err
+        assert not out.exists()
+        code, err = _cli([cmd, "--checkpoint", ck, *given, "--out", tmp_path / f"{cmd}-0", "--max-pixels", 0,
+                          "--quiet"], capsys)
+        assert (code, err) == (2, "error: --max-pixels 0: must be a positive number of pixels")
+        out = tmp_path / f"{cmd}-fits"
+        code, err = _cli([cmd, "--checkpoint", ck, *given, "--out", out, "--top-n", 2, "--max-pixels", SIZE * SIZE,
+                          "--quiet"], capsys)
+        assert code == 0, err
+        assert (out / "index.html").is_file()
+    report = json.loads((tmp_path / "evaluate-fits" / "report.json").read_text())
+    assert report["options"]["max_pixels"] == SIZE * SIZE

@@ -30,13 +30,16 @@ from xraydeconv.cli.model_options import model_options, model_source
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Precision of the deconvnet's downward pass (bf16: faster on AVX-512 BF16 CPUs, ~3 digits).")
+@click.option("--max-pixels", type=int, default=None,
+              help="Refuse images with more pixels (a decompression-bomb guard). [default: Pillow's limit, 89478485]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
 def evaluate(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, tolerance,
-             max_misclassified, no_landmarks, limit, batch_size, precision, device, out, overwrite, quiet) -> None:
+             max_misclassified, no_landmarks, limit, batch_size, precision, max_pixels, device, out, overwrite,
+             quiet) -> None:
     """Accuracy, confusion matrix and landmark agreement of a checkpoint (or of your own model).
 
     \b
@@ -89,7 +92,7 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
 
     opts = EvalOptions(split=split, top_n=top_n, occlusion=occlusion, batch_size=batch_size,
                        max_misclassified=max_misclassified, tolerance=tolerance, precision=precision,
-                       device=device, landmarks=not no_landmarks, limit=limit)
+                       device=device, landmarks=not no_landmarks, limit=limit, max_pixels=max_pixels)
     model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
     report = run(model, out, data=data, options=opts, overwrite=overwrite, progress=not quiet)
     if not quiet:

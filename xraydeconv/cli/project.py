@@ -46,6 +46,8 @@ def layer_arg(value: str | None) -> int | str | None:
               help="bf16: the downward pass in bfloat16 (faster on AVX-512 BF16 CPUs and GPUs, ~3 digits).")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Images per forward pass.")
+@click.option("--max-pixels", type=int, default=None,
+              help="Refuse images with more pixels (a decompression-bomb guard). [default: Pillow's limit, 89478485]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--cmap", default="plasma", show_default=True,
               help="Matplotlib colormap of the heat (plasma: perceptually uniform, no grey at any level).")
@@ -58,8 +60,8 @@ def layer_arg(value: str | None) -> int | str | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def project(checkpoint, model_factory, weights, classes, input_size, images, more_images, data, split, limit, top_n,
-            layer, mode, rank, method, precision, batch_size, device, cmap, max_side, compare, out, overwrite,
-            quiet) -> None:
+            layer, mode, rank, method, precision, batch_size, max_pixels, device, cmap, max_side, compare, out,
+            overwrite, quiet) -> None:
     """Project the top-n filters of a trained net back into its input images.
 
     \b
@@ -117,6 +119,6 @@ def project(checkpoint, model_factory, weights, classes, input_size, images, mor
     model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
     rows = project_checkpoint(model, out, images=images, data=data, split=split, limit=limit,
                               settings=settings, device=device, overwrite=overwrite, progress=not quiet,
-                              compare=compare)
+                              compare=compare, max_pixels=max_pixels)
     if not quiet:
         click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)

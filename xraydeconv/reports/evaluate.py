@@ -68,6 +68,7 @@ class EvalOptions:
     landmarks: bool = True  # False: accuracy and misclassified projections only
     limit: int | None = None  # only the first N images of the split
     examples: int = 4  # correctly classified images drawn with their projections (of those projected anyway)
+    max_pixels: int | None = None  # refuse larger images (None: Pillow's decompression-bomb limit)
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -328,6 +329,10 @@ def _check_options(opt: EvalOptions) -> None:
     for name, value in (("--max-misclassified", opt.max_misclassified), ("--tolerance", opt.tolerance)):
         if value < 0:
             raise UserError(f"{name} {value}: must be at least 0")
+    if opt.max_pixels is not None:
+        from xraydeconv.data.preprocess import check_max_pixels
+
+        check_max_pixels(opt.max_pixels)
 
 
 def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None, opt: EvalOptions) -> _Setup:
@@ -348,7 +353,8 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
                         f"{ckpt.model_name}; at most {ckpt.input_size}")
     root = resolve_data(ckpt, data)
     check_output_folder(out, True, inputs=[("--data", root)])  # data taken from the checkpoint: not known before
-    ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size)
+    limit = {} if opt.max_pixels is None else {"max_pixels": opt.max_pixels}
+    ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size, **limit)
     check_classes(model_input(checkpoint)[1], ckpt.class_names, root, ds.class_names)
     if len(ds) == 0:
         raise UserError(f"{root}: the {opt.split} split has no images")

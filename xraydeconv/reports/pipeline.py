@@ -97,15 +97,18 @@ class ImageSource:
     masks: Callable[[int], dict[str, np.ndarray]] | None = None
 
     @classmethod
-    def from_files(cls, paths: Sequence[str | os.PathLike], input_size: int) -> ImageSource:
-        """Image files, all decoded up front so that a bad file fails the run before any output is made."""
+    def from_files(cls, paths: Sequence[str | os.PathLike], input_size: int, max_pixels: int | None = None
+                   ) -> ImageSource:
+        """Image files, all decoded up front so that a bad file fails the run before any output is made; images
+        of more than ``max_pixels`` pixels (None: Pillow's limit) are refused."""
         from xraydeconv.data import load_image
+        from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS
 
         paths = [Path(p) for p in paths]
         for p in paths:
             if not p.exists():
                 raise UserError(f"{p}: no such file")
-        tensors = [load_image(p, input_size) for p in paths]
+        tensors = [load_image(p, input_size, max_pixels or DEFAULT_MAX_PIXELS) for p in paths]
         return cls(paths, [printable_name(p.name) for p in paths], [p.stem for p in paths], [None] * len(paths),
                    None, tensors.__getitem__)
 
@@ -484,8 +487,10 @@ def check_settings(dn: DeconvNet, settings: ProjectSettings) -> int | str:
 def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, images: Sequence[str | os.PathLike] = (),
                        data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
                        settings: ProjectSettings | None = None, device: str = "auto", overwrite: bool = False,
-                       progress: bool = True, compare: Sequence[str | os.PathLike] = ()) -> list[dict]:
-    """``xraydeconv project``: project ``images`` (files) or the first ``limit`` images of a split of ``data``.
+                       progress: bool = True, compare: Sequence[str | os.PathLike] = (),
+                       max_pixels: int | None = None) -> list[dict]:
+    """``xraydeconv project``: project ``images`` (files) or the first ``limit`` images of a split of ``data``;
+    images of more than ``max_pixels`` pixels (None: Pillow's decompression-bomb limit) are refused.
 
     ``checkpoint`` is a checkpoint file, or a loaded ``Checkpoint`` (a user's model from ``load_user_model``).
     Returns the gallery rows (one per image). Raises UserError for bad options, inputs and output folders.
@@ -493,6 +498,10 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
     from xraydeconv.device import resolve_device
 
     settings = settings or ProjectSettings()
+    if max_pixels is not None:
+        from xraydeconv.data.preprocess import check_max_pixels
+
+        check_max_pixels(max_pixels)
     inputs = [model_input(checkpoint)] + [("--compare", c) for c in compare] + [("--images", p) for p in images]
     out = check_output_folder(out, overwrite, inputs=inputs + ([("--data", data)] if data is not None else []))
     dev = resolve_device(device)
@@ -503,11 +512,12 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
             raise UserError(f"--compare {c}: input size {other.base['input_size']}, but --checkpoint has "
                             f"{ckpt.input_size}; compare nets trained at the same size")
     if images:
-        source = ImageSource.from_files(images, ckpt.input_size)
+        source = ImageSource.from_files(images, ckpt.input_size, max_pixels)
     else:
         from xraydeconv.data import open_dataset
 
-        ds = open_dataset(data, split=split, input_size=ckpt.input_size, cache=False)
+        limit_px = {} if max_pixels is None else {"max_pixels": max_pixels}
+        ds = open_dataset(data, split=split, input_size=ckpt.input_size, cache=False, **limit_px)
         if len(ds) == 0:
             raise UserError(f"{data}: no images in the {split} split")
         source = ImageSource.from_dataset(ds, range(len(ds) if limit is None else min(limit, len(ds))))
