@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from xraydeconv.errors import UserError
-from xraydeconv.reports.evaluate import EvalOptions, evaluate
+from xraydeconv.reports.evaluate import EvalOptions, evaluate, render_markdown
 from xraydeconv.training.checkpoint import save_checkpoint
 from xraydeconv.training.models import build
 
@@ -194,3 +194,32 @@ def test_max_pixels(tmp_path, phantoms, capsys):
         assert (out / "index.html").is_file()
     report = json.loads((tmp_path / "evaluate-fits" / "report.json").read_text())
     assert report["options"]["max_pixels"] == SIZE * SIZE
+
+
+def test_test_set_with_some_of_the_checkpoint_classes(tmp_path, phantoms):
+    from xraydeconv.data import open_dataset
+
+    root = _tree(tmp_path / "data", phantoms, landmarks=("hand", "knee"))
+    names = ["skull", "knee", "hand"]  # another order, and a class the test set lacks
+    torch.manual_seed(0)
+    m = build("shallow", num_classes=3, input_size=SIZE).eval()
+    last = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[0] += 1e4  # every film is called a skull: predictions into an absent class
+    ck = tmp_path / "three.pt"
+    save_checkpoint(ck, m, model_name="shallow", class_names=names, input_size=SIZE, config={"input_size": SIZE},
+                    epoch=1)
+    rep = evaluate(ck, tmp_path / "ev", data=root, options=EvalOptions(top_n=2), progress=False)
+    ds = open_dataset(root, split="test", input_size=SIZE)
+    truth = [names.index(ds.class_names[r.label]) for r in ds.records]
+    expected = [[0] * 3 for _ in names]
+    for t in truth:
+        expected[t][0] += 1
+    assert rep["class_names"] == names
+    assert rep["classes_present"] == ["knee", "hand"]
+    assert rep["confusion"] == expected
+    assert rep["accuracy"] == 0.0 and rep["misclassified_count"] == len(truth) == 4
+    assert sorted(rep["per_class_accuracy"]) == ["hand", "knee"]
+    assert {m["predicted"] for m in rep["misclassified"]} == {"skull"}
+    assert {m["true"] for m in rep["misclassified"]} == {"hand", "knee"}
+    assert "The data hold 2 of the checkpoint's 3 classes (knee, hand)" in render_markdown(rep)

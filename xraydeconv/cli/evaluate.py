@@ -76,8 +76,9 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
 
     \b
     Everything is built in a temporary folder and moved into place at the end: bad input
-    (masks of the wrong size, an unknown landmark, bad rows in a box file, a checkpoint whose
-    classes differ from the data's) stops the run with one line and leaves --out untouched.
+    (masks of the wrong size, an unknown landmark, bad rows in a box file, a data class the
+    checkpoint does not know) stops the run with one line and leaves --out untouched. Data
+    holding only some of the checkpoint's classes are fine: classes are matched by name.
 
     \b
     Examples:

@@ -99,25 +99,18 @@ def resolve_data(ckpt, data: str | os.PathLike | None) -> Path:
     )
 
 
-def check_classes(ckpt_path: str | os.PathLike, ckpt_classes: Sequence[str], data: Path, ds_classes: Sequence[str]):
-    """UserError (one line) when the checkpoint's label order differs from the data set's."""
+def check_classes(ckpt_path: str | os.PathLike, ckpt_classes: Sequence[str], data: Path,
+                  ds_classes: Sequence[str]) -> list[int]:
+    """The checkpoint's index of each of the data set's classes, matched by name: a test set may hold only some
+    of the checkpoint's classes, in any order. UserError (one line) naming the data's classes that the
+    checkpoint does not know."""
     a, b = list(ckpt_classes), list(ds_classes)
-    if a == b:
-        return
-    only_ckpt = [c for c in a if c not in b]
-    only_data = [c for c in b if c not in a]
-    if only_ckpt or only_data:
-        detail = []
-        if only_ckpt:
-            detail.append(f"not in the data: {', '.join(only_ckpt[:5])}{' ...' if len(only_ckpt) > 5 else ''}")
-        if only_data:
-            detail.append(f"not in the checkpoint: {', '.join(only_data[:5])}{' ...' if len(only_data) > 5 else ''}")
-        why = "; ".join(detail)
-    else:
-        why = "same names in another order"
-    raise UserError(
-        f"{ckpt_path}: the checkpoint's {len(a)} classes differ from the {len(b)} classes of {data} ({why})"
-    )
+    unknown = [c for c in b if c not in a]
+    if unknown:
+        names = f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        raise UserError(f"{data}: {len(unknown)} of its {len(b)} classes are not among the {len(a)} classes of "
+                        f"the checkpoint {ckpt_path} (not in the checkpoint: {names})")
+    return [a.index(c) for c in b]
 
 
 def _check_landmarks(ds, i: int, masks: dict[str, np.ndarray]) -> None:
@@ -320,6 +313,7 @@ class _Setup:
     n: int
     base: dict
     stride: int
+    label_map: list[int]  # the checkpoint's index of each class of the data set
 
 
 def _check_options(opt: EvalOptions) -> None:
@@ -355,7 +349,7 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
     check_output_folder(out, True, inputs=[("--data", root)])  # data taken from the checkpoint: not known before
     limit = {} if opt.max_pixels is None else {"max_pixels": opt.max_pixels}
     ds = open_dataset(root, split=opt.split, input_size=ckpt.input_size, **limit)
-    check_classes(model_input(checkpoint)[1], ckpt.class_names, root, ds.class_names)
+    label_map = check_classes(model_input(checkpoint)[1], ckpt.class_names, root, ds.class_names)
     if len(ds) == 0:
         raise UserError(f"{root}: the {opt.split} split has no images")
     dn = DeconvNet(ckpt.model)
@@ -368,7 +362,7 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
     settings = ProjectSettings(top_n=opt.top_n, precision=opt.precision)
     net = Net.make(dn, manifest_base(checkpoint, ckpt, dn, layer, settings), ckpt.class_names)
     n = len(ds) if opt.limit is None else min(opt.limit, len(ds))
-    return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, net.base, net.stride)
+    return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, net.base, net.stride, label_map)
 
 
 class _Tally:
@@ -394,7 +388,7 @@ class _Tally:
         """Classify, project, score and occlude the images ``idx`` of the data set."""
         s, opt = self.setup, self.opt
         x = torch.stack([s.ds[i][0] for i in idx]).to(s.device)
-        y = [int(s.ds.records[i].label) for i in idx]
+        y = [s.label_map[int(s.ds.records[i].label)] for i in idx]
         masks = [s.ds.landmark_masks(i) if opt.landmarks else {} for i in idx]
         for i, m in zip(idx, masks):
             _check_landmarks(s.ds, i, m)
@@ -493,6 +487,7 @@ def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: 
                  "images": setup.n},
         "options": asdict(opt),
         "class_names": classes,
+        "classes_present": [classes[k] for k in sorted(set(setup.label_map))],
         "accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
         "misclassified_count": int(confusion.sum() - np.trace(confusion)),
         "per_class_accuracy": {name: {"accuracy": a, "n": int(counts[classes.index(name)])}
@@ -617,6 +612,7 @@ def _md_head(report: dict) -> list[str]:
         "",
         f"**Accuracy: {_pct(report['accuracy'])}** ({report['misclassified_count']} misclassified). "
         f"Confusion matrix: [{CONFUSION_PNG}]({CONFUSION_PNG}).",
+        *_md_present(report),
         "",
         "## Per-class accuracy",
         "",
@@ -625,6 +621,14 @@ def _md_head(report: dict) -> list[str]:
     ]
     return lines + [f"| {name} | {_pct(r['accuracy'])} | {r['n']} |"
                     for name, r in report["per_class_accuracy"].items()]
+
+
+def _md_present(report: dict) -> list[str]:
+    present, known = report.get("classes_present", report["class_names"]), report["class_names"]
+    if len(present) == len(known):
+        return []
+    return ["", f"The data hold {len(present)} of the checkpoint's {len(known)} classes ({', '.join(present)}); "
+                "a film called one of the others counts as misclassified."]
 
 
 def _md_landmarks(lm: dict | None, top_n: int) -> list[str]:
