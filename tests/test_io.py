@@ -30,6 +30,16 @@ def test_write_atomically_writes_and_follows_the_umask(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
 
 
+def test_json_is_strict_nan_and_infinity_become_null(tmp_path: Path) -> None:
+    io.write_json({"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": (2, "x")}, tmp_path / "j")
+
+    def refuse(name: str) -> None:
+        raise ValueError(name)
+
+    assert json.loads((tmp_path / "j").read_text(), parse_constant=refuse) == \
+        {"a": None, "b": [1.5, None, {"c": None}], "d": [2, "x"]}
+
+
 def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     target = tmp_path / "a.txt"
     target.write_text("old")

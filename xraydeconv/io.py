@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import json
+import math
 import os
 import shutil
 import stat
@@ -20,8 +21,8 @@ from typing import IO
 
 from xraydeconv.errors import UserError
 
-__all__ = ["write_atomically", "atomic_write_bytes", "write_json", "building_folder", "check_output_folder",
-           "check_output_file", "output_lock", "remove_stale_builds"]
+__all__ = ["write_atomically", "atomic_write_bytes", "write_json", "strict_json", "building_folder",
+           "check_output_folder", "check_output_file", "output_lock", "remove_stale_builds"]
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
@@ -103,11 +104,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     write_atomically(path, lambda f: f.write(data), durable=True)
 
 
+def strict_json(obj: object) -> object:
+    """``obj`` with every NaN or infinite float replaced by None, so that it is valid JSON (``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(obj: object, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
+    """Write ``obj`` as indented, strict JSON atomically: NaN and infinities become ``null``."""
 
     def dump(f: IO[str]) -> None:
-        json.dump(obj, f, indent=1)
+        json.dump(strict_json(obj), f, indent=1, allow_nan=False)
         f.write("\n")
 
     return write_atomically(path, dump, mode="w", encoding="utf-8")
