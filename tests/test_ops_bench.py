@@ -194,3 +194,9 @@ def test_time_samples_runs_fast_functions_in_batches():
     assert calls["slow"] == 2 + 2  # 3 ms per call: one call per sample
     assert calls["fast"] > 2 + 2 * 100  # microseconds per call: runs of many calls per sample
     assert all(len(v) == 2 for v in samples.values()) and min(samples["slow"]) >= 3.0 > max(samples["fast"])
+
+
+def test_cli_refuses_thread_counts_that_would_crash_openmp():
+    result = CliRunner().invoke(bench, ["--quick", "--threads", "1,100000"])
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception).startswith("--threads 100000: must be between 1 and 4 per core")

@@ -8,7 +8,23 @@ import torch
 
 from xraydeconv.errors import UserError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "available_cores", "check_threads", "MAX_THREADS_PER_CORE"]
+
+# more threads than this per core only oversubscribe, and very many crash the OpenMP runtime
+MAX_THREADS_PER_CORE = 4
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_threads(threads: int, flag: str = "--threads") -> int:
+    """``threads`` when it is a usable thread count here (1 to 4 per core); UserError naming ``flag`` otherwise."""
+    most = MAX_THREADS_PER_CORE * available_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
+        raise UserError(f"{flag} {threads}: must be between 1 and {MAX_THREADS_PER_CORE} per core ({most} here)")
+    return threads
 
 
 def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:

@@ -21,7 +21,9 @@ def _threads(ctx: click.Context, param: click.Parameter, value: str | None) -> l
         raise click.BadParameter(f"expected thread counts like 1,2 — got {value!r}") from None
     if not counts or min(counts) < 1:
         raise click.BadParameter(f"thread counts must be positive integers, got {value!r}")
-    return counts
+    from xraydeconv.device import check_threads
+
+    return [check_threads(n) for n in counts]
 
 
 def _file_option(flag: str, dest: str, help_text: str):

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
-from xraydeconv.device import resolve_device
+from xraydeconv.device import available_cores, check_threads, resolve_device
 from xraydeconv.errors import UserError
 from xraydeconv.io import output_lock, write_atomically
 from xraydeconv.training import distributed
@@ -47,8 +47,6 @@ from xraydeconv.training.models import ARCHITECTURES, AUGMENTED, build, count_pa
 
 LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
 CURVES, CONFUSION = "curves.png", "confusion.png"
-# more threads than this per core only oversubscribe, and very many crash the OpenMP runtime
-MAX_THREADS_PER_CORE = 4
 # how a run is executed, not what it computes: may change when a run is resumed
 RUNTIME_FIELDS = ("device", "threads", "num_workers", "pool_backend", "channels_last", "max_pixels")
 
@@ -141,9 +139,8 @@ class TrainConfig:
             raise UserError(f"--weight-decay {self.weight_decay}: must be a number >= 0")
         if self.num_workers < 0:
             raise UserError(f"--workers {self.num_workers}: must be >= 0")
-        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS_PER_CORE * available_cores():
-            raise UserError(f"--threads {self.threads}: must be between 1 and {MAX_THREADS_PER_CORE} per core "
-                            f"({MAX_THREADS_PER_CORE * available_cores()} here)")
+        if self.threads is not None:
+            check_threads(self.threads)
         check_max_pixels(self.max_pixels)
         if self.input_size < 16:
             raise UserError(f"--input-size {self.input_size}: must be at least 16")
@@ -348,11 +345,6 @@ def _starting_point(
     stored = TrainConfig.from_dict(raw["config"])
     runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
     return TrainConfig(**{**stored.to_dict(), **runtime}), raw
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
