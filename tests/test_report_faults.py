@@ -223,3 +223,36 @@ def test_test_set_with_some_of_the_checkpoint_classes(tmp_path, phantoms):
     assert {m["predicted"] for m in rep["misclassified"]} == {"skull"}
     assert {m["true"] for m in rep["misclassified"]} == {"hand", "knee"}
     assert "The data hold 2 of the checkpoint's 3 classes (knee, hand)" in render_markdown(rep)
+
+
+def test_class_map_renames_the_data_classes(tmp_path, phantoms, capsys):
+    root = _tree(tmp_path / "data", phantoms, landmarks=("hand", "knee"))
+    (root / "test" / "hand").rename(root / "test" / "hand-pa")  # the archive calls it otherwise
+    names = ["skull", "knee", "hand"]
+    torch.manual_seed(0)
+    m = build("shallow", num_classes=3, input_size=SIZE).eval()
+    ck = tmp_path / "three.pt"
+    save_checkpoint(ck, m, model_name="shallow", class_names=names, input_size=SIZE, config={"input_size": SIZE},
+                    epoch=1)
+    code, err = _cli(["evaluate", "--checkpoint", str(ck), "--data", str(root), "--top-n", "2",
+                      "--out", str(tmp_path / "ev0")], capsys)
+    assert code == 2 and "(not in the checkpoint: hand-pa)" in err and not (tmp_path / "ev0").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("hand-pa\n")
+    code, err = _cli(["evaluate", "--checkpoint", str(ck), "--data", str(root), "--class-map", str(bad),
+                      "--out", str(tmp_path / "ev1")], capsys)
+    assert code == 2 and err.strip() == f"error: {bad}:1: expected 'data class,checkpoint class', got 'hand-pa'"
+    good = tmp_path / "map.csv"
+    good.write_text("hand-pa,hand\n")
+    rep = evaluate(ck, tmp_path / "ev", data=root, options=EvalOptions(top_n=2, class_map=str(good)),
+                   progress=False)
+    assert sorted(rep["classes_present"]) == ["hand", "knee"]
+    with torch.no_grad():
+        from xraydeconv.data import open_dataset
+
+        ds = open_dataset(root, split="test", input_size=SIZE)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        pred = m(x).argmax(1).tolist()
+    truth = [names.index({"hand-pa": "hand"}.get(ds.class_names[r.label], ds.class_names[r.label]))
+             for r in ds.records]
+    assert rep["accuracy"] == sum(p == t for p, t in zip(pred, truth)) / len(truth)

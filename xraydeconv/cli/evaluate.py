@@ -32,14 +32,17 @@ from xraydeconv.cli.model_options import model_options, model_source
               help="Precision of the deconvnet's downward pass (bf16: faster on AVX-512 BF16 CPUs, ~3 digits).")
 @click.option("--max-pixels", type=int, default=None,
               help="Refuse images with more pixels (a decompression-bomb guard). [default: Pillow's limit, 89478485]")
+@click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="How the data's classes map to the checkpoint's: for ImageCLEF 2009 the prefix,class grouping "
+                   "(as train takes it); for other data a CSV of data class,checkpoint class renames.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
 def evaluate(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, tolerance,
-             max_misclassified, no_landmarks, limit, batch_size, precision, max_pixels, device, out, overwrite,
-             quiet) -> None:
+             max_misclassified, no_landmarks, limit, batch_size, precision, max_pixels, class_map, device, out,
+             overwrite, quiet) -> None:
     """Accuracy, confusion matrix and landmark agreement of a checkpoint (or of your own model).
 
     \b
@@ -78,7 +81,8 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
     Everything is built in a temporary folder and moved into place at the end: bad input
     (masks of the wrong size, an unknown landmark, bad rows in a box file, a data class the
     checkpoint does not know) stops the run with one line and leaves --out untouched. Data
-    holding only some of the checkpoint's classes are fine: classes are matched by name.
+    holding only some of the checkpoint's classes are fine: classes are matched by name, and
+    --class-map renames the data's classes first (e.g. "chest,chest-bones").
 
     \b
     Examples:
@@ -93,7 +97,8 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
 
     opts = EvalOptions(split=split, top_n=top_n, occlusion=occlusion, batch_size=batch_size,
                        max_misclassified=max_misclassified, tolerance=tolerance, precision=precision,
-                       device=device, landmarks=not no_landmarks, limit=limit, max_pixels=max_pixels)
+                       device=device, landmarks=not no_landmarks, limit=limit, max_pixels=max_pixels,
+                       class_map=None if class_map is None else str(class_map))
     model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
     report = run(model, out, data=data, options=opts, overwrite=overwrite, progress=not quiet)
     if not quiet:
