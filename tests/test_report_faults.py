@@ -256,3 +256,24 @@ def test_class_map_renames_the_data_classes(tmp_path, phantoms, capsys):
     truth = [names.index({"hand-pa": "hand"}.get(ds.class_names[r.label], ds.class_names[r.label]))
              for r in ds.records]
     assert rep["accuracy"] == sum(p == t for p, t in zip(pred, truth)) / len(truth)
+
+
+def test_project_maps_the_data_classes_like_evaluate(tmp_path, phantoms, capsys):
+    root = _tree(tmp_path / "data", phantoms, landmarks=("hand", "knee"))
+    (root / "test" / "hand").rename(root / "test" / "hand-pa")
+    ck = tmp_path / "three.pt"
+    torch.manual_seed(0)
+    save_checkpoint(ck, build("shallow", num_classes=3, input_size=SIZE).eval(), model_name="shallow",
+                    class_names=["skull", "knee", "hand"], input_size=SIZE, config={"input_size": SIZE}, epoch=1)
+    args = ["project", "--checkpoint", str(ck), "--data", str(root), "--top-n", "2", "--limit", "2"]
+    code, err = _cli([*args, "--out", str(tmp_path / "p0")], capsys)
+    assert code == 2 and "(not in the checkpoint: hand-pa)" in err and not (tmp_path / "p0").exists()
+    good = tmp_path / "map.csv"
+    good.write_text("hand-pa,hand\n")
+    code, err = _cli([*args, "--class-map", str(good), "--out", str(tmp_path / "p1")], capsys)
+    assert code == 0, err
+    manifests = [json.loads(p.read_text()) for p in sorted((tmp_path / "p1").glob("*/manifest.json"))]
+    assert [m["true_class"] for m in manifests] == ["hand", "hand"]
+    code, err = _cli(["project", "--checkpoint", str(ck), "--images", str(next(root.rglob("*.png"))),
+                      "--class-map", str(good), "--out", str(tmp_path / "p2")], capsys)
+    assert code == 2 and "only with --data" in err

@@ -48,6 +48,9 @@ def layer_arg(value: str | None) -> int | str | None:
               help="Images per forward pass.")
 @click.option("--max-pixels", type=int, default=None,
               help="Refuse images with more pixels (a decompression-bomb guard). [default: Pillow's limit, 89478485]")
+@click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --data: how its classes map to the checkpoint's (data class,checkpoint class rows; the "
+                   "prefix,class grouping for ImageCLEF 2009).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--cmap", default="plasma", show_default=True,
               help="Matplotlib colormap of the heat (plasma: perceptually uniform, no grey at any level).")
@@ -60,8 +63,8 @@ def layer_arg(value: str | None) -> int | str | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def project(checkpoint, model_factory, weights, classes, input_size, images, more_images, data, split, limit, top_n,
-            layer, mode, rank, method, precision, batch_size, max_pixels, device, cmap, max_side, compare, out,
-            overwrite, quiet) -> None:
+            layer, mode, rank, method, precision, batch_size, max_pixels, class_map, device, cmap, max_side, compare,
+            out, overwrite, quiet) -> None:
     """Project the top-n filters of a trained net back into its input images.
 
     \b
@@ -109,6 +112,8 @@ def project(checkpoint, model_factory, weights, classes, input_size, images, mor
     images = tuple(images) + tuple(more_images)
     if bool(images) == (data is not None):
         raise UserError("give either --images FILE... or --data DIR (one of the two)")
+    if class_map is not None and data is None:
+        raise UserError(f"--class-map {class_map}: only with --data (it renames the data set's classes)")
     for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size),
                         ("--max-side", max_side)):
         if value is not None and value < 1:
@@ -119,6 +124,6 @@ def project(checkpoint, model_factory, weights, classes, input_size, images, mor
     model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
     rows = project_checkpoint(model, out, images=images, data=data, split=split, limit=limit,
                               settings=settings, device=device, overwrite=overwrite, progress=not quiet,
-                              compare=compare, max_pixels=max_pixels)
+                              compare=compare, max_pixels=max_pixels, class_map=class_map)
     if not quiet:
         click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)

@@ -44,7 +44,7 @@ from xraydeconv.reports.pages import write_index
 if TYPE_CHECKING:
     from xraydeconv.reports.pipeline import CheckpointLike
 
-__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "check_classes", "render_markdown"]
+__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "render_markdown"]
 
 REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "report.md", "confusion.png", "misclassified"
 EXAMPLES_DIR, INDEX_HTML = "examples", "index.html"
@@ -98,49 +98,6 @@ def resolve_data(ckpt, data: str | os.PathLike | None) -> Path:
         size=int(cfg.get("input_size", ckpt.input_size)),
         seed=int(cfg.get("phantom_seed", 0)),
     )
-
-
-def read_class_renames(path: str | os.PathLike) -> dict[str, str]:
-    """``data class -> checkpoint class`` from a CSV of ``data class,checkpoint class`` rows; classes not
-    listed keep their names."""
-    from xraydeconv.data.csvfile import read_rows
-
-    renames: dict[str, str] = {}
-    for line, fields in read_rows(Path(path), what="class map"):
-        if len(fields) != 2 or not all(f.strip() for f in fields):
-            raise UserError(f"{path}:{line}: expected 'data class,checkpoint class', got {','.join(fields)!r}")
-        renames[fields[0].strip()] = fields[1].strip()
-    return renames
-
-
-def check_classes(ckpt_path: str | os.PathLike, ckpt_classes: Sequence[str], data: Path,
-                  ds_classes: Sequence[str], renames: dict[str, str] | None = None) -> list[int]:
-    """The checkpoint's index of each of the data set's classes, matched by name after ``renames``: a test set
-    may hold only some of the checkpoint's classes, in any order. UserError (one line) naming the data's classes
-    that the checkpoint does not know."""
-    renames = renames or {}
-    a, b = list(ckpt_classes), [renames.get(c, c) for c in ds_classes]
-    unknown = [c for c in b if c not in a]
-    if unknown:
-        names = f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
-        raise UserError(f"{data}: {len(unknown)} of its {len(b)} classes are not among the {len(a)} classes of "
-                        f"the checkpoint {ckpt_path} (not in the checkpoint: {names})")
-    return [a.index(c) for c in b]
-
-
-def _open_data(root: Path, opt: EvalOptions, input_size: int):
-    """The split to evaluate, and the class renames of ``--class-map`` (IRMA takes the map as its grouping)."""
-    from xraydeconv.data import open_dataset
-    from xraydeconv.data.dataset import detect_format
-
-    kw: dict = {} if opt.max_pixels is None else {"max_pixels": opt.max_pixels}
-    renames: dict[str, str] = {}
-    if opt.class_map is not None:
-        if detect_format(root) == "imageclef2009":
-            kw["class_map"] = opt.class_map
-        else:
-            renames = read_class_renames(opt.class_map)
-    return open_dataset(root, split=opt.split, input_size=input_size, **kw), renames
 
 
 def _check_landmarks(ds, i: int, masks: dict[str, np.ndarray]) -> None:
@@ -362,7 +319,14 @@ def _check_options(opt: EvalOptions) -> None:
 def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None, opt: EvalOptions) -> _Setup:
     """Load the checkpoint and the data set and check that they fit together; UserError otherwise."""
     from xraydeconv.explain.deconvnet import DeconvNet
-    from xraydeconv.reports.pipeline import Net, ProjectSettings, manifest_base, model_input
+    from xraydeconv.reports.pipeline import (
+        Net,
+        ProjectSettings,
+        check_classes,
+        manifest_base,
+        model_input,
+        open_data,
+    )
     from xraydeconv.training.checkpoint import load_checkpoint
 
     dev = resolve_device(opt.device)
@@ -377,7 +341,8 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
     root = resolve_data(ckpt, data)
     inputs = [("--data", root)] + ([("--class-map", opt.class_map)] if opt.class_map else [])
     check_output_folder(out, True, inputs=inputs)  # data taken from the checkpoint: not known before
-    ds, renames = _open_data(root, opt, ckpt.input_size)
+    limit = {} if opt.max_pixels is None else {"max_pixels": opt.max_pixels}
+    ds, renames = open_data(root, opt.split, ckpt.input_size, opt.class_map, **limit)
     label_map = check_classes(model_input(checkpoint)[1], ckpt.class_names, root, ds.class_names, renames)
     if len(ds) == 0:
         raise UserError(f"{root}: the {opt.split} split has no images")

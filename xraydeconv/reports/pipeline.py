@@ -113,14 +113,16 @@ class ImageSource:
                    None, tensors.__getitem__)
 
     @classmethod
-    def from_dataset(cls, ds, indices: Sequence[int]) -> ImageSource:
-        """Images ``indices`` of an ``XrayDataset``, named ``<true class>/<file>``."""
+    def from_dataset(cls, ds, indices: Sequence[int], renames: dict[str, str] | None = None) -> ImageSource:
+        """Images ``indices`` of an ``XrayDataset``, named ``<true class>/<file>``; ``renames`` maps the data's
+        class names to the checkpoint's."""
         indices = list(indices)
         recs = [ds.records[i] for i in indices]
-        classes = [ds.class_names[int(r.label)] for r in recs]
+        names = [(renames or {}).get(c, c) for c in ds.class_names]
+        classes = [names[int(r.label)] for r in recs]
         return cls([r.path for r in recs], [f"{c}/{printable_name(r.path.name)}" for c, r in zip(classes, recs)],
                    [f"{c}-{r.path.stem}" for c, r in zip(classes, recs)], [int(r.label) for r in recs],
-                   list(ds.class_names), lambda i: ds[indices[i]][0], lambda i: ds.landmark_masks(indices[i]))
+                   names, lambda i: ds[indices[i]][0], lambda i: ds.landmark_masks(indices[i]))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -488,9 +490,10 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
                        data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
                        settings: ProjectSettings | None = None, device: str = "auto", overwrite: bool = False,
                        progress: bool = True, compare: Sequence[str | os.PathLike] = (),
-                       max_pixels: int | None = None) -> list[dict]:
+                       max_pixels: int | None = None, class_map: str | os.PathLike | None = None) -> list[dict]:
     """``xraydeconv project``: project ``images`` (files) or the first ``limit`` images of a split of ``data``;
-    images of more than ``max_pixels`` pixels (None: Pillow's decompression-bomb limit) are refused.
+    images of more than ``max_pixels`` pixels (None: Pillow's decompression-bomb limit) are refused. The data's
+    classes are matched to the checkpoint's by name, after the renames of ``class_map`` (see :func:`open_data`).
 
     ``checkpoint`` is a checkpoint file, or a loaded ``Checkpoint`` (a user's model from ``load_user_model``).
     Returns the gallery rows (one per image). Raises UserError for bad options, inputs and output folders.
@@ -503,7 +506,8 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
 
         check_max_pixels(max_pixels)
     inputs = [model_input(checkpoint)] + [("--compare", c) for c in compare] + [("--images", p) for p in images]
-    out = check_output_folder(out, overwrite, inputs=inputs + ([("--data", data)] if data is not None else []))
+    inputs += [(flag, path) for flag, path in (("--data", data), ("--class-map", class_map)) if path is not None]
+    out = check_output_folder(out, overwrite, inputs=inputs)
     dev = resolve_device(device)
     net, ckpt = open_net(checkpoint, settings, dev)
     others = [open_net(c, settings, dev)[0] for c in compare]
@@ -514,13 +518,12 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
     if images:
         source = ImageSource.from_files(images, ckpt.input_size, max_pixels)
     else:
-        from xraydeconv.data import open_dataset
-
         limit_px = {} if max_pixels is None else {"max_pixels": max_pixels}
-        ds = open_dataset(data, split=split, input_size=ckpt.input_size, cache=False, **limit_px)
+        ds, renames = open_data(data, split, ckpt.input_size, class_map, cache=False, **limit_px)
+        check_classes(model_input(checkpoint)[1], ckpt.class_names, Path(data), ds.class_names, renames)
         if len(ds) == 0:
             raise UserError(f"{data}: no images in the {split} split")
-        source = ImageSource.from_dataset(ds, range(len(ds) if limit is None else min(limit, len(ds))))
+        source = ImageSource.from_dataset(ds, range(len(ds) if limit is None else min(limit, len(ds))), renames)
     info = {"model": ckpt.model_name, "checkpoint": Path(net.base["checkpoint"]).name,
             "layer": net.base["layer_module"], "top-n": settings.top_n, "method": settings.method,
             "mode": settings.mode}
@@ -528,6 +531,38 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
         info["compared with"] = ", ".join(f"{o.base['model']} ({Path(o.base['checkpoint']).name})" for o in others)
     return project_into(out, source, net, settings, dev, title=f"xraydeconv projections: {ckpt.model_name}",
                         info=info, overwrite=overwrite, progress=progress, compare=others)
+
+
+def check_classes(ckpt_path: str | os.PathLike, ckpt_classes: Sequence[str], data: Path,
+                  ds_classes: Sequence[str], renames: dict[str, str] | None = None) -> list[int]:
+    """The checkpoint's index of each of the data set's classes, matched by name after ``renames``: a test set
+    may hold only some of the checkpoint's classes, in any order. UserError (one line) naming the data's classes
+    that the checkpoint does not know."""
+    renames = renames or {}
+    a, b = list(ckpt_classes), [renames.get(c, c) for c in ds_classes]
+    unknown = [c for c in b if c not in a]
+    if unknown:
+        names = f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        raise UserError(f"{data}: {len(unknown)} of its {len(b)} classes are not among the {len(a)} classes of "
+                        f"the checkpoint {ckpt_path} (not in the checkpoint: {names})")
+    return [a.index(c) for c in b]
+
+
+def open_data(root: str | os.PathLike, split: str, input_size: int, class_map: str | os.PathLike | None = None,
+              **kw) -> tuple:
+    """``(XrayDataset, renames)``: a split of ``root`` and the class renames of ``--class-map`` (ImageCLEF 2009
+    takes the map as its ``prefix,class`` grouping instead; ``kw`` go to ``open_dataset``)."""
+    from xraydeconv.data import open_dataset
+    from xraydeconv.data.classes import read_class_renames
+    from xraydeconv.data.dataset import detect_format
+
+    renames: dict[str, str] = {}
+    if class_map is not None:
+        if detect_format(Path(root)) == "imageclef2009":
+            kw["class_map"] = class_map
+        else:
+            renames = read_class_renames(class_map)
+    return open_dataset(root, split=split, input_size=input_size, **kw), renames
 
 
 def open_net(checkpoint: CheckpointLike, settings: ProjectSettings, device: torch.device,
