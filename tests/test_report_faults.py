@@ -277,3 +277,19 @@ def test_project_maps_the_data_classes_like_evaluate(tmp_path, phantoms, capsys)
     code, err = _cli(["project", "--checkpoint", str(ck), "--images", str(next(root.rglob("*.png"))),
                       "--class-map", str(good), "--out", str(tmp_path / "p2")], capsys)
     assert code == 2 and "only with --data" in err
+
+
+def test_a_film_admitted_by_max_pixels_is_drawn_too(tmp_path):
+    from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS
+    from xraydeconv.reports.film import Film
+
+    path = tmp_path / "wide.png"
+    Image.new("L", (3, 2), 200).save(path)
+    old = Image.MAX_IMAGE_PIXELS
+    try:  # a limit below this tiny film stands in for a film above Pillow's default
+        with pytest.raises(UserError, match="over the limit of 5"):
+            Film.load(path, 16, max_pixels=5)
+        film = Film.load(path, 16, max_pixels=6)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    assert film.original == (2, 3) and DEFAULT_MAX_PIXELS > 6

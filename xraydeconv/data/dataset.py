@@ -66,6 +66,7 @@ class XrayDataset(Dataset):
         self.records: list[Record] = list(records)
         self.class_names: list[str] = list(class_names)
         self.input_size = _pre.check_input_size(input_size)
+        self.max_pixels = _pre.check_max_pixels(max_pixels)  # larger images are refused
         self.landmark_names: dict[str, list[str]] = {
             c: list((landmark_names or {}).get(c, [])) for c in self.class_names
         }

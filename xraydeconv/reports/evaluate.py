@@ -435,7 +435,8 @@ class _Tally:
         name = f"{classes[label]}/{printable_name(path.name)}"
         fields = {"input_file": printable_name(path), "input_name": name,
                   **prediction_fields(probs, classes, classes[label])}
-        film = Film.load(path, self.setup.ckpt.input_size, writer.settings.min_side, writer.settings.max_side)
+        film = Film.load(path, self.setup.ckpt.input_size, writer.settings.min_side, writer.settings.max_side,
+                         self.setup.ds.max_pixels)
         return writer.add(f"{classes[label]}-{infix}{path.stem}", image, p, row, fields, film, masks)
 
     def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,

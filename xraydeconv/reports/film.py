@@ -48,11 +48,13 @@ class Film:
     original: tuple[int, int]
 
     @classmethod
-    def load(cls, path: str | os.PathLike, input_size: int, min_side: int = 512, max_side: int = 1024) -> Film:
-        """Decode an image file (PNG, JPEG, DICOM, as the data sets do) and scale it for display."""
-        from xraydeconv.data.preprocess import Letterbox, decode_image
+    def load(cls, path: str | os.PathLike, input_size: int, min_side: int = 512, max_side: int = 1024,
+             max_pixels: int | None = None) -> Film:
+        """Decode an image file (PNG, JPEG, DICOM, as the data sets do) and scale it for display; ``max_pixels`` is
+        the run's ``--max-pixels`` (None: Pillow's limit), so a film the run admitted is drawn too."""
+        from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS, Letterbox, decode_image
 
-        arr = decode_image(path)
+        arr = decode_image(path, max_pixels or DEFAULT_MAX_PIXELS)
         box = Letterbox.fit(*arr.shape, input_size)
         shape = display_shape(*arr.shape, min_side, max_side)
         img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")

@@ -95,6 +95,7 @@ class ImageSource:
     class_names: list[str] | None
     load: Callable[[int], Tensor]
     masks: Callable[[int], dict[str, np.ndarray]] | None = None
+    max_pixels: int | None = None  # the run's --max-pixels, for the redraw of the film
 
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], input_size: int, max_pixels: int | None = None
@@ -110,7 +111,7 @@ class ImageSource:
                 raise UserError(f"{p}: no such file")
         tensors = [load_image(p, input_size, max_pixels or DEFAULT_MAX_PIXELS) for p in paths]
         return cls(paths, [printable_name(p.name) for p in paths], [p.stem for p in paths], [None] * len(paths),
-                   None, tensors.__getitem__)
+                   None, tensors.__getitem__, max_pixels=max_pixels)
 
     @classmethod
     def from_dataset(cls, ds, indices: Sequence[int], renames: dict[str, str] | None = None) -> ImageSource:
@@ -122,7 +123,8 @@ class ImageSource:
         classes = [names[int(r.label)] for r in recs]
         return cls([r.path for r in recs], [f"{c}/{printable_name(r.path.name)}" for c, r in zip(classes, recs)],
                    [f"{c}-{r.path.stem}" for c, r in zip(classes, recs)], [int(r.label) for r in recs],
-                   names, lambda i: ds[indices[i]][0], lambda i: ds.landmark_masks(indices[i]))
+                   names, lambda i: ds[indices[i]][0], lambda i: ds.landmark_masks(indices[i]),
+                   ds.max_pixels)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -133,7 +135,7 @@ class ImageSource:
 
     def film(self, i: int, input_size: int, settings: DisplaySettings) -> Film:
         """Image ``i`` as it was given, scaled for display."""
-        return Film.load(self.paths[i], input_size, settings.min_side, settings.max_side)
+        return Film.load(self.paths[i], input_size, settings.min_side, settings.max_side, self.max_pixels)
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[int], Tensor]]:
         """``(indices, (b, C_in, S, S) images)`` in order."""
