@@ -196,12 +196,7 @@ def make_runners(args, model, x):
         "plain": lambda: plain_zf(model.features, x, args.top_n),
         "captum": lambda: captum_zf(model, relu, x, chans),
     }
-    if args.precision != "fp32":
-        runners["xraydeconv-fp32"] = lambda: dn.project(x, top_n=args.top_n)
-    if args.dense:
-        dense = DeconvNet(model, sparse=False)
-        runners["xraydeconv-dense"] = lambda: dense.project(x, top_n=args.top_n, precision=args.precision)
-    return runners
+    return _with_variants(runners, args, model, dn, x)
 
 
 def _graph_runners(args, model, x):
@@ -219,6 +214,11 @@ def _graph_runners(args, model, x):
         "plain": lambda: plain_autograd(model, model.layer4, x, chans),
         "captum": lambda: captum_zf(model, model.layer4, x, chans),
     }
+    return _with_variants(runners, args, model, dn, x)
+
+
+def _with_variants(runners: dict, args, model, dn, x) -> dict:
+    """Add the fp32 run beside a bf16 one, and the dense path with --dense."""
     if args.precision != "fp32":
         runners["xraydeconv-fp32"] = lambda: dn.project(x, top_n=args.top_n)
     if args.dense:

@@ -28,3 +28,59 @@ def make_tiny_imagefolder(root: Path, per_split=(8, 3, 3), size: int = 32, seed:
 def tiny_imagefolder():
     """The :func:`make_tiny_imagefolder` builder, for tests that need their own small ImageFolder data set."""
     return make_tiny_imagefolder
+
+
+RAMP = np.arange(0, 4096, 64, dtype=np.uint16).reshape(8, 8)  # 12-bit values 0..4032
+
+
+def write_dicom(path, pixels=None, photometric="MONOCHROME2", window=None, rescale=None, voi_lut=None):
+    """A minimal uncompressed 12-bit single-frame DICOM file (skips the test when pydicom is missing)."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = RAMP if pixels is None else pixels
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if voi_lut is not None:
+        item = Dataset()
+        item.add_new(0x00283002, "US", [len(voi_lut), 0, 8])  # LUT Descriptor (ambiguous VR: say US)
+        item.add_new(0x00283006, "US", [int(v) for v in voi_lut])  # LUT Data
+        ds.VOILUTSequence = [item]
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def layer_gradient(net, module, x, c: int):
+    """Autograd reference of the "gradient" projection: d/dx of sum(o_c * o_c.detach()) for ``module``'s output
+    channel ``c``, for the single image ``x`` (1, C, H, W). Returns (C, H, W)."""
+    import torch
+
+    xi = x.clone().requires_grad_(True)
+    store = {}
+    h = module.register_forward_hook(lambda m, i, o: store.__setitem__("o", o))
+    try:
+        net(xi)
+    finally:
+        h.remove()
+    o = store["o"][:, c]
+    (g,) = torch.autograd.grad((o * o.detach()).sum(), xi)
+    return g[0]

@@ -12,41 +12,7 @@ from xraydeconv.data.preprocess import decode_image, image_size
 from xraydeconv.errors import UserError
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
-
-RAMP = np.arange(0, 4096, 64, dtype=np.uint16).reshape(8, 8)  # 12-bit values 0..4032
-
-
-def write_dicom(path, pixels=RAMP, photometric="MONOCHROME2", window=None, rescale=None, voi_lut=None):
-    """A minimal uncompressed single-frame DICOM file."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    if voi_lut is not None:
-        item = Dataset()
-        item.add_new(0x00283002, "US", [len(voi_lut), 0, 8])  # LUT Descriptor (ambiguous VR: say US)
-        item.add_new(0x00283006, "US", [int(v) for v in voi_lut])  # LUT Data
-        ds.VOILUTSequence = [item]
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+from conftest import RAMP, write_dicom  # noqa: E402
 
 
 def test_monochrome2_without_window_uses_the_value_range(tmp_path):

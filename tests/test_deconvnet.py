@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import layer_gradient
 from torch import nn
 
 from xraydeconv.explain.deconvnet import DeconvNet
@@ -103,14 +104,7 @@ def test_gradient_equals_autograd():
     relu = _relus(net)[-1]
     for b in range(2):
         for k, c in enumerate(p.channels[b].tolist()):
-            xi = x[b : b + 1].clone().requires_grad_(True)
-            store = {}
-            h = relu.register_forward_hook(lambda m, i, o, store=store: store.__setitem__("o", o))
-            net(xi)
-            h.remove()
-            o = store["o"][:, c]
-            (g,) = torch.autograd.grad((o * o.detach()).sum(), xi)
-            assert _rel_err(p.maps[b, k], g[0]) <= 1e-4
+            assert _rel_err(p.maps[b, k], layer_gradient(net, relu, x[b : b + 1], c)) <= 1e-4
 
 
 def test_max_mode_keeps_only_the_strongest_activation():

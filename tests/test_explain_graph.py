@@ -8,6 +8,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import layer_gradient
 from torch import nn
 
 from xraydeconv.explain.deconvnet import DeconvNet
@@ -330,14 +331,7 @@ def test_gradient_equals_autograd(name, layer):
     module = net.get_submodule(layer)
     for b in range(2):
         for k, c in enumerate(p.channels[b].tolist()):
-            xi = x[b : b + 1].clone().requires_grad_(True)
-            store = {}
-            h = module.register_forward_hook(lambda m, i, o, store=store: store.__setitem__("o", o))
-            net(xi)
-            h.remove()
-            o = store["o"][:, c]
-            (g,) = torch.autograd.grad((o * o.detach()).sum(), xi)
-            assert _rel_err(p.maps[b, k], g[0]) <= 1e-4
+            assert _rel_err(p.maps[b, k], layer_gradient(net, module, x[b : b + 1], c)) <= 1e-4
 
 
 def test_max_mode_equals_captum_single_neuron():

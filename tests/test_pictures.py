@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_dicom
 from PIL import Image
 
 from xraydeconv.data.preprocess import Letterbox
@@ -87,28 +88,6 @@ def test_every_view_and_page_is_written(projected):
     assert np.load(folder / "maps.npy").shape == (8, SIZE, SIZE)  # raw maps stay at network resolution
 
 
-def _write_dicom(path: Path, pixels: np.ndarray) -> Path:
-    """A minimal uncompressed 12-bit single-frame DICOM film."""
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "CR", "MONOCHROME2", 1
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    assert pydicom.dcmread(path).Rows == pixels.shape[0]
-    return path
-
-
 @pytest.mark.parametrize("kind", ["png", "dcm"])
 def test_a_large_film_is_drawn_large(trained, tmp_path, kind):
     src = next((trained["data"] / "test" / "hand").glob("*.png"))
@@ -118,7 +97,7 @@ def test_a_large_film_is_drawn_large(trained, tmp_path, kind):
     if kind == "png":
         film8.save(big)
     else:
-        _write_dicom(big, np.asarray(film8, dtype=np.uint16) * 16)
+        write_dicom(big, np.asarray(film8, dtype=np.uint16) * 16)
     for max_side, expect in ((1024, (1024, 751)), (300, (300, 220))):
         out = tmp_path / f"out{max_side}"
         settings = ProjectSettings(top_n=5, display=DisplaySettings(max_side=max_side, min_side=min(512, max_side)))
