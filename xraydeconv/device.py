@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -35,6 +36,8 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine")
@@ -44,7 +47,6 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
                             "GPU(s); start one process per GPU or use --device cpu")
         if name == "cuda":
             return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+        if int(name[5:]) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(name)

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 from xraydeconv.errors import UserError
 
 __all__ = ["write_atomically", "atomic_write_bytes", "write_json", "strict_json", "building_folder",
@@ -71,7 +73,7 @@ def write_atomically(
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, UserError):
+        if isinstance(exc, OSError):
             raise UserError(f"{path}: could not be written: {exc.strerror or exc}") from None
         raise
     if durable:
@@ -105,9 +107,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def strict_json(obj: object) -> object:
-    """``obj`` with every NaN or infinite float replaced by None, so that it is valid JSON (``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+    """``obj`` with every NaN or infinite float (numpy's too) replaced by None, so that it is valid JSON (``null``);
+    numpy floats become Python floats."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -78,7 +78,7 @@ class XrayDataset(Dataset):
         self._cache = DecodedCache(
             [r.path for r in self.records],
             self.input_size,
-            _Preprocess(self.input_size, _pre.check_max_pixels(max_pixels)),
+            _Preprocess(self.input_size, self.max_pixels),
             enabled=cache,
             cache_dir=cache_dir,
             name=f"{format}-{split}",

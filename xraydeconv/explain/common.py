@@ -21,6 +21,8 @@ __all__ = [
     "blocks",
     "check_options",
     "ProjectRequest",
+    "IDENTITY_MODULES",
+    "HEAD_MODULES",
     "activation_after_conv",
     "check_top_n",
     "select_filters",
@@ -78,6 +80,11 @@ def check_options(mode: str, rank: str, method: str, precision: str) -> None:
         raise ValueError(f"method {method!r}: use one of {', '.join(METHODS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
+# modules a walk passes through unchanged, and modules that only appear in a classifier head
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+HEAD_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from xraydeconv.explain.adjoint import (
 from xraydeconv.explain.common import (
     DEFAULT_CHUNK_CPU,
     DEFAULT_CHUNK_CUDA,
+    IDENTITY_MODULES,
     METHODS,
     MODES,
     PRECISIONS,
@@ -66,7 +67,6 @@ __all__ = ["DeconvNet", "Projection", "MODES", "RANKS", "METHODS"]
 
 # --- the parallel network -------------------------------------------------------------------------------
 
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _plan(features: nn.Sequential, prefix: str) -> list[_Step]:
             if isinstance(m, nn.MaxPool2d) and pair(m.dilation) != (1, 1):
                 raise ValueError(f"{full}: dilated max pooling cannot be unpooled with switches")
             steps.append(_Step("pool", m, full))
-        elif isinstance(m, _DROPOUTS):
+        elif isinstance(m, IDENTITY_MODULES):
             steps.append(_Step("skip", m, full))
         else:
             steps.append(_Step("other", m, full))

@@ -4,7 +4,7 @@
 ReLU, max / average pooling, addition, channel concatenation, identity), folds each BatchNorm into the conv it
 follows, names the layers a projection can start from (qualified module names) and runs the forward pass,
 recording what the walk needs. Nodes that only run after the start layer (the head: flatten, linear, ...) are
-run as the model runs them. The walk itself is in :mod:`xraydeconv.explain.graph_walk`.
+run as the model runs them. The walk itself is in :mod:`xraydeconv.explain.graph_deconvnet`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xraydeconv.explain.adjoint import PoolRecord, bn_forward, is_switch_pool, pair, pool_forward
+from xraydeconv.explain.common import HEAD_MODULES, IDENTITY_MODULES
 
 __all__ = ["Graph", "GraphRecords", "Op", "UntraceableModel", "trace"]
 
@@ -29,7 +30,6 @@ _CAT_FNS = (torch.cat, torch.concat)
 _MAXPOOL_FNS = (F.max_pool2d, torch.max_pool2d)
 _AVGPOOL_FNS = (F.avg_pool2d, F.adaptive_avg_pool2d, torch._C._nn.avg_pool2d, torch._C._nn.adaptive_avg_pool2d)
 _IDENTITY_FNS = (F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout)
-_IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _IDENTITY_METHODS = ("contiguous",)
 # the kinds a projection can walk down through
 WALKABLE = ("input", "conv", "bn", "relu", "maxpool", "avgpool", "add", "cat", "identity")
@@ -145,7 +145,7 @@ def _module_op(node: fx.Node, m: nn.Module) -> Op:
         return Op("maxpool", node, x, place, module=m)
     if isinstance(m, nn.AvgPool2d | nn.AdaptiveAvgPool2d):
         return Op("avgpool", node, x, place, module=m, run=m)
-    if isinstance(m, _IDENTITY_MODULES):
+    if isinstance(m, IDENTITY_MODULES):
         return Op("identity", node, x, place)
     return Op("other", node, x, place, module=m)
 
@@ -210,7 +210,6 @@ def _fold_batchnorms(ops: dict[fx.Node, Op]) -> None:
             conv.kind = "fused"
 
 
-_HEAD_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
 _HEAD_FNS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.mean, torch.amax, torch.sum, F.linear)
 _HEAD_METHODS = ("mean", "amax", "max", "sum", "flatten", "view", "reshape")
 
@@ -218,7 +217,7 @@ _HEAD_METHODS = ("mean", "amax", "max", "sum", "flatten", "view", "reshape")
 def _is_head(node: fx.Node, op: Op) -> bool:
     """``node`` starts the head: global pooling, flattening or reshaping, a linear layer."""
     if node.op == "call_module":
-        return isinstance(op.module, _HEAD_MODULES)
+        return isinstance(op.module, HEAD_MODULES)
     if node.op == "call_function":
         return node.target in _HEAD_FNS
     return node.op == "call_method" and node.target in _HEAD_METHODS

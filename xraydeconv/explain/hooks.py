@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from xraydeconv.explain.common import (
     DEFAULT_CHUNK_CPU,
     DEFAULT_CHUNK_CUDA,
+    HEAD_MODULES,
     Projection,
     ProjectRequest,
     blocks,
@@ -28,7 +29,6 @@ from xraydeconv.explain.common import (
 
 __all__ = ["HookDeconvNet"]
 
-_HEAD_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
 
 
 class _Rule(torch.autograd.Function):
@@ -111,7 +111,7 @@ class HookDeconvNet:
         head: list[str] = []
 
         def pre(name: str) -> Callable:
-            return lambda m, i: head.append(name) if isinstance(m, _HEAD_MODULES) and not head else None
+            return lambda m, i: head.append(name) if isinstance(m, HEAD_MODULES) and not head else None
 
         def post(name: str) -> Callable:
             return lambda m, i, o: finished.append((name, o)) if not head and isinstance(o, Tensor) else None

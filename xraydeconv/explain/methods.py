@@ -35,7 +35,8 @@ from xraydeconv.explain.common import activation_after_conv
 from xraydeconv.explain.deconvnet import DeconvNet, sequential_features
 from xraydeconv.explain.occlusion import default_layer, occlusion_map
 
-__all__ = ["METHODS", "PROJECTED", "combine_filter_maps", "explainer", "gradcam_layer", "heat_maps", "normalise"]
+__all__ = ["METHODS", "PROJECTED", "combine_filter_maps", "explainer", "filter_heatmaps", "gradcam_layer", "heat_maps",
+           "normalise"]
 
 METHODS = ("deconvnet", "deconvnet-max", "guided", "gradient", "saliency", "gradient-x-input", "gradcam",
            "occlusion", "film")
@@ -60,16 +61,25 @@ def normalise(maps: Tensor, dims: int = 2) -> Tensor:
     return maps / peak.view(*peak.shape, *([1] * dims))
 
 
-def combine_filter_maps(maps: Tensor) -> Tensor:
+def filter_heatmaps(maps: Tensor) -> Tensor:
+    """Per-filter heat maps: (B, top_n, C_in, H, W) projections (or (top_n, C_in, H, W)) -> (B, top_n, H, W)
+    float32 (or (top_n, H, W)), ``|sum over C_in|`` normalised per filter to [0, 1]."""
+    return normalise(maps.float().sum(-3).abs())
+
+
+def combine_filter_maps(maps: Tensor, top: int | None = None) -> Tensor:
     """The combined heat map of top-n projections, as the evaluation scores it.
 
     Args:
-        maps: (B, top_n, C_in, H, W) projections (``Projection.maps``), strongest filter first.
+        maps: (B, top_n, C_in, H, W) projections (``Projection.maps``), strongest filter first; or (B, top_n, H, W)
+            per-filter heat maps (:func:`filter_heatmaps`).
+        top: combine only the ``top`` strongest filters (default: all).
     Returns:
-        (B, H, W) float32 in [0, 1]: ``|sum over C_in|`` of each projection normalised per filter to [0, 1], the
-        mean over the filters, renormalised.
+        (B, H, W) float32 in [0, 1]: the mean of the per-filter normalised heat maps, renormalised.
     """
-    heats = normalise(maps.float().sum(-3).abs())
+    heats = filter_heatmaps(maps) if maps.dim() == 5 else maps.float()
+    if top is not None:
+        heats = heats[:, :top]
     return normalise(heats.mean(1))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from xraydeconv.errors import UserError
-from xraydeconv.io import check_output_folder, write_atomically
+from xraydeconv.io import check_output_folder, write_atomically, write_json
 
 __all__ = ["DemoSettings", "PRESETS", "run_demo", "landmark_table_markdown"]
 
@@ -295,9 +295,8 @@ def _write_summary(out: Path, data: Path, settings: DemoSettings, reports: dict[
     table = landmark_table_markdown(reports, settings.top_n)
     _write_text(out / LANDMARKS_MD, table)
     summary = {name: {"accuracy": r["accuracy"], "landmarks": r["landmarks"]} for name, r in reports.items()}
-    _write_text(out / LANDMARKS_JSON, json.dumps({"data": str(data), "top_n": settings.top_n, "models": summary,
-                                                  "timings": timings, "threads": torch.get_num_threads()},
-                                                 indent=2) + "\n")
+    write_json({"data": str(data), "top_n": settings.top_n, "models": summary, "timings": timings,
+                "threads": torch.get_num_threads()}, out / LANDMARKS_JSON)  # strict: NaN scores become null
     _write_text(out / INDEX, _index_html(out, (out / TABLE_MD).read_text(encoding="utf-8"), table,
                                          list(MODEL_NAMES), settings))
     return table

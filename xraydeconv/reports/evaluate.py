@@ -20,7 +20,6 @@ Everything is built in a temporary folder beside ``out`` and moved into place at
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
@@ -50,7 +49,6 @@ REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "repor
 EXAMPLES_DIR, INDEX_HTML = "examples", "index.html"
 MARKER = "marker"
 UNION = "all landmarks"
-METRIC_KEYS = ("pointing_game", "relevance_mass", "relevance_rank")
 
 
 @dataclass
@@ -501,18 +499,6 @@ def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: 
     }
 
 
-def json_safe(obj: object) -> object:
-    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``, so that the JSON written from it is
-    strict (``null``, never the bare ``NaN`` that many parsers refuse); dicts, lists and tuples are copied."""
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> None:
     from xraydeconv.training.plots import plot_confusion
 
@@ -524,7 +510,7 @@ def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, tall
                                      "misclassified": report["misclassified_count"]})
     tally.examples.write_gallery(f"correctly classified by {name}", info={"model": name, "split": opt.split})
     report["timing"]["seconds"] = time.perf_counter() - t0
-    write_json(json_safe(report), tmp / REPORT_JSON)
+    write_json(report, tmp / REPORT_JSON)  # strict JSON: NaN scores are written as null
     write_index(tmp / INDEX_HTML, report, tally.writer.rows, tally.examples.rows)
     (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")  # tmp is moved into place whole
 

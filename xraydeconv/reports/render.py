@@ -4,7 +4,8 @@ A projection is a signed reconstruction of the input pattern a filter responds t
 polarity of the pattern (bright or dark edge) drives the filter, not whether a region matters. A heat map is
 therefore the **magnitude** of the channel-summed projection, ``|sum_c maps[:, :, c]|``, normalised per filter
 to [0, 1]. The combined map of the top-n filters is the mean of their normalised heat maps, renormalised to
-[0, 1], so that every selected filter has the same say however large its reconstruction is.
+[0, 1], so that every selected filter has the same say however large its reconstruction is. The rule is
+defined once, in :mod:`xraydeconv.explain.methods` (``filter_heatmaps``, ``combine_filter_maps`` = ``heatmap``).
 
 Colours come from matplotlib's colormaps (only ``matplotlib.colormaps``; pyplot is never imported), pictures
 are composed with PIL and written atomically. What a heat map looks like on a film is
@@ -18,46 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import Tensor
 
+from xraydeconv.explain.methods import combine_filter_maps, filter_heatmaps, normalise
 from xraydeconv.io import write_atomically
+
+# the heat-map rule is the evaluation's (one definition, in explain.methods); its names here serve the pictures
+heatmap = combine_filter_maps
 
 __all__ = ["filter_heatmaps", "heatmap", "normalise", "colormap", "font", "side_by_side", "focus_grid_tiles",
            "save_png"]
-
-
-def normalise(maps: Tensor, dims: int = 2) -> Tensor:
-    """Scale each map (the last ``dims`` dims) to [0, 1] by its maximum; all-zero maps stay zero."""
-    peak = maps.flatten(-dims).amax(-1).clamp_min(torch.finfo(maps.dtype).tiny)
-    return maps / peak.view(*peak.shape, *([1] * dims))
-
-
-def filter_heatmaps(maps: Tensor) -> Tensor:
-    """Per-filter heat maps.
-
-    Args:
-        maps: (B, top_n, C_in, H, W) projections (``Projection.maps``), or (top_n, C_in, H, W) for one image.
-    Returns:
-        (B, top_n, H, W) float32 (or (top_n, H, W)): ``|sum over C_in|`` normalised per filter to [0, 1].
-    """
-    return normalise(maps.float().sum(-3).abs())
-
-
-def heatmap(maps: Tensor, top: int | None = None) -> Tensor:
-    """Combined heat map of the (first ``top``) filters of each image.
-
-    Args:
-        maps: (B, top_n, C_in, H, W) projections, strongest filter first; or (B, top_n, H, W) per-filter heat maps.
-        top: combine only the ``top`` strongest filters (default: all).
-    Returns:
-        (B, H, W) float32 in [0, 1]: the mean of the per-filter normalised heat maps, renormalised.
-    """
-    heats = filter_heatmaps(maps) if maps.dim() == 5 else maps.float()
-    if top is not None:
-        heats = heats[:, :top]
-    return normalise(heats.mean(1))
 
 
 def colormap(name: str):

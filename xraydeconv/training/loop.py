@@ -15,7 +15,6 @@ seed and a deterministic setup, ends with the same weights as an uninterrupted r
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
 from xraydeconv.device import available_cores, check_threads, resolve_device
 from xraydeconv.errors import UserError
-from xraydeconv.io import output_lock, write_atomically
+from xraydeconv.io import output_lock, write_json
 from xraydeconv.training import distributed
 from xraydeconv.training.augment import AugmentConfig, augment_batch
 from xraydeconv.training.checkpoint import (
@@ -240,10 +239,6 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: torch
 def _accuracy(confusion: np.ndarray) -> float:
     total = confusion.sum()
     return float(np.trace(confusion) / total) if total else 0.0
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w", encoding="utf-8")
 
 
 def latest_resume_state(out: Path) -> dict | None:
@@ -623,7 +618,7 @@ class _Trainer:
         plot_curves(metrics["history"], out / CURVES, title=f"{cfg.model}: training curves")
         plot_confusion(np.asarray(metrics["confusion"]), self.splits.class_names, out / CONFUSION,
                        title=f"{cfg.model}: {metrics['test_split']} accuracy {100 * metrics['test_acc']:.1f}%")
-        _write_json(out / METRICS, metrics)
+        write_json(metrics, out / METRICS)
         self.log(f"{cfg.model}: best val acc {100 * self.state.best_acc:.1f}% (epoch {self.state.best_epoch}), "
                  f"{metrics['test_split']} acc {100 * metrics['test_acc']:.1f}%; wrote {out}")
 

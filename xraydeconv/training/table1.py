@@ -7,7 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from xraydeconv.io import write_atomically
+from xraydeconv.errors import UserError
+from xraydeconv.io import write_atomically, write_json
 from xraydeconv.training.distributed import from_env
 from xraydeconv.training.loop import METRICS, RESUME, TrainConfig, train
 from xraydeconv.training.models import MODEL_NAMES, POSTER_ACCURACY
@@ -56,6 +57,17 @@ def render_markdown(rows: list[dict], data: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finished_metrics(path: Path) -> dict | None:
+    """The ``metrics.json`` of a finished run, or None when the run still has epochs to go; UserError for a file
+    this package did not write."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        done = len(m.get("history", [])) >= m["config"]["epochs"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: not a metrics.json written by xraydeconv train") from None
+    return m if done else None
+
+
 def train_all(
     out_dir: str | os.PathLike,
     make_config: Callable[[str], TrainConfig],
@@ -79,8 +91,8 @@ def train_all(
         cfg = make_config(name)
         run_dir = out / name
         if resume and (run_dir / METRICS).is_file() and not (run_dir / RESUME).exists():
-            m = json.loads((run_dir / METRICS).read_text())
-            if len(m.get("history", [])) >= m["config"]["epochs"]:
+            m = _finished_metrics(run_dir / METRICS)
+            if m is not None:
                 results[name] = m
                 data = m.get("data", data)
                 continue
@@ -88,7 +100,6 @@ def train_all(
         data = results[name]["data"]
     rows = table_rows(results)
     if from_env().is_main:
-        table = json.dumps({"data": data, "rows": rows}, indent=2) + "\n"
-        write_atomically(out / TABLE_JSON, lambda f: f.write(table), mode="w", encoding="utf-8")
+        write_json({"data": data, "rows": rows}, out / TABLE_JSON)
         write_atomically(out / TABLE_MD, lambda f: f.write(render_markdown(rows, data)), mode="w", encoding="utf-8")
     return rows

@@ -1,7 +1,7 @@
 """The phantom skeleton: body regions drawn from ellipsoids, capsules and bent tubes.
 
 One frontal body model (head, neck, thorax, abdomen and pelvis, both arms and legs in the
-anatomical position) serves most classes: a class is a *view* of it (see ``phantoms_views``), so
+anatomical position) serves most classes: a class is a *view* of it (see ``views``), so
 neighbouring classes share real anatomy (a wrist film shows the carpals a hand film shows, only
 closer) and differ the way real films differ. Lateral head/neck, dorsoplantar foot and breast are
 drawn by their own models. Units are anatomy units (1 ≈ 10 cm); x is image right (the patient's
@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .shapes import AIR, BONE, FAT, GLAND, SOFT, Canvas, Keys
+from xraydeconv.data.phantoms.shapes import AIR, BONE, FAT, GLAND, SOFT, Canvas, Keys
 
 
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:

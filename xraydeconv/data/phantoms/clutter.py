@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shapes import BONE, Canvas, Pose
+from xraydeconv.data.phantoms.shapes import BONE, Canvas, Pose
 
 
 def add_clutter(att: np.ndarray, rng: np.random.Generator, chance: float = 0.35) -> None:

@@ -1,10 +1,10 @@
 """Synthetic radiographs of the 24 anatomy classes, with landmark masks: the embedded default data set.
 
-Every film is a projection of simple 3-D shapes of bone and soft tissue (``phantoms_shapes``,
-``phantoms_anatomy``) seen through the view of its class (``phantoms_views``), with foreign
-bodies that carry no label (``phantoms_clutter``), developed with exposure, blur, noise and
-collimation (``phantoms_film``); ``--bias marker`` adds a class-specific lead letter to the train
-and val films (``phantoms_marker``). A landmark mask is the set of pixels where that structure has
+Every film is a projection of simple 3-D shapes of bone and soft tissue (``shapes``,
+``anatomy``) seen through the view of its class (``views``), with foreign
+bodies that carry no label (``clutter``), developed with exposure, blur, noise and
+collimation (``film``); ``--bias marker`` adds a class-specific lead letter to the train
+and val films (``marker``). A landmark mask is the set of pixels where that structure has
 non-zero thickness after pose and collimation.
 
 The tree written by :func:`generate` is an ImageFolder with masks beside the images::
@@ -32,15 +32,14 @@ from PIL import Image
 
 from xraydeconv.data.classes import CLASS_NAMES
 from xraydeconv.data.landmarks import ALL_SET, LANDMARK_SETS_FILE
+from xraydeconv.data.phantoms.anatomy import REGIONS, arm, leg, pelvis_bones
+from xraydeconv.data.phantoms.clutter import add_clutter
+from xraydeconv.data.phantoms.film import develop, sample_field
+from xraydeconv.data.phantoms.marker import draw_marker
+from xraydeconv.data.phantoms.shapes import Canvas, Pose
+from xraydeconv.data.phantoms.views import VIEWS, landmark_names, set_keys
 from xraydeconv.errors import UserError
 from xraydeconv.io import building_folder
-
-from .anatomy import REGIONS, arm, leg, pelvis_bones
-from .clutter import add_clutter
-from .film import develop, sample_field
-from .marker import draw_marker
-from .shapes import Canvas, Pose
-from .views import VIEWS, landmark_names, set_keys
 
 FORMAT = "xraydeconv-phantoms"
 VERSION = 1

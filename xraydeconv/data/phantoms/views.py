@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 class View:
     """How one class is filmed."""
 
-    draw: tuple[str, ...]  # regions: names in phantoms_anatomy.REGIONS, or "arm:-1", "leg:1", "pelvis:-1"
+    draw: tuple[str, ...]  # regions: names in anatomy.REGIONS, or "arm:-1", "leg:1", "pelvis:-1"
     origin: tuple[float, float]  # anatomy point at the image centre
     zoom: float  # image half-widths per anatomy unit
     landmarks: dict[str, str] = field(default_factory=dict)  # structure key -> landmark name
