@@ -1,4 +1,6 @@
-"""Share of each overlay that carries visible colour, per projection gallery: `python benchmarks/visible_share.py GALLERY...`.
+"""Share of each overlay that carries visible colour, per projection gallery.
+
+Usage: `python benchmarks/visible_share.py GALLERY...`.
 
 Reads every `<film>/overlay.png` and its manifest's `overlay_film_box` (the film part of the picture, without caption
 and colour bar) and prints the range and median of `xraydeconv.reports.display.visible_share` (RGB spread > 48/255).
