@@ -58,13 +58,26 @@ def layer_arg(value: str | None) -> int | str | None:
               help="Pictures show the film at its own resolution, its longest side at most this many pixels.")
 @click.option("--compare", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="CKPT",
               help="Another checkpoint to draw beside --checkpoint on the same films (compare.png); repeatable.")
+@click.option("--pictures", default="all", show_default=True, metavar="all|none|N",
+              help="Which films get pictures and a page: all, none, or N films spread evenly over the run.")
+@click.option("--maps", "maps_kept", type=click.Choice(["folders", "store", "none"]), default="folders",
+              show_default=True,
+              help="Where the raw maps go: maps.npy in each film's folder, one memory-mappable store for the "
+                   "run (maps/part-*.npy + maps/index.json), or nowhere.")
+@click.option("--chunk", type=int, default=64, show_default=True,
+              help="Films per unit of work (rounded up to whole batches): what --resume redoes at most per "
+                   "process, and the films of one part of the map store.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run into --out (same checkpoint, images and options), skipping the "
+                   "chunks it finished.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process [default: torch's; under torchrun the cores divided among the "
+                   "machine's processes].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def project(checkpoint, model_factory, weights, classes, input_size, images, more_images, data, split, limit, top_n,
-            layer, mode, rank, method, precision, batch_size, max_pixels, class_map, device, cmap, max_side, compare,
-            out, overwrite, quiet) -> None:
+def project(**params) -> None:
     """Project the top-n filters of a trained net back into its input images.
 
     \b
@@ -94,8 +107,12 @@ def project(checkpoint, model_factory, weights, classes, input_size, images, mor
     and index.html, a gallery over all images (sortable, misclassified ones flagged).
     With --compare CKPT (repeatable) each folder also gets compare.png: the heat of every
     checkpoint on the same film, side by side.
-    Everything is built in a temporary folder beside --out and moved into place at the end:
-    an interrupted or failed run leaves --out untouched.
+    Everything is built in .OUT.partial beside --out and moved into place at the end: an
+    interrupted or failed run leaves --out untouched and keeps its finished chunks there for
+    --resume. For large archives, --pictures N or none and --maps store keep the output small.
+    Under torchrun every process projects its share of the films into the one output (gloo
+    on CPU, NCCL on GPU, one process per GPU); the result equals a one-process run
+    (docs/large-archives.md).
 
     \b
     Examples:
@@ -105,9 +122,30 @@ def project(checkpoint, model_factory, weights, classes, input_size, images, mor
           --layer layer4 --images film.png --out proj/
       xraydeconv project --checkpoint runs/demo/deeper-aug/best.pt --compare runs/demo/shallow/best.pt \\
           --data ~/phantoms --limit 24 --out compare/
+      torchrun --nproc-per-node 4 -m xraydeconv.cli.main project --checkpoint best.pt \\
+          --data ~/mura --pictures 200 --maps store --out archive/
     """
+    from xraydeconv.training.distributed import from_env
+
+    process = from_env().rank
+    try:
+        rows = _run(**params)
+    except UserError:
+        if process != 0:  # every process checks the same input: rank 0 alone says what is wrong
+            raise SystemExit(2) from None
+        raise
+    if not params["quiet"] and process == 0:
+        out = params["out"]
+        click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)
+
+
+def _run(checkpoint, model_factory, weights, classes, input_size, images, more_images, data, split, limit, top_n,
+         layer, mode, rank, method, precision, batch_size, max_pixels, class_map, device, cmap, max_side, compare,
+         pictures, maps_kept, chunk, resume, threads, out, overwrite, quiet) -> list[dict]:
+    """Check the options and run the projection; the gallery rows."""
     from xraydeconv.reports.display import DisplaySettings
     from xraydeconv.reports.pipeline import ProjectSettings, project_checkpoint
+    from xraydeconv.reports.shard import ArchiveOptions
 
     images = tuple(images) + tuple(more_images)
     if bool(images) == (data is not None):
@@ -115,15 +153,15 @@ def project(checkpoint, model_factory, weights, classes, input_size, images, mor
     if class_map is not None and data is None:
         raise UserError(f"--class-map {class_map}: only with --data (it renames the data set's classes)")
     for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size),
-                        ("--max-side", max_side)):
+                        ("--max-side", max_side), ("--chunk", chunk)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
+    archive = ArchiveOptions(pictures=pictures, maps=maps_kept, chunk=chunk, resume=resume).check()
     settings = ProjectSettings(top_n=top_n, layer=layer_arg(layer), mode=mode, rank=rank, method=method,
                                precision=precision, batch_size=batch_size,
                                display=DisplaySettings(cmap=cmap, max_side=max_side, min_side=min(512, max_side)))
     model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
-    rows = project_checkpoint(model, out, images=images, data=data, split=split, limit=limit,
+    return project_checkpoint(model, out, images=images, data=data, split=split, limit=limit,
                               settings=settings, device=device, overwrite=overwrite, progress=not quiet,
-                              compare=compare, max_pixels=max_pixels, class_map=class_map)
-    if not quiet:
-        click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)
+                              compare=compare, max_pixels=max_pixels, class_map=class_map, archive=archive,
+                              threads=threads)

@@ -18,9 +18,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from xraydeconv.io import write_atomically
+from xraydeconv.io import strict_json, write_atomically
 
-__all__ = ["write_gallery", "utf8_text", "gallery_html", "image_page_html", "card_html", "STYLE", "SORT_KEYS"]
+__all__ = ["write_gallery", "has_page", "utf8_text", "gallery_html", "image_page_html", "card_html", "STYLE",
+           "SORT_KEYS"]
 
 SORT_KEYS = ("name", "confidence", "true", "predicted", "misclassified")
 
@@ -99,6 +100,8 @@ def card_html(row: dict, prefix: str = "") -> str:
     """The card of one image (``row`` as in :func:`gallery_html`); ``prefix``: the folder holding the image
     folders, relative to the page."""
     m = row["manifest"]
+    if row["folder"] is None:
+        return _text_card(m)
     folder = prefix + row["folder"]
     name = m.get("input_name") or folder
     true = m.get("true_class")
@@ -135,6 +138,27 @@ def card_html(row: dict, prefix: str = "") -> str:
     )
     lines.append("</div>")
     return "\n".join(lines)
+
+
+def _text_card(m: dict) -> str:
+    """The card of a film kept without pictures or folder (``project --pictures``): its name and prediction."""
+    esc = html.escape
+    name, true, pred, conf = m.get("input_name") or "", m.get("true_class"), m.get("predicted_class"), \
+        m.get("predicted_probability")
+    mis = _misclassified(m)
+    attrs = {"data-name": name, "data-folder": "", "data-true": true or "", "data-predicted": pred or "",
+             "data-confidence": "" if conf is None else f"{conf:.6f}", "data-misclassified": "1" if mis else "0"}
+    attr_s = " ".join(f'{k}="{esc(str(v), quote=True)}"' for k, v in attrs.items())
+    lines = [f'<div class="{"card misclassified" if mis else "card"} text" {attr_s}>',
+             f'<div class="name">{esc(name)}</div>']
+    if pred is not None:
+        lines.append(f"<div>predicted: <b>{esc(pred)}</b>{'' if conf is None else f' ({100 * conf:.1f} %)'}</div>")
+    if true is not None:
+        lines.append(f"<div>true: {esc(true)}</div>")
+    if mis:
+        lines.append('<div class="flag">misclassified</div>')
+    lines.append(f'<div class="meta">top filters: {esc(", ".join(str(c) for c in m.get("channels", [])[:5]))}</div>')
+    return "\n".join(lines + ["</div>"])
 
 
 def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", info: dict | None = None) -> str:
@@ -176,9 +200,10 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
                   info: dict | None = None) -> Path:
     """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`."""
     out_dir = Path(out_dir)
-    for k, row in enumerate(rows):
-        prev = rows[k - 1]["folder"] if k > 0 else None
-        nxt = rows[k + 1]["folder"] if k + 1 < len(rows) else None
+    paged = [r for r in rows if has_page(r)]
+    for k, row in enumerate(paged):
+        prev = paged[k - 1]["folder"] if k > 0 else None
+        nxt = paged[k + 1]["folder"] if k + 1 < len(paged) else None
         page = utf8_text(image_page_html(row, prev, nxt, title))
         write_atomically(out_dir / row["folder"] / "index.html", lambda f, page=page: f.write(page), mode="w",
                          encoding="utf-8")
@@ -187,8 +212,15 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
         encoding="utf-8"
     )
     # the rows as data too, for scripts that post-process a run
-    write_atomically(out_dir / "gallery.json", lambda f: json.dump(list(rows), f), mode="w", encoding="utf-8")
+    write_atomically(out_dir / "gallery.json", lambda f: json.dump(strict_json(list(rows)), f, allow_nan=False),
+                     mode="w", encoding="utf-8")
     return path
+
+
+def has_page(row: dict) -> bool:
+    """Whether the film of ``row`` gets its own page: it has a folder, and pictures when its files are listed."""
+    files = row["manifest"].get("files")
+    return row["folder"] is not None and (files is None or "index.html" in files)
 
 
 _PAGE_STYLE = """
@@ -277,6 +309,7 @@ def image_page_html(row: dict, prev: str | None, nxt: str | None, title: str = "
                     "</figcaption></figure>")
     settings = " · ".join(f"{k}: {esc(str(m.get(k)))}" for k in ("model", "layer_module", "method", "mode", "top_n")
                           if m.get(k) is not None)
+    maps_link = '<a href="maps.npy">maps.npy</a>' if "maps.npy" in m.get("files", ["maps.npy"]) else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(name)}: {esc(title)}</title>
 <style>{STYLE}{_PAGE_STYLE}</style></head>
@@ -289,7 +322,7 @@ def image_page_html(row: dict, prev: str | None, nxt: str | None, title: str = "
 <div class="views">{''.join(views)}</div>
 <h2>Every filter ({len(figs)}), strongest first</h2>
 <div id="filters">{''.join(figs)}</div>
-<p class="files"><a href="grid.png">grid.png</a><a href="maps.npy">maps.npy</a>
+<p class="files"><a href="grid.png">grid.png</a>{maps_link}
 <a href="manifest.json">manifest.json</a></p>
 <div id="lightbox"><img id="big" alt="enlarged filter"><div id="bigcap"></div></div>
 <script>{_PAGE_SCRIPT}</script>

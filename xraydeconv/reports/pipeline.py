@@ -42,6 +42,7 @@ from xraydeconv.reports.gallery import write_gallery
 
 if TYPE_CHECKING:
     from xraydeconv.explain.deconvnet import DeconvNet, Projection
+    from xraydeconv.reports.shard import ArchiveOptions
     from xraydeconv.training.checkpoint import Checkpoint
 
     # a checkpoint file of ``xraydeconv train``, or a model already loaded (a user's own, ``load_user_model``)
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "FolderWriter", "unique_folder", "write_image_folder",
     "manifest_base", "prediction_fields", "layer_stride", "model_input", "project_into", "project_checkpoint",
-    "check_settings", "Net", "open_net", "is_user_model", "printable_name",
+    "check_settings", "Net", "open_net", "is_user_model", "printable_name", "FilmKeep", "project_batch",
 ]
 
 MANIFEST_VERSION = 1
@@ -303,6 +304,27 @@ def _save_jpeg(rgb: np.ndarray, path: Path) -> None:
     write_atomically(path, lambda f: Image.fromarray(rgb).save(f, format="JPEG", quality=88))
 
 
+@dataclass(frozen=True)
+class FilmKeep:
+    """What one film keeps of its projection.
+
+    ``pictures``: the pictures and thumbnail in its folder. ``maps``: ``"folder"`` (``maps.npy`` in its folder),
+    ``"store"`` (handed to ``store``, which returns the manifest's ``maps`` entry) or ``"none"``. A film that keeps
+    neither pictures nor a ``maps.npy`` gets no folder: its manifest lives only in the gallery's rows.
+    """
+
+    pictures: bool = True
+    maps: str = "folder"
+    store: Callable[[np.ndarray], dict] | None = None
+
+    @property
+    def has_folder(self) -> bool:
+        return self.pictures or self.maps == "folder"
+
+
+MAPS_CONTENT = "per-filter |sum over input channels| of the projection, each divided by map_scale"
+
+
 def write_image_folder(
     folder: Path,
     image: Tensor,
@@ -315,6 +337,7 @@ def write_image_folder(
     stride: int = 1,
     settings: DisplaySettings | None = None,
     extra: dict[str, np.ndarray] | None = None,
+    keep: FilmKeep = FilmKeep(),
 ) -> dict:
     """Write the pictures, heat maps and manifest of one projected image into ``folder`` (created).
 
@@ -327,39 +350,49 @@ def write_image_folder(
         masks: landmark name -> bool (S, S) mask; gives ``landmarks.png``.
         stride: input pixels between the activations of the projected layer (sets the smoothing).
         extra: more pictures to write, file name -> (H, W, 3) uint8 (``compare.png``).
+        keep: what to keep (default: everything); ``folder`` is not created when it keeps nothing there.
     Returns:
         The manifest as written.
     """
     settings = settings or DisplaySettings()
-    film = film or Film.from_input(image, settings.min_side, settings.max_side)
-    folder.mkdir(parents=True, exist_ok=True)
     raw = maps.float().sum(1).abs()  # (top_n, S, S)
     scale = raw.flatten(1).amax(1)
     heats = render.normalise(raw)
     chans = [int(c) for c in channels.tolist()]
     acts = [float(a) for a in activations.tolist()]
-    pictures = _write_pictures(folder, views.Heats.make(film, heats, stride, settings), chans, acts, manifest,
-                               masks)
-    for name, rgb in (extra or {}).items():
-        render.save_png(rgb, folder / name)
-        pictures["files"].insert(0, name)
-    write_atomically(folder / "maps.npy", lambda f: np.save(f, heats.to(torch.float16).cpu().numpy()))
-    out = dict(manifest)
-    out.update(
-        {
-            "manifest_version": MANIFEST_VERSION,
-            "filters": [{"rank": k + 1, "channel": c, "activation": a} for k, (c, a) in enumerate(zip(chans, acts))],
-            "channels": chans,
-            "activations": acts,
-            "map_scale": [float(v) for v in scale.tolist()],
-            "maps": {"file": "maps.npy", "dtype": "float16", "shape": list(heats.shape),
-                     "content": "per-filter |sum over input channels| of the projection, each divided by map_scale"},
-            "display": {**settings.as_dict(), "stride": stride, "sigma": display.smoothing_sigma(stride)},
-            **pictures,
-        }
-    )
-    write_json(out, folder / "manifest.json")
+    if keep.has_folder:
+        folder.mkdir(parents=True, exist_ok=True)
+    pictures: dict = {"files": ["maps.npy", "manifest.json"] if keep.has_folder else []}
+    if keep.pictures:
+        film = film or Film.from_input(image, settings.min_side, settings.max_side)
+        pictures = _write_pictures(folder, views.Heats.make(film, heats, stride, settings), chans, acts, manifest,
+                                   masks)
+        for name, rgb in (extra or {}).items():
+            render.save_png(rgb, folder / name)
+            pictures["files"].insert(0, name)
+    maps_entry = _keep_maps(folder, heats, keep)
+    if keep.maps != "folder":
+        pictures["files"] = [f for f in pictures["files"] if f != "maps.npy"]
+    out = {**manifest, "manifest_version": MANIFEST_VERSION,
+           "filters": [{"rank": k + 1, "channel": c, "activation": a} for k, (c, a) in enumerate(zip(chans, acts))],
+           "channels": chans, "activations": acts, "map_scale": [float(v) for v in scale.tolist()],
+           "maps": maps_entry,
+           "display": {**settings.as_dict(), "stride": stride, "sigma": display.smoothing_sigma(stride)}, **pictures}
+    if keep.has_folder:
+        write_json(out, folder / "manifest.json")
     return out
+
+
+def _keep_maps(folder: Path, heats: Tensor, keep: FilmKeep) -> dict | None:
+    """Write the (top_n, S, S) ``heats`` as float16 where ``keep`` says; the manifest's ``maps`` entry."""
+    half = heats.to(torch.float16).cpu().numpy()
+    described = {"dtype": "float16", "shape": list(heats.shape), "content": MAPS_CONTENT}
+    if keep.maps == "folder":
+        write_atomically(folder / "maps.npy", lambda f: np.save(f, half))
+        return {"file": "maps.npy", **described}
+    if keep.maps == "store":
+        return {**keep.store(half), **described}
+    return None
 
 
 class FolderWriter:
@@ -438,6 +471,30 @@ def _compare_picture(film: Film, nets: Sequence[Net], projections: Sequence[Proj
     return views.compare_view(film, heats, metas), metas
 
 
+def project_batch(source: ImageSource, idx: Sequence[int], x: Tensor, net: Net, settings: ProjectSettings,
+                  device: torch.device, compare: Sequence[Net] = (), pictures: Callable[[int], bool] = lambda i: True
+                  ) -> Iterator[tuple[int, Projection, dict, Film | None, dict | None, dict | None]]:
+    """Project the images ``idx`` of ``source`` (``x``: (b, C_in, S, S)) through ``net`` and each ``compare`` net.
+
+    Yields, per image in order, ``(j, projection of the batch, manifest fields, film, masks, extra pictures)``;
+    the film, masks and ``compare.png`` are made only for images ``i`` with ``pictures(i)`` (else None).
+    """
+    ps = [n.project(x, settings, device) for n in (net, *compare)]
+    for j, i in enumerate(idx):
+        fields = {"input_file": printable_name(source.paths[i]), "input_name": source.names[i],
+                  **prediction_fields(None if ps[0].probs is None else ps[0].probs[j], net.class_names,
+                                      source.true_class(i))}
+        film = masks = extra = None
+        if pictures(i):
+            film = source.film(i, net.base["input_size"], settings.display)
+            masks = source.masks(i) if source.masks else None
+            if compare:
+                extra = {"compare.png": None}
+                extra["compare.png"], fields["compare"] = _compare_picture(film, (net, *compare), ps, j,
+                                                                           settings.display)
+        yield j, ps[0], fields, film, masks, extra
+
+
 def project_into(out: Path, source: ImageSource, net: Net, settings: ProjectSettings, device: torch.device,
                  title: str, info: dict, overwrite: bool = True, progress: bool = True, desc: str = "projecting",
                  compare: Sequence[Net] = ()) -> list[dict]:
@@ -452,19 +509,8 @@ def project_into(out: Path, source: ImageSource, net: Net, settings: ProjectSett
         writer = FolderWriter(tmp, net.base, net.stride, settings.display)
         with tqdm(total=len(source), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
             for idx, x in source.batches(settings.batch_size):
-                ps = [n.project(x, settings, device) for n in (net, *compare)]
-                for j, i in enumerate(idx):
-                    fields = {"input_file": printable_name(source.paths[i]), "input_name": source.names[i],
-                              **prediction_fields(None if ps[0].probs is None else ps[0].probs[j], net.class_names,
-                                                  source.true_class(i))}
-                    film = source.film(i, net.base["input_size"], settings.display)
-                    extra = None
-                    if compare:
-                        extra = {"compare.png": None}
-                        extra["compare.png"], fields["compare"] = _compare_picture(film, (net, *compare), ps, j,
-                                                                                   settings.display)
-                    writer.add(source.stems[i], x[j], ps[0], j, fields, film,
-                               source.masks(i) if source.masks else None, extra)
+                for j, p, fields, film, masks, extra in project_batch(source, idx, x, net, settings, device, compare):
+                    writer.add(source.stems[idx[j]], x[j], p, j, fields, film, masks, extra)
                 bar.update(len(idx))
         writer.write_gallery(title, info)
     return writer.rows
@@ -492,17 +538,27 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
                        data: str | os.PathLike | None = None, split: str = "test", limit: int | None = None,
                        settings: ProjectSettings | None = None, device: str = "auto", overwrite: bool = False,
                        progress: bool = True, compare: Sequence[str | os.PathLike] = (),
-                       max_pixels: int | None = None, class_map: str | os.PathLike | None = None) -> list[dict]:
+                       max_pixels: int | None = None, class_map: str | os.PathLike | None = None,
+                       archive: ArchiveOptions | None = None, threads: int | None = None) -> list[dict]:
     """``xraydeconv project``: project ``images`` (files) or the first ``limit`` images of a split of ``data``;
     images of more than ``max_pixels`` pixels (None: Pillow's decompression-bomb limit) are refused. The data's
     classes are matched to the checkpoint's by name, after the renames of ``class_map`` (see :func:`open_data`).
 
     ``checkpoint`` is a checkpoint file, or a loaded ``Checkpoint`` (a user's model from ``load_user_model``).
-    Returns the gallery rows (one per image). Raises UserError for bad options, inputs and output folders.
+    ``archive``: what to keep, chunks and ``--resume`` (:class:`~xraydeconv.reports.shard.ArchiveOptions`). Under
+    ``torchrun`` every process projects its share into the one output (gloo on CPU, NCCL on CUDA) and rank 0 writes
+    the gallery. ``threads``: CPU threads (default: as set, or the cores divided among a ``torchrun`` job's local
+    processes). Returns the gallery rows (one per image; ``[]`` on ranks other than 0). Raises UserError for bad
+    options, inputs and output folders.
     """
     from xraydeconv.device import resolve_device
+    from xraydeconv.reports.shard import ArchiveOptions, project_archive
+    from xraydeconv.training import distributed
 
     settings = settings or ProjectSettings()
+    archive = (archive or ArchiveOptions()).check()
+    dist = distributed.from_env()
+    _set_threads(threads, dist)
     if max_pixels is not None:
         from xraydeconv.data.preprocess import check_max_pixels
 
@@ -510,29 +566,49 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
     inputs = [model_input(checkpoint)] + [("--compare", c) for c in compare] + [("--images", p) for p in images]
     inputs += [(flag, path) for flag, path in (("--data", data), ("--class-map", class_map)) if path is not None]
     out = check_output_folder(out, overwrite, inputs=inputs)
-    dev = resolve_device(device)
+    dev = resolve_device(device, dist.local_rank, dist.world_size)
     net, ckpt = open_net(checkpoint, settings, dev)
     others = [open_net(c, settings, dev)[0] for c in compare]
     for c, other in zip(compare, others):
         if other.base["input_size"] != ckpt.input_size:
             raise UserError(f"--compare {c}: input size {other.base['input_size']}, but --checkpoint has "
                             f"{ckpt.input_size}; compare nets trained at the same size")
-    if images:
-        source = ImageSource.from_files(images, ckpt.input_size, max_pixels)
-    else:
-        limit_px = {} if max_pixels is None else {"max_pixels": max_pixels}
-        ds, renames = open_data(data, split, ckpt.input_size, class_map, cache=False, **limit_px)
-        check_classes(model_input(checkpoint)[1], ckpt.class_names, Path(data), ds.class_names, renames)
-        if len(ds) == 0:
-            raise UserError(f"{data}: no images in the {split} split")
-        source = ImageSource.from_dataset(ds, range(len(ds) if limit is None else min(limit, len(ds))), renames)
+    source = _source(checkpoint, ckpt, images, data, split, limit, max_pixels, class_map)
     info = {"model": ckpt.model_name, "checkpoint": Path(net.base["checkpoint"]).name,
             "layer": net.base["layer_module"], "top-n": settings.top_n, "method": settings.method,
             "mode": settings.mode}
     if others:
         info["compared with"] = ", ".join(f"{o.base['model']} ({Path(o.base['checkpoint']).name})" for o in others)
-    return project_into(out, source, net, settings, dev, title=f"xraydeconv projections: {ckpt.model_name}",
-                        info=info, overwrite=overwrite, progress=progress, compare=others)
+    distributed.init(dist, dev)
+    try:
+        return project_archive(out, source, net, settings, dev, title=f"xraydeconv projections: {ckpt.model_name}",
+                               info=info, options=archive, overwrite=overwrite, progress=progress, compare=others,
+                               dist=dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _set_threads(threads: int | None, dist) -> None:
+    from xraydeconv.device import available_cores, check_threads
+
+    if threads is not None:
+        torch.set_num_threads(check_threads(threads))
+    elif dist.enabled:  # torchrun sets OMP_NUM_THREADS=1; share the machine's cores instead
+        torch.set_num_threads(max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _source(checkpoint: CheckpointLike, ckpt: Checkpoint, images: Sequence[str | os.PathLike],
+            data: str | os.PathLike | None, split: str, limit: int | None, max_pixels: int | None,
+            class_map: str | os.PathLike | None) -> ImageSource:
+    """The images of a ``project`` run: the files ``images``, or the first ``limit`` of a split of ``data``."""
+    if images:
+        return ImageSource.from_files(images, ckpt.input_size, max_pixels)
+    limit_px = {} if max_pixels is None else {"max_pixels": max_pixels}
+    ds, renames = open_data(data, split, ckpt.input_size, class_map, cache=False, **limit_px)
+    check_classes(model_input(checkpoint)[1], ckpt.class_names, Path(data), ds.class_names, renames)
+    if len(ds) == 0:
+        raise UserError(f"{data}: no images in the {split} split")
+    return ImageSource.from_dataset(ds, range(len(ds) if limit is None else min(limit, len(ds))), renames)
 
 
 def check_classes(ckpt_path: str | os.PathLike, ckpt_classes: Sequence[str], data: Path,
