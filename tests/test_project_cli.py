@@ -13,6 +13,7 @@ from PIL import Image
 
 from xraydeconv.cli.main import main
 from xraydeconv.data.classes import CLASS_NAMES
+from xraydeconv.errors import UserError
 from xraydeconv.training import checkpoint, models
 
 SIZE = 64
@@ -175,3 +176,100 @@ def test_layer_arg(value, expected):
     from xraydeconv.cli.project import layer_arg
 
     assert layer_arg(value) == expected and type(layer_arg(value)) is type(expected)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(work, tmp_path, monkeypatch, capsys):
+    from xraydeconv.reports import shard
+
+    args = ["--checkpoint", str(work / "net.pt"), "--data", str(work / "data"), "--top-n", "3", "--batch-size", "1",
+            "--chunk", "1"]
+    code, err = run(monkeypatch, capsys, *args, "--out", str(tmp_path / "whole"))
+    assert code == 0, err
+    real, calls = shard._run_chunk, []
+
+    def interrupted(run_, tmp, c, films, bar):
+        calls.append(c)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through the CLI's handler
+        real(run_, tmp, c, films, bar)
+
+    monkeypatch.setattr(shard, "_run_chunk", interrupted)
+    out = tmp_path / "proj"
+    code, err = run(monkeypatch, capsys, *args, "--out", str(out))
+    assert code == 130 and not out.exists()
+    partial = tmp_path / ".proj.partial"
+    assert sorted(p.name for p in (partial / ".chunks").iterdir()) == ["0.json", "1.json"]
+    monkeypatch.setattr(shard, "_run_chunk", real)
+    code, err = run(monkeypatch, capsys, *args, "--out", str(out))  # without --resume: refused, nothing touched
+    assert code == 2 and err.strip() == (f"error: {out}: an interrupted run left its finished films in {partial}; "
+                                         "pass --resume to continue it, or --overwrite to start afresh")
+    code, err = run(monkeypatch, capsys, *args, "--top-n", "2", "--resume", "--out", str(out))
+    assert code == 2 and err.strip() == (f"error: --resume: the interrupted run in {partial} had other model, "
+                                         "settings; give the same checkpoint, images and options, or --overwrite "
+                                         "to start afresh")
+    done = []
+    monkeypatch.setattr(shard, "_run_chunk", lambda r, t, c, f, b: (done.append(c), real(r, t, c, f, b)))
+    code, err = run(monkeypatch, capsys, *args, "--resume", "--out", str(out))
+    assert code == 0, err
+    assert done == [2, 3], "the finished chunks are not projected again"
+    assert _tree(out) == _tree(tmp_path / "whole")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".proj.lock", ".whole.lock"]
+
+
+def test_map_store_and_a_sample_of_pictures(work, tmp_path, monkeypatch, capsys):
+    from xraydeconv.reports.mapstore import MapStore, read_maps
+
+    args = ["--checkpoint", str(work / "net.pt"), "--data", str(work / "data"), "--top-n", "3", "--batch-size", "1",
+            "--chunk", "3"]
+    code, err = run(monkeypatch, capsys, *args, "--out", str(tmp_path / "whole"))
+    assert code == 0, err
+    out = tmp_path / "store"
+    code, err = run(monkeypatch, capsys, *args, "--maps", "store", "--pictures", "2", "--out", str(out))
+    assert code == 0, err
+    whole = json.loads((tmp_path / "whole" / "gallery.json").read_text())
+    rows = json.loads((out / "gallery.json").read_text())
+    assert [r["folder"] for r in rows] == [whole[0]["folder"], None, whole[2]["folder"], None]  # films 0 and 4 // 2
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["index.json", "part-00000.npy", "part-00001.npy"]
+    store = MapStore(out)
+    assert len(store) == 4 and store.part(0).shape == (3, 3, SIZE, SIZE) and store.part(1).shape == (1, 3, SIZE, SIZE)
+    assert isinstance(store.part(0), np.memmap)
+    for k, r in enumerate(whole):
+        want = np.load(tmp_path / "whole" / r["folder"] / "maps.npy")
+        assert np.array_equal(store[k], want)
+        assert np.array_equal(read_maps(out, r["manifest"]["input_name"]), want)
+        assert np.array_equal(read_maps(tmp_path / "whole", k), want)
+        m = rows[k]["manifest"]
+        assert m["maps"]["part"] == f"maps/part-0000{k // 3}.npy" and m["maps"]["row"] == k % 3
+        assert {key: v for key, v in m.items() if key not in ("maps", "files", "filter_pictures", "overlay_film_box",
+                                                              "film")} == \
+            {key: v for key, v in r["manifest"].items() if key not in ("maps", "files", "filter_pictures",
+                                                                       "overlay_film_box", "film")}
+    assert not (out / whole[0]["folder"] / "maps.npy").exists() and (out / whole[0]["folder"] / "grid.png").is_file()
+    page = (out / "index.html").read_text()
+    assert page.count('<div class="card') == 4 and page.count('thumb.jpg') == 2
+    code, err = run(monkeypatch, capsys, *args, "--maps", "none", "--pictures", "none", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["gallery.json", "index.html"]
+    with pytest.raises(UserError, match="kept no maps"):
+        read_maps(tmp_path / "r", 0)
+
+
+@pytest.mark.parametrize("args,match", [(["--pictures", "some"], "--pictures some: use all, none or a number"),
+                                        (["--pictures", "0"], "--pictures 0"), (["--chunk", "0"], "--chunk 0"),
+                                        (["--threads", "0"], "--threads 0")])
+def test_bad_archive_options(work, tmp_path, monkeypatch, capsys, args, match):
+    _bad(work, tmp_path, monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), str(work / "hand.png"), *args,
+         match=match)
+
+
+@pytest.mark.parametrize("n,batch,chunk,sizes", [(10, 4, 6, [8, 2]), (8, 2, 2, [2, 2, 2, 2]), (3, 4, 64, [3])])
+def test_chunks_are_whole_batches(n, batch, chunk, sizes):
+    from xraydeconv.reports.shard import chunk_ranges, picture_films
+
+    chunks = chunk_ranges(n, batch, chunk)
+    assert [len(c) for c in chunks] == sizes and [i for c in chunks for i in c] == list(range(n))
+    assert picture_films(10, "3") == {0, 3, 6} and picture_films(2, "5") == {0, 1} and picture_films(4, "none") == set()
