@@ -273,3 +273,18 @@ def test_chunks_are_whole_batches(n, batch, chunk, sizes):
     chunks = chunk_ranges(n, batch, chunk)
     assert [len(c) for c in chunks] == sizes and [i for c in chunks for i in c] == list(range(n))
     assert picture_films(10, "3") == {0, 3, 6} and picture_films(2, "5") == {0, 1} and picture_films(4, "none") == set()
+
+
+def test_gallery_pages(work, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "paged"
+    code, err = run(monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), "--data", str(work / "data"),
+                    "--top-n", "2", "--pictures", "1", "--page-size", "3", "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "gallery.json").read_text())
+    first, second = (out / "index.html").read_text(), (out / "page-2.html").read_text()
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["gallery.json", "index.html", "page-2.html"]
+    assert first.count('<div class="card') == 3 and second.count('<div class="card') == 1
+    assert 'href="page-2.html"' in first and 'href="index.html"' in second and "page-3" not in second
+    assert "page 1 of 2 (images 1–3 of 4" in first and "page 2 of 2 (images 4–4 of 4" in second
+    name = rows[3]["manifest"]["input_name"]
+    assert name in second and name not in first

@@ -67,6 +67,8 @@ def layer_arg(value: str | None) -> int | str | None:
 @click.option("--chunk", type=int, default=64, show_default=True,
               help="Films per unit of work (rounded up to whole batches): what --resume redoes at most per "
                    "process, and the films of one part of the map store.")
+@click.option("--page-size", type=int, default=1000, show_default=True,
+              help="Gallery cards per page (index.html, page-2.html ...).")
 @click.option("--resume", is_flag=True,
               help="Continue the interrupted run into --out (same checkpoint, images and options), skipping the "
                    "chunks it finished.")
@@ -141,7 +143,7 @@ def project(**params) -> None:
 
 def _run(checkpoint, model_factory, weights, classes, input_size, images, more_images, data, split, limit, top_n,
          layer, mode, rank, method, precision, batch_size, max_pixels, class_map, device, cmap, max_side, compare,
-         pictures, maps_kept, chunk, resume, threads, out, overwrite, quiet) -> list[dict]:
+         pictures, maps_kept, chunk, page_size, resume, threads, out, overwrite, quiet) -> list[dict]:
     """Check the options and run the projection; the gallery rows."""
     from xraydeconv.reports.display import DisplaySettings
     from xraydeconv.reports.pipeline import ProjectSettings, project_checkpoint
@@ -153,10 +155,10 @@ def _run(checkpoint, model_factory, weights, classes, input_size, images, more_i
     if class_map is not None and data is None:
         raise UserError(f"--class-map {class_map}: only with --data (it renames the data set's classes)")
     for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size),
-                        ("--max-side", max_side), ("--chunk", chunk)):
+                        ("--max-side", max_side), ("--chunk", chunk), ("--page-size", page_size)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
-    archive = ArchiveOptions(pictures=pictures, maps=maps_kept, chunk=chunk, resume=resume).check()
+    archive = ArchiveOptions(pictures=pictures, maps=maps_kept, chunk=chunk, resume=resume, page=page_size).check()
     settings = ProjectSettings(top_n=top_n, layer=layer_arg(layer), mode=mode, rank=rank, method=method,
                                precision=precision, batch_size=batch_size,
                                display=DisplaySettings(cmap=cmap, max_side=max_side, min_side=min(512, max_side)))

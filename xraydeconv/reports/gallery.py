@@ -20,8 +20,8 @@ from pathlib import Path
 
 from xraydeconv.io import strict_json, write_atomically
 
-__all__ = ["write_gallery", "has_page", "utf8_text", "gallery_html", "image_page_html", "card_html", "STYLE",
-           "SORT_KEYS"]
+__all__ = ["write_gallery", "has_page", "page_file", "utf8_text", "gallery_html", "image_page_html", "card_html",
+           "STYLE", "SORT_KEYS"]
 
 SORT_KEYS = ("name", "confidence", "true", "predicted", "misclassified")
 
@@ -161,8 +161,10 @@ def _text_card(m: dict) -> str:
     return "\n".join(lines + ["</div>"])
 
 
-def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", info: dict | None = None) -> str:
-    """The page for ``rows`` (each ``{"folder": <relative folder>, "manifest": <its manifest dict>}``)."""
+def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", info: dict | None = None,
+                 nav: str = "") -> str:
+    """The page for ``rows`` (each ``{"folder": <relative folder>, "manifest": <its manifest dict>}``); ``nav``: the
+    links between the pages of a paged gallery (HTML), shown above and below the cards."""
     n_mis = sum(_misclassified(r["manifest"]) for r in rows)
     info_s = ""
     if info:
@@ -181,10 +183,10 @@ def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", in
 <label>sort by <select id="sort">{options}</select></label>
 <label><input type="checkbox" id="only-mis"> misclassified only ({n_mis})</label>
 <span id="count">{len(rows)} images</span></header>
-{info_s}
+{info_s}{nav}
 <div id="cards">
 {cards}
-</div>
+</div>{nav}
 <script>{_SCRIPT}</script>
 </body></html>
 """
@@ -196,9 +198,25 @@ def utf8_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def page_file(k: int) -> str:
+    """The file of page ``k`` (from 0) of a gallery: ``index.html``, then ``page-2.html`` ..."""
+    return "index.html" if k == 0 else f"page-{k + 1}.html"
+
+
+def _page_nav(k: int, pages: int, total: int, size: int) -> str:
+    if pages <= 1:
+        return ""
+    prev = f'<a id="prev-page" href="{page_file(k - 1)}">&larr; previous page</a>' if k > 0 else ""
+    nxt = f'<a id="next-page" href="{page_file(k + 1)}">next page &rarr;</a>' if k + 1 < pages else ""
+    first, last = k * size + 1, min(total, (k + 1) * size)
+    return (f'<nav class="pages" style="margin:.8em 0;display:flex;gap:1em">{prev}<span>page {k + 1} of {pages} '
+            f"(images {first}–{last} of {total}; sorting and the filter act on this page)</span>{nxt}</nav>")
+
+
 def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str = "xraydeconv projections",
-                  info: dict | None = None) -> Path:
-    """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`."""
+                  info: dict | None = None, page_size: int | None = None) -> Path:
+    """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`. With ``page_size``, a gallery
+    of more rows is cut into pages of that many cards (``index.html``, ``page-2.html`` ...) linked in order."""
     out_dir = Path(out_dir)
     paged = [r for r in rows if has_page(r)]
     for k, row in enumerate(paged):
@@ -207,10 +225,11 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
         page = utf8_text(image_page_html(row, prev, nxt, title))
         write_atomically(out_dir / row["folder"] / "index.html", lambda f, page=page: f.write(page), mode="w",
                          encoding="utf-8")
-    path = write_atomically(
-        out_dir / "index.html", lambda f: f.write(utf8_text(gallery_html(rows, title, info))), mode="w",
-        encoding="utf-8"
-    )
+    pages = [rows[a:a + page_size] for a in range(0, len(rows), page_size)] if page_size else [rows]
+    for k, part in enumerate(pages or [rows]):
+        text = utf8_text(gallery_html(part, title, info, _page_nav(k, len(pages), len(rows), page_size or 0)))
+        path = write_atomically(out_dir / page_file(k), lambda f, text=text: f.write(text), mode="w",
+                                encoding="utf-8")
     # the rows as data too, for scripts that post-process a run
     write_atomically(out_dir / "gallery.json", lambda f: json.dump(strict_json(list(rows)), f, allow_nan=False),
                      mode="w", encoding="utf-8")

@@ -50,6 +50,7 @@ __all__ = ["ArchiveOptions", "DEFAULT_CHUNK", "parse_pictures", "picture_films",
            "archive_build", "project_archive"]
 
 DEFAULT_CHUNK = 64
+DEFAULT_PAGE = 1000  # gallery cards per page
 RECORDS = ".chunks"
 RUN_FILE = ".run.json"
 MAPS_CHOICES = ("folders", "store", "none")
@@ -60,20 +61,22 @@ FILM_MAPS = {"folders": "folder", "store": "store", "none": "none"}  # --maps ->
 class ArchiveOptions:
     """What a run keeps and how it is cut: ``pictures`` ``"all"``, ``"none"`` or a number of films spread evenly
     over the run; ``maps`` one of :data:`MAPS_CHOICES`; ``chunk`` films per unit of work; ``resume`` continues the
-    interrupted run of the same options."""
+    interrupted run of the same options; ``page`` cards per gallery page."""
 
     pictures: str = "all"
     maps: str = "folders"
     chunk: int = DEFAULT_CHUNK
     resume: bool = False
+    page: int = DEFAULT_PAGE
 
     def check(self) -> ArchiveOptions:
         """These options with ``pictures`` normalised; UserError naming the bad option."""
         if self.maps not in MAPS_CHOICES:
             raise UserError(f"--maps {self.maps}: not one of {', '.join(MAPS_CHOICES)}")
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
-            raise UserError(f"--chunk {self.chunk}: must be at least 1")
-        return ArchiveOptions(parse_pictures(self.pictures), self.maps, self.chunk, self.resume)
+        for flag, value in (("--chunk", self.chunk), ("--page-size", self.page)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{flag} {value}: must be at least 1")
+        return ArchiveOptions(parse_pictures(self.pictures), self.maps, self.chunk, self.resume, self.page)
 
 
 def parse_pictures(value: str) -> str:
@@ -248,7 +251,7 @@ def _merge(tmp: Path, n_chunks: int, options: ArchiveOptions, title: str, info: 
         rows += json.loads((tmp / RECORDS / f"{c}.json").read_text(encoding="utf-8"))
     if options.maps == "store":
         write_index(tmp / STORE_DIR, rows)
-    write_gallery(tmp, rows, title=title, info=info)
+    write_gallery(tmp, rows, title=title, info=info, page_size=options.page)
     return rows
 
 
@@ -257,7 +260,7 @@ def run_key(source: ImageSource, net: Net, compare: Sequence[Net], settings: Pro
     """What must not change between an interrupted run and its ``--resume``."""
     films = hashlib.sha256("\0".join(f"{printable_name(p)}\0{n}" for p, n in zip(source.paths, source.names))
                            .encode("utf-8", "surrogateescape")).hexdigest()
-    opts = {k: v for k, v in asdict(options).items() if k != "resume"}
+    opts = {k: v for k, v in asdict(options).items() if k not in ("resume", "page")}
     return {"films": films, "film_count": len(source), "model": net.base,
             "compare": [n.base["checkpoint_sha256"] for n in compare],
             "settings": {**asdict(settings), "display": settings.display.as_dict()}, "options": opts}
