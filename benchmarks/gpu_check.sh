@@ -5,13 +5,14 @@
 #   bash benchmarks/gpu_check.sh
 #
 # Sections: 0 machine, 1 build (sm_90 by default), 2 tests, 3 kernel timings and `xraydeconv bench`,
-# 4 projection report (if benchmarks/projection_report.py exists), then a summary. Logs and JSON go to
+# 4 projection report (if benchmarks/projection_report.py exists), 5 images/s of `project` on CUDA at 256 px
+# (benchmarks/bench_project_throughput.py; with 2 GPUs also 2 torchrun processes on NCCL), then a summary. Logs and JSON go to
 # $OUT when it is set (else to a temporary folder, printed at the end). Exits non-zero when the build
 # or the tests fail, after printing everything it got.
 #
 # Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16),
 # GPU_CHECK_PYTEST_ARGS (-x), GPU_CHECK_SKIP_BUILD=1 to reuse an extension built before,
-# GPU_CHECK_SKIP_PROJECTION=1 to leave out section 4, GPU_CHECK_KEEP_COMPILER=1 to build with $CXX / c++
+# GPU_CHECK_SKIP_PROJECTION=1 to leave out section 4, GPU_CHECK_SKIP_PROJECT=1 section 5, GPU_CHECK_KEEP_COMPILER=1 to build with $CXX / c++
 # instead of /usr/bin/g++.
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -28,6 +29,7 @@ test_status="not run"
 bench_status="not run"
 kernel_status="not run"
 projection_status="not run"
+project_status="not run"
 started=$(date +%s)
 
 section() { printf '\n===== %s =====\n' "$*"; }
@@ -39,6 +41,7 @@ finish() {
   echo "kernel timings:     $kernel_status"
   echo "xraydeconv bench:   $bench_status"
   echo "projection report:  $projection_status"
+  echo "project throughput: $project_status"
   echo "total:              $(($(date +%s) - started)) s"
   if [ -f "$LOGS/kernel_table.txt" ]; then
     echo
@@ -352,6 +355,21 @@ else
   echo "$projection_status"
 fi
 
+# ---------------------------------------------------------------------------------------------
+section "5. project throughput on CUDA, and project under torchrun with NCCL"
+if [ "${GPU_CHECK_SKIP_PROJECT:-0}" = "1" ]; then
+  project_status="skipped (GPU_CHECK_SKIP_PROJECT=1)"
+  echo "$project_status"
+else
+  gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  # 2 processes (NCCL, one GPU each) where there are 2 GPUs; a bare 1-process run otherwise
+  procs=1; [ "$gpus" -ge 2 ] && procs=1,2
+  timeout 300 "$PY" benchmarks/bench_project_throughput.py --device cuda --size 256 --films 64 --batch-size 32 \
+    --repeat 1 --procs "$procs" --kinds archive,pictures 2>&1 | tee "$LOGS/project_throughput.txt"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then project_status="ok (processes: $procs)"; else project_status="FAILED (exit $rc)"; fi
+fi
+
 finish
 [[ $build_status == ok* || $build_status == skipped* ]] && [[ $test_status == ok* ]]
 }
@@ -360,7 +378,7 @@ main 2>&1 | tee "$LOGS/gpu_check.log"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   for f in gpu_check.log build.log build-system-compiler.log pytest.log kernel_bench.json bench.json bench.txt \
-    projection.txt; do
+    projection.txt project_throughput.txt; do
     if [ -f "$LOGS/$f" ]; then cp "$LOGS/$f" "$OUT/"; fi
   done
   echo "logs copied to \$OUT"
