@@ -189,7 +189,7 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(work, tmp_p
             "--chunk", "1"]
     code, err = run(monkeypatch, capsys, *args, "--out", str(tmp_path / "whole"))
     assert code == 0, err
-    real, calls = shard._run_chunk, []
+    real, calls = shard.run_chunk, []
 
     def interrupted(run_, tmp, c, films, bar):
         calls.append(c)
@@ -197,13 +197,13 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(work, tmp_p
             raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through the CLI's handler
         real(run_, tmp, c, films, bar)
 
-    monkeypatch.setattr(shard, "_run_chunk", interrupted)
+    monkeypatch.setattr(shard, "run_chunk", interrupted)
     out = tmp_path / "proj"
     code, err = run(monkeypatch, capsys, *args, "--out", str(out))
     assert code == 130 and not out.exists()
     partial = tmp_path / ".proj.partial"
     assert sorted(p.name for p in (partial / ".chunks").iterdir()) == ["0.json", "1.json"]
-    monkeypatch.setattr(shard, "_run_chunk", real)
+    monkeypatch.setattr(shard, "run_chunk", real)
     code, err = run(monkeypatch, capsys, *args, "--out", str(out))  # without --resume: refused, nothing touched
     assert code == 2 and err.strip() == (f"error: {out}: an interrupted run left its finished films in {partial}; "
                                          "pass --resume to continue it, or --overwrite to start afresh")
@@ -212,7 +212,7 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(work, tmp_p
                                          "settings; give the same checkpoint, images and options, or --overwrite "
                                          "to start afresh")
     done = []
-    monkeypatch.setattr(shard, "_run_chunk", lambda r, t, c, f, b: (done.append(c), real(r, t, c, f, b)))
+    monkeypatch.setattr(shard, "run_chunk", lambda r, t, c, f, b: (done.append(c), real(r, t, c, f, b)))
     code, err = run(monkeypatch, capsys, *args, "--resume", "--out", str(out))
     assert code == 0, err
     assert done == [2, 3], "the finished chunks are not projected again"

@@ -47,7 +47,7 @@ from xraydeconv.training import distributed
 from xraydeconv.training.distributed import DistInfo
 
 __all__ = ["ArchiveOptions", "DEFAULT_CHUNK", "parse_pictures", "picture_films", "chunk_ranges", "partial_folder",
-           "archive_build", "project_archive"]
+           "run_chunk", "archive_build", "project_archive"]
 
 DEFAULT_CHUNK = 64
 DEFAULT_PAGE = 1000  # gallery cards per page
@@ -214,7 +214,7 @@ class _Run:
     pictured: frozenset[int]
 
 
-def _run_chunk(run: _Run, tmp: Path, c: int, films: range, bar) -> None:
+def run_chunk(run: _Run, tmp: Path, c: int, films: range, bar) -> None:
     """Project the films of chunk ``c`` into ``tmp``; its record is written last."""
     for i in films:  # folders a killed run left half-written
         if run.folders[i] and (tmp / run.folders[i]).exists():
@@ -288,7 +288,7 @@ def project_archive(out: Path, source: ImageSource, net: Net, settings: ProjectS
         with tqdm(total=sum(len(chunks[c]) for c in mine), desc=desc, unit="img", file=sys.stderr,
                   disable=not (progress and dist.is_main)) as bar:
             for c in mine:
-                _run_chunk(run, tmp, c, chunks[c], bar)
+                run_chunk(run, tmp, c, chunks[c], bar)
         distributed.barrier(dist)
         rows = _merge(tmp, len(chunks), options, title, info) if dist.is_main else []
     return rows
