@@ -74,14 +74,25 @@ def test_kernel_rejects_bad_arguments():
         op(g, torch.zeros(2, 4, 4, 8), w, [2, 2], [1, 1], [8, 8], 1)
 
 
-def test_deconvnet_sparse_and_dense_paths_agree():
+@pytest.mark.parametrize("method", ["deconvnet", "guided"])
+@pytest.mark.parametrize("mode", ["map", "max"])
+def test_sparse_and_dense_paths_agree(method, mode, monkeypatch):
+    """Guided backprop takes the sparse scatter too, after a dense unpooling and the forward ReLU's mask."""
+    from xraydeconv.explain import deconvnet as module
     from xraydeconv.explain.deconvnet import DeconvNet
     from xraydeconv.training.models import build
 
     torch.manual_seed(0)
     model = build("deeper", num_classes=24, input_size=64).eval()
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
-    a = DeconvNet(model, sparse=True).project(x, top_n=6)
-    b = DeconvNet(model, sparse=False).project(x, top_n=6)
+    calls = []
+    scatter = module.scatter_conv_transpose
+    monkeypatch.setattr(module, "scatter_conv_transpose", lambda *a: calls.append(1) or scatter(*a))
+    a = DeconvNet(model, sparse=True).project(x, top_n=6, method=method, mode=mode)
+    assert calls, "the sparse path was not taken"
+    calls.clear()
+    b = DeconvNet(model, sparse=False).project(x, top_n=6, method=method, mode=mode)
+    assert not calls
     assert torch.equal(a.channels, b.channels)
+    assert b.maps.norm() > 0
     assert ((a.maps - b.maps).norm() / b.maps.norm()).item() <= 1e-5

@@ -155,8 +155,9 @@ class DeconvNet:
         chunk_size: at most this many (image, filter) projections are computed at once (default: 5 on the CPU,
             256 on a GPU).
         sparse: on the CPU in fp32 with ``method="deconvnet"``, run each "unpool -> ReLU -> transposed conv" (and
-            "ReLU -> transposed conv") as one sparse scatter over the positive values (``xraydeconv._C``); the
-            dense path (PyTorch's own ops) is used otherwise, or everywhere with ``sparse=False``.
+            "ReLU -> transposed conv") as one sparse scatter over the positive values (``xraydeconv._C``); with
+            ``"guided"`` the same scatter after a dense unpooling and the forward ReLU's mask; the dense path
+            (PyTorch's own ops) is used otherwise, or everywhere with ``sparse=False``.
 
     Example::
 
@@ -332,12 +333,19 @@ class DeconvNet:
         """
         pool = rec.pools[i] if self.steps[i].kind == "pool" else None
         j = i - 1 if pool is not None else i
-        tiled = pool is None or (pool.switches is not None and non_overlapping(pool, walk.g.shape[-2:]))
-        if not (j >= 1 and tiled and self.steps[j].kind == "relu" and self._scatter_ok(j - 1, pool is not None)):
+        # guided backprop masks the signal with the forward ReLU below the pooling: unpool densely, mask, scatter
+        fused = pool is not None and walk.method == "deconvnet"
+        tiled = not fused or (pool.switches is not None and non_overlapping(pool, walk.g.shape[-2:]))
+        if not (j >= 1 and tiled and self.steps[j].kind == "relu" and self._scatter_ok(j - 1, fused)):
             return None
         conv = self.steps[j - 1]
         wt = walk.weights.hwc(conv.name, conv.module, conv.bn, walk.g.dtype)
-        sub = None if pool is None else pool.images(walk.img_slice)
+        if pool is not None and not fused:
+            walk.g = unpool(walk.g, pool.images(walk.img_slice), walk.group)
+        if walk.method == "guided":  # relu(g * mask): the kernel rectifies what the forward ReLU let through
+            mask = rec.relu_masks[j][walk.img_slice].unsqueeze(1)
+            walk.g = (walk.g.unflatten(0, (-1, walk.group)) * mask).flatten(0, 1)
+        sub = pool.images(walk.img_slice) if fused else None
         walk.g = scatter_conv_transpose(walk.g, sub, conv.module, wt, rec.conv_inputs[j - 1], walk.group)
         return j - 2
 
@@ -447,7 +455,7 @@ class DeconvNet:
         for imgs, filters, done in blocks(B, top_n, chunk):
             sel = chans[imgs, filters]  # (images, filters)
             a = block_signals(rec.start_act, sel, imgs, mode).to(PRECISIONS[precision] or x.dtype)
-            sparse = method == "deconvnet" and self.sparse and has_scatter_kernel(a)
+            sparse = method in ("deconvnet", "guided") and self.sparse and has_scatter_kernel(a)
             walk = _Walk(method, sel.shape[1], imgs, weights, sparse, (a, sel.reshape(-1)))
             g = self._walk_down(start, rec, walk)
             maps[imgs, filters] = g.view(*sel.shape, *g.shape[1:])
