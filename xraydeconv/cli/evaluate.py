@@ -21,6 +21,15 @@ from xraydeconv.cli.model_options import model_options, model_source
               help="Filters of the last conv layer projected per image.")
 @click.option("--occlusion", is_flag=True,
               help="Also occlude each landmark (and their union) and measure what the net loses.")
+@click.option("--methods", default="deconvnet", show_default=True, metavar="LIST",
+              help="Attribution methods scored on the same films and landmarks, comma-separated, or all: "
+                   "deconvnet, deconvnet-max, guided, gradient, saliency, gradient-x-input, gradcam, occlusion. "
+                   "The film itself as the map (film) is always a row.")
+@click.option("--sanity", is_flag=True,
+              help="Also run the model-parameter randomisation test of those methods (cascading and "
+                   "independent) and draw sanity.png and sanity_curves.png.")
+@click.option("--sanity-images", type=int, default=4, show_default=True,
+              help="Films of the randomisation test (the first ones with landmarks).")
 @click.option("--tolerance", type=int, default=0, show_default=True,
               help="Pointing-game tolerance: grow the landmark masks by this many pixels.")
 @click.option("--max-misclassified", type=int, default=24, show_default=True,
@@ -40,9 +49,9 @@ from xraydeconv.cli.model_options import model_options, model_source
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
-def evaluate(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, tolerance,
-             max_misclassified, no_landmarks, limit, batch_size, precision, max_pixels, class_map, device, out,
-             overwrite, quiet) -> None:
+def evaluate(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, methods, sanity,
+             sanity_images, tolerance, max_misclassified, no_landmarks, limit, batch_size, precision, max_pixels,
+             class_map, device, out, overwrite, quiet) -> None:
     """Accuracy, confusion matrix and landmark agreement of a checkpoint (or of your own model).
 
     \b
@@ -65,30 +74,28 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
       examples/       the same for up to four correctly classified films
 
     \b
-    Landmark agreement: for every image with landmark masks (the phantoms always have them;
-    for real data put binary PNGs in <image stem>.landmarks/<landmark>.png beside each image,
-    or boxes in a landmarks.csv with header image,landmark,x0,y0,x1,y1), the heat map of the
-    top-n filters is scored against the union of the image's landmarks, per class and per
-    landmark, for the combined map and for each filter:
-      pointing game    the hottest pixel lies on a landmark
-      relevance mass   the share of the heat that lies on the landmarks
-      relevance rank   of the |landmark| hottest pixels, the share on the landmarks
-      area share       the landmarks' share of the image: the relevance mass of a uniform map
+    Landmark agreement: for every image with landmark masks (the phantoms have them; for real
+    data see docs/evaluation.md), the heat map of the top-n filters is scored against the
+    union of the image's landmarks, per class and per landmark (pointing game, relevance
+    mass, relevance rank, area share), beside the film itself used as the map. --methods
+    scores other attribution methods on the same films and every landmark set (the phantoms'
+    "discriminative" set too), as the gain over the film; --sanity adds the randomisation
+    test (sanity.png, sanity_curves.png): how far do the maps depend on the weights?
     A `marker` mask (the planted shortcut of `xraydeconv data phantoms --bias marker`) is
     reported on its own line and left out of the union.
 
     \b
     Everything is built in a temporary folder and moved into place at the end: bad input
-    (masks of the wrong size, an unknown landmark, bad rows in a box file, a data class the
-    checkpoint does not know) stops the run with one line and leaves --out untouched. Data
-    holding only some of the checkpoint's classes are fine: classes are matched by name, and
-    --class-map renames the data's classes first (e.g. "chest,chest-bones").
+    stops the run with one line and leaves --out untouched. Classes are matched by name
+    (data may hold only some of them); --class-map renames the data's classes first.
 
     \b
     Examples:
       xraydeconv evaluate --checkpoint runs/demo/deeper/best.pt --out runs/eval-deeper
       xraydeconv evaluate --checkpoint best.pt --data ~/phantoms-bias --split val --out eval-val
       xraydeconv evaluate --checkpoint best.pt --data ~/mura --occlusion --out eval-mura
+      xraydeconv evaluate --checkpoint best.pt --methods deconvnet,guided,gradient,gradcam,occlusion \\
+          --sanity --out eval-methods
       xraydeconv evaluate --model-factory mynets.chest:make_net --weights chest.pt --classes classes.txt \\
           --data ~/chest --out eval-chest
     """
@@ -98,7 +105,8 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
     opts = EvalOptions(split=split, top_n=top_n, occlusion=occlusion, batch_size=batch_size,
                        max_misclassified=max_misclassified, tolerance=tolerance, precision=precision,
                        device=device, landmarks=not no_landmarks, limit=limit, max_pixels=max_pixels,
-                       class_map=None if class_map is None else str(class_map))
+                       class_map=None if class_map is None else str(class_map), methods=methods, sanity=sanity,
+                       sanity_images=sanity_images)
     model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
     report = run(model, out, data=data, options=opts, overwrite=overwrite, progress=not quiet)
     if not quiet:

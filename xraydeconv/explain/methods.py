@@ -35,8 +35,8 @@ from xraydeconv.explain.common import activation_after_conv
 from xraydeconv.explain.deconvnet import DeconvNet, sequential_features
 from xraydeconv.explain.occlusion import default_layer, occlusion_map
 
-__all__ = ["METHODS", "PROJECTED", "combine_filter_maps", "explainer", "filter_heatmaps", "gradcam_layer", "heat_maps",
-           "normalise"]
+__all__ = ["METHODS", "PROJECTED", "TARGETED", "combine_filter_maps", "explainer", "filter_heatmaps", "gradcam_layer",
+           "heat_maps", "normalise"]
 
 METHODS = ("deconvnet", "deconvnet-max", "guided", "gradient", "saliency", "gradient-x-input", "gradcam",
            "occlusion", "film")
@@ -44,6 +44,9 @@ METHODS = ("deconvnet", "deconvnet-max", "guided", "gradient", "saliency", "grad
 # method -> (DeconvNet.project's method, its mode; None: the ``mode`` option, "map" by default)
 PROJECTED = {"deconvnet": ("deconvnet", None), "deconvnet-max": ("deconvnet", "max"),
              "guided": ("guided", None), "gradient": ("gradient", None)}
+
+# the methods that explain one class's logit (``target``); the others do not depend on a class
+TARGETED = ("saliency", "gradient-x-input", "gradcam", "occlusion")
 
 _OPTIONS = {
     **{m: {"mode", "rank", "precision", "deconvnet"} for m in PROJECTED},

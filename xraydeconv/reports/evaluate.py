@@ -11,6 +11,10 @@ per-filter magnitudes, exactly the map the gallery shows) are scored with :mod:`
 - the ``marker`` mask separately: the planted shortcut of ``xraydeconv data phantoms --bias marker``, which is
   never a radiological landmark and is left out of the union.
 
+``methods`` scores other attribution methods (:mod:`xraydeconv.explain.methods`) on the same images and
+landmark sets, each beside the film itself used as the map (:mod:`xraydeconv.reports.comparison`); ``sanity`` adds
+the model-parameter randomisation test of those methods on the first films (:mod:`xraydeconv.reports.randomisation`).
+
 With ``occlusion=True`` each landmark (and their union) is also hidden in turn (:mod:`xraydeconv.explain.occlusion`)
 to measure what the class probability and the top filters lose.
 
@@ -38,6 +42,7 @@ from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError
 from xraydeconv.explain.occlusion import occlude_landmarks
 from xraydeconv.io import building_folder, check_output_folder, write_json
+from xraydeconv.reports.comparison import MethodComparison, comparison_markdown, landmark_stats, parse_methods
 from xraydeconv.reports.pages import write_index
 
 if TYPE_CHECKING:
@@ -49,6 +54,7 @@ REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "repor
 EXAMPLES_DIR, INDEX_HTML = "examples", "index.html"
 MARKER = "marker"
 UNION = "all landmarks"
+SANITY_SEED = 42  # of the layers' re-initialisation in the randomisation test (Quantus's default)
 
 
 @dataclass
@@ -68,6 +74,9 @@ class EvalOptions:
     examples: int = 4  # correctly classified images drawn with their projections (of those projected anyway)
     max_pixels: int | None = None  # refuse larger images (None: Pillow's decompression-bomb limit)
     class_map: str | None = None  # IRMA: the prefix,class grouping; other data: data class,checkpoint class renames
+    methods: tuple[str, ...] = ("deconvnet",)  # compared on the landmarks; the film is always added
+    sanity: bool = False  # the model-parameter randomisation test of ``methods``
+    sanity_images: int = 4  # films of the randomisation test (the first with landmarks)
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -117,14 +126,6 @@ def _check_landmarks(ds, i: int, masks: dict[str, np.ndarray]) -> None:
 
 
 # --- landmark agreement ---------------------------------------------------------------------------------------
-
-
-def _stats(rows: np.ndarray) -> dict[str, float]:
-    """Summary of per-image rows (pointing game, relevance mass, relevance rank, area share), plus mass / area."""
-    sc = metrics.LandmarkScores(*rows.T)
-    s = sc.summary()
-    s["mass_over_area"] = s["relevance_mass"] / s["area_share"] if s["area_share"] > 0 else float("nan")
-    return s
 
 
 def zhang_tolerance(size: int) -> int:
@@ -219,7 +220,7 @@ class LandmarkAgreement:
             u = np.stack(self._union)
             f = np.stack(self._filters)
             lab = np.array(self._labels)
-            out["overall"] = _stats(u)
+            out["overall"] = landmark_stats(u)
             out["tolerant_px"] = self._tolerant_px
             out["overall"]["pointing_game_tolerant"] = metrics.nanmean(np.array(self._tolerant))
             out["per_filter"] = {
@@ -232,20 +233,20 @@ class LandmarkAgreement:
             }
             if self._baseline:
                 r = np.stack(self._baseline)
-                out["baseline_image"] = _stats(r)
+                out["baseline_image"] = landmark_stats(r)
                 out["baseline_image"]["pointing_game_tolerant"] = metrics.nanmean(np.array(self._tolerant_base))
             out["per_class"] = {}
             for c, name in enumerate(self.class_names):
                 sel = lab == c
                 if sel.any():
-                    out["per_class"][name] = _stats(u[sel])
+                    out["per_class"][name] = landmark_stats(u[sel])
         out["per_landmark"] = {}
         for key in sorted(self._named):
             r = np.stack(self._named[key])
-            out["per_landmark"][key] = _stats(r)
+            out["per_landmark"][key] = landmark_stats(r)
         if self._marker:
             r = np.stack([row for _, row in self._marker])
-            out["marker"] = _stats(r)
+            out["marker"] = landmark_stats(r)
         else:
             out["marker"] = None
         return out
@@ -299,6 +300,8 @@ class _Setup:
     base: dict
     stride: int
     label_map: list[int]  # the checkpoint's index of each class of the data set
+    layer: int | str  # the projected layer
+    sets: dict[str, dict[str, list[str]]]  # landmark set -> class -> landmark names
 
 
 def _check_options(opt: EvalOptions) -> None:
@@ -308,6 +311,9 @@ def _check_options(opt: EvalOptions) -> None:
     for name, value in (("--max-misclassified", opt.max_misclassified), ("--tolerance", opt.tolerance)):
         if value < 0:
             raise UserError(f"{name} {value}: must be at least 0")
+    opt.methods = parse_methods(opt.methods)
+    if opt.sanity_images < 1:
+        raise UserError(f"--sanity-images {opt.sanity_images}: must be at least 1")
     if opt.max_pixels is not None:
         from xraydeconv.data.preprocess import check_max_pixels
 
@@ -354,7 +360,10 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
     settings = ProjectSettings(top_n=opt.top_n, precision=opt.precision)
     net = Net.make(dn, manifest_base(checkpoint, ckpt, dn, layer, settings), ckpt.class_names)
     n = len(ds) if opt.limit is None else min(opt.limit, len(ds))
-    return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, net.base, net.stride, label_map)
+    from xraydeconv.data.landmarks import read_landmark_sets
+
+    sets = read_landmark_sets(root, ds.landmark_names) if opt.landmarks else {"all": {}}
+    return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, net.base, net.stride, label_map, layer, sets)
 
 
 class _Tally:
@@ -375,6 +384,10 @@ class _Tally:
         self.writer = FolderWriter(mis_dir, setup.base, setup.stride)
         self.examples = FolderWriter(examples_dir, setup.base, setup.stride)
         self.t_project = 0.0
+        sets = ("all",) + tuple(k for k in setup.sets if k != "all")
+        self.comparison = MethodComparison(opt.methods, sets, opt.tolerance)
+        self.sanity_films: list[tuple[Tensor, int]] = []  # (C, H, W) on the CPU, true label
+        self.t_sanity = 0.0
 
     def batch(self, idx: list[int]) -> None:
         """Classify, project, score and occlude the images ``idx`` of the data set."""
@@ -406,15 +419,20 @@ class _Tally:
 
         tp = time.perf_counter()
         p = self.setup.dn.project(x[need], top_n=self.opt.top_n, precision=self.opt.precision)
-        self.t_project += time.perf_counter() - tp
+        t_project = time.perf_counter() - tp
+        self.t_project += t_project
         heats = render.filter_heatmaps(p.maps.cpu())
         combined = render.heatmap(heats)
         pos = {j: r for r, j in enumerate(need)}
         with_masks = [j for j in need if masks[j]]
         if with_masks:
             rows = [pos[j] for j in with_masks]
+            images = x[with_masks].float().mean(1).cpu()
             self.agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
-                               [masks[j] for j in with_masks], images=x[with_masks].float().mean(1).cpu())
+                               [masks[j] for j in with_masks], images=images)
+            known = {"deconvnet": (combined[rows], t_project * len(rows) / len(need)), "film": (images, 0.0)}
+            self._compare([idx[j] for j in with_masks], x[with_masks], [y[j] for j in with_masks],
+                          [masks[j] for j in with_masks], known)
         for j in show:
             self._save_misclassified(idx[j], x[j], p, pos[j], probs[j], y[j], masks[j])
         seen = {r["manifest"]["true_class"] for r in self.examples.rows}
@@ -422,6 +440,44 @@ class _Tally:
             if len(self.examples.rows) < self.opt.examples and j not in wrong and self.setup.classes[y[j]] not in seen:
                 seen.add(self.setup.classes[y[j]])
                 self._save(self.examples, idx[j], x[j], p, pos[j], probs[j], y[j], masks[j], "")
+
+    def method_options(self, method: str, main: bool = True) -> dict:
+        """``heat_maps`` keywords of ``method`` in this evaluation (``main``: for the evaluated net itself)."""
+        from xraydeconv.explain.methods import PROJECTED
+
+        opt, s = self.opt, self.setup
+        if method == "occlusion":  # a 5 x 5 grid of patches a quarter of the side wide, whatever the input size
+            patch = max(1, s.ckpt.input_size // 4)
+            return {"patch": patch, "stride": max(1, (s.ckpt.input_size - patch) // 4), "batch_size": 64}
+        if method in PROJECTED:
+            kw = {"layer": s.layer, "top_n": opt.top_n, "precision": opt.precision}
+            return {**kw, "deconvnet": s.dn} if main else kw
+        return {"layer": s.layer} if method == "gradcam" else {}
+
+    def _compare(self, idx: list[int], x: Tensor, y: list[int], masks: list[dict], known: dict) -> None:
+        """Score every compared method on images ``idx`` (all with landmarks): ``known`` maps a method to maps
+        already computed (and their seconds); the others are computed here."""
+        from xraydeconv.data.landmarks import landmark_set_masks
+        from xraydeconv.explain.methods import TARGETED, heat_maps
+
+        s = self.setup
+        by_set = {"all": masks, **{name: [landmark_set_masks(s.ds, i, name, s.sets) for i in idx]
+                                   for name in self.comparison.sets if name != "all"}}
+        target = torch.tensor(y, device=x.device)
+        for method in self.opt.methods:
+            if method in known:
+                maps, seconds = known[method]
+            else:
+                t0 = time.perf_counter()
+                kw = self.method_options(method)
+                if method in TARGETED:
+                    kw["target"] = target
+                maps = heat_maps(s.ckpt.model, x, method, **kw).float().cpu()
+                seconds = time.perf_counter() - t0
+            self.comparison.add(method, maps, by_set, seconds)
+        room = self.opt.sanity_images - len(self.sanity_films)
+        if self.opt.sanity and room > 0:
+            self.sanity_films += [(x[j].detach().cpu().clone(), y[j]) for j in range(min(room, len(idx)))]
 
     def _save(self, writer, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
               masks: dict[str, np.ndarray], infix: str) -> dict:
@@ -465,8 +521,9 @@ class _Tally:
         self.occlusion.add([y[j] for j in js], res)
 
 
-def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> dict:
-    """The content of ``report.json``."""
+def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float,
+            sanity: dict | None = None) -> dict:
+    """The content of ``report.json`` (``sanity``: the randomisation summary per method, when run)."""
     import xraydeconv
 
     ckpt, confusion, classes = setup.ckpt, tally.confusion, setup.classes
@@ -488,6 +545,9 @@ def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: 
         "confusion": confusion.tolist(),
         "misclassified": tally.misclassified,
         "landmarks": tally.agreement.result(),
+        "methods": tally.comparison.result(sanity),
+        "sanity": None if sanity is None else {"images": len(tally.sanity_films), "seed": SANITY_SEED,
+                                               "seconds": tally.t_sanity, "methods": sanity},
         "occlusion": tally.occlusion.result() if opt.occlusion else None,
         "timing": {"seconds": time.perf_counter() - t0, "projection_seconds": tally.t_project,
                    "threads": torch.get_num_threads(), "device": str(setup.device),
@@ -497,6 +557,33 @@ def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: 
                   "misclassified_gallery": f"{MISCLASSIFIED_DIR}/index.html",
                   "examples_gallery": f"{EXAMPLES_DIR}/index.html"},
     }
+
+
+def _randomisation(tmp: Path, setup: _Setup, tally: _Tally) -> dict | None:
+    """Run the randomisation test of the compared methods on the kept films, draw its figures into ``tmp`` and
+    return its summary (None when no film had landmarks)."""
+    from xraydeconv.reports.randomisation import (
+        SANITY_CURVES_PNG,
+        SANITY_PNG,
+        plot_sanity_curves,
+        plot_sanity_maps,
+        randomisation_summary,
+        run_randomisation,
+    )
+
+    if not tally.sanity_films:
+        return None
+    x = torch.stack([f for f, _ in tally.sanity_films]).to(setup.device)
+    y = [label for _, label in tally.sanity_films]
+    methods = tally.opt.methods
+    options = {m: tally.method_options(m, main=False) for m in methods}
+    t0 = time.perf_counter()
+    results = run_randomisation(setup.ckpt.model, x, y, methods, options, seed=SANITY_SEED)
+    tally.t_sanity = time.perf_counter() - t0
+    summary = randomisation_summary(results)
+    plot_sanity_maps(results, x[0].float().mean(0).cpu(), tmp / SANITY_PNG)
+    plot_sanity_curves(summary, tmp / SANITY_CURVES_PNG)
+    return summary
 
 
 def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> None:
@@ -552,7 +639,8 @@ def evaluate(
                 idx = list(range(b0, min(setup.n, b0 + opt.batch_size)))
                 tally.batch(idx)
                 bar.update(len(idx))
-        report = _report(checkpoint, setup, opt, tally, t0)
+        sanity = _randomisation(tmp, setup, tally) if opt.sanity else None
+        report = _report(checkpoint, setup, opt, tally, t0, sanity)
         _write_report(tmp, report, setup, opt, tally, t0)
     return report
 
@@ -678,7 +766,12 @@ def render_markdown(report: dict) -> str:
     """``report.md``: the report's tables for people."""
     top_n = report["options"]["top_n"]
     t = report["timing"]
+    from xraydeconv.reports.randomisation import sanity_markdown
+
+    sanity = report.get("sanity") or {}
     lines = (_md_head(report) + _md_landmarks(report.get("landmarks"), top_n)
+             + comparison_markdown(report.get("methods"), top_n)
+             + sanity_markdown(sanity.get("methods"), sanity.get("images", 0))
              + _md_occlusion(report.get("occlusion"), top_n) + _md_misclassified(report, top_n))
     lines += ["", f"Took {t['seconds']:.1f} s ({t['projection_seconds']:.1f} s projecting) on {t['device']}, "
               f"{t['threads']} threads, torch {report['versions']['torch']}."]

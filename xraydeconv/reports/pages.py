@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from xraydeconv.io import write_atomically
 from xraydeconv.reports.gallery import STYLE, card_html
 
-__all__ = ["write_index", "evaluate_index_html", "landmark_rows_html"]
+__all__ = ["write_index", "evaluate_index_html", "landmark_rows_html", "methods_html"]
 
 
 def _pct(v) -> str:
@@ -31,6 +31,44 @@ def landmark_rows_html(lm: dict | None, top_n: int) -> str:
         f"<td>{_pct(s['area_share'])}</td><td>{_pct(s['relevance_rank'])}</td><td>{s['n']}</td></tr>"
         for label, s in rows if s)
     return f"<table>{head}{body}</table>"
+
+
+def _gain(v, ratio: bool = False) -> str:
+    if v is None or v != v:
+        return "–"
+    return f"{v:.2f}×" if ratio else f"{100 * v:+.1f} pp"
+
+
+def methods_html(table: dict | None, sanity: dict | None) -> str:
+    """The method comparison (pointing game per landmark set and its gain over the film, mass / area, marker,
+    similarity after randomisation) as an HTML table, with the sanity figures when the test ran."""
+    if not table:
+        return ""
+    sets = table["sets"]
+    head = "".join(f"<th>Pointing game, {html.escape(n)}</th><th>vs film</th>" for n in sets)
+    head = f"<tr><th>Method</th>{head}<th>Mass / area</th><th>vs film</th><th>Marker</th><th>Randomised</th></tr>"
+    body = []
+    for method in table["methods"]:
+        r = table["rows"][method]
+        cells = "".join(f"<td>{_pct(r[n]['pointing_game'])}</td><td>{_gain(r[n].get('pointing_game_gain'))}</td>"
+                        if r.get(n) else "<td>–</td><td>–</td>" for n in sets)
+        a, m, rnd = r.get("all"), r.get("marker"), r.get("randomised")
+        cells += (f"<td>{_gain(a['mass_over_area'], True) if a else '–'}</td>"
+                  f"<td>{_gain(a.get('mass_gain'), True) if a else '–'}</td>"
+                  f"<td>{_pct(m['pointing_game']) if m else '–'}</td>"
+                  f"<td>{'–' if not rnd or rnd.get('spearman') is None else format(rnd['spearman'], '.2f')}</td>")
+        name = f"<b>{html.escape(method)}</b>" if method == table["baseline"] else html.escape(method)
+        body.append(f"<tr><td>{name}</td>{cells}</tr>")
+    out = (f"<h2>Methods compared</h2><p>Each method's map against the landmarks, beside the film itself used as "
+           f"the map (<b>{html.escape(table['baseline'])}</b>); <i>Randomised</i>: Spearman correlation with the "
+           "map of the net with every layer re-initialised (near 1: the map hardly depends on the weights).</p>"
+           f"<table>{head}{''.join(body)}</table>")
+    if sanity:
+        out += ("<h2>Sanity check: model-parameter randomisation</h2>"
+                f"<p>{sanity['images']} films, layers re-initialised from the output down.</p>"
+                '<img src="sanity.png" alt="maps as the layers are randomised" style="max-width:100%">'
+                '<img src="sanity_curves.png" alt="similarity per randomised layer" style="max-width:100%">')
+    return out
 
 
 def evaluate_index_html(report: dict, misclassified: Sequence[dict], examples: Sequence[dict]) -> str:
@@ -58,6 +96,7 @@ td:first-child{{text-align:left}}</style></head>
 </div>
 <h2>Landmark agreement</h2>
 {landmark_rows_html(report.get('landmarks'), top_n)}
+{methods_html(report.get('methods'), report.get('sanity'))}
 <h2>Confusion matrix</h2>
 <img src="confusion.png" alt="confusion matrix" style="max-width:100%">
 </body></html>
