@@ -175,7 +175,8 @@ def comparison_markdown(table: dict | None, top_n: int) -> list[str]:
         if has_marker:
             cells += _cells(r.get(MARKER), False)
         if has_sanity:
-            cells.append("–" if r.get("randomised") is None else f"{r['randomised']['spearman']:.2f}")
+            rho = (r.get("randomised") or {}).get("spearman")  # None: constant maps have no rank correlation
+            cells.append("–" if rho is None else f"{rho:.2f}")
         cells.append(f"{r['seconds_per_image']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
