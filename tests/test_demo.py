@@ -42,7 +42,8 @@ def test_quick_demo(tmp_path, cache, capsys, monkeypatch):
     assert "Pointing game (top-4)" in stdout
     assert f"Open {(out / 'index.html').absolute()}" in stdout
 
-    assert [p for p in cache.iterdir() if p.suffix != ".lock"] == [cache / "phantoms-32-2-0"]
+    assert sorted(p for p in cache.iterdir() if p.suffix != ".lock") == [cache / "phantoms-32-2-0",
+                                                                         cache / "phantoms-32-2-0-marker"]
     for name in MODEL_NAMES:
         assert (out / name / "best.pt").is_file()
         ev = json.loads((out / "eval" / name / "report.json").read_text())
@@ -66,6 +67,24 @@ def test_quick_demo(tmp_path, cache, capsys, monkeypatch):
     assert len({m["landmarks"]["overall"]["area_share"] for m in lm["models"].values()}) == 1
     table = (out / "landmarks.md").read_text()
     assert table.count("\n") == 3 + len(MODEL_NAMES) and "the image itself (no net)" in table
+
+    # every net's methods, beside the film, with the randomisation test; the table lists them all
+    methods = (out / "methods.md").read_text()
+    for name in MODEL_NAMES:
+        ev = json.loads((out / "eval" / name / "report.json").read_text())
+        assert ev["methods"]["methods"] == ["deconvnet", "guided", "gradient", "gradcam", "occlusion", "film"]
+        assert ev["sanity"]["methods"]["film"]["final"]["spearman"] == 1.0
+        assert (out / "eval" / name / "sanity.png").is_file()
+        assert lm["models"][name]["methods"] == ev["methods"]
+        assert methods.count(f"| `{name}` |") == 6
+    assert "## Methods compared" in stdout or "| `deeper-aug` | occlusion |" in stdout
+
+    # the planted shortcut: biased validation films carry the marker, and every method is scored on it
+    val = json.loads((out / "shortcut" / "eval-val" / "report.json").read_text())
+    assert val["data"]["split"] == "val" and val["landmarks"]["marker"]["n"] == 48
+    assert all(r["marker"]["n"] == 48 for r in val["methods"]["rows"].values())
+    assert lm["shortcut"]["val"]["accuracy"] == val["accuracy"]
+    assert "Pointing game on the marker" in (out / "shortcut.md").read_text()
 
     # every relative link and picture of the front page points at a file that exists; it opens on pictures
     page = (out / "index.html").read_text()

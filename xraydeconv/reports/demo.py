@@ -6,9 +6,12 @@ Steps, each reusing what an earlier run in the same folder already finished:
 1. generate the synthetic phantoms (or reuse them from the cache);
 2. train ``shallow``, ``deeper`` and ``deeper-aug`` (``xraydeconv.training.table1``) and print Table 1;
 3. evaluate every net on the test split (``xraydeconv.reports.evaluate``): accuracy, landmark agreement, misclassified
-   images with their projections;
+   images with their projections, the attribution methods compared on the same films beside the film itself, and
+   the randomisation sanity test;
 4. project the top-n filters of every net for a sample of test images (one per class) into a gallery;
-5. write the comparison of the three nets (``landmarks.md``) and an ``index.html`` over everything.
+5. a planted shortcut (``xraydeconv.reports.shortcut``): a net trained on phantoms with a class-specific marker, and
+   whether every method finds the marker;
+6. write the comparison of the three nets (``landmarks.md``, ``methods.md``) and an ``index.html`` over everything.
 
 Sizes: the default preset (``TrainConfig.demo``) is sized for a 2-core CPU (its run time is in
 docs/evaluation.md); ``full`` is the 256-pixel run (GPU recommended); ``quick`` is a tiny run for tests.
@@ -33,6 +36,9 @@ __all__ = ["DemoSettings", "PRESETS", "run_demo", "landmark_table_markdown"]
 
 SETTINGS_FILE = "demo.json"
 LANDMARKS_MD, LANDMARKS_JSON, INDEX = "landmarks.md", "landmarks.json", "index.html"
+METHODS_MD, SHORTCUT_MD = "methods.md", "shortcut.md"
+# the methods every net is evaluated with; the film itself is always added as the baseline
+DEMO_METHODS = ("deconvnet", "guided", "gradient", "gradcam", "occlusion")
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,31 @@ def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def methods_table_markdown(reports: dict[str, dict]) -> str:
+    """The method comparison of the nets side by side: per net and method the pointing game on all and on the
+    discriminative landmarks, their gain over the film, and the rank correlation after randomisation."""
+    lines = ["| Model | Method | Pointing game (all) | vs film | Pointing game (discriminative) | vs film "
+             "| Mass / area vs film | Rank corr. after randomisation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(s: dict | None, key: str, gain: bool = False) -> str:
+        v = None if s is None else s.get(key)
+        if v is None or v != v:
+            return "–"
+        return f"{100 * v:+.1f} pp" if gain else f"{100 * v:.1f} %"
+
+    for name, rep in reports.items():
+        table = rep.get("methods") or {"methods": [], "rows": {}}
+        for method in table["methods"]:
+            r = table["rows"][method]
+            a, d, rnd = r.get("all"), r.get("discriminative"), r.get("randomised") or {}
+            mass = None if a is None else a.get("mass_gain")
+            lines.append(f"| `{name}` | {method} | {cell(a, 'pointing_game')} | {cell(a, 'pointing_game_gain', True)} "
+                         f"| {cell(d, 'pointing_game')} | {cell(d, 'pointing_game_gain', True)} "
+                         f"| {_fmt(mass, pct=False)} "
+                         f"| {'–' if rnd.get('spearman') is None else format(rnd['spearman'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _md_table(md: str, extra: dict[str, str] | None = None) -> str:
     """A Markdown table as HTML; ``extra`` adds a last column, keyed by the row's first cell."""
     rows = [r for r in md.strip().splitlines() if r.startswith("|") and not set(r) <= set("|-: ")]
@@ -220,9 +251,12 @@ table.pics td{padding:3px}figure.wrong figcaption{color:#c00}
 td figure img{width:160px;height:160px}.thumb img{width:120px;height:120px}"""
 
 
-def _index_html(out: Path, table1_md: str, landmarks_md: str, models: list[str], settings: DemoSettings) -> str:
+def _index_html(out: Path, tables: dict[str, str], models: list[str], settings: DemoSettings, shortcut: dict) -> str:
     """The demo's front page: the three nets on the same films first, then Table 1, the landmark table with
-    one film's landmark view per net, misclassified films, and links to everything."""
+    one film's landmark view per net, the methods compared with the sanity test, the planted shortcut,
+    misclassified films, and links to everything."""
+    from xraydeconv.reports.shortcut import shortcut_html
+
     galleries = {m: _rows(out / "gallery" / m) for m in models}
     examples = {}
     for m in models:
@@ -245,8 +279,16 @@ def _index_html(out: Path, table1_md: str, landmarks_md: str, models: list[str],
 <p>The combined heat of each net's top-{settings.top_n} last-layer filters (deconvnet) on the same test films;
 click a picture for every filter of that film.</p>
 {_comparison(models, galleries) if galleries.get(models[0]) else ""}
-<h2>Table 1: test accuracy on the synthetic phantoms</h2>{_md_table(table1_md)}
-<h2>Landmark agreement of the top-{settings.top_n} filters</h2>{_md_table(landmarks_md, examples)}
+<h2>Table 1: test accuracy on the synthetic phantoms</h2>{_md_table(tables["table1"])}
+<h2>Landmark agreement of the top-{settings.top_n} filters</h2>{_md_table(tables["landmarks"], examples)}
+<h2>Is the heat about the network? Methods compared, beside the film itself</h2>
+<p>Each method's map of the same test films against all landmarks and against the discriminative ones (what tells
+a class apart from those it resembles), as the gain over the film used as the map; the last column: how similar
+the map stays when every layer of the net is re-initialised (1: it does not depend on the weights).</p>
+{_md_table(tables["methods"])}
+<a href="eval/{models[-1]}/sanity.png"><img src="eval/{models[-1]}/sanity.png" alt="sanity check"
+style="max-width:100%"></a>
+<h2>A planted shortcut: does every method find it?</h2>{shortcut_html(shortcut, out)}
 <h2>Misclassified films and what the nets looked at</h2>{_misclassified(out, models)}
 <h2>Everything</h2><ul>{links}</ul>
 </body></html>
@@ -268,7 +310,7 @@ def _phantoms(settings: DemoSettings, progress: bool, echo: Callable[[str], None
     from xraydeconv.data.phantoms import ensure_phantoms
 
     probe = _train_config(settings, "deeper", Path("."))
-    echo(f"[1/5] phantoms: {probe.phantoms_per_class} training images per class, {probe.input_size} px")
+    echo(f"[1/6] phantoms: {probe.phantoms_per_class} training images per class, {probe.input_size} px")
     data = ensure_phantoms(per_class=probe.phantoms_per_class, size=probe.input_size, seed=settings.phantom_seed,
                            progress=progress)
     echo(f"      {data}")
@@ -280,26 +322,41 @@ def _evaluate_all(out: Path, data: Path, settings: DemoSettings, progress: bool)
     from xraydeconv.training.models import MODEL_NAMES
 
     (out / "eval").mkdir(exist_ok=True)
-    options = EvalOptions(top_n=settings.top_n, max_misclassified=4 if settings.preset == "quick" else 24)
+    options = EvalOptions(top_n=settings.top_n, max_misclassified=4 if settings.preset == "quick" else 24,
+                          methods=DEMO_METHODS, sanity=True)
     return {name: evaluate(out / name / "best.pt", out / "eval" / name, data=data, options=options, overwrite=True,
                            progress=progress)
             for name in MODEL_NAMES}
 
 
+def _shortcut(out: Path, settings: DemoSettings, progress: bool) -> dict:
+    from xraydeconv.reports.shortcut import run_shortcut
+
+    probe = _train_config(settings, "shallow", Path("."))
+    phantoms = {"per_class": probe.phantoms_per_class, "size": probe.input_size, "seed": settings.phantom_seed}
+    return run_shortcut(out, lambda name, data: _train_config(settings, name, data), phantoms, settings.top_n,
+                        DEMO_METHODS, progress)
+
+
 def _write_summary(out: Path, data: Path, settings: DemoSettings, reports: dict[str, dict],
-                   timings: dict[str, float]) -> str:
-    """landmarks.md, landmarks.json and index.html; returns the landmark table."""
+                   timings: dict[str, float], shortcut: dict) -> str:
+    """landmarks.md, methods.md, shortcut.md, landmarks.json and index.html; returns the tables to print."""
+    from xraydeconv.reports.shortcut import shortcut_markdown
     from xraydeconv.training.models import MODEL_NAMES
     from xraydeconv.training.table1 import TABLE_MD
 
-    table = landmark_table_markdown(reports, settings.top_n)
+    table, methods = landmark_table_markdown(reports, settings.top_n), methods_table_markdown(reports)
     _write_text(out / LANDMARKS_MD, table)
-    summary = {name: {"accuracy": r["accuracy"], "landmarks": r["landmarks"]} for name, r in reports.items()}
+    _write_text(out / METHODS_MD, methods)
+    _write_text(out / SHORTCUT_MD, shortcut_markdown(shortcut))
+    summary = {name: {"accuracy": r["accuracy"], "landmarks": r["landmarks"], "methods": r["methods"],
+                      "sanity": r["sanity"]} for name, r in reports.items()}
     write_json({"data": str(data), "top_n": settings.top_n, "models": summary, "timings": timings,
+                "shortcut": {k: {"accuracy": r["accuracy"], "methods": r["methods"]} for k, r in shortcut.items()},
                 "threads": torch.get_num_threads()}, out / LANDMARKS_JSON)  # strict: NaN scores become null
-    _write_text(out / INDEX, _index_html(out, (out / TABLE_MD).read_text(encoding="utf-8"), table,
-                                         list(MODEL_NAMES), settings))
-    return table
+    tables = {"table1": (out / TABLE_MD).read_text(encoding="utf-8"), "landmarks": table, "methods": methods}
+    _write_text(out / INDEX, _index_html(out, tables, list(MODEL_NAMES), settings, shortcut))
+    return f"{table}\n{methods}\n{shortcut_markdown(shortcut)}"
 
 
 def run_demo(
@@ -322,28 +379,33 @@ def run_demo(
     data = _phantoms(settings, progress, echo)
     timings: dict[str, float] = {"phantoms": time.perf_counter() - t0}
 
-    echo("[2/5] training shallow, deeper and deeper-aug")
+    echo("[2/6] training shallow, deeper and deeper-aug")
     t = time.perf_counter()
     rows = train_all(out, lambda name: _train_config(settings, name, data), resume=True, progress=progress)
     timings["training"] = time.perf_counter() - t
     echo("")
     echo((out / TABLE_MD).read_text(encoding="utf-8"))
 
-    echo("[3/5] evaluating every net on the test split (accuracy, landmark agreement, misclassified)")
+    echo("[3/6] evaluating every net on the test split (accuracy, landmarks, methods compared, sanity test)")
     t = time.perf_counter()
     reports = _evaluate_all(out, data, settings, progress)
     timings["evaluation"] = time.perf_counter() - t
 
-    echo(f"[4/5] projecting the top-{settings.top_n} filters of a test sample ({settings.sample_per_class} per class)")
+    echo(f"[4/6] projecting the top-{settings.top_n} filters of a test sample ({settings.sample_per_class} per class)")
     t = time.perf_counter()
     for name in MODEL_NAMES:
         project_sample(out / name / "best.pt", data, out / "gallery" / name, settings.top_n,
                        settings.sample_per_class, progress)
     timings["projection"] = time.perf_counter() - t
 
-    echo("[5/5] landmark agreement of the three nets")
+    echo("[5/6] a planted shortcut: shallow trained on films with a class-specific marker")
+    t = time.perf_counter()
+    shortcut = _shortcut(out, settings, progress)
+    timings["shortcut"] = time.perf_counter() - t
+
+    echo("[6/6] landmark agreement of the three nets, the methods compared, the shortcut")
     timings["total"] = time.perf_counter() - t0
-    table = _write_summary(out, data, settings, reports, timings)
+    table = _write_summary(out, data, settings, reports, timings, shortcut)
     echo(table)
     echo(f"done in {timings['total'] / 60:.1f} min. Open {(out / INDEX).absolute()}")
-    return {"table1": rows, "landmarks": reports, "data": str(data), "timings": timings}
+    return {"table1": rows, "landmarks": reports, "data": str(data), "timings": timings, "shortcut": shortcut}
