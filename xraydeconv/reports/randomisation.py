@@ -60,9 +60,11 @@ def randomisation_summary(results: Mapping[str, Mapping[str, RandomisationResult
 
 
 def _norm(m: Tensor) -> np.ndarray:
-    a = m.abs().float()
-    peak = float(a.max())
-    return (a / peak).numpy() if peak > 0 else a.numpy()
+    """|map| scaled by its 99th percentile and clipped: peaky maps stay visible (display only)."""
+    a = m.abs().float().numpy()
+    top = float(np.percentile(a, 99))
+    top = top if top > 0 else float(a.max())
+    return np.clip(a / top, 0, 1) if top > 0 else a
 
 
 def plot_sanity_maps(results: Mapping[str, Mapping[str, RandomisationResult]], film: Tensor, path: Path,
@@ -90,7 +92,8 @@ def plot_sanity_maps(results: Mapping[str, Mapping[str, RandomisationResult]], f
             if r == 0:
                 ax.set_title("film" if c == 0 else "trained" if c == 1 else layers[c - 2], fontsize=6, rotation=45)
         axes[r][0].set_ylabel(method, fontsize=7)
-    fig.suptitle("Maps as the layers are re-initialised, output side first (cascading)", fontsize=8)
+    fig.suptitle("Maps as the layers are re-initialised, output side first (cascading); each map scaled to its "
+                 "99th percentile", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -105,6 +108,8 @@ def plot_sanity_curves(summary: Mapping[str, dict], path: Path) -> None:
 
     orders = [o for o in ORDERS if any(o in s for s in summary.values())]
     fig, axes = plt.subplots(1, len(orders), figsize=(5.5 * len(orders), 3.6), squeeze=False, sharey=True)
+    low = np.nanmin([np.nan if r.get("spearman") is None else r["spearman"]
+                     for s in summary.values() for o in orders for r in (s.get(o) or [])] + [0.0])
     for ax, order in zip(axes[0], orders):
         for method, s in summary.items():
             rows = s.get(order) or []
@@ -112,7 +117,7 @@ def plot_sanity_curves(summary: Mapping[str, dict], path: Path) -> None:
             ax.plot(range(1, len(vals) + 1), vals, marker="o", ms=3, label=method)
         names = [r["layer"] for r in next(s[order] for s in summary.values() if s.get(order))]
         ax.set_xticks(range(1, len(names) + 1), names, rotation=60, ha="right", fontsize=6)
-        ax.set_ylim(-0.2, 1.05)
+        ax.set_ylim(min(-0.2, low - 0.05), 1.05)
         ax.axhline(0, color="#888", lw=0.5)
         ax.set_title(f"{order}: layer re-initialised", fontsize=9)
         ax.set_ylabel("Spearman with the trained net's map", fontsize=8)
