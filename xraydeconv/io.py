@@ -24,7 +24,7 @@ import numpy as np
 from xraydeconv.errors import UserError
 
 __all__ = ["write_atomically", "atomic_write_bytes", "write_json", "strict_json", "building_folder",
-           "check_output_folder", "check_output_file", "output_lock", "remove_stale_builds"]
+           "check_output_folder", "check_output_file", "move_into_place", "output_lock", "remove_stale_builds"]
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
@@ -212,18 +212,24 @@ def building_folder(out: Path, overwrite: bool = True) -> Iterator[Path]:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is meant to be shared
         except OSError as exc:
             raise UserError(f"{out}: cannot create the output beside it: {exc.strerror or exc}") from None
-        old = None
         try:
             yield tmp
-            if out.exists():
-                if overwrite:
-                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                    os.replace(out, old)
-                else:
-                    out.rmdir()
-            os.replace(tmp, out)
+            move_into_place(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+
+def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``out``. An existing ``out`` is renamed aside first and removed once
+    ``tmp`` took its place (``overwrite``); without ``overwrite`` it must be an empty folder."""
+    old = None
+    if out.exists():
+        if overwrite:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
