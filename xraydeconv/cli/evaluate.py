@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from xraydeconv.cli.model_options import model_options, model_source
+from xraydeconv.errors import UserError
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -45,13 +46,14 @@ from xraydeconv.cli.model_options import model_options, model_source
               help="How the data's classes map to the checkpoint's: for ImageCLEF 2009 the prefix,class grouping "
                    "(as train takes it); for other data a CSV of data class,checkpoint class renames.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process [default: torch's; under torchrun the cores divided among the "
+                   "machine's processes].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (created; must be empty or absent unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out (only once all is written).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no summary.")
-def evaluate(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, methods, sanity,
-             sanity_images, tolerance, max_misclassified, no_landmarks, limit, batch_size, precision, max_pixels,
-             class_map, device, out, overwrite, quiet) -> None:
+def evaluate(**params) -> None:
     """Accuracy, confusion matrix and landmark agreement of a checkpoint (or of your own model).
 
     \b
@@ -88,6 +90,8 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
     Everything is built in a temporary folder and moved into place at the end: bad input
     stops the run with one line and leaves --out untouched. Classes are matched by name
     (data may hold only some of them); --class-map renames the data's classes first.
+    Under torchrun every process evaluates its share of the batches and rank 0 writes the
+    report of a one-process run (gloo on CPU, NCCL on GPU: docs/large-archives.md).
 
     \b
     Examples:
@@ -99,6 +103,22 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
       xraydeconv evaluate --model-factory mynets.chest:make_net --weights chest.pt --classes classes.txt \\
           --data ~/chest --out eval-chest
     """
+    from xraydeconv.training.distributed import from_env
+
+    try:
+        report = _run(**params)
+    except UserError:
+        if from_env().rank != 0:  # every process checks the same input: rank 0 alone says what is wrong
+            raise SystemExit(2) from None
+        raise
+    if not params["quiet"] and from_env().is_main:
+        _print_summary(report, params["top_n"], params["out"])
+
+
+def _run(checkpoint, model_factory, weights, classes, input_size, data, split, top_n, occlusion, methods, sanity,
+         sanity_images, tolerance, max_misclassified, no_landmarks, limit, batch_size, precision, max_pixels,
+         class_map, device, threads, out, overwrite, quiet) -> dict:
+    """Check the options and run the evaluation; the report (``{}`` on ranks other than 0)."""
     from xraydeconv.reports.evaluate import EvalOptions
     from xraydeconv.reports.evaluate import evaluate as run
 
@@ -108,9 +128,7 @@ def evaluate(checkpoint, model_factory, weights, classes, input_size, data, spli
                        class_map=None if class_map is None else str(class_map), methods=methods, sanity=sanity,
                        sanity_images=sanity_images)
     model = model_source(checkpoint, model_factory, weights, classes, input_size, device)
-    report = run(model, out, data=data, options=opts, overwrite=overwrite, progress=not quiet)
-    if not quiet:
-        _print_summary(report, top_n, out)
+    return run(model, out, data=data, options=opts, overwrite=overwrite, progress=not quiet, threads=threads)
 
 
 def _print_summary(report: dict, top_n: int, out: Path) -> None:

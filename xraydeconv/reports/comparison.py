@@ -101,6 +101,16 @@ class MethodComparison:
         self._seconds[method] = self._seconds.get(method, 0.0) + seconds
         self._images[method] = self._images.get(method, 0) + len(maps)
 
+    def extend(self, other: MethodComparison) -> None:
+        """Append the scores of ``other``, an accumulator of later images of the same run (a sharded run merges its
+        batches in the run's order, so the table is that of one process)."""
+        for key, rows in other._scores.items():
+            self._scores.setdefault(key, []).extend(rows)
+        for method, seconds in other._seconds.items():
+            self._seconds[method] = self._seconds.get(method, 0.0) + seconds
+        for method, n in other._images.items():
+            self._images[method] = self._images.get(method, 0) + n
+
     def _stats(self, method: str, name: str) -> dict | None:
         rows = self._scores.get((method, name))
         return landmark_stats(np.stack(rows)) if rows else None

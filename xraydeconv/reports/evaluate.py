@@ -20,6 +20,12 @@ to measure what the class probability and the top filters lose.
 
 Everything is built in a temporary folder beside ``out`` and moved into place at the end, so a failed run
 (bad masks, wrong checkpoint) leaves nothing half-written.
+
+Under ``torchrun`` every process takes every ``world_size``-th batch (so each batch holds the films it holds in one
+process). A first pass classifies them, so that every process knows which films are drawn and their folder names
+(:class:`Picks`: the first misclassified ones of the run, the first examples); the second pass projects, scores
+and draws, and rank 0 merges the per-film results of every batch in the run's order: the report is that of one
+process.
 """
 
 from __future__ import annotations
@@ -41,14 +47,15 @@ from xraydeconv import metrics
 from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError
 from xraydeconv.explain.occlusion import occlude_landmarks
-from xraydeconv.io import building_folder, check_output_folder, write_json
+from xraydeconv.io import check_output_folder, write_json
 from xraydeconv.reports.comparison import MethodComparison, comparison_markdown, landmark_stats, parse_methods
 from xraydeconv.reports.pages import write_index
+from xraydeconv.training.distributed import DistInfo
 
 if TYPE_CHECKING:
     from xraydeconv.reports.pipeline import CheckpointLike
 
-__all__ = ["EvalOptions", "LandmarkAgreement", "evaluate", "resolve_data", "render_markdown"]
+__all__ = ["EvalOptions", "LandmarkAgreement", "Picks", "evaluate", "has_landmarks", "resolve_data", "render_markdown"]
 
 REPORT_JSON, REPORT_MD, CONFUSION_PNG, MISCLASSIFIED_DIR = "report.json", "report.md", "confusion.png", "misclassified"
 EXAMPLES_DIR, INDEX_HTML = "examples", "index.html"
@@ -211,6 +218,16 @@ class LandmarkAgreement:
             else:
                 self._named.setdefault(key, []).extend(rows)
 
+    def extend(self, other: LandmarkAgreement) -> None:
+        """Append the scores of ``other``, an accumulator of the images that come after this one's in the run (a
+        sharded run merges its batches in the run's order, so the tables are those of one process)."""
+        for name in ("_labels", "_union", "_filters", "_filter_hits", "_marker", "_baseline", "_tolerant",
+                     "_tolerant_base"):
+            getattr(self, name).extend(getattr(other, name))
+        for key, rows in other._named.items():
+            self._named.setdefault(key, []).extend(rows)
+        self._tolerant_px = other._tolerant_px or self._tolerant_px
+
     def result(self) -> dict | None:
         """The landmark tables (None when no image had landmark masks)."""
         if not self._labels and not self._marker:
@@ -267,6 +284,10 @@ class _OcclusionTally:
                     (float(res.prob_drop[b, j]), float(res.filter_drop[b, j]), float(res.area_share[b, j]))
                 )
 
+    def extend(self, other: _OcclusionTally) -> None:
+        for key, rows in other.rows.items():
+            self.rows.setdefault(key, []).extend(rows)
+
     def result(self) -> dict | None:
         if not self.rows:
             return None
@@ -320,8 +341,10 @@ def _check_options(opt: EvalOptions) -> None:
         check_max_pixels(opt.max_pixels)
 
 
-def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None, opt: EvalOptions) -> _Setup:
-    """Load the checkpoint and the data set and check that they fit together; UserError otherwise."""
+def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None, opt: EvalOptions,
+          dist: DistInfo) -> _Setup:
+    """Load the checkpoint and the data set and check that they fit together; UserError otherwise. ``dist``: this
+    process of a torchrun job (its GPU is ``cuda:<local rank>``)."""
     from xraydeconv.explain.deconvnet import DeconvNet
     from xraydeconv.reports.pipeline import (
         Net,
@@ -333,7 +356,7 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
     )
     from xraydeconv.training.checkpoint import load_checkpoint
 
-    dev = resolve_device(opt.device)
+    dev = resolve_device(opt.device, dist.local_rank, dist.world_size)
     if isinstance(checkpoint, (str, os.PathLike)):
         ckpt = load_checkpoint(checkpoint, map_location=dev)
     else:
@@ -366,61 +389,144 @@ def _open(checkpoint: CheckpointLike, out: Path, data: str | os.PathLike | None,
     return _Setup(ckpt, dn, ds, root, dev, list(ckpt.class_names), n, net.base, net.stride, label_map, layer, sets)
 
 
-class _Tally:
-    """Runs the batches of one evaluation and adds up what they give (confusion, landmark scores, occlusion,
-    the folders of the misclassified images)."""
+def has_landmarks(ds, i: int, landmarks: bool = True) -> bool:
+    """Whether film ``i`` of ``ds`` has landmark masks or boxes (``ds.landmark_masks(i)`` is not empty), read from
+    its record without loading them."""
+    rec = ds.records[i]
+    return landmarks and (bool(rec.landmarks) or any(getattr(rec, "boxes", {}).values()))
 
-    def __init__(self, setup: _Setup, opt: EvalOptions, mis_dir: Path, examples_dir: Path) -> None:
-        from xraydeconv.reports.pipeline import FolderWriter
+
+@dataclass
+class Picks:
+    """The films of a run that are drawn or re-used, decided film by film in the run's order, so that a sharded
+    run picks (and names) what one process picks: the first ``max_misclassified`` misclassified films, up to
+    ``examples`` correctly classified films with landmarks (a class at most once), and the first ``sanity_images``
+    films with landmarks for the randomisation test (0: none)."""
+
+    classes: list[str]
+    max_misclassified: int
+    examples: int
+    sanity_images: int
+    misclassified: dict[int, str] = field(default_factory=dict)  # film -> its folder in misclassified/
+    example: dict[int, str] = field(default_factory=dict)  # film -> its folder in examples/
+    sanity: list[int] = field(default_factory=list)
+    _taken: tuple[set[str], set[str]] = field(default_factory=lambda: (set(), set()))
+    _seen: set[str] = field(default_factory=set)
+
+    def add(self, i: int, label: int, predicted: int, masked: bool, stem: str) -> None:
+        """Film ``i`` (the next one of the run): its true and predicted class, whether it has landmarks, the stem
+        of its file."""
+        from xraydeconv.reports.pipeline import unique_folder
+
+        cls = self.classes[label]
+        if predicted != label:
+            if len(self.misclassified) < self.max_misclassified:
+                stem = f"{cls}-as-{self.classes[predicted]}-{stem}"
+                self.misclassified[i] = unique_folder(stem, self._taken[0])
+        elif masked and len(self.example) < self.examples and cls not in self._seen:
+            self._seen.add(cls)
+            self.example[i] = unique_folder(f"{cls}-{stem}", self._taken[1])
+        if masked and len(self.sanity) < self.sanity_images:
+            self.sanity.append(i)
+
+
+@dataclass
+class _Results:
+    """What batches give: the tallies and, per film in the run's order, its truth, prediction and drawn folders.
+    A sharded run gives one per batch and merges them in the run's order (:meth:`extend`)."""
+
+    agreement: LandmarkAgreement
+    comparison: MethodComparison
+    occlusion: _OcclusionTally
+    labels: list[int] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)
+    misclassified: list[dict] = field(default_factory=list)  # the report's records of the drawn ones
+    drawn: list[dict] = field(default_factory=list)  # gallery rows of misclassified/
+    examples: list[dict] = field(default_factory=list)  # gallery rows of examples/
+    t_project: float = 0.0
+
+    def extend(self, other: _Results) -> None:
+        self.agreement.extend(other.agreement)
+        self.comparison.extend(other.comparison)
+        self.occlusion.extend(other.occlusion)
+        for name in ("labels", "predicted", "misclassified", "drawn", "examples"):
+            getattr(self, name).extend(getattr(other, name))
+        self.t_project += other.t_project
+
+    def confusion(self, k: int) -> np.ndarray:
+        """(k, k) int64: row the true class, column the predicted one."""
+        out = np.zeros((k, k), dtype=np.int64)
+        for t, p in zip(self.labels, self.predicted):
+            out[t, p] += 1
+        return out
+
+
+class _Tally:
+    """Runs the batches of one evaluation: classifies, projects, scores and occludes them, and draws the picked
+    films into the output."""
+
+    def __init__(self, setup: _Setup, opt: EvalOptions, tmp: Path) -> None:
+        from xraydeconv.reports.display import DisplaySettings
 
         self.setup, self.opt = setup, opt
-        k = len(setup.classes)
-        self.confusion = np.zeros((k, k), dtype=np.int64)
-        self.labels: list[int] = []
-        self.correct: list[float] = []
-        self.agreement = LandmarkAgreement(setup.classes, tolerance=opt.tolerance)
-        self.occlusion = _OcclusionTally(setup.classes)
-        self.misclassified: list[dict] = []
-        self.writer = FolderWriter(mis_dir, setup.base, setup.stride)
-        self.examples = FolderWriter(examples_dir, setup.base, setup.stride)
-        self.t_project = 0.0
-        sets = ("all",) + tuple(k for k in setup.sets if k != "all")
-        self.comparison = MethodComparison(opt.methods, sets, opt.tolerance)
-        self.sanity_films: list[tuple[Tensor, int]] = []  # (C, H, W) on the CPU, true label
-        self.t_sanity = 0.0
+        self.dirs = {"misclassified": tmp / MISCLASSIFIED_DIR, "examples": tmp / EXAMPLES_DIR}
+        self.display = DisplaySettings()
+        self.sets = ("all",) + tuple(k for k in setup.sets if k != "all")
+        self.picks = Picks(setup.classes, opt.max_misclassified, opt.examples, opt.sanity_images if opt.sanity else 0)
 
-    def batch(self, idx: list[int]) -> None:
-        """Classify, project, score and occlude the images ``idx`` of the data set."""
-        s, opt = self.setup, self.opt
+    def new_results(self) -> _Results:
+        classes, opt = self.setup.classes, self.opt
+        return _Results(LandmarkAgreement(classes, tolerance=opt.tolerance),
+                        MethodComparison(opt.methods, self.sets, opt.tolerance), _OcclusionTally(classes))
+
+    def load(self, idx: list[int]) -> tuple[Tensor, list[int]]:
+        """(B, C, S, S) the films ``idx`` on the run's device and their true classes (the checkpoint's indices)."""
+        s = self.setup
         x = torch.stack([s.ds[i][0] for i in idx]).to(s.device)
-        y = [s.label_map[int(s.ds.records[i].label)] for i in idx]
+        return x, [s.label_map[int(s.ds.records[i].label)] for i in idx]
+
+    def classify(self, x: Tensor) -> Tensor:
+        """(B, K) class probabilities on the CPU."""
+        with torch.no_grad():
+            return torch.softmax(self.setup.ckpt.model(x).float(), dim=1).cpu()
+
+    def pick(self, idx: list[int], y: list[int], predicted: list[int]) -> None:
+        """Tell :attr:`picks` about films ``idx``, the next ones of the run."""
+        ds = self.setup.ds
+        for i, t, p in zip(idx, y, predicted):
+            self.picks.add(i, t, p, has_landmarks(ds, i, self.opt.landmarks), ds.records[i].path.stem)
+
+    def batch(self, idx: list[int], into: _Results, probs: Tensor | None = None) -> None:
+        """Classify, project, score and occlude the films ``idx`` into ``into``. ``probs``: their class
+        probabilities when known already (then :attr:`picks` knows them too)."""
+        s, opt = self.setup, self.opt
+        x, y = self.load(idx)
+        if probs is None:
+            probs = self.classify(x)
+            self.pick(idx, y, probs.argmax(1).tolist())
         masks = [s.ds.landmark_masks(i) if opt.landmarks else {} for i in idx]
         for i, m in zip(idx, masks):
             _check_landmarks(s.ds, i, m)
-        with torch.no_grad():
-            probs = torch.softmax(s.ckpt.model(x).float(), dim=1).cpu()
         pred = probs.argmax(1).tolist()
-        for t, p in zip(y, pred):
-            self.confusion[t, p] += 1
-            self.labels.append(t)
-            self.correct.append(float(t == p))
+        into.labels += y
+        into.predicted += pred
         wrong = [j for j in range(len(idx)) if pred[j] != y[j]]
-        show = wrong[: max(0, opt.max_misclassified - len(self.misclassified))]
+        show = [j for j in wrong if idx[j] in self.picks.misclassified]
         need = sorted(set(show) | {j for j, m in enumerate(masks) if m})
         if need:
-            self._project(idx, x, y, probs, masks, need, show, wrong)
+            self._project(idx, x, y, probs, masks, need, show, into)
         if opt.occlusion and any(masks):
-            self._occlude(x, y, masks)
+            self._occlude(x, y, masks, into)
 
-    def _project(self, idx, x, y, probs, masks, need: list[int], show: list[int], wrong: list[int]) -> None:
-        """Project images ``need`` of the batch; score those with masks, save those in ``show`` and a few
+    def _project(self, idx, x, y, probs, masks, need: list[int], show: list[int], into: _Results) -> None:
+        """Project images ``need`` of the batch; score those with masks, draw those in ``show`` and the picked
         correctly classified examples."""
         from xraydeconv.reports import render
 
         tp = time.perf_counter()
         p = self.setup.dn.project(x[need], top_n=self.opt.top_n, precision=self.opt.precision)
         t_project = time.perf_counter() - tp
-        self.t_project += t_project
+        into.t_project += t_project
         heats = render.filter_heatmaps(p.maps.cpu())
         combined = render.heatmap(heats)
         pos = {j: r for r, j in enumerate(need)}
@@ -428,18 +534,17 @@ class _Tally:
         if with_masks:
             rows = [pos[j] for j in with_masks]
             images = x[with_masks].float().mean(1).cpu()
-            self.agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
+            into.agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
                                [masks[j] for j in with_masks], images=images)
             known = {"deconvnet": (combined[rows], t_project * len(rows) / len(need)), "film": (images, 0.0)}
-            self._compare([idx[j] for j in with_masks], x[with_masks], [y[j] for j in with_masks],
-                          [masks[j] for j in with_masks], known)
+            self._compare(x[with_masks], [y[j] for j in with_masks], [masks[j] for j in with_masks],
+                          [idx[j] for j in with_masks], known, into.comparison)
         for j in show:
-            self._save_misclassified(idx[j], x[j], p, pos[j], probs[j], y[j], masks[j])
-        seen = {r["manifest"]["true_class"] for r in self.examples.rows}
-        for j in need:  # correct ones, a class at most once, among the images projected anyway
-            if len(self.examples.rows) < self.opt.examples and j not in wrong and self.setup.classes[y[j]] not in seen:
-                seen.add(self.setup.classes[y[j]])
-                self._save(self.examples, idx[j], x[j], p, pos[j], probs[j], y[j], masks[j], "")
+            self._save_misclassified(idx[j], x[j], p, pos[j], probs[j], y[j], masks[j], into)
+        for j in need:
+            if idx[j] in self.picks.example:
+                into.examples.append(self._save("examples", self.picks.example[idx[j]], idx[j], x[j], p, pos[j],
+                                                probs[j], y[j], masks[j]))
 
     def method_options(self, method: str, main: bool = True) -> dict:
         """``heat_maps`` keywords of ``method`` in this evaluation (``main``: for the evaluated net itself)."""
@@ -454,7 +559,8 @@ class _Tally:
             return {**kw, "deconvnet": s.dn} if main else kw
         return {"layer": s.layer} if method == "gradcam" else {}
 
-    def _compare(self, idx: list[int], x: Tensor, y: list[int], masks: list[dict], known: dict) -> None:
+    def _compare(self, x: Tensor, y: list[int], masks: list[dict], idx: list[int], known: dict,
+                 into: MethodComparison) -> None:
         """Score every compared method on images ``idx`` (all with landmarks): ``known`` maps a method to maps
         already computed (and their seconds); the others are computed here."""
         from xraydeconv.data.landmarks import landmark_set_masks
@@ -462,7 +568,7 @@ class _Tally:
 
         s = self.setup
         by_set = {"all": masks, **{name: [landmark_set_masks(s.ds, i, name, s.sets) for i in idx]
-                                   for name in self.comparison.sets if name != "all"}}
+                                   for name in into.sets if name != "all"}}
         target = torch.tensor(y, device=x.device)
         for method in self.opt.methods:
             if method in known:
@@ -474,41 +580,38 @@ class _Tally:
                     kw["target"] = target
                 maps = heat_maps(s.ckpt.model, x, method, **kw).float().cpu()
                 seconds = time.perf_counter() - t0
-            self.comparison.add(method, maps, by_set, seconds)
-        room = self.opt.sanity_images - len(self.sanity_films)
-        if self.opt.sanity and room > 0:
-            self.sanity_films += [(x[j].detach().cpu().clone(), y[j]) for j in range(min(room, len(idx)))]
+            into.add(method, maps, by_set, seconds)
 
-    def _save(self, writer, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
-              masks: dict[str, np.ndarray], infix: str) -> dict:
+    def _save(self, kind: str, folder: str, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
+              masks: dict[str, np.ndarray]) -> dict:
+        """Draw film ``i`` (row ``row`` of the projection ``p``) into ``folder`` of ``kind``; its gallery row."""
         from xraydeconv.reports.film import Film
-        from xraydeconv.reports.pipeline import prediction_fields, printable_name
+        from xraydeconv.reports.pipeline import prediction_fields, printable_name, write_image_folder
 
-        classes = self.setup.classes
-        path = self.setup.ds.records[i].path
-        name = f"{classes[label]}/{printable_name(path.name)}"
-        fields = {"input_file": printable_name(path), "input_name": name,
-                  **prediction_fields(probs, classes, classes[label])}
-        film = Film.load(path, self.setup.ckpt.input_size, writer.settings.min_side, writer.settings.max_side,
-                         self.setup.ds.max_pixels)
-        return writer.add(f"{classes[label]}-{infix}{path.stem}", image, p, row, fields, film, masks)
+        s, settings = self.setup, self.display
+        path = s.ds.records[i].path
+        fields = {"input_file": printable_name(path), "input_name": f"{s.classes[label]}/{printable_name(path.name)}",
+                  **prediction_fields(probs, s.classes, s.classes[label])}
+        film = Film.load(path, s.ckpt.input_size, settings.min_side, settings.max_side, s.ds.max_pixels)
+        man = write_image_folder(self.dirs[kind] / folder, image.cpu(), p.maps[row].cpu(), p.channels[row].cpu(),
+                                 p.activations[row].cpu(), {**s.base, **fields}, film=film, masks=masks,
+                                 stride=s.stride, settings=settings)
+        return {"folder": folder, "manifest": man}
 
     def _save_misclassified(self, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
-                            masks: dict[str, np.ndarray]) -> None:
+                            masks: dict[str, np.ndarray], into: _Results) -> None:
         from xraydeconv.reports.pipeline import printable_name
 
-        classes = self.setup.classes
-        pred = classes[int(probs.argmax())]
-        r = self._save(self.writer, i, image, p, row, probs, label, masks, f"as-{pred}-")
-        path = self.setup.ds.records[i].path
+        r = self._save("misclassified", self.picks.misclassified[i], i, image, p, row, probs, label, masks)
+        into.drawn.append(r)
         fields = r["manifest"]
-        self.misclassified.append({
-            "image": printable_name(path), "true": classes[label], "predicted": pred,
-            "probability": fields["predicted_probability"], "true_probability": fields["true_probability"],
-            "folder": f"{MISCLASSIFIED_DIR}/{r['folder']}",
+        into.misclassified.append({
+            "image": printable_name(self.setup.ds.records[i].path), "true": self.setup.classes[label],
+            "predicted": self.setup.classes[int(probs.argmax())], "probability": fields["predicted_probability"],
+            "true_probability": fields["true_probability"], "folder": f"{MISCLASSIFIED_DIR}/{r['folder']}",
         })
 
-    def _occlude(self, x: Tensor, y: list[int], masks: list[dict]) -> None:
+    def _occlude(self, x: Tensor, y: list[int], masks: list[dict], into: _Results) -> None:
         js = [j for j, m in enumerate(masks) if m]
         occ_masks = []
         for j in js:
@@ -518,18 +621,21 @@ class _Tally:
             occ_masks.append(mm)
         res = occlude_landmarks(self.setup.ckpt.model, x[js].cpu(), occ_masks, [y[j] for j in js],
                                 top_n=self.opt.top_n, batch_size=max(8, self.opt.batch_size))
-        self.occlusion.add([y[j] for j in js], res)
+        into.occlusion.add([y[j] for j in js], res)
 
 
-def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float,
-            sanity: dict | None = None) -> dict:
-    """The content of ``report.json`` (``sanity``: the randomisation summary per method, when run)."""
+def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, res: _Results, picks: Picks, t0: float,
+            sanity: tuple[dict, float] | None = None) -> dict:
+    """The content of ``report.json`` (``sanity``: the randomisation summary per method and its seconds, when
+    run)."""
     import xraydeconv
 
-    ckpt, confusion, classes = setup.ckpt, tally.confusion, setup.classes
+    ckpt, classes = setup.ckpt, setup.classes
+    confusion = res.confusion(len(classes))
     own = {"factory": setup.base["factory"]} if "factory" in setup.base else {}
-    counts = np.bincount(np.array(tally.labels, dtype=np.int64), minlength=len(classes))
-    accuracy = metrics.per_class(tally.correct, tally.labels, classes)
+    counts = np.bincount(np.array(res.labels, dtype=np.int64), minlength=len(classes))
+    accuracy = metrics.per_class([float(t == p) for t, p in zip(res.labels, res.predicted)], res.labels, classes)
+    summary = None if sanity is None else sanity[0]
     return {
         "checkpoint": {"path": setup.base["checkpoint"], "sha256": ckpt.sha256, "model": ckpt.model_name,
                        "epoch": ckpt.epoch, "input_size": ckpt.input_size, **own},
@@ -543,13 +649,13 @@ def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: 
         "per_class_accuracy": {name: {"accuracy": a, "n": int(counts[classes.index(name)])}
                                for name, a in accuracy.items()},
         "confusion": confusion.tolist(),
-        "misclassified": tally.misclassified,
-        "landmarks": tally.agreement.result(),
-        "methods": tally.comparison.result(sanity),
-        "sanity": None if sanity is None else {"images": len(tally.sanity_films), "seed": SANITY_SEED,
-                                               "seconds": tally.t_sanity, "methods": sanity},
-        "occlusion": tally.occlusion.result() if opt.occlusion else None,
-        "timing": {"seconds": time.perf_counter() - t0, "projection_seconds": tally.t_project,
+        "misclassified": res.misclassified,
+        "landmarks": res.agreement.result(),
+        "methods": res.comparison.result(summary),
+        "sanity": None if sanity is None else {"images": len(picks.sanity), "seed": SANITY_SEED,
+                                               "seconds": sanity[1], "methods": summary},
+        "occlusion": res.occlusion.result() if opt.occlusion else None,
+        "timing": {"seconds": time.perf_counter() - t0, "projection_seconds": res.t_project,
                    "threads": torch.get_num_threads(), "device": str(setup.device),
                    "machine": platform.processor() or platform.machine()},
         "versions": {"xraydeconv": xraydeconv.__version__, "torch": torch.__version__},
@@ -559,9 +665,9 @@ def _report(checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, tally: 
     }
 
 
-def _randomisation(tmp: Path, setup: _Setup, tally: _Tally) -> dict | None:
-    """Run the randomisation test of the compared methods on the kept films, draw its figures into ``tmp`` and
-    return its summary (None when no film had landmarks)."""
+def _randomisation(tmp: Path, setup: _Setup, tally: _Tally) -> tuple[dict, float] | None:
+    """Run the randomisation test of the compared methods on the picked films, draw its figures into ``tmp`` and
+    return its summary and seconds (None when no film had landmarks)."""
     from xraydeconv.reports.randomisation import (
         SANITY_CURVES_PNG,
         SANITY_PNG,
@@ -571,35 +677,141 @@ def _randomisation(tmp: Path, setup: _Setup, tally: _Tally) -> dict | None:
         run_randomisation,
     )
 
-    if not tally.sanity_films:
+    films = tally.picks.sanity
+    if not films:
         return None
-    x = torch.stack([f for f, _ in tally.sanity_films]).to(setup.device)
-    y = [label for _, label in tally.sanity_films]
+    x, y = tally.load(films)
     methods = tally.opt.methods
     options = {m: tally.method_options(m, main=False) for m in methods}
     t0 = time.perf_counter()
     results = run_randomisation(setup.ckpt.model, x, y, methods, options, seed=SANITY_SEED)
-    tally.t_sanity = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     summary = randomisation_summary(results)
     plot_sanity_maps(results, x[0].float().mean(0).cpu(), tmp / SANITY_PNG)
     plot_sanity_curves(summary, tmp / SANITY_CURVES_PNG)
-    return summary
+    return summary, seconds
 
 
-def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, tally: _Tally, t0: float) -> None:
+def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, res: _Results, t0: float) -> None:
+    from xraydeconv.reports.gallery import write_gallery
     from xraydeconv.training.plots import plot_confusion
 
     name = setup.ckpt.model_name
-    plot_confusion(tally.confusion, setup.classes, tmp / CONFUSION_PNG,
+    plot_confusion(np.array(report["confusion"], dtype=np.int64), setup.classes, tmp / CONFUSION_PNG,
                    title=f"{name} on {opt.split}: {100 * report['accuracy']:.1f} %")
-    tally.writer.write_gallery(f"misclassified by {name}",
-                               info={"model": name, "split": opt.split, "shown": len(tally.writer.rows),
-                                     "misclassified": report["misclassified_count"]})
-    tally.examples.write_gallery(f"correctly classified by {name}", info={"model": name, "split": opt.split})
+    write_gallery(tmp / MISCLASSIFIED_DIR, res.drawn, title=f"misclassified by {name}",
+                  info={"model": name, "split": opt.split, "shown": len(res.drawn),
+                        "misclassified": report["misclassified_count"]})
+    write_gallery(tmp / EXAMPLES_DIR, res.examples, title=f"correctly classified by {name}",
+                  info={"model": name, "split": opt.split})
     report["timing"]["seconds"] = time.perf_counter() - t0
     write_json(report, tmp / REPORT_JSON)  # strict JSON: NaN scores are written as null
-    write_index(tmp / INDEX_HTML, report, tally.writer.rows, tally.examples.rows)
+    write_index(tmp / INDEX_HTML, report, res.drawn, res.examples)
     (tmp / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")  # tmp is moved into place whole
+
+
+# --- one process, or one rank of a torchrun job ---------------------------------------------------------------
+
+
+def _batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(b0, min(n, b0 + batch_size))) for b0 in range(0, n, batch_size)]
+
+
+def _bar(tally: _Tally, total: int, what: str, dist: DistInfo, progress: bool):
+    from tqdm import tqdm
+
+    share = f" (rank 0 of {dist.world_size}, its share)" if dist.enabled else ""
+    return tqdm(total=total, desc=f"{what} {tally.setup.ckpt.model_name}{share}", unit="img", file=sys.stderr,
+                disable=not (progress and dist.is_main))
+
+
+def _raise_first(errors: list, dist: DistInfo) -> None:
+    """Every rank's ``(batch, message)`` of the UserError that stopped it, or None: the first in the run's order is
+    raised on rank 0; the other ranks exit with status 2 and leave the message to it."""
+    found = sorted(e for e in errors if e is not None)
+    if found:
+        if dist.is_main:
+            raise UserError(found[0][1])
+        raise SystemExit(2)
+
+
+def _classify_shard(tally: _Tally, batches: list[list[int]], mine: list[int], dist: DistInfo,
+                    progress: bool) -> dict[int, Tensor]:
+    """First pass of a sharded run: classify this rank's batches, then tell :attr:`_Tally.picks` every film of
+    the run (gathered from all ranks) in order. Returns this rank's (B, K) probabilities per batch."""
+    from xraydeconv.training import distributed
+
+    probs: dict[int, Tensor] = {}
+    films: list[tuple[int, int, int]] = []
+    error = None
+    with _bar(tally, sum(len(batches[k]) for k in mine), "classifying", dist, progress) as bar:
+        for k in mine:
+            try:
+                x, y = tally.load(batches[k])
+            except UserError as exc:
+                error = (k, str(exc))
+                break
+            probs[k] = tally.classify(x)
+            films += zip(batches[k], y, probs[k].argmax(1).tolist())
+            bar.update(len(batches[k]))
+    gathered = distributed.all_gather_objects((error, films), dist)
+    _raise_first([e for e, _ in gathered], dist)
+    every = sorted(f for _, part in gathered for f in part)
+    for i, t, p in every:
+        tally.pick([i], [t], [p])
+    return probs
+
+
+def _evaluate_shard(tally: _Tally, batches: list[list[int]], dist: DistInfo, progress: bool) -> _Results | None:
+    """Run this rank's share of the batches (every ``world_size``-th, from its rank); rank 0 gets the results of
+    every batch merged in the run's order, the other ranks None."""
+    from xraydeconv.training import distributed
+
+    mine = distributed.eval_shard(len(batches), dist)
+    probs = _classify_shard(tally, batches, mine, dist, progress)
+    done: list[tuple[int, _Results]] = []
+    error = None
+    with _bar(tally, sum(len(batches[k]) for k in mine), "evaluating", dist, progress) as bar:
+        for k in mine:
+            res = tally.new_results()
+            try:
+                tally.batch(batches[k], res, probs[k])
+            except UserError as exc:
+                error = (k, str(exc))
+                break
+            done.append((k, res))
+            bar.update(len(batches[k]))
+    _raise_first(distributed.all_gather_objects(error, dist), dist)
+    parts = distributed.gather_objects(done, dist)
+    if parts is None:
+        return None
+    merged = tally.new_results()
+    for _, res in sorted((d for part in parts for d in part), key=lambda d: d[0]):
+        merged.extend(res)
+    return merged
+
+
+def _run(tmp: Path, checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions, dist: DistInfo, t0: float,
+         progress: bool) -> dict:
+    """Evaluate into the build folder ``tmp``; the report on rank 0, ``{}`` on the others."""
+    for sub in (MISCLASSIFIED_DIR, EXAMPLES_DIR):
+        (tmp / sub).mkdir(exist_ok=True)
+    tally = _Tally(setup, opt, tmp)
+    batches = _batches(setup.n, opt.batch_size)
+    if dist.enabled:
+        res = _evaluate_shard(tally, batches, dist, progress)
+        if res is None:
+            return {}
+    else:  # one process: the picks are made batch by batch, with nothing classified twice
+        res = tally.new_results()
+        with _bar(tally, setup.n, "evaluating", dist, progress) as bar:
+            for idx in batches:
+                tally.batch(idx, res)
+                bar.update(len(idx))
+    sanity = _randomisation(tmp, setup, tally) if opt.sanity else None
+    report = _report(checkpoint, setup, opt, res, tally.picks, t0, sanity)
+    _write_report(tmp, report, setup, opt, res, t0)
+    return report
 
 
 def evaluate(
@@ -609,40 +821,40 @@ def evaluate(
     options: EvalOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` (a checkpoint file, or a loaded ``Checkpoint`` such as a user's model from
     ``load_user_model``, which needs ``data``) on a split of ``data`` and write ``report.json``, ``report.md``,
     ``confusion.png`` and ``misclassified/`` (projection folders + ``index.html``) into ``out``.
 
+    Under ``torchrun`` (gloo on CPU, NCCL on CUDA) every process evaluates every ``world_size``-th batch and draws
+    its picked films into the one build folder; rank 0 merges the per-film results in the run's order and writes
+    the report, which is that of one process (docs/large-archives.md). ``threads``: CPU threads (default: as set,
+    or the cores divided among a ``torchrun`` job's local processes).
+
     Returns:
-        The report (the content of ``report.json``).
+        The report (the content of ``report.json``); ``{}`` on ranks other than 0.
     Raises:
         UserError: unreadable checkpoint, missing data, classes that differ, bad masks or box files, bad options.
     """
-    from tqdm import tqdm
+    from xraydeconv.reports.pipeline import model_input
+    from xraydeconv.reports.shard import shared_building_folder
+    from xraydeconv.training import distributed
 
     opt = options or EvalOptions()
     _check_options(opt)
-    from xraydeconv.reports.pipeline import model_input
-
+    dist = distributed.from_env()
+    distributed.set_threads(threads, dist)
     inputs = [model_input(checkpoint)] + ([("--data", data)] if data is not None else [])
     out = check_output_folder(out, overwrite, inputs=inputs)
     t0 = time.perf_counter()
-    setup = _open(checkpoint, out, data, opt)
-    with building_folder(out, overwrite) as tmp:
-        (tmp / MISCLASSIFIED_DIR).mkdir()
-        (tmp / EXAMPLES_DIR).mkdir()
-        tally = _Tally(setup, opt, tmp / MISCLASSIFIED_DIR, tmp / EXAMPLES_DIR)
-        with tqdm(total=setup.n, desc=f"evaluating {setup.ckpt.model_name}", unit="img", file=sys.stderr,
-                  disable=not progress) as bar:
-            for b0 in range(0, setup.n, opt.batch_size):
-                idx = list(range(b0, min(setup.n, b0 + opt.batch_size)))
-                tally.batch(idx)
-                bar.update(len(idx))
-        sanity = _randomisation(tmp, setup, tally) if opt.sanity else None
-        report = _report(checkpoint, setup, opt, tally, t0, sanity)
-        _write_report(tmp, report, setup, opt, tally, t0)
-    return report
+    setup = _open(checkpoint, out, data, opt, dist)
+    distributed.init(dist, setup.device)
+    try:
+        with shared_building_folder(out, overwrite, dist) as tmp:
+            return _run(tmp, checkpoint, setup, opt, dist, t0, progress)
+    finally:
+        distributed.shutdown(dist)
 
 
 # --- Markdown ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from xraydeconv.errors import UserError
-from xraydeconv.io import output_lock, remove_stale_builds, strict_json, write_json
+from xraydeconv.io import building_folder, output_lock, remove_stale_builds, strict_json, write_json
 from xraydeconv.reports.gallery import write_gallery
 from xraydeconv.reports.mapstore import STORE_DIR, PartWriter, write_index
 from xraydeconv.reports.pipeline import (
@@ -47,7 +47,7 @@ from xraydeconv.training import distributed
 from xraydeconv.training.distributed import DistInfo
 
 __all__ = ["ArchiveOptions", "DEFAULT_CHUNK", "parse_pictures", "picture_films", "chunk_ranges", "partial_folder",
-           "run_chunk", "archive_build", "project_archive"]
+           "run_chunk", "archive_build", "shared_building_folder", "project_archive"]
 
 DEFAULT_CHUNK = 64
 DEFAULT_PAGE = 1000  # gallery cards per page
@@ -195,6 +195,30 @@ def archive_build(out: Path, overwrite: bool, resume: bool, key: dict, info: Dis
                 raise UserError(f"{exc} ({len(kept)} finished chunks kept in {tmp.name}: fix it and pass "
                                 "--resume)") from None
             raise
+
+
+@contextmanager
+def shared_building_folder(out: Path, overwrite: bool, info: DistInfo) -> Iterator[Path]:
+    """:func:`~xraydeconv.io.building_folder` shared by the processes of a job: rank 0 creates it (holding the
+    output lock) and tells the other ranks where it is, or that it failed (they then exit with status 2 and leave the
+    message to rank 0). Rank 0 moves it into ``out`` when its block succeeds, so the other ranks must have written
+    their files before rank 0's block ends (a collective after their last write); on failure it is removed."""
+    if not info.is_main:
+        told = distributed.all_gather_objects(None, info)[0]
+        if told.get("error"):
+            raise SystemExit(2)
+        yield Path(told["tmp"])
+        return
+    opened = False
+    try:
+        with building_folder(out, overwrite) as tmp:
+            opened = True
+            distributed.all_gather_objects({"tmp": str(tmp)}, info)
+            yield tmp
+    except UserError as exc:
+        if not opened:
+            distributed.all_gather_objects({"error": str(exc)}, info)
+        raise
 
 
 # --- the run ---------------------------------------------------------------------------------------------------

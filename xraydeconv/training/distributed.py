@@ -46,6 +46,18 @@ def init(info: DistInfo, device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def set_threads(threads: int | None, info: DistInfo) -> None:
+    """CPU threads of this process: ``threads`` (UserError naming ``--threads`` when unusable here), else, under
+    ``torchrun`` (which sets ``OMP_NUM_THREADS=1``), the machine's cores divided among its processes, else torch's
+    default."""
+    from xraydeconv.device import available_cores, check_threads
+
+    if threads is not None:
+        torch.set_num_threads(check_threads(threads))
+    elif info.enabled:
+        torch.set_num_threads(max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
@@ -94,6 +106,15 @@ def all_gather_objects(obj: object, info: DistInfo) -> list:
         return [obj]
     out: list = [None] * info.world_size
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_objects(obj: object, info: DistInfo) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (``[obj]`` when single-process), None on the other ranks."""
+    if not info.enabled:
+        return [obj]
+    out: list | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 
