@@ -24,6 +24,35 @@ def make_tiny_imagefolder(root: Path, per_split=(8, 3, 3), size: int = 32, seed:
     return root
 
 
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """``xraydeconv ARGS`` in this process through the console entry point: (exit code, stdout, stderr)."""
+    import sys
+
+    from xraydeconv.cli.main import main
+
+    old = sys.argv
+    sys.argv = ["xraydeconv", *map(str, args)]
+    try:
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture(scope="session")
+def marker_phantoms(tmp_path_factory) -> Path:
+    """One 64 px phantom per class in val and test, with the planted ``marker`` on the val films."""
+    from xraydeconv.data.phantoms import generate
+
+    return generate(tmp_path_factory.mktemp("ph") / "ph", per_class=1, size=64, seed=3, bias="marker",
+                    splits=("val", "test"), progress=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_imagefolder():
     """The :func:`make_tiny_imagefolder` builder, for tests that need their own small ImageFolder data set."""

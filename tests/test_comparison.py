@@ -2,12 +2,12 @@
 randomisation test with its controls."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from xraydeconv.data.classes import CLASS_NAMES
 from xraydeconv.errors import UserError
@@ -22,12 +22,9 @@ from xraydeconv.training.models import build
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    from xraydeconv.data.phantoms import generate
-
-    return generate(tmp_path_factory.mktemp("ph") / "ph", per_class=1, size=SIZE, seed=3, bias="marker",
-                    splits=("val", "test"), progress=False)
+@pytest.fixture
+def phantoms(marker_phantoms) -> Path:
+    return marker_phantoms
 
 
 @pytest.fixture(scope="module")
@@ -98,26 +95,9 @@ def test_randomisation_controls_and_summary():
     assert res["gradient"]["cascading"].maps.shape == (5, 1, SIZE, SIZE)  # trained + 4 layers, first film
 
 
-def _main(args, capsys):
-    from xraydeconv.cli.main import main
-
-    old = sys.argv
-    sys.argv = ["xraydeconv", *map(str, args)]
-    try:
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
 def test_evaluate_methods_and_sanity(phantoms, ckpt, tmp_path, capsys):
     out = tmp_path / "ev"
-    code, _, err = _main(["evaluate", "--checkpoint", ckpt, "--data", phantoms, "--split", "val", "--out", out,
+    code, _, err = run_cli(["evaluate", "--checkpoint", ckpt, "--data", phantoms, "--split", "val", "--out", out,
                           "--methods", "deconvnet,guided,gradcam,occlusion", "--sanity", "--sanity-images", "2",
                           "--top-n", "4", "--limit", "6", "--max-misclassified", "1", "--quiet"], capsys)
     assert code == 0, err
@@ -153,7 +133,7 @@ def test_evaluate_methods_and_sanity(phantoms, ckpt, tmp_path, capsys):
 ])
 def test_bad_method_options_are_one_line(phantoms, ckpt, tmp_path, capsys, args, message):
     out = tmp_path / "ev"
-    code, _, err = _main(["evaluate", "--checkpoint", ckpt, "--data", phantoms, "--out", out, *args], capsys)
+    code, _, err = run_cli(["evaluate", "--checkpoint", ckpt, "--data", phantoms, "--out", out, *args], capsys)
     assert code == 2 and err.strip().startswith(message) and len(err.strip().splitlines()) == 1
     assert not out.exists()
 

@@ -2,28 +2,11 @@
 
 import json
 import re
-import sys
 
 import pytest
+from conftest import run_cli
 
 from xraydeconv.training.models import MODEL_NAMES
-
-
-def _main(args, capsys):
-    from xraydeconv.cli.main import main
-
-    old = sys.argv
-    sys.argv = ["xraydeconv", *map(str, args)]
-    try:
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    finally:
-        sys.argv = old
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +17,7 @@ def cache(tmp_path_factory):
 def test_quick_demo(tmp_path, cache, capsys, monkeypatch):
     monkeypatch.setenv("XRAYDECONV_CACHE", str(cache))
     out = tmp_path / "demo"
-    code, stdout, err = _main(["demo", "--quick", "--top-n", "4", "--out", out, "--quiet"], capsys)
+    code, stdout, err = run_cli(["demo", "--quick", "--top-n", "4", "--out", out, "--quiet"], capsys)
     assert code == 0, err
 
     # Table 1 and the landmark table are printed, and where to look
@@ -97,25 +80,25 @@ def test_quick_demo(tmp_path, cache, capsys, monkeypatch):
 
     # a second run reuses the trained nets
     stamp = {n: (out / n / "best.pt").stat().st_mtime_ns for n in MODEL_NAMES}
-    code, stdout, err = _main(["demo", "--quick", "--top-n", "4", "--out", out, "--quiet"], capsys)
+    code, stdout, err = run_cli(["demo", "--quick", "--top-n", "4", "--out", out, "--quiet"], capsys)
     assert code == 0, err
     assert {n: (out / n / "best.pt").stat().st_mtime_ns for n in MODEL_NAMES} == stamp
 
     # other settings in the same folder are refused, in one line
-    code, _, err = _main(["demo", "--quick", "--top-n", "5", "--out", out, "--quiet"], capsys)
+    code, _, err = run_cli(["demo", "--quick", "--top-n", "5", "--out", out, "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and "other settings" in err and "top_n=4" in err
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    code, _, err = _main(["demo", "--quick", "--out", tmp_path], capsys)
+    code, _, err = run_cli(["demo", "--quick", "--out", tmp_path], capsys)
     assert code == 2 and "holds no demo run" in err
-    code, _, err = _main(["demo", "--quick", "--top-n", "0", "--out", tmp_path / "x"], capsys)
+    code, _, err = run_cli(["demo", "--quick", "--top-n", "0", "--out", tmp_path / "x"], capsys)
     assert code == 2 and "--top-n" in err and not (tmp_path / "x").exists()
 
 
 def test_demo_help_reads_like_a_manual(capsys):
-    code, stdout, _ = _main(["demo", "--help"], capsys)
+    code, stdout, _ = run_cli(["demo", "--help"], capsys)
     assert code == 0
     for word in ("--quick", "--full", "Table 1", "index.html", "gallery/<model>/", "runs/demo"):
         assert word in stdout

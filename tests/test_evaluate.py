@@ -27,12 +27,9 @@ def _checkpoint(path: Path, class_names, model="shallow", seed=0) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    from xraydeconv.data.phantoms import generate
-
-    return generate(tmp_path_factory.mktemp("ph") / "ph", per_class=1, size=SIZE, seed=3, bias="marker",
-                    splits=("val", "test"), progress=False)
+@pytest.fixture
+def phantoms(marker_phantoms) -> Path:
+    return marker_phantoms
 
 
 @pytest.fixture(scope="module")
