@@ -558,7 +558,7 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
     settings = settings or ProjectSettings()
     archive = (archive or ArchiveOptions()).check()
     dist = distributed.from_env()
-    _set_threads(threads, dist)
+    distributed.set_threads(threads, dist)
     if max_pixels is not None:
         from xraydeconv.data.preprocess import check_max_pixels
 
@@ -586,15 +586,6 @@ def project_checkpoint(checkpoint: CheckpointLike, out: str | os.PathLike, image
                                dist=dist)
     finally:
         distributed.shutdown(dist)
-
-
-def _set_threads(threads: int | None, dist) -> None:
-    from xraydeconv.device import available_cores, check_threads
-
-    if threads is not None:
-        torch.set_num_threads(check_threads(threads))
-    elif dist.enabled:  # torchrun sets OMP_NUM_THREADS=1; share the machine's cores instead
-        torch.set_num_threads(max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _source(checkpoint: CheckpointLike, ckpt: Checkpoint, images: Sequence[str | os.PathLike],

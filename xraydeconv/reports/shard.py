@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,14 @@ from pathlib import Path
 import torch
 
 from xraydeconv.errors import UserError
-from xraydeconv.io import building_folder, output_lock, remove_stale_builds, strict_json, write_json
+from xraydeconv.io import (
+    building_folder,
+    move_into_place,
+    output_lock,
+    remove_stale_builds,
+    strict_json,
+    write_json,
+)
 from xraydeconv.reports.gallery import write_gallery
 from xraydeconv.reports.mapstore import STORE_DIR, PartWriter, write_index
 from xraydeconv.reports.pipeline import (
@@ -147,18 +153,9 @@ def _open_partial(out: Path, overwrite: bool, resume: bool, key: dict) -> tuple[
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    old = None
-    if out.exists():
-        if overwrite:
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        else:
-            out.rmdir()
-    os.replace(tmp, out)
+    move_into_place(tmp, out, overwrite)
     shutil.rmtree(out / RECORDS, ignore_errors=True)
     (out / RUN_FILE).unlink(missing_ok=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
