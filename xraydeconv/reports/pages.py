@@ -46,7 +46,9 @@ def methods_html(table: dict | None, sanity: dict | None) -> str:
         return ""
     sets = table["sets"]
     head = "".join(f"<th>Pointing game, {html.escape(n)}</th><th>vs film</th>" for n in sets)
-    head = f"<tr><th>Method</th>{head}<th>Mass / area</th><th>vs film</th><th>Marker</th><th>Randomised</th></tr>"
+    marked = any(r.get("marker") for r in table["rows"].values())
+    head = (f"<tr><th>Method</th>{head}<th>Mass / area</th><th>vs film</th>{'<th>Marker</th>' if marked else ''}"
+            "<th>Randomised</th></tr>")
     body = []
     for method in table["methods"]:
         r = table["rows"][method]
@@ -55,8 +57,8 @@ def methods_html(table: dict | None, sanity: dict | None) -> str:
         a, m, rnd = r.get("all"), r.get("marker"), r.get("randomised")
         cells += (f"<td>{_gain(a['mass_over_area'], True) if a else '–'}</td>"
                   f"<td>{_gain(a.get('mass_gain'), True) if a else '–'}</td>"
-                  f"<td>{_pct(m['pointing_game']) if m else '–'}</td>"
-                  f"<td>{'–' if not rnd or rnd.get('spearman') is None else format(rnd['spearman'], '.2f')}</td>")
+                  + (f"<td>{_pct(m['pointing_game']) if m else '–'}</td>" if marked else "")
+                  + f"<td>{'–' if not rnd or rnd.get('spearman') is None else format(rnd['spearman'], '.2f')}</td>")
         name = f"<b>{html.escape(method)}</b>" if method == table["baseline"] else html.escape(method)
         body.append(f"<tr><td>{name}</td>{cells}</tr>")
     out = (f"<h2>Methods compared</h2><p>Each method's map against the landmarks, beside the film itself used as "
