@@ -141,3 +141,27 @@ def test_bad_method_options_are_one_line(phantoms, ckpt, tmp_path, capsys, args,
 def test_default_evaluation_compares_deconvnet_with_the_film(phantoms, ckpt, tmp_path):
     r = evaluate(ckpt, tmp_path / "ev", phantoms, EvalOptions(top_n=4, limit=4, examples=0), progress=False)
     assert r["methods"]["methods"] == ["deconvnet", FILM] and r["sanity"] is None
+
+
+def test_explainer_reuses_its_deconvnet_across_in_place_changes(monkeypatch):
+    """The randomisation test changes one copy in place: the explainer builds one DeconvNet for it, and its maps
+    still follow the changed weights exactly."""
+    from xraydeconv.explain import methods
+
+    torch.manual_seed(0)
+    model = build("deeper", num_classes=24, input_size=SIZE).eval()
+    x = torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    built = []
+    real = methods.DeconvNet
+    monkeypatch.setattr(methods, "DeconvNet", lambda m: built.append(m) or real(m))
+    explain = explainer("guided", top_n=3)
+    before = explain(model, x)
+    with torch.no_grad():
+        model.features[0].weight.mul_(-1.5)  # in place, as reset_parameters and load_state_dict do
+    after = explain(model, x)
+    assert built == [model]
+    assert torch.equal(after, methods.heat_maps(model, x, "guided", top_n=3))  # a fresh DeconvNet
+    assert not torch.equal(before, after)
+    other = build("deeper", num_classes=24, input_size=SIZE).eval()
+    explain(other, x)
+    assert len(built) == 3 and built[2] is other

@@ -249,8 +249,16 @@ def explainer(method: str, **kw) -> Callable[[nn.Module, Tensor], Tensor]:
     if unknown:
         raise ValueError(f"{method}: unknown option(s) {', '.join(unknown)}")
 
+    # The randomisation test changes one model copy in place, step after step; a DeconvNet reads the weights at
+    # each projection, so the one built (and, for a graph model, traced) for that copy serves every step.
+    built: dict[str, tuple[nn.Module, DeconvNet]] = {}
+
     def explain(model: nn.Module, x: Tensor) -> Tensor:
-        return heat_maps(model, x, method, **kw)
+        if method not in PROJECTED:
+            return heat_maps(model, x, method, **kw)
+        if "dn" not in built or built["dn"][0] is not model:
+            built["dn"] = (model, DeconvNet(model))
+        return heat_maps(model, x, method, **kw, deconvnet=built["dn"][1])
 
     explain.__name__ = f"explain_{method.replace('-', '_')}"
     return explain
