@@ -1,8 +1,10 @@
 """The demo's planted shortcut: a net trained on phantoms that carry a class-specific lead marker
 (``--bias marker``), evaluated on biased validation films and clean test films.
 
-It is the positive control of the method comparison: a method that explains the net must put its heat on the
-marker that the net reads, where the film itself (the baseline) does not.
+It is the positive control of the method comparison: a method that explains the net must put more of its heat on
+the marker that the net reads than the film itself (the baseline) does. The marker is bright lead, so the film's own
+hottest pixel often lies on it: the share of heat on the marker over its area, not the pointing game, tells the
+methods from the film.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from pathlib import Path
 __all__ = ["SHORTCUT_DIR", "SHORTCUT_MODEL", "run_shortcut", "shortcut_markdown", "shortcut_html"]
 
 SHORTCUT_DIR = "shortcut"
-SHORTCUT_MODEL = "shallow"  # the quickest of the three nets to train: the shortcut is easy for any of them
+SHORTCUT_MODEL = "deeper"  # the net of Table 1 that learns the task without augmentation
 
 
 def run_shortcut(out: Path, make_config: Callable[[str, Path], object], phantoms: dict, top_n: int,
                  methods: Sequence[str], progress: bool = True) -> dict:
-    """Generate (or reuse) the biased phantoms, train ``shallow`` on them into ``out/shortcut/shallow`` (resuming
+    """Generate (or reuse) the biased phantoms, train ``deeper`` on them into ``out/shortcut/deeper`` (resuming
     a finished run only re-scores it), and evaluate it on the biased val split with ``methods`` and on the clean
     test split. ``phantoms``: ``ensure_phantoms``' per_class, size and seed. Returns ``{"val": report, "test":
     report}``."""
@@ -86,8 +88,9 @@ def shortcut_html(result: dict, out: Path) -> str:
         if (folder / "landmarks.png").is_file():
             figs.append(f'<figure><a href="{esc(rel)}/index.html"><img src="{esc(rel)}/landmarks.png" '
                         f'alt="{esc(folder.name)}"></a><figcaption>{esc(folder.name)}</figcaption></figure>')
-    return (f"<p>{esc(_accuracy_line(result).replace('`', ''))} Every method should find the marker the net "
-            "reads; the film itself (the last row) does not.</p>"
+    return (f"<p>{esc(_accuracy_line(result).replace('`', ''))} A method that follows the net puts more of its "
+            "heat on the marker (mass over the marker's area) than the film itself does (the last row); the marker "
+            "is bright lead, so the film's own hottest pixel often lies on it too.</p>"
             f"<table>{head}{body}</table>{''.join(figs)}"
             f'<p><a href="{SHORTCUT_DIR}/eval-val/index.html">the biased validation evaluation</a> · '
             f'<a href="{SHORTCUT_DIR}/eval-test/index.html">the clean test evaluation</a></p>')
