@@ -52,6 +52,7 @@ __all__ = [
     "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "FolderWriter", "unique_folder", "write_image_folder",
     "manifest_base", "prediction_fields", "layer_stride", "model_input", "project_into", "project_checkpoint",
     "check_settings", "Net", "open_net", "is_user_model", "printable_name", "FilmKeep", "project_batch",
+    "prefetched_batches",
 ]
 
 MANIFEST_VERSION = 1
@@ -139,10 +140,9 @@ class ImageSource:
         return Film.load(self.paths[i], input_size, settings.min_side, settings.max_side, self.max_pixels)
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[int], Tensor]]:
-        """``(indices, (b, C_in, S, S) images)`` in order."""
-        for b0 in range(0, len(self), batch_size):
-            idx = list(range(b0, min(len(self), b0 + batch_size)))
-            yield idx, torch.stack([self.load(i) for i in idx])
+        """``(indices, (b, C_in, S, S) images)`` in order, the next batch loading while the caller works."""
+        return prefetched_batches(self, [range(b0, min(len(self), b0 + batch_size))
+                                         for b0 in range(0, len(self), batch_size)])
 
 
 # --- manifests ----------------------------------------------------------------------------------------------------
@@ -469,6 +469,26 @@ def _compare_picture(film: Film, nets: Sequence[Net], projections: Sequence[Proj
         metas.append({"model": net.base["model"], "checkpoint": net.base["checkpoint"],
                       "checkpoint_sha256": net.base["checkpoint_sha256"], **pred})
     return views.compare_view(film, heats, metas), metas
+
+
+def prefetched_batches(source: ImageSource, batches: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Tensor]]:
+    """``(idx, x)`` for each batch of ``source``, x (b, C_in, S, S): the next batch is decoded and letterboxed on a
+    background thread while the caller projects and draws the current one (decoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(idx: Sequence[int]) -> Tensor:
+        return torch.stack([source.load(i) for i in idx])
+
+    batches = [list(b) for b in batches]
+    if not batches:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="xraydeconv-loader") as pool:
+        pending = pool.submit(load, batches[0])
+        for k, idx in enumerate(batches):
+            x = pending.result()
+            if k + 1 < len(batches):
+                pending = pool.submit(load, batches[k + 1])
+            yield idx, x
 
 
 def project_batch(source: ImageSource, idx: Sequence[int], x: Tensor, net: Net, settings: ProjectSettings,

@@ -44,6 +44,7 @@ from xraydeconv.reports.pipeline import (
     ImageSource,
     Net,
     ProjectSettings,
+    prefetched_batches,
     printable_name,
     project_batch,
     unique_folder,
@@ -243,9 +244,8 @@ def run_chunk(run: _Run, tmp: Path, c: int, films: range, bar) -> None:
     part = PartWriter(tmp / STORE_DIR, c, len(films)) if run.options.maps == "store" else None
     rows, bs, maps = [], run.settings.batch_size, FILM_MAPS[run.options.maps]
     try:
-        for b0 in range(films.start, films.stop, bs):
-            idx = list(range(b0, min(films.stop, b0 + bs)))
-            x = torch.stack([run.source.load(i) for i in idx])
+        batches = [range(b0, min(films.stop, b0 + bs)) for b0 in range(films.start, films.stop, bs)]
+        for idx, x in prefetched_batches(run.source, batches):
             for j, p, fields, film, masks, extra in project_batch(run.source, idx, x, run.net, run.settings,
                                                                   run.device, run.compare, run.pictured.__contains__):
                 i = idx[j]
