@@ -248,7 +248,8 @@ td:first-child,th:first-child{text-align:left}
 figure{margin:0;display:inline-block;font-size:12px;vertical-align:top}
 figure img{width:220px;height:220px;object-fit:contain;background:#000;display:block}
 table.pics td{padding:3px}figure.wrong figcaption{color:#c00}
-td figure img{width:160px;height:160px}.thumb img{width:120px;height:120px}"""
+td figure img{width:160px;height:160px}.thumb img{width:120px;height:120px}
+td{white-space:nowrap}figure.wide img{width:600px;height:auto;object-fit:fill}"""
 
 
 def _index_html(out: Path, tables: dict[str, str], models: list[str], settings: DemoSettings, shortcut: dict) -> str:

@@ -86,7 +86,7 @@ def shortcut_html(result: dict, out: Path) -> str:
     for folder in sorted(p for p in (out / SHORTCUT_DIR / "eval-val" / "examples").glob("*") if p.is_dir()):
         rel = f"{SHORTCUT_DIR}/eval-val/examples/{folder.name}"
         if (folder / "landmarks.png").is_file():
-            figs.append(f'<figure><a href="{esc(rel)}/index.html"><img src="{esc(rel)}/landmarks.png" '
+            figs.append(f'<figure class="wide"><a href="{esc(rel)}/index.html"><img src="{esc(rel)}/landmarks.png" '
                         f'alt="{esc(folder.name)}"></a><figcaption>{esc(folder.name)}</figcaption></figure>')
     return (f"<p>{esc(_accuracy_line(result).replace('`', ''))} A method that follows the net puts more of its "
             "heat on the marker (mass over the marker's area) than the film itself does (the last row); the marker "
