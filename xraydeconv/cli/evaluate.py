@@ -132,16 +132,18 @@ def _run(checkpoint, model_factory, weights, classes, input_size, data, split, t
 
 
 def _print_summary(report: dict, top_n: int, out: Path) -> None:
+    from xraydeconv.reports.numbers import pct
+
     lm = report["landmarks"]
     click.echo(f"{report['checkpoint']['model']} on {report['data']['split']} ({report['data']['images']} images): "
                f"accuracy {100 * report['accuracy']:.2f} %, {report['misclassified_count']} misclassified")
     if lm and "overall" in lm:
         o = lm["overall"]
-        click.echo(f"landmarks (combined top-{top_n} map): pointing game {100 * o['pointing_game']:.1f} %, "
-                   f"relevance mass {100 * o['relevance_mass']:.1f} % (area share {100 * o['area_share']:.1f} %), "
-                   f"relevance rank {100 * o['relevance_rank']:.1f} %")
+        click.echo(f"landmarks (combined top-{top_n} map): pointing game {pct(o['pointing_game'])}, "
+                   f"relevance mass {pct(o['relevance_mass'])} (area share {pct(o['area_share'])}), "
+                   f"relevance rank {pct(o['relevance_rank'])}")
     if lm and lm.get("marker"):
         m = lm["marker"]
-        click.echo(f"marker: pointing game {100 * m['pointing_game']:.1f} %, relevance mass "
-                   f"{100 * m['relevance_mass']:.1f} % (area share {100 * m['area_share']:.1f} %)")
+        click.echo(f"marker: pointing game {pct(m['pointing_game'])}, relevance mass "
+                   f"{pct(m['relevance_mass'])} (area share {pct(m['area_share'])})")
     click.echo(f"report: {out / 'report.md'}, pictures: {out / 'index.html'}  ({report['timing']['seconds']:.1f} s)")

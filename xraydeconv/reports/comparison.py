@@ -21,6 +21,7 @@ from torch import Tensor
 from xraydeconv import metrics
 from xraydeconv.errors import UserError
 from xraydeconv.explain.methods import METHODS
+from xraydeconv.reports.numbers import DASH, fixed, pct, pp, ratio
 
 __all__ = ["FILM", "MARKER", "COMPARED", "MethodComparison", "landmark_stats", "parse_methods",
            "comparison_markdown"]
@@ -138,22 +139,10 @@ class MethodComparison:
                 "tolerance": self.tolerance, "rows": rows}
 
 
-def _pct(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f} %"
-
-
-def _pp(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:+.1f}"
-
-
-def _ratio(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}×"
-
-
 def _cells(s: dict | None, gains: bool) -> list[str]:
     if s is None:
-        return ["–", "–"] if gains else ["–"]
-    return [_pct(s["pointing_game"]), _pp(s.get("pointing_game_gain"))] if gains else [_pct(s["pointing_game"])]
+        return [DASH, DASH] if gains else [DASH]
+    return [pct(s["pointing_game"]), pp(s.get("pointing_game_gain"))] if gains else [pct(s["pointing_game"])]
 
 
 def comparison_markdown(table: dict | None, top_n: int) -> list[str]:
@@ -165,7 +154,7 @@ def comparison_markdown(table: dict | None, top_n: int) -> list[str]:
     has_sanity = any("randomised" in r for r in table["rows"].values())
     head = ["Method"]
     for name in sets:
-        head += [f"Pointing game ({name})", "vs film (pp)"]
+        head += [f"Pointing game ({name})", "vs film"]
     head += ["Mass / area (all)", "vs film"] + (["Marker pointing game"] if has_marker else [])
     head += (["Rank corr. after randomisation"] if has_sanity else []) + ["s / image"]
     lines = ["", "## Methods compared", "",
@@ -181,12 +170,11 @@ def comparison_markdown(table: dict | None, top_n: int) -> list[str]:
         for name in sets:
             cells += _cells(r.get(name), True)
         a = r.get("all")
-        cells += [_ratio(a["mass_over_area"]) if a else "–", _ratio(a.get("mass_gain")) if a else "–"]
+        cells += [ratio(a["mass_over_area"]) if a else DASH, ratio(a.get("mass_gain")) if a else DASH]
         if has_marker:
             cells += _cells(r.get(MARKER), False)
         if has_sanity:
-            rho = (r.get("randomised") or {}).get("spearman")  # None: constant maps have no rank correlation
-            cells.append("–" if rho is None else f"{rho:.2f}")
-        cells.append(f"{r['seconds_per_image']:.3f}")
+            cells.append(fixed((r.get("randomised") or {}).get("spearman")))  # None: constant maps
+        cells.append(fixed(r["seconds_per_image"], 3))
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -31,6 +31,7 @@ import torch
 
 from xraydeconv.errors import UserError
 from xraydeconv.io import check_output_folder, write_atomically, write_json
+from xraydeconv.reports.numbers import fixed, pct, pp, ratio
 
 __all__ = ["DemoSettings", "PRESETS", "run_demo", "landmark_table_markdown"]
 
@@ -124,12 +125,6 @@ def project_sample(ckpt_path: Path, data: Path, out: Path, top_n: int, per_class
     return len(source)
 
 
-def _fmt(v, pct=True) -> str:
-    if v is None or v != v:  # None or NaN
-        return "–"
-    return f"{100 * v:.1f} %" if pct else f"{v:.2f}×"
-
-
 def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
     """The three nets side by side: accuracy and landmark agreement of the combined top-n map (and per filter)."""
     lines = [
@@ -142,19 +137,19 @@ def landmark_table_markdown(reports: dict[str, dict], top_n: int) -> str:
         o = lm.get("overall") or {}
         pf = lm.get("per_filter") or {}
         lines.append(
-            f"| `{name}` | {_fmt(rep['accuracy'])} | {_fmt(o.get('pointing_game'))} "
-            f"| {_fmt(o.get('pointing_game_tolerant'))} | {_fmt(o.get('relevance_mass'))} "
-            f"| {_fmt(o.get('area_share'))} | {_fmt(o.get('mass_over_area'), pct=False)} "
-            f"| {_fmt(o.get('relevance_rank'))} | {_fmt(pf.get('pointing_game'))} | {o.get('n', 0)} |"
+            f"| `{name}` | {pct(rep['accuracy'])} | {pct(o.get('pointing_game'))} "
+            f"| {pct(o.get('pointing_game_tolerant'))} | {pct(o.get('relevance_mass'))} "
+            f"| {pct(o.get('area_share'))} | {ratio(o.get('mass_over_area'))} "
+            f"| {pct(o.get('relevance_rank'))} | {pct(pf.get('pointing_game'))} | {o.get('n', 0)} |"
         )
     base = next((r["landmarks"]["baseline_image"] for r in reports.values()
                  if (r.get("landmarks") or {}).get("baseline_image")), None)
     if base is not None:
         lines.append(
-            f"| the image itself (no net) | | {_fmt(base['pointing_game'])} "
-            f"| {_fmt(base.get('pointing_game_tolerant'))} | {_fmt(base['relevance_mass'])} "
-            f"| {_fmt(base['area_share'])} | {_fmt(base['mass_over_area'], pct=False)} "
-            f"| {_fmt(base['relevance_rank'])} | | {base['n']} |"
+            f"| the image itself (no net) | | {pct(base['pointing_game'])} "
+            f"| {pct(base.get('pointing_game_tolerant'))} | {pct(base['relevance_mass'])} "
+            f"| {pct(base['area_share'])} | {ratio(base['mass_over_area'])} "
+            f"| {pct(base['relevance_rank'])} | | {base['n']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -165,22 +160,14 @@ def methods_table_markdown(reports: dict[str, dict]) -> str:
     lines = ["| Model | Method | Pointing game (all) | vs film | Pointing game (discriminative) | vs film "
              "| Mass / area vs film | Rank corr. after randomisation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
 
-    def cell(s: dict | None, key: str, gain: bool = False) -> str:
-        v = None if s is None else s.get(key)
-        if v is None or v != v:
-            return "–"
-        return f"{100 * v:+.1f} pp" if gain else f"{100 * v:.1f} %"
-
     for name, rep in reports.items():
         table = rep.get("methods") or {"methods": [], "rows": {}}
         for method in table["methods"]:
             r = table["rows"][method]
-            a, d, rnd = r.get("all"), r.get("discriminative"), r.get("randomised") or {}
-            mass = None if a is None else a.get("mass_gain")
-            lines.append(f"| `{name}` | {method} | {cell(a, 'pointing_game')} | {cell(a, 'pointing_game_gain', True)} "
-                         f"| {cell(d, 'pointing_game')} | {cell(d, 'pointing_game_gain', True)} "
-                         f"| {_fmt(mass, pct=False)} "
-                         f"| {'–' if rnd.get('spearman') is None else format(rnd['spearman'], '.2f')} |")
+            a, d = r.get("all") or {}, r.get("discriminative") or {}
+            lines.append(f"| `{name}` | {method} | {pct(a.get('pointing_game'))} | {pp(a.get('pointing_game_gain'))} "
+                         f"| {pct(d.get('pointing_game'))} | {pp(d.get('pointing_game_gain'))} "
+                         f"| {ratio(a.get('mass_gain'))} | {fixed((r.get('randomised') or {}).get('spearman'))} |")
     return "\n".join(lines) + "\n"
 
 

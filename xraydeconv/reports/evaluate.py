@@ -49,6 +49,7 @@ from xraydeconv.errors import UserError
 from xraydeconv.explain.occlusion import occlude_landmarks
 from xraydeconv.io import check_output_folder, write_json
 from xraydeconv.reports.comparison import MethodComparison, comparison_markdown, landmark_stats, parse_methods
+from xraydeconv.reports.numbers import pct, ratio
 from xraydeconv.reports.pages import write_index
 from xraydeconv.training.distributed import DistInfo
 
@@ -564,7 +565,7 @@ class _Tally:
         """Score every compared method on images ``idx`` (all with landmarks): ``known`` maps a method to maps
         already computed (and their seconds); the others are computed here."""
         from xraydeconv.data.landmarks import landmark_set_masks
-        from xraydeconv.explain.methods import TARGETED, heat_maps
+        from xraydeconv.explain.methods import heat_maps
 
         s = self.setup
         by_set = {"all": masks, **{name: [landmark_set_masks(s.ds, i, name, s.sets) for i in idx]
@@ -575,10 +576,7 @@ class _Tally:
                 maps, seconds = known[method]
             else:
                 t0 = time.perf_counter()
-                kw = self.method_options(method)
-                if method in TARGETED:
-                    kw["target"] = target
-                maps = heat_maps(s.ckpt.model, x, method, **kw).float().cpu()
+                maps = heat_maps(s.ckpt.model, x, method, target=target, **self.method_options(method)).float().cpu()
                 seconds = time.perf_counter() - t0
             into.add(method, maps, by_set, seconds)
 
@@ -860,20 +858,12 @@ def evaluate(
 # --- Markdown ---------------------------------------------------------------------------------------------------
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f} %"
-
-
-def _x(v: float | None) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}×"
-
-
 def agreement_row(label: str, s: dict) -> str:
     """One Markdown table row: pointing game (strict, tolerant), relevance mass, rank, area share, mass / area, n."""
     return (
-        f"| {label} | {_pct(s['pointing_game'])} | {_pct(s.get('pointing_game_tolerant'))} "
-        f"| {_pct(s['relevance_mass'])} | {_pct(s['relevance_rank'])} "
-        f"| {_pct(s['area_share'])} | {_x(s.get('mass_over_area'))} | {s['n']} |"
+        f"| {label} | {pct(s['pointing_game'])} | {pct(s.get('pointing_game_tolerant'))} "
+        f"| {pct(s['relevance_mass'])} | {pct(s['relevance_rank'])} "
+        f"| {pct(s['area_share'])} | {ratio(s.get('mass_over_area'))} | {s['n']} |"
     )
 
 
@@ -891,7 +881,7 @@ def _md_head(report: dict) -> list[str]:
         f"Checkpoint `{ck['path']}` (sha256 `{ck['sha256'][:12]}…`), data `{d['root']}`, {d['split']} split, "
         f"{d['images']} images, input {ck['input_size']}×{ck['input_size']}.",
         "",
-        f"**Accuracy: {_pct(report['accuracy'])}** ({report['misclassified_count']} misclassified). "
+        f"**Accuracy: {pct(report['accuracy'])}** ({report['misclassified_count']} misclassified). "
         f"Confusion matrix: [{CONFUSION_PNG}]({CONFUSION_PNG}).",
         *_md_present(report),
         "",
@@ -900,7 +890,7 @@ def _md_head(report: dict) -> list[str]:
         "| Class | Accuracy | Images |",
         "|---|---:|---:|",
     ]
-    return lines + [f"| {name} | {_pct(r['accuracy'])} | {r['n']} |"
+    return lines + [f"| {name} | {pct(r['accuracy'])} | {r['n']} |"
                     for name, r in report["per_class_accuracy"].items()]
 
 
@@ -929,8 +919,8 @@ def _md_landmarks(lm: dict | None, top_n: int) -> list[str]:
         lines.append(agreement_row(f"combined top-{top_n} map", lm["overall"]))
         pf = lm["per_filter"]
         lines.append(
-            f"| single filter (mean of {top_n}) | {_pct(pf['pointing_game'])} | | {_pct(pf['relevance_mass'])} "
-            f"| {_pct(pf['relevance_rank'])} | | | {pf['n']} |"
+            f"| single filter (mean of {top_n}) | {pct(pf['pointing_game'])} | | {pct(pf['relevance_mass'])} "
+            f"| {pct(pf['relevance_rank'])} | | | {pf['n']} |"
         )
     if lm.get("baseline_image"):
         lines.append(agreement_row("baseline: the image itself as heat map", lm["baseline_image"]))
@@ -958,7 +948,7 @@ def _md_occlusion(occ: dict | None, top_n: int) -> list[str]:
         "| Occluded | Probability drop | Filter activation drop | Area share | Images |",
         "|---|---:|---:|---:|---:|",
     ]
-    return lines + [f"| {key} | {_pct(r['prob_drop'])} | {_pct(r['filter_drop'])} | {_pct(r['area_share'])} "
+    return lines + [f"| {key} | {pct(r['prob_drop'])} | {pct(r['filter_drop'])} | {pct(r['area_share'])} "
                     f"| {r['n']} |" for key, r in occ.items()]
 
 
@@ -970,7 +960,7 @@ def _md_misclassified(report: dict, top_n: int) -> list[str]:
     lines.append(f"Top-{top_n} projections of each (gallery: [{MISCLASSIFIED_DIR}/index.html]"
                  f"({MISCLASSIFIED_DIR}/index.html)); {len(mis)} of {report['misclassified_count']} shown.")
     lines += ["", "| Image | True | Predicted | Probability | Projection |", "|---|---|---|---:|---|"]
-    return lines + [f"| {Path(r['image']).name} | {r['true']} | {r['predicted']} | {_pct(r['probability'])} "
+    return lines + [f"| {Path(r['image']).name} | {r['true']} | {r['predicted']} | {pct(r['probability'])} "
                     f"| [overlay]({r['folder']}/overlay.png) · [grid]({r['folder']}/grid.png) |" for r in mis]
 
 

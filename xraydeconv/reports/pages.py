@@ -9,12 +9,11 @@ from collections.abc import Sequence
 
 from xraydeconv.io import write_atomically
 from xraydeconv.reports.gallery import STYLE, card_html
+from xraydeconv.reports.numbers import DASH, fixed, pct, pp, ratio
 
 __all__ = ["write_index", "evaluate_index_html", "landmark_rows_html", "methods_html"]
 
 
-def _pct(v) -> str:
-    return "–" if v is None or v != v else f"{100 * v:.1f} %"
 
 
 def landmark_rows_html(lm: dict | None, top_n: int) -> str:
@@ -26,17 +25,11 @@ def landmark_rows_html(lm: dict | None, top_n: int) -> str:
     rows = [(f"combined top-{top_n} map", lm["overall"]), ("the film itself as heat map", lm.get("baseline_image")),
             ("marker (planted shortcut)", lm.get("marker"))]
     body = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_pct(s['pointing_game'])}</td>"
-        f"<td>{_pct(s.get('pointing_game_tolerant'))}</td><td>{_pct(s['relevance_mass'])}</td>"
-        f"<td>{_pct(s['area_share'])}</td><td>{_pct(s['relevance_rank'])}</td><td>{s['n']}</td></tr>"
+        f"<tr><td>{html.escape(label)}</td><td>{pct(s['pointing_game'])}</td>"
+        f"<td>{pct(s.get('pointing_game_tolerant'))}</td><td>{pct(s['relevance_mass'])}</td>"
+        f"<td>{pct(s['area_share'])}</td><td>{pct(s['relevance_rank'])}</td><td>{s['n']}</td></tr>"
         for label, s in rows if s)
     return f"<table>{head}{body}</table>"
-
-
-def _gain(v, ratio: bool = False) -> str:
-    if v is None or v != v:
-        return "–"
-    return f"{v:.2f}×" if ratio else f"{100 * v:+.1f} pp"
 
 
 def methods_html(table: dict | None, sanity: dict | None) -> str:
@@ -52,13 +45,13 @@ def methods_html(table: dict | None, sanity: dict | None) -> str:
     body = []
     for method in table["methods"]:
         r = table["rows"][method]
-        cells = "".join(f"<td>{_pct(r[n]['pointing_game'])}</td><td>{_gain(r[n].get('pointing_game_gain'))}</td>"
+        cells = "".join(f"<td>{pct(r[n]['pointing_game'])}</td><td>{pp(r[n].get('pointing_game_gain'))}</td>"
                         if r.get(n) else "<td>–</td><td>–</td>" for n in sets)
         a, m, rnd = r.get("all"), r.get("marker"), r.get("randomised")
-        cells += (f"<td>{_gain(a['mass_over_area'], True) if a else '–'}</td>"
-                  f"<td>{_gain(a.get('mass_gain'), True) if a else '–'}</td>"
-                  + (f"<td>{_pct(m['pointing_game']) if m else '–'}</td>" if marked else "")
-                  + f"<td>{'–' if not rnd or rnd.get('spearman') is None else format(rnd['spearman'], '.2f')}</td>")
+        cells += (f"<td>{ratio(a['mass_over_area']) if a else DASH}</td>"
+                  f"<td>{ratio(a.get('mass_gain')) if a else DASH}</td>"
+                  + (f"<td>{pct(m['pointing_game']) if m else '–'}</td>" if marked else "")
+                  + f"<td>{fixed((rnd or {}).get('spearman'))}</td>")
         name = f"<b>{html.escape(method)}</b>" if method == table["baseline"] else html.escape(method)
         body.append(f"<tr><td>{name}</td>{cells}</tr>")
     out = (f"<h2>Methods compared</h2><p>Each method's map against the landmarks, beside the film itself used as "
@@ -88,7 +81,7 @@ def evaluate_index_html(report: dict, misclassified: Sequence[dict], examples: S
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}
 td:first-child{{text-align:left}}</style></head>
 <body>
-<header><h1>{esc(ck['model'])} on {esc(d['split'])}: accuracy {_pct(report['accuracy'])}</h1>
+<header><h1>{esc(ck['model'])} on {esc(d['split'])}: accuracy {pct(report['accuracy'])}</h1>
 <span>{report['misclassified_count']} of {d['images']} misclassified ·
 <a href="misclassified/index.html">all misclassified</a> · <a href="examples/index.html">correct examples</a> ·
 <a href="report.md">report.md</a> · <a href="report.json">report.json</a></span></header>

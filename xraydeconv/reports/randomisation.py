@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from xraydeconv.explain.methods import TARGETED, explainer
+from xraydeconv.explain.methods import explainer
 from xraydeconv.metrics.sanity import ORDERS, SIMILARITIES, RandomisationResult, model_randomisation_test
+from xraydeconv.reports.numbers import fixed
 
 __all__ = ["SANITY_PNG", "SANITY_CURVES_PNG", "run_randomisation", "randomisation_summary", "plot_sanity_maps",
            "plot_sanity_curves", "sanity_markdown"]
@@ -36,10 +37,7 @@ def run_randomisation(model: nn.Module, x: Tensor, y: Sequence[int], methods: Se
     target = torch.as_tensor(list(y), device=x.device)
     out: dict[str, dict[str, RandomisationResult]] = {}
     for method in methods:
-        kw = dict(options.get(method, {}))
-        if method in TARGETED:
-            kw["target"] = target
-        explain = explainer(method, **kw)
+        explain = explainer(method, target=target, **options.get(method, {}))  # methods without a class ignore it
         out[method] = {order: model_randomisation_test(model, explain, x, order=order, seed=seed, keep_maps=1)
                        for order in orders}
     return out
@@ -127,10 +125,6 @@ def plot_sanity_curves(summary: Mapping[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _cell(v) -> str:
-    return "–" if v is None else f"{v:.2f}"
-
-
 def sanity_markdown(summary: Mapping[str, dict] | None, images: int) -> list[str]:
     """Markdown lines: per method the similarities after the top layer and after every layer is randomised."""
     if not summary:
@@ -145,6 +139,6 @@ def sanity_markdown(summary: Mapping[str, dict] | None, images: int) -> list[str
     for method, s in summary.items():
         first = (s.get("cascading") or [{}])[0]
         final = s.get("final") or {}
-        lines.append(f"| {method} | " + " | ".join(_cell(first.get(k)) for k in SIMILARITIES) + " | "
-                     + " | ".join(_cell(final.get(k)) for k in SIMILARITIES) + " |")
+        lines.append(f"| {method} | " + " | ".join(fixed(first.get(k)) for k in SIMILARITIES) + " | "
+                     + " | ".join(fixed(final.get(k)) for k in SIMILARITIES) + " |")
     return lines

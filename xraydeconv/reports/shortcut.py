@@ -13,6 +13,8 @@ import html
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from xraydeconv.reports.numbers import pct, ratio
+
 __all__ = ["SHORTCUT_DIR", "SHORTCUT_MODEL", "run_shortcut", "shortcut_markdown", "shortcut_html"]
 
 SHORTCUT_DIR = "shortcut"
@@ -42,10 +44,6 @@ def run_shortcut(out: Path, make_config: Callable[[str, Path], object], phantoms
     return {"val": val, "test": test}
 
 
-def _pct(v) -> str:
-    return "–" if v is None or v != v else f"{100 * v:.1f} %"
-
-
 def _rows(result: dict) -> list[tuple[str, str, str, str]]:
     """Per method: pointing game on the marker, marker mass over its area, pointing game on the landmarks."""
     table = result["val"].get("methods") or {"methods": [], "rows": {}}
@@ -53,15 +51,13 @@ def _rows(result: dict) -> list[tuple[str, str, str, str]]:
     for method in table["methods"]:
         r = table["rows"][method]
         m, a = r.get("marker") or {}, r.get("all") or {}
-        ratio = m.get("mass_over_area")
-        rows.append((method, _pct(m.get("pointing_game")), "–" if ratio is None or ratio != ratio else f"{ratio:.2f}×",
-                     _pct(a.get("pointing_game"))))
+        rows.append((method, pct(m.get("pointing_game")), ratio(m.get("mass_over_area")), pct(a.get("pointing_game"))))
     return rows
 
 
 def _accuracy_line(result: dict) -> str:
     return (f"`{SHORTCUT_MODEL}` trained on films with a class-specific lead marker: accuracy "
-            f"{_pct(result['val']['accuracy'])} on biased validation films, {_pct(result['test']['accuracy'])} "
+            f"{pct(result['val']['accuracy'])} on biased validation films, {pct(result['test']['accuracy'])} "
             "on clean test films.")
 
 
