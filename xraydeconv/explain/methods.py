@@ -36,7 +36,7 @@ from xraydeconv.explain.common import activation_after_conv
 from xraydeconv.explain.deconvnet import DeconvNet, sequential_features
 from xraydeconv.explain.occlusion import default_layer, occlusion_map
 
-__all__ = ["METHODS", "PROJECTED", "TARGETED", "combine_filter_maps", "explainer", "filter_heatmaps", "gradcam_layer",
+__all__ = ["METHODS", "PROJECTED", "combine_filter_maps", "explainer", "filter_heatmaps", "gradcam_layer",
            "heat_maps", "normalise"]
 
 METHODS = ("deconvnet", "deconvnet-max", "guided", "gradient", "saliency", "gradient-x-input", "gradcam",
@@ -45,9 +45,6 @@ METHODS = ("deconvnet", "deconvnet-max", "guided", "gradient", "saliency", "grad
 # method -> (DeconvNet.project's method, its mode; None: the ``mode`` option, "map" by default)
 PROJECTED = {"deconvnet": ("deconvnet", None), "deconvnet-max": ("deconvnet", "max"),
              "guided": ("guided", None), "gradient": ("gradient", None)}
-
-# the methods that explain one class's logit (``target``); the others do not depend on a class
-TARGETED = ("saliency", "gradient-x-input", "gradcam", "occlusion")
 
 _OPTIONS = {
     **{m: {"mode", "rank", "precision", "deconvnet"} for m in PROJECTED},
@@ -87,16 +84,21 @@ def combine_filter_maps(maps: Tensor, top: int | None = None) -> Tensor:
     return normalise(heats.mean(1))
 
 
+def _given_targets(target: int | Sequence[int] | Tensor, n: int, device: torch.device) -> Tensor:
+    """(n,) int64: ``target`` broadcast to a batch of ``n``."""
+    t = torch.as_tensor(target, dtype=torch.long, device=device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise ValueError(f"target: {t.numel()} classes for {n} images")
+    return t
+
+
 def _targets(logits: Tensor, target: Target) -> Tensor:
     """(B,) int64 target classes: ``target`` broadcast to the batch, or the predicted classes of (B, K) ``logits``."""
     if target is None:
         return logits.detach().argmax(1)
-    t = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(logits.shape[0])
-    if t.numel() != logits.shape[0]:
-        raise ValueError(f"target: {t.numel()} classes for {logits.shape[0]} images")
-    return t
+    return _given_targets(target, logits.shape[0], logits.device)
 
 
 def _target_logits(logits: Tensor, target: Target) -> Tensor:
@@ -179,8 +181,11 @@ def _projected(model: nn.Module, x: Tensor, method: str, layer, top_n: int, opti
 
 
 def _occlusion(model: nn.Module, x: Tensor, target: Target, options: dict) -> Tensor:
-    with torch.no_grad():
-        t = _targets(model(x), target).cpu()
+    if target is None:  # the predicted classes: one forward pass; given classes need none
+        with torch.no_grad():
+            t = model(x).argmax(1).cpu()
+    else:
+        t = _given_targets(target, x.shape[0], torch.device("cpu"))
     if x.device.type == "cpu":  # the many forward passes run faster on channels-last weights; the caller's net stays
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     occ = occlusion_map(model, x, t, patch=options.get("patch", 32), stride=options.get("stride", 16),
