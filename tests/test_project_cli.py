@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -288,3 +289,24 @@ def test_gallery_pages(work, tmp_path, monkeypatch, capsys):
     assert "page 1 of 2 (images 1–3 of 4" in first and "page 2 of 2 (images 4–4 of 4" in second
     name = rows[3]["manifest"]["input_name"]
     assert name in second and name not in first
+
+
+def test_films_without_pictures_get_text_cards_even_with_a_folder(work, tmp_path, monkeypatch, capsys):
+    """--maps folders keeps a folder (maps.npy, manifest) for every film, but only the pictured ones have pages:
+    the others must not link to pictures that do not exist."""
+    out = tmp_path / "o"
+    code, err = run(monkeypatch, capsys, "--checkpoint", str(work / "net.pt"), "--data", str(work / "data"),
+                    "--top-n", "3", "--pictures", "1", "--out", str(out))
+    assert code == 0, err
+    page = (out / "index.html").read_text()
+    assert page.count('<div class="card') == 4 and page.count("thumb.jpg") == 1
+    for link in re.findall(r"""(?:href|src)=["']([^"'#]+)["']""", page):
+        assert (out / link).exists(), link
+
+
+def test_folder_names_never_take_a_gallery_page_or_the_map_store():
+    from xraydeconv.reports.pipeline import unique_folder
+
+    taken: set[str] = set()
+    assert [unique_folder(s, taken) for s in ("maps", "page-2.html", "index.html", "page-2", "Maps")] == \
+        ["maps-2", "page-2.html-2", "index.html-2", "page-2", "Maps-3"]

@@ -100,7 +100,7 @@ def card_html(row: dict, prefix: str = "") -> str:
     """The card of one image (``row`` as in :func:`gallery_html`); ``prefix``: the folder holding the image
     folders, relative to the page."""
     m = row["manifest"]
-    if row["folder"] is None:
+    if not has_page(row):  # no folder, or one with maps and manifest only: nothing to show or link
         return _text_card(m)
     folder = prefix + row["folder"]
     name = m.get("input_name") or folder

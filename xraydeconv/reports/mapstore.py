@@ -45,7 +45,8 @@ class PartWriter:
         self.store, self.chunk, self.films = Path(store), chunk, films
         self.store.mkdir(exist_ok=True)
         self.path = self.store / part_name(chunk)
-        self.tmp = self.store / f".{part_name(chunk)}.{os.getpid()}.tmp"
+        # one process writes a chunk; a retry after a kill truncates the same temporary file instead of leaving it
+        self.tmp = self.store / f".{part_name(chunk)}.tmp"
         self.array: np.memmap | None = None
 
     def put(self, row: int, maps: np.ndarray) -> dict:

@@ -39,6 +39,7 @@ from xraydeconv.reports import display, render, views
 from xraydeconv.reports.display import DisplaySettings
 from xraydeconv.reports.film import Film
 from xraydeconv.reports.gallery import write_gallery
+from xraydeconv.reports.mapstore import STORE_DIR
 
 if TYPE_CHECKING:
     from xraydeconv.explain.deconvnet import DeconvNet, Projection
@@ -259,7 +260,9 @@ def prediction_fields(probs: Tensor | None, class_names: Sequence[str], true_cla
 # --- one folder per image ---------------------------------------------------------------------------------------
 
 
-GALLERY_FILES = frozenset({"index.html", "gallery.json"})  # beside the image folders; no folder may take their name
+# beside the image folders (the gallery, its pages, the map store); no folder may take their name
+GALLERY_FILES = frozenset({"index.html", "gallery.json", STORE_DIR})
+_GALLERY_PAGE = re.compile(r"page-\d+\.html")
 
 
 def unique_folder(stem: str, taken: set[str]) -> str:
@@ -267,7 +270,7 @@ def unique_folder(stem: str, taken: set[str]) -> str:
     nor the name of a gallery file (``index.html.png`` gets the folder ``index.html-2``)."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
     name, k = base, 2
-    while name.lower() in taken or name.lower() in GALLERY_FILES:
+    while name.lower() in taken or name.lower() in GALLERY_FILES or _GALLERY_PAGE.fullmatch(name.lower()):
         name = f"{base}-{k}"
         k += 1
     taken.add(name.lower())
