@@ -130,6 +130,7 @@ def test_evaluate_methods_and_sanity(phantoms, ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--methods", "deconvnet,frobnicate"], "error: --methods 'deconvnet,frobnicate': unknown method 'frobnicate'"),
     (["--sanity-images", "0"], "error: --sanity-images 0: must be at least 1"),
+    (["--sanity", "--no-landmarks"], "error: --sanity: the randomisation test runs on the films with landmarks"),
 ])
 def test_bad_method_options_are_one_line(phantoms, ckpt, tmp_path, capsys, args, message):
     out = tmp_path / "ev"

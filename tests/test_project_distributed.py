@@ -113,3 +113,24 @@ def test_a_killed_process_leaves_no_output_and_resume_finishes_the_run(run, tmp_
     _one([*args, "--resume"], out)  # one process finishes what two began
     assert _files(out) == _files(one)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ddp.lock", "ddp"]
+
+
+def test_a_bad_film_met_by_the_second_process_is_one_line_from_the_first(run, tmp_path):
+    """The second process meets the broken film (chunk 1 is its): the run stops at once with the one-process
+    message, and does not wait for a barrier the failed process never reaches."""
+    import shutil
+
+    from xraydeconv.data import open_dataset
+
+    args, _ = run
+    data = Path(args[args.index("--data") + 1])
+    copy = shutil.copytree(data, tmp_path / "ph")
+    bad = open_dataset(copy, split="test", input_size=SIZE).records[2].path  # chunk 1 = films 2 and 3
+    bad.write_bytes(bad.read_bytes()[:40])
+    broken = [*args[: args.index("--data") + 1], str(copy), *args[args.index("--data") + 2:]]
+    p = _torchrun(broken, tmp_path / "ddp")
+    _, err = p.communicate(timeout=180)
+    assert p.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(bad) in lines[0], err[-3000:]
+    assert not (tmp_path / "ddp").exists()

@@ -65,7 +65,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console entry point: bad input ends with one ``error:`` line on stderr and exit 2, no traceback."""
-    from xraydeconv.errors import UserError
+    from xraydeconv.errors import UserError, error_message
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -76,12 +76,8 @@ def main() -> None:
     except click.ClickException as exc:  # option errors: one line, not click's usage block
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except OSError as exc:  # the file system refused (no such folder, permissions, disk full): name the path
-        where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+    except (UserError, OSError) as exc:  # OSError: the file system refused; the line names the path
+        click.echo(f"error: {error_message(exc)}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from xraydeconv import metrics
 from xraydeconv.device import resolve_device
-from xraydeconv.errors import UserError
+from xraydeconv.errors import UserError, error_message
 from xraydeconv.explain.occlusion import occlude_landmarks
 from xraydeconv.io import check_output_folder, write_json
 from xraydeconv.reports.comparison import MethodComparison, comparison_markdown, landmark_stats, parse_methods
@@ -336,6 +336,8 @@ def _check_options(opt: EvalOptions) -> None:
     opt.methods = parse_methods(opt.methods)
     if opt.sanity_images < 1:
         raise UserError(f"--sanity-images {opt.sanity_images}: must be at least 1")
+    if opt.sanity and not opt.landmarks:
+        raise UserError("--sanity: the randomisation test runs on the films with landmarks; drop --no-landmarks")
     if opt.max_pixels is not None:
         from xraydeconv.data.preprocess import check_max_pixels
 
@@ -723,16 +725,6 @@ def _bar(tally: _Tally, total: int, what: str, dist: DistInfo, progress: bool):
                 disable=not (progress and dist.is_main))
 
 
-def _raise_first(errors: list, dist: DistInfo) -> None:
-    """Every rank's ``(batch, message)`` of the UserError that stopped it, or None: the first in the run's order is
-    raised on rank 0; the other ranks exit with status 2 and leave the message to it."""
-    found = sorted(e for e in errors if e is not None)
-    if found:
-        if dist.is_main:
-            raise UserError(found[0][1])
-        raise SystemExit(2)
-
-
 def _classify_shard(tally: _Tally, batches: list[list[int]], mine: list[int], dist: DistInfo,
                     progress: bool) -> dict[int, Tensor]:
     """First pass of a sharded run: classify this rank's batches, then tell :attr:`_Tally.picks` every film of
@@ -746,14 +738,14 @@ def _classify_shard(tally: _Tally, batches: list[list[int]], mine: list[int], di
         for k in mine:
             try:
                 x, y = tally.load(batches[k])
-            except UserError as exc:
-                error = (k, str(exc))
+            except (UserError, OSError) as exc:  # told to every rank below, so none waits for the others
+                error = (k, error_message(exc))
                 break
             probs[k] = tally.classify(x)
             films += zip(batches[k], y, probs[k].argmax(1).tolist())
             bar.update(len(batches[k]))
     gathered = distributed.all_gather_objects((error, films), dist)
-    _raise_first([e for e, _ in gathered], dist)
+    distributed.raise_first([e for e, _ in gathered], dist)
     every = sorted(f for _, part in gathered for f in part)
     for i, t, p in every:
         tally.pick([i], [t], [p])
@@ -774,12 +766,12 @@ def _evaluate_shard(tally: _Tally, batches: list[list[int]], dist: DistInfo, pro
             res = tally.new_results()
             try:
                 tally.batch(batches[k], res, probs[k])
-            except UserError as exc:
-                error = (k, str(exc))
+            except (UserError, OSError) as exc:
+                error = (k, error_message(exc))
                 break
             done.append((k, res))
             bar.update(len(batches[k]))
-    _raise_first(distributed.all_gather_objects(error, dist), dist)
+    distributed.raise_first(distributed.all_gather_objects(error, dist), dist)
     parts = distributed.gather_objects(done, dist)
     if parts is None:
         return None

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from xraydeconv.errors import UserError
+from xraydeconv.errors import UserError, error_message
 from xraydeconv.io import (
     building_folder,
     move_into_place,
@@ -308,8 +308,13 @@ def project_archive(out: Path, source: ImageSource, net: Net, settings: ProjectS
         desc = "projecting" if not dist.enabled else f"projecting (rank 0 of {dist.world_size}, its share)"
         with tqdm(total=sum(len(chunks[c]) for c in mine), desc=desc, unit="img", file=sys.stderr,
                   disable=not (progress and dist.is_main)) as bar:
+            error = None
             for c in mine:
-                run_chunk(run, tmp, c, chunks[c], bar)
-        distributed.barrier(dist)
+                try:
+                    run_chunk(run, tmp, c, chunks[c], bar)
+                except (UserError, OSError) as exc:  # told to every rank, so none waits for the others
+                    error = (c, error_message(exc))
+                    break
+        distributed.raise_first(distributed.all_gather_objects(error, dist), dist)  # also the barrier
         rows = _merge(tmp, len(chunks), options, title, info) if dist.is_main else []
     return rows

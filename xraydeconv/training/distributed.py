@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from xraydeconv.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -121,3 +123,14 @@ def gather_objects(obj: object, info: DistInfo) -> list | None:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def raise_first(errors: list, info: DistInfo) -> None:
+    """Every rank's ``(position, message)`` of the error that stopped it, or None (as gathered from all ranks):
+    the first in the run's order is raised on rank 0 as a UserError; the other ranks exit with status 2 and leave
+    the message to it. Nothing happens when no rank failed."""
+    found = sorted(e for e in errors if e is not None)
+    if found:
+        if info.is_main:
+            raise UserError(found[0][1])
+        raise SystemExit(2)
