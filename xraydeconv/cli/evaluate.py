@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from xraydeconv.cli.model_options import model_options, model_source
-from xraydeconv.errors import UserError
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -105,12 +104,7 @@ def evaluate(**params) -> None:
     """
     from xraydeconv.training.distributed import from_env
 
-    try:
-        report = _run(**params)
-    except UserError:
-        if from_env().rank != 0:  # every process checks the same input: rank 0 alone says what is wrong
-            raise SystemExit(2) from None
-        raise
+    report = _run(**params)
     if not params["quiet"] and from_env().is_main:
         _print_summary(report, params["top_n"], params["out"])
 

@@ -77,7 +77,8 @@ def main() -> None:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(2)
     except (UserError, OSError) as exc:  # OSError: the file system refused; the line names the path
-        click.echo(f"error: {error_message(exc)}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the error; rank 0 says it
+            click.echo(f"error: {error_message(exc)}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

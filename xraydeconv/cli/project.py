@@ -129,14 +129,8 @@ def project(**params) -> None:
     """
     from xraydeconv.training.distributed import from_env
 
-    process = from_env().rank
-    try:
-        rows = _run(**params)
-    except UserError:
-        if process != 0:  # every process checks the same input: rank 0 alone says what is wrong
-            raise SystemExit(2) from None
-        raise
-    if not params["quiet"] and process == 0:
+    rows = _run(**params)
+    if not params["quiet"] and from_env().is_main:
         out = params["out"]
         click.echo(f"{len(rows)} images projected into {out} (open {out / 'index.html'})", err=True)
 
