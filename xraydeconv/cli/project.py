@@ -148,8 +148,7 @@ def _run(checkpoint, model_factory, weights, classes, input_size, images, more_i
         raise UserError("give either --images FILE... or --data DIR (one of the two)")
     if class_map is not None and data is None:
         raise UserError(f"--class-map {class_map}: only with --data (it renames the data set's classes)")
-    for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size),
-                        ("--max-side", max_side), ("--chunk", chunk), ("--page-size", page_size)):
+    for name, value in (("--top-n", top_n), ("--limit", limit), ("--batch-size", batch_size), ("--max-side", max_side)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
     archive = ArchiveOptions(pictures=pictures, maps=maps_kept, chunk=chunk, resume=resume, page=page_size).check()

@@ -122,11 +122,11 @@ class MethodComparison:
         summary per method), the similarity of its maps after the whole net was randomised."""
         if not self._scores:
             return None
-        rows = {}
+        rows, films = {}, {name: self._stats(FILM, name) for name in (*self.sets, MARKER)}
         for method in self.methods:
             row: dict = {"seconds_per_image": self._seconds.get(method, 0.0) / max(1, self._images.get(method, 0))}
-            for name in (*self.sets, MARKER):
-                s, film = self._stats(method, name), self._stats(FILM, name)
+            for name, film in films.items():
+                s = self._stats(method, name)
                 if s is not None and film is not None:
                     s["pointing_game_gain"] = s["pointing_game"] - film["pointing_game"]
                     s["mass_gain"] = (s["mass_over_area"] / film["mass_over_area"]

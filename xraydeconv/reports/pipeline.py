@@ -388,14 +388,14 @@ def write_image_folder(
 
 def _keep_maps(folder: Path, heats: Tensor, keep: FilmKeep) -> dict | None:
     """Write the (top_n, S, S) ``heats`` as float16 where ``keep`` says; the manifest's ``maps`` entry."""
+    if keep.maps not in ("folder", "store"):
+        return None
     half = heats.to(torch.float16).cpu().numpy()
     described = {"dtype": "float16", "shape": list(heats.shape), "content": MAPS_CONTENT}
     if keep.maps == "folder":
         write_atomically(folder / "maps.npy", lambda f: np.save(f, half))
         return {"file": "maps.npy", **described}
-    if keep.maps == "store":
-        return {**keep.store(half), **described}
-    return None
+    return {**keep.store(half), **described}
 
 
 class FolderWriter:
