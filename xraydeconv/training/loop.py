@@ -19,9 +19,11 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
 CURVES, CONFUSION = "curves.png", "confusion.png"
 # how a run is executed, not what it computes: may change when a run is resumed
 RUNTIME_FIELDS = ("device", "threads", "num_workers", "pool_backend", "channels_last", "max_pixels")
+T, U = TypeVar("T"), TypeVar("U")
 
 
 @dataclass
@@ -198,7 +201,8 @@ def open_splits(cfg: TrainConfig, log: Callable[[str], None] = print, preload: b
     return Splits(train_ds, val_ds, test_ds, list(train_ds.class_names), str(root))
 
 
-def _loader(ds, batches: list[list[int]], cfg: TrainConfig, device: torch.device):
+def batch_loader(ds, batches: list[list[int]], cfg: TrainConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    """The ``(x (b, C, S, S), y (b,))`` batches of ``ds`` with the given index lists, on the host."""
     # an own generator: creating a DataLoader iterator otherwise draws a seed from the global RNG, which
     # would make a resumed epoch's dropout stream differ from the uninterrupted one
     return torch.utils.data.DataLoader(
@@ -217,7 +221,7 @@ def evaluate(
     batches = [idx[i : i + 2 * cfg.batch_size] for i in range(0, len(idx), 2 * cfg.batch_size)]
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    for x, y in _loader(ds, batches, cfg, device):
+    for x, y in batch_loader(ds, batches, cfg, device):
         x, y = _to_device(x, y, cfg, device)
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
@@ -234,6 +238,32 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: torch
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
+
+
+def prefetched(items: Iterable[T], prepare: Callable[[T], U], background: bool = True) -> Iterator[U]:
+    """``prepare(item)`` for each item of ``items``, in order.
+
+    With ``background`` the next item is fetched and prepared on a thread while the caller works on the current
+    one (torch ops release the GIL), so loading and augmentation hide behind the training step. At most one
+    prepared item waits, and ``next(items)`` and ``prepare`` are called in the same order as without it, so every
+    random number ``prepare`` draws from its own generator is the same.
+    """
+    it = iter(items)
+    if not background:
+        for item in it:
+            yield prepare(item)
+        return
+    done = object()
+
+    def fetch():
+        item = next(it, done)
+        return done if item is done else prepare(item)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="xraydeconv-batches") as pool:
+        pending = pool.submit(fetch)
+        while (ready := pending.result()) is not done:
+            pending = pool.submit(fetch)
+            yield ready
 
 
 def _accuracy(confusion: np.ndarray) -> float:
@@ -367,7 +397,7 @@ def _run(cfg: TrainConfig, out: Path, raw: dict | None, info: distributed.DistIn
         _check_resumable(raw, cfg, splits.class_names, out)
     if cfg.batch_size % info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size}: must be a multiple of the {info.world_size} processes")
-    trainer = _Trainer(cfg, out, splits, info, device, log, progress)
+    trainer = Trainer(cfg, out, splits, info, device, log, progress)
     if raw is not None:
         trainer.restore(raw)
     trainer.start()
@@ -398,8 +428,14 @@ class _State:
     prior_seconds: float = 0.0
 
 
-class _Trainer:
-    """One training run: the model, its optimizer and schedule, and the steps of the loop."""
+class Trainer:
+    """One training run: the model, its optimizer and schedule, and the steps of the loop.
+
+    ``background`` (default True): load and augment the next batch on a thread while the current one trains;
+    the batches, their order and every random draw are the same either way.
+    """
+
+    background: bool = True
 
     def __init__(self, cfg: TrainConfig, out: Path, splits: Splits, info: distributed.DistInfo,
                  device: torch.device, log: Callable[[str], None], progress: bool) -> None:
@@ -423,6 +459,8 @@ class _Trainer:
         )
         self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + info.rank)
         self.aug_cfg = AugmentConfig()
+        # the augmentation stream after the last batch trained on: the background thread draws ahead of it
+        self.aug_state = self.aug_gen.get_state()
         self.state = _State()
         self.run_start = self.t_epoch = 0.0
 
@@ -444,6 +482,7 @@ class _Trainer:
         mine = ranks[self.info.rank % len(ranks)]
         set_rng_state(mine["rng"])
         self.aug_gen.set_state(mine["augment"])
+        self.aug_state = self.aug_gen.get_state()
         self.log(f"resuming {self.cfg.model} at epoch {self.state.epoch + 1}, step {self.state.step_in_epoch} "
                  f"of {self.steps_per_epoch}")
 
@@ -467,7 +506,7 @@ class _Trainer:
         bad = non_finite_weights(self.model.state_dict())
         if bad:
             raise self._diverged(f"{len(bad)} weight tensors hold NaN or infinity (e.g. {bad[0]})")
-        ranks = distributed.all_gather_objects({"rng": rng_state(), "augment": self.aug_gen.get_state()}, self.info)
+        ranks = distributed.all_gather_objects({"rng": rng_state(), "augment": self.aug_state}, self.info)
         if not self.info.is_main:
             return
         st = self.state
@@ -497,13 +536,13 @@ class _Trainer:
         """The remaining steps of the current epoch, with mid-epoch snapshots."""
         cfg, st = self.cfg, self.state
         self.ddp_model.train()
-        batches = distributed.epoch_batches(len(self.splits.train), cfg.batch_size, cfg.seed, st.epoch, self.info)
         self.t_epoch = time.perf_counter() - st.epoch_stats["seconds"]
         bar = tqdm(total=self.steps_per_epoch, initial=st.step_in_epoch,
                    desc=f"{cfg.model} epoch {st.epoch + 1}/{cfg.epochs}", unit="batch", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
-        for x, y in _loader(self.splits.train, batches[st.step_in_epoch:], cfg, self.device):
-            self._step(x, y)
+        for x, y, aug_state in self.epoch_batches(st.epoch, st.step_in_epoch):
+            self._count(*self.compute_step(x, y), len(y))
+            self.aug_state = aug_state
             stats = st.epoch_stats
             bar.update(1)
             seen = stats["seen"]
@@ -514,27 +553,50 @@ class _Trainer:
                 self.snapshot(self.out / RESUME, st.epoch, st.step_in_epoch, dict(stats))
         bar.close()
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One optimizer step on the batch (x: (B, 1, S, S), y: (B,)), counted into the epoch's statistics."""
-        x, y = _to_device(x, y, self.cfg, self.device)
+    def epoch_batches(self, epoch: int, start: int = 0, background: bool | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` from step ``start`` on, ready for :meth:`compute_step`, as
+        :meth:`prepare_batch` gives them; the next one is prepared on a background thread while the caller
+        trains on the current one (``background``, default ``self.background``). The augmentation generator
+        runs ahead of the batches consumed: the state after each batch comes with it."""
+        cfg = self.cfg
+        batches = distributed.epoch_batches(len(self.splits.train), cfg.batch_size, cfg.seed, epoch, self.info)
+        loader = batch_loader(self.splits.train, batches[start:], cfg, self.device)
+        return prefetched(loader, self.prepare_batch, self.background if background is None else background)
+
+    def prepare_batch(self, batch: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A loaded batch ``(x (B, 1, S, S), y (B,))`` moved to the device (channels-last when configured) and
+        augmented when the run augments; returns ``(x, y, augmentation generator state after it)``."""
+        x, y = _to_device(*batch, self.cfg, self.device)
         if self.cfg.augmented:
             x = augment_batch(x, self.aug_gen, self.aug_cfg)
+        return x, y, self.aug_gen.get_state()
+
+    def compute_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer and schedule step on a ready batch (x: (B, 1, S, S) on the device, y: (B,)).
+
+        Returns the batch's mean loss and its number of right predictions (0-dim tensors, not synchronised).
+        """
         logits = self.ddp_model(x)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    def _count(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        """Count a finished step into the epoch's statistics; stops a run whose loss is not finite."""
         st = self.state
         st.step_in_epoch += 1
         # one device sync per step for both numbers
-        correct = (logits.argmax(1) == y).sum().to(loss.dtype)
-        step_loss, step_correct = torch.stack([loss.detach(), correct]).tolist()
+        step_loss, step_correct = torch.stack([loss, correct.to(loss.dtype)]).tolist()
         if not math.isfinite(step_loss):
             raise self._diverged(f"the training loss is {step_loss}")
-        st.epoch_stats["loss_sum"] += step_loss * len(y)
+        st.epoch_stats["loss_sum"] += step_loss * n
         st.epoch_stats["correct"] += int(step_correct)
-        st.epoch_stats["seen"] += len(y)
+        st.epoch_stats["seen"] += n
 
     def end_epoch(self) -> None:
         """Validate, log the epoch's row, and write ``best.pt`` (when improved) and ``last.pt``."""
