@@ -5,6 +5,8 @@
 // it visits only the window rows inside the input); the few windows clipped at the left or right
 // edge go through the generic scalar path.
 // NHWC: one task per range of output pixels, vectorised over channels.
+// switch_relu_pool2d pools relu(x): each task pools its range of x, then rewrites the windows whose maximum is
+// not positive while they are still in cache (see relu_range).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -356,13 +358,39 @@ void pool_nhwc_pixels_any(const PoolArgs<T>& a, int64_t C, int64_t b, int64_t e)
   pool_nhwc_pixels<T>(a, C, b, e);
 }
 
+// Turns pooled x into pooled relu(x) for output pixels [pb, pe) (cpp values each: 1 in NCHW, C in NHWC). In a
+// window whose maximum is not positive every relu value is zero, so the first position inside the input wins,
+// as it does in max_pool2d(relu(x)); a NaN maximum stays. A zero maximum becomes +0 (relu keeps -0).
 template <typename T>
-void pool_nchw(const PoolArgs<T>& a) {
+void relu_range(const PoolArgs<T>& a, int64_t cpp, int64_t pb, int64_t pe) {
+  const PoolGeometry& g = a.g;
+  for (int64_t p = pb; p < pe;) {
+    const int64_t row = p / a.OW, oh = row % a.OH, ow0 = p - row * a.OW;
+    const int64_t ow1 = ow0 + (pe - p) < a.OW ? ow0 + (pe - p) : a.OW;
+    const int64_t first_h = (oh * g.sH < g.pH ? g.pH - oh * g.sH : 0) * g.kW;
+    for (int64_t ow = ow0; ow < ow1; ++ow) {
+      const uint8_t first = static_cast<uint8_t>(first_h + (ow * g.sW < g.pW ? g.pW - ow * g.sW : 0));
+      T* XD_RESTRICT o = a.out + (row * a.OW + ow) * cpp;
+      uint8_t* XD_RESTRICT s = a.sw + (row * a.OW + ow) * cpp;
+      for (int64_t c = 0; c < cpp; ++c) {
+        const bool zero = static_cast<acc_t<T>>(o[c]) <= 0;
+        o[c] = zero ? static_cast<T>(0) : o[c];
+        s[c] = zero ? first : s[c];
+      }
+    }
+    p += ow1 - ow0;
+  }
+}
+
+template <typename T>
+void pool_nchw(const PoolArgs<T>& a, bool relu) {
   const PoolGeometry& g = a.g;
   const int64_t rows = a.planes * a.OH;
   auto run = [&](auto rows_fn) {
-    at::parallel_for(0, rows, grain_rows(a.OW * g.kH * g.kW / 2 + a.OW),
-                     [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
+    at::parallel_for(0, rows, grain_rows(a.OW * g.kH * g.kW / 2 + a.OW), [&](int64_t b, int64_t e) {
+      rows_fn(a, b, e);
+      if (relu) relu_range(a, 1, b * a.OW, e * a.OW);
+    });
   };
   if (g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2) {
     run(pool_nchw_rows_any<T, 2, 2, 2, 2>);
@@ -374,20 +402,24 @@ void pool_nchw(const PoolArgs<T>& a) {
 }
 
 template <typename T>
-void pool_nhwc(const PoolArgs<T>& a, int64_t C) {
+void pool_nhwc(const PoolArgs<T>& a, int64_t C, bool relu) {
   if (const auto rows_fn = small_c_2x2_kernel(a, C)) {
-    at::parallel_for(0, a.planes * a.OH, grain_rows(a.OW * C * 5),
-                     [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
+    at::parallel_for(0, a.planes * a.OH, grain_rows(a.OW * C * 5), [&](int64_t b, int64_t e) {
+      rows_fn(a, b, e);
+      if (relu) relu_range(a, C, b * a.OW, e * a.OW);
+    });
     return;
   }
   const int64_t pixels = a.planes * a.OH * a.OW;  // planes = N here
-  at::parallel_for(0, pixels, grain_rows(C * a.g.kH * a.g.kW / 2 + C),
-                   [&](int64_t b, int64_t e) { pool_nhwc_pixels_any<T>(a, C, b, e); });
+  at::parallel_for(0, pixels, grain_rows(C * a.g.kH * a.g.kW / 2 + C), [&](int64_t b, int64_t e) {
+    pool_nhwc_pixels_any<T>(a, C, b, e);
+    if (relu) relu_range(a, C, b, e);
+  });
 }
 
 // Runs the kernel from x (any layout) into out/switches, which must be 4-D and contiguous in `fmt`.
 void pool_into(const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt, const at::Tensor& out4,
-               const at::Tensor& sw4) {
+               const at::Tensor& sw4, bool relu) {
   if (out4.numel() == 0) return;
   const at::Tensor xc = x4.contiguous(fmt);
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
@@ -397,18 +429,17 @@ void pool_into(const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt
                          sw4.mutable_data_ptr<uint8_t>(), 0, H, W, OH, OW, g};
     if (fmt == at::MemoryFormat::ChannelsLast) {
       a.planes = N;
-      pool_nhwc(a, C);
+      pool_nhwc(a, C, relu);
     } else {
       a.planes = N * C;
-      pool_nchw(a);
+      pool_nchw(a, relu);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                                     bool ceil_mode) {
-  const char* op = "switch_pool2d";
+std::tuple<at::Tensor, at::Tensor> pool_cpu(const char* op, const at::Tensor& x, at::IntArrayRef kernel_size,
+                                            at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                            bool relu) {
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
   const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
   const at::MemoryFormat fmt = memory_format_of(x);
@@ -417,8 +448,20 @@ std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::In
   at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
   advise_huge_pages(out.data_ptr(), out.nbytes());
   advise_huge_pages(sw.data_ptr(), sw.nbytes());
-  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
+  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw), relu);
   return {out, sw};
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     bool ceil_mode) {
+  return pool_cpu("switch_pool2d", x, kernel_size, stride, padding, ceil_mode, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_relu_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          bool ceil_mode) {
+  return pool_cpu("switch_relu_pool2d", x, kernel_size, stride, padding, ceil_mode, true);
 }
 
 void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -426,7 +469,7 @@ void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at:
   const char* op = "switch_pool2d_out";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
   const at::MemoryFormat fmt = check_pool_out(op, x, g, ceil_mode, out, sw);
-  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
+  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw), false);
 }
 
 }  // namespace
@@ -436,4 +479,5 @@ void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at:
 TORCH_LIBRARY_IMPL(xraydeconv, CPU, m) {
   m.impl("switch_pool2d", &xraydeconv::cpu::switch_pool2d_cpu);
   m.impl("switch_pool2d_out", &xraydeconv::cpu::switch_pool2d_out_cpu);
+  m.impl("switch_relu_pool2d", &xraydeconv::cpu::switch_relu_pool2d_cpu);
 }

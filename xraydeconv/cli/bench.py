@@ -55,7 +55,8 @@ def _file_option(flag: str, dest: str, help_text: str):
     "--suite",
     is_flag=True,
     help="Instead of the op table: every pool layer shape of the nets (128 and 256 px, batch 1 and 32, both layouts, "
-    "fwd and fwd+bwd) and each net's channels-last training step, kernel vs native, on the CPU.",
+    "fwd and fwd+bwd, alone and fused with a ReLU) and each net's channels-last training step, kernel vs native, "
+    "on the CPU.",
 )
 @_file_option(
     "--write-dispatch",
@@ -95,7 +96,9 @@ def bench(
 
     With --suite it measures instead what the nets run, on the CPU: every pool layer input of
     shallow, deeper and deeper-aug at 128 and 256 px (128 only with --quick), batch 1 and 32, NCHW
-    and channels-last, forward and forward+backward; then each net's training step (128 px, batch
+    and channels-last, forward and forward+backward, each alone ("pool fwd") and with the ReLU in
+    front fused ("pool relu+fwd": switch_relu_pool2d vs relu_ then max_pool2d); then each net's
+    training step (128 px, batch
     32, channels-last, AdamW) with the kernels, with auto and with native pooling. Speed-ups are
     medians over the interleaved rounds of the per-round ratio. --write-dispatch turns the pool rows
     into the table SwitchMaxPool2d(backend="auto") follows.

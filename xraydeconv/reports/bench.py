@@ -333,7 +333,8 @@ def format_report(report: Report) -> str:
 
 SUITE_SIZES = (128, 256)
 SUITE_BATCHES = (1, 32)
-PASSES = ("fwd", "fwd+bwd")
+# "relu+": a ReLU in front of the pool, fused (switch_relu_pool2d) against F.relu_ then F.max_pool2d
+PASSES = ("fwd", "fwd+bwd", "relu+fwd", "relu+fwd+bwd")
 # Each call once per round, as a model calls each layer once between other ops. Runs of the same call in a tight
 # loop (time_samples' min_sample_ms) leave the allocator and the caches in a state a model never sees; they moved
 # one-image fwd+bwd ratios by up to 4x either way.
@@ -347,7 +348,7 @@ TRAIN_BATCH = 32
 class SuiteRow:
     """One pool layer shape (or a whole training step) timed with the kernels and with native pooling."""
 
-    what: str  # "pool fwd", "pool fwd+bwd" or "train step <net> <kernel|auto>"
+    what: str  # "pool <one of PASSES>" or "train step <net> <kernel|auto>"
     shape: tuple[int, ...]
     layout: str
     threads: int
@@ -383,23 +384,29 @@ def net_pool_shapes(sizes: Sequence[int] = SUITE_SIZES, batches: Sequence[int] =
     return {(n, *chw): ", ".join(nets) for n in batches for chw, nets in sorted(found.items())}
 
 
-def pool_fns(x: torch.Tensor, backward: bool) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(kernel, native) calls of a 2x2/s2 pooling of ``x``, forward alone or with the gradient.
+def pool_fns(x: torch.Tensor, passes: str) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(kernel, native) calls of a 2x2/s2 pooling of ``x`` for one of :data:`PASSES`: forward alone or with the
+    gradient, of ``x`` or (``relu+``) of ``relu(x)``.
 
-    The kernel side calls the op the way ``SwitchMaxPool2d(backend="auto")`` does (no Python wrapper)."""
-    op, geometry = torch.ops.xraydeconv.switch_pool2d, ((2, 2), (2, 2), (0, 0), False)
+    The kernel side calls the op the way ``SwitchMaxPool2d(backend="auto")`` does (no Python wrapper). With a ReLU,
+    both sides start from a fresh copy of ``x`` (a model's ReLU runs in place on the fresh output of the layer
+    before it): native applies ``relu_`` to it and pools, the kernel pools it with the fused op.
+    """
+    relu, backward = passes.startswith("relu+"), passes.endswith("bwd")
+    op = torch.ops.xraydeconv.switch_relu_pool2d if relu else torch.ops.xraydeconv.switch_pool2d
+    geometry = ((2, 2), (2, 2), (0, 0), False)
+    xg = x.detach().clone().requires_grad_(backward)
+
+    def kernel_out() -> torch.Tensor:
+        return op(xg.clone() if relu else xg, *geometry)[0]
+
+    def native_out() -> torch.Tensor:
+        return F.max_pool2d(torch.relu_(xg.clone()) if relu else xg, 2, 2)
+
     if not backward:
-        return lambda: op(x, *geometry)[0], lambda: F.max_pool2d(x, 2, 2)
-    xg = x.detach().clone().requires_grad_(True)
+        return kernel_out, native_out
     grad = torch.randn_like(F.max_pool2d(x, 2, 2))
-
-    def kernel() -> object:
-        return torch.autograd.grad(op(xg, *geometry)[0], xg, grad)
-
-    def native() -> object:
-        return torch.autograd.grad(F.max_pool2d(xg, 2, 2), xg, grad)
-
-    return kernel, native
+    return (lambda: torch.autograd.grad(kernel_out(), xg, grad)), (lambda: torch.autograd.grad(native_out(), xg, grad))
 
 
 def run_pool_suite(
@@ -409,7 +416,8 @@ def run_pool_suite(
     batches: Sequence[int] = SUITE_BATCHES,
     progress: Callable[[str], None] | None = None,
 ) -> list[SuiteRow]:
-    """Every pool layer shape of the nets, both layouts, forward and forward+backward, float32, on the CPU."""
+    """Every pool layer shape of the nets, both layouts, forward and forward+backward, with and without a fused
+    ReLU in front (:data:`PASSES`), float32, on the CPU."""
     require_kernels_for("cpu")
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -422,7 +430,7 @@ def run_pool_suite(
                     for what in PASSES:
                         if progress is not None:
                             progress(f"pool {what} {shape} {layout} {n_threads}t")
-                        fns = dict(zip(("kernel", "native"), pool_fns(x, what != "fwd")))
+                        fns = dict(zip(("kernel", "native"), pool_fns(x, what)))
                         t = time_samples(fns, repeats, min_sample_ms=MIN_SAMPLE_MS)
                         rows.append(SuiteRow(f"pool {what}", shape, layout, n_threads, statistics.median(t["kernel"]),
                                              statistics.median(t["native"]), paired_speedup(t["native"], t["kernel"]),
@@ -512,7 +520,8 @@ def dispatch_table(rows: Sequence[SuiteRow]) -> dict[str, bool]:
             continue
         fmt = torch.channels_last if r.layout == "channels_last" else torch.contiguous_format
         x = torch.empty(r.shape, memory_format=fmt)  # never written: only its shape, layout and dtype count
-        key = shape_class(x, (2, 2), (2, 2), (0, 0), r.what == "pool fwd+bwd")
+        passes = r.what.removeprefix("pool ")
+        key = shape_class(x, (2, 2), (2, 2), (0, 0), passes.endswith("bwd"), passes.startswith("relu+"))
         table[key] = table.get(key, True) and r.speedup >= 1.0
     return dict(sorted(table.items()))
 
