@@ -224,9 +224,14 @@ XD_ALWAYS_INLINE void pool_nhwc_pixels(const PoolArgs<T>& a, int64_t C, int64_t 
 // of output rows, every output pixel reduced from its four input pixels with CT-wide vectors and its maxima
 // and switches written once. The per-pixel path above spends more on index arithmetic, the runtime loop over
 // C and re-reading its output than on the data when C is small (3-4x slower than native at C = 8, 16).
-template <typename T, int CT>
+// RELU: pool relu(x), applying it as each value is loaded (relu keeps NaN and -0, as torch.relu does).
+template <typename T, int CT, bool RELU>
 XD_ALWAYS_INLINE void pool_nhwc_2x2_rows(const PoolArgs<T>& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
+  const auto load = [](T v) {
+    const A f = static_cast<A>(v);
+    return RELU && f < A(0) ? A(0) : f;
+  };
   const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / OH, oh = r - n * OH;
@@ -239,9 +244,9 @@ XD_ALWAYS_INLINE void pool_nhwc_2x2_rows(const PoolArgs<T>& a, int64_t begin, in
       const T* XD_RESTRICT p10 = r1 + 2 * ow * CT;
 #pragma GCC unroll 32
       for (int c = 0; c < CT; ++c) {
-        A m = static_cast<A>(p00[c]);
+        A m = load(p00[c]);
         uint8_t sv = 0;
-        const A v1 = static_cast<A>(p00[CT + c]), v2 = static_cast<A>(p10[c]), v3 = static_cast<A>(p10[CT + c]);
+        const A v1 = load(p00[CT + c]), v2 = load(p10[c]), v3 = load(p10[CT + c]);
         bool b = beats(v1, m);
         m = b ? v1 : m;
         sv = b ? 1 : sv;
@@ -259,49 +264,54 @@ XD_ALWAYS_INLINE void pool_nhwc_2x2_rows(const PoolArgs<T>& a, int64_t begin, in
 }
 
 #if XD_MULTIVERSION
-template <typename T, int CT>
+template <typename T, int CT, bool RELU>
 XD_TARGET_AVX512 void pool_nhwc_2x2_rows_avx512(const PoolArgs<T>& a, int64_t b, int64_t e) {
-  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+  pool_nhwc_2x2_rows<T, CT, RELU>(a, b, e);
 }
-template <typename T, int CT>
+template <typename T, int CT, bool RELU>
 XD_TARGET_AVX2 void pool_nhwc_2x2_rows_avx2(const PoolArgs<T>& a, int64_t b, int64_t e) {
-  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+  pool_nhwc_2x2_rows<T, CT, RELU>(a, b, e);
 }
 #endif
 
-template <typename T, int CT>
+template <typename T, int CT, bool RELU>
 void pool_nhwc_2x2_rows_any(const PoolArgs<T>& a, int64_t b, int64_t e) {
 #if XD_MULTIVERSION
   if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
     switch (cpu_isa()) {
       case Isa::Avx512:
-        return pool_nhwc_2x2_rows_avx512<T, CT>(a, b, e);
+        return pool_nhwc_2x2_rows_avx512<T, CT, RELU>(a, b, e);
       case Isa::Avx2:
-        return pool_nhwc_2x2_rows_avx2<T, CT>(a, b, e);
+        return pool_nhwc_2x2_rows_avx2<T, CT, RELU>(a, b, e);
       default:
         break;
     }
   }
 #endif
-  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+  pool_nhwc_2x2_rows<T, CT, RELU>(a, b, e);
 }
 
-// The small-C 2x2/s2 row kernel for this call, or nullptr when it does not apply (another geometry, a
-// window clipped by ceil_mode, or a channel count without a specialisation).
+template <typename T, bool RELU>
+auto small_c_2x2_rows(int64_t C) -> void (*)(const PoolArgs<T>&, int64_t, int64_t) {
+  switch (C) {
+    case 4: return pool_nhwc_2x2_rows_any<T, 4, RELU>;
+    case 8: return pool_nhwc_2x2_rows_any<T, 8, RELU>;
+    case 16: return pool_nhwc_2x2_rows_any<T, 16, RELU>;
+    case 32: return pool_nhwc_2x2_rows_any<T, 32, RELU>;
+    case 64: return pool_nhwc_2x2_rows_any<T, 64, RELU>;
+    case 128: return pool_nhwc_2x2_rows_any<T, 128, RELU>;
+    default: return nullptr;
+  }
+}
+
+// The small-C 2x2/s2 row kernel for this call (of relu(x) with `relu`), or nullptr when it does not apply
+// (another geometry, a window clipped by ceil_mode, or a channel count without a specialisation).
 template <typename T>
-auto small_c_2x2_kernel(const PoolArgs<T>& a, int64_t C) -> void (*)(const PoolArgs<T>&, int64_t, int64_t) {
+auto small_c_2x2_kernel(const PoolArgs<T>& a, int64_t C, bool relu) -> void (*)(const PoolArgs<T>&, int64_t, int64_t) {
   const PoolGeometry& g = a.g;
   const bool tiles = g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.pH == 0 && g.pW == 0;
   if (!tiles || 2 * a.OH > a.H || 2 * a.OW > a.W) return nullptr;
-  switch (C) {
-    case 4: return pool_nhwc_2x2_rows_any<T, 4>;
-    case 8: return pool_nhwc_2x2_rows_any<T, 8>;
-    case 16: return pool_nhwc_2x2_rows_any<T, 16>;
-    case 32: return pool_nhwc_2x2_rows_any<T, 32>;
-    case 64: return pool_nhwc_2x2_rows_any<T, 64>;
-    case 128: return pool_nhwc_2x2_rows_any<T, 128>;
-    default: return nullptr;
-  }
+  return relu ? small_c_2x2_rows<T, true>(C) : small_c_2x2_rows<T, false>(C);
 }
 
 #if XD_MULTIVERSION
@@ -361,9 +371,47 @@ void pool_nhwc_pixels_any(const PoolArgs<T>& a, int64_t C, int64_t b, int64_t e)
 // Turns pooled x into pooled relu(x) for output pixels [pb, pe) (cpp values each: 1 in NCHW, C in NHWC). In a
 // window whose maximum is not positive every relu value is zero, so the first position inside the input wins,
 // as it does in max_pool2d(relu(x)); a NaN maximum stays. A zero maximum becomes +0 (relu keeps -0).
+// Without padding every window's first position is switch 0: one flat pass in two vectorisable loops (a value
+// that is 0 after the first loop was not positive before it).
+template <typename T>
+XD_ALWAYS_INLINE void relu_flat(T* XD_RESTRICT o, uint8_t* XD_RESTRICT s, int64_t n) {
+  using A = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<A>(o[i]) <= A(0) ? static_cast<T>(0) : o[i];
+  for (int64_t i = 0; i < n; ++i) s[i] = static_cast<A>(o[i]) == A(0) ? uint8_t{0} : s[i];
+}
+
+#if XD_MULTIVERSION
+template <typename T>
+XD_TARGET_AVX512 void relu_flat_avx512(T* o, uint8_t* s, int64_t n) {
+  relu_flat<T>(o, s, n);
+}
+template <typename T>
+XD_TARGET_AVX2 void relu_flat_avx2(T* o, uint8_t* s, int64_t n) {
+  relu_flat<T>(o, s, n);
+}
+#endif
+
+template <typename T>
+void relu_flat_any(T* o, uint8_t* s, int64_t n) {
+#if XD_MULTIVERSION
+  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case Isa::Avx512:
+        return relu_flat_avx512<T>(o, s, n);
+      case Isa::Avx2:
+        return relu_flat_avx2<T>(o, s, n);
+      default:
+        break;
+    }
+  }
+#endif
+  relu_flat<T>(o, s, n);
+}
+
 template <typename T>
 void relu_range(const PoolArgs<T>& a, int64_t cpp, int64_t pb, int64_t pe) {
   const PoolGeometry& g = a.g;
+  if (g.pH == 0 && g.pW == 0) return relu_flat_any(a.out + pb * cpp, a.sw + pb * cpp, (pe - pb) * cpp);
   for (int64_t p = pb; p < pe;) {
     const int64_t row = p / a.OW, oh = row % a.OH, ow0 = p - row * a.OW;
     const int64_t ow1 = ow0 + (pe - p) < a.OW ? ow0 + (pe - p) : a.OW;
@@ -403,11 +451,8 @@ void pool_nchw(const PoolArgs<T>& a, bool relu) {
 
 template <typename T>
 void pool_nhwc(const PoolArgs<T>& a, int64_t C, bool relu) {
-  if (const auto rows_fn = small_c_2x2_kernel(a, C)) {
-    at::parallel_for(0, a.planes * a.OH, grain_rows(a.OW * C * 5), [&](int64_t b, int64_t e) {
-      rows_fn(a, b, e);
-      if (relu) relu_range(a, C, b * a.OW, e * a.OW);
-    });
+  if (const auto rows_fn = small_c_2x2_kernel(a, C, relu)) {
+    at::parallel_for(0, a.planes * a.OH, grain_rows(a.OW * C * 5), [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
     return;
   }
   const int64_t pixels = a.planes * a.OH * a.OW;  // planes = N here
