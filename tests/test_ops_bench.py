@@ -151,8 +151,11 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_lib, "SUITE_BATCHES", (2,))
     monkeypatch.setattr(bench_lib, "TRAIN_PX", 16)
     monkeypatch.setattr(bench_lib, "TRAIN_BATCH", 2)
-    # the command loads the table it measured into the running process: give it a copy to overwrite
-    monkeypatch.setattr(pool_dispatch, "TABLE", dict(pool_dispatch.TABLE))
+    # the command loads the table it measured into the running process: give it a copy to overwrite, with a
+    # CUDA class that a CPU run keeps and a stale CPU class that it drops
+    cuda_key = "cuda/nchw/float32/k2x2s2x2p0x0/C8/8x8/batch/fwd"
+    stale = "cpu/nchw/float32/k2x2s2x2p0x0/C3/5x5/batch/fwd"
+    monkeypatch.setattr(pool_dispatch, "TABLE", {**pool_dispatch.TABLE, cuda_key: True, stale: True})
     out, table = tmp_path / "suite.json", tmp_path / "table.py"
     args = ["--suite", "--threads", "1", "--repeats", "1", "--json", str(out), "--write-dispatch", str(table)]
     result = CliRunner().invoke(bench, args)
@@ -163,6 +166,7 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     pool_rows = [r for r in data["rows"] if r["what"].startswith("pool")]
     namespace: dict = {}
     exec(table.read_text(), namespace)
+    assert namespace["TABLE"].pop(cuda_key) is True and stale not in namespace["TABLE"]
     assert len(namespace["TABLE"]) == len(pool_rows)  # one thread count: one row per shape class
     for r in pool_rows:
         key = (f"cpu/{r['layout']}/float32/k2x2s2x2p0x0/C{r['shape'][1]}/{r['shape'][2]}x{r['shape'][3]}/batch/"
@@ -174,7 +178,6 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     ("args", "message"),
     [
         (["--write-dispatch", "t.py"], "comes from --suite"),
-        (["--suite", "--device", "cuda"], "--device cpu"),
     ],
 )
 def test_cli_suite_option_errors(args, message, monkeypatch):

@@ -415,23 +415,24 @@ def run_pool_suite(
     sizes: Sequence[int] = SUITE_SIZES,
     batches: Sequence[int] = SUITE_BATCHES,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> list[SuiteRow]:
     """Every pool layer shape of the nets, both layouts, forward and forward+backward, with and without a fused
-    ReLU in front (:data:`PASSES`), float32, on the CPU."""
-    require_kernels_for("cpu")
+    ReLU in front (:data:`PASSES`), float32, on ``device`` ("cpu" or "cuda"; CUDA times with events)."""
+    require_kernels_for(device)
     rows = []
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     shapes = net_pool_shapes(sizes, batches)
     with thread_counts(threads) as counts:
         for n_threads in counts():
             for shape, nets in shapes.items():
                 for layout in LAYOUTS:
-                    x = _input(shape, layout, "cpu", gen)
+                    x = _input(shape, layout, device, gen)
                     for what in PASSES:
                         if progress is not None:
                             progress(f"pool {what} {shape} {layout} {n_threads}t")
                         fns = dict(zip(("kernel", "native"), pool_fns(x, what)))
-                        t = time_samples(fns, repeats, min_sample_ms=MIN_SAMPLE_MS)
+                        t = time_samples(fns, repeats, device, min_sample_ms=MIN_SAMPLE_MS)
                         rows.append(SuiteRow(f"pool {what}", shape, layout, n_threads, statistics.median(t["kernel"]),
                                              statistics.median(t["native"]), paired_speedup(t["native"], t["kernel"]),
                                              nets))
@@ -443,7 +444,8 @@ def train_step_fn(name: str, backend: str, px: int, x: torch.Tensor, y: torch.Te
     from xraydeconv.training.models import build
 
     torch.manual_seed(0)
-    model = build(name, input_size=px, pool_backend=backend).train().to(memory_format=torch.channels_last)
+    model = build(name, input_size=px, pool_backend=backend).train()
+    model = model.to(x.device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> object:
@@ -463,25 +465,26 @@ def run_train_steps(
     px: int | None = None,
     batch: int | None = None,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> list[SuiteRow]:
     """The training step of each net with ``pool_backend="kernel"`` and ``"auto"`` vs ``"native"`` (channels-last,
     AdamW), interleaved; ``auto`` follows :data:`xraydeconv.ops.pool_dispatch.TABLE` as it stands.
 
-    ``px`` and ``batch`` default to :data:`TRAIN_PX` and :data:`TRAIN_BATCH`.
+    ``px`` and ``batch`` default to :data:`TRAIN_PX` and :data:`TRAIN_BATCH`; ``device`` is "cpu" or "cuda".
     """
-    require_kernels_for("cpu")
+    require_kernels_for(device)
     px, batch = px or TRAIN_PX, batch or TRAIN_BATCH
     rows = []
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 1, px, px, generator=gen).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 24, (batch,), generator=gen)
+    x = torch.rand(batch, 1, px, px, generator=gen).contiguous(memory_format=torch.channels_last).to(device)
+    y = torch.randint(0, 24, (batch,), generator=gen).to(device)
     with thread_counts(threads) as counts:
         for n_threads in counts():
             for name in nets:
                 if progress is not None:
                     progress(f"train step {name} {n_threads}t")
                 fns = {side: train_step_fn(name, side, px, x, y) for side in ("kernel", "auto", "native")}
-                t = time_samples(fns, repeats)
+                t = time_samples(fns, repeats, device)
                 for side in ("kernel", "auto"):
                     rows.append(SuiteRow(f"train step {name} {side}", tuple(x.shape), "channels_last", n_threads,
                                          statistics.median(t[side]), statistics.median(t["native"]),
@@ -491,8 +494,9 @@ def run_train_steps(
 
 def format_suite(rows: Sequence[SuiteRow], machine: dict, repeats: int) -> str:
     """The suite's table: one line per row with its speed-up (native ms / kernel ms)."""
+    gpu = f", GPU: {machine['gpu']}" if machine.get("gpu") else ""
     lines = [
-        f"machine: {machine.get('cpu')} ({machine.get('cpu_cores')} cores, kernels: {machine.get('kernel_isa')}), "
+        f"machine: {machine.get('cpu')} ({machine.get('cpu_cores')} cores, kernels: {machine.get('kernel_isa')}){gpu}, "
         f"torch {machine.get('torch')}, OMP_WAIT_POLICY={machine.get('omp_wait_policy')}",
         f"median of {repeats} interleaved rounds; 2x2/s2 max pooling, float32; speed-up: median over the rounds "
         "of native ms / kernel ms",
@@ -509,9 +513,9 @@ def format_suite(rows: Sequence[SuiteRow], machine: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def dispatch_table(rows: Sequence[SuiteRow]) -> dict[str, bool]:
-    """The ``auto`` dispatch table: a pool shape class is True when the kernel was at least as fast at every
-    thread count measured."""
+def dispatch_table(rows: Sequence[SuiteRow], device: str = "cpu") -> dict[str, bool]:
+    """The ``auto`` dispatch table of ``device``'s rows: a pool shape class is True when the kernel was at least as
+    fast at every thread count measured."""
     from xraydeconv.ops.pool_dispatch import shape_class
 
     table: dict[str, bool] = {}
@@ -519,7 +523,7 @@ def dispatch_table(rows: Sequence[SuiteRow]) -> dict[str, bool]:
         if not r.what.startswith("pool "):
             continue
         fmt = torch.channels_last if r.layout == "channels_last" else torch.contiguous_format
-        x = torch.empty(r.shape, memory_format=fmt)  # never written: only its shape, layout and dtype count
+        x = torch.empty(r.shape, memory_format=fmt, device=device)  # never written: shape, layout and dtype count
         passes = r.what.removeprefix("pool ")
         key = shape_class(x, (2, 2), (2, 2), (0, 0), passes.endswith("bwd"), passes.startswith("relu+"))
         table[key] = table.get(key, True) and r.speedup >= 1.0
