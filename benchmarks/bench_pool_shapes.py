@@ -4,7 +4,8 @@
         --benchmark-columns=median,iqr,rounds
 
 The shapes are the inputs of every ``SwitchMaxPool2d`` of shallow, deeper and deeper-aug at 128 and 256 px,
-batch 1 and 32 (float32, 2x2/s2), in NCHW and channels-last, forward and forward+backward, at 1 and 2 threads
+batch 1 and 32 (float32, 2x2/s2), in NCHW and channels-last, forward and forward+backward, alone and with the
+ReLU in front fused (``bench.PASSES``), at 1 and 2 threads
 (benchmarks/conftest.py). Each group holds the kernel and the native side of one case. ``xraydeconv bench
 --suite`` measures the same pairs interleaved in one process and derives ``auto``'s dispatch table from them.
 """
@@ -31,5 +32,5 @@ def test_pool(benchmark, threads, shape, layout, passes, side):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    kernel_fn, native_fn = bench.pool_fns(x, passes == "fwd+bwd")
+    kernel_fn, native_fn = bench.pool_fns(x, passes)
     benchmark(kernel_fn if side == "kernel" else native_fn)

@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh
 #
-# Sections: 0 machine, 1 build (sm_90 by default), 2 tests, 3 kernel timings and `xraydeconv bench`,
+# Sections: 0 machine, 1 build (sm_90 by default), 2 tests, 3 kernel timings, `xraydeconv bench` and its --suite
+# (every pool layer of the nets, fwd+bwd, with the ReLU fused, and each net's training step),
 # 4 projection report (if benchmarks/projection_report.py exists), 5 images/s of `project` on CUDA at 256 px
 # (benchmarks/bench_project_throughput.py; with 2 GPUs also 2 torchrun processes on NCCL), then a summary. Logs and JSON go to
 # $OUT when it is set (else to a temporary folder, printed at the end). Exits non-zero when the build
@@ -30,6 +31,7 @@ bench_status="not run"
 kernel_status="not run"
 projection_status="not run"
 project_status="not run"
+suite_status="not run"
 started=$(date +%s)
 
 section() { printf '\n===== %s =====\n' "$*"; }
@@ -40,6 +42,7 @@ finish() {
   echo "tests:              $test_status"
   echo "kernel timings:     $kernel_status"
   echo "xraydeconv bench:   $bench_status"
+  echo "suite (nets, steps): $suite_status"
   echo "projection report:  $projection_status"
   echo "project throughput: $project_status"
   echo "total:              $(($(date +%s) - started)) s"
@@ -339,6 +342,21 @@ if "$PY" -m xraydeconv.cli.main bench --help >/dev/null 2>&1; then
 else
   bench_status="skipped (the bench command is not available)"
   echo "$bench_status"
+fi
+
+section "3c. what the nets run on CUDA: xraydeconv bench --suite --device cuda"
+# every pool layer shape of the nets (both layouts, fwd and fwd+bwd, alone and with the ReLU fused) and each
+# net's training step with the kernels, auto and native pooling, in one table; the CUDA classes of the dispatch
+# table go to $LOGS/dispatch_cuda.py (merged with the CPU ones) for a later commit
+if "$PY" -m xraydeconv.cli.main bench --help >/dev/null 2>&1; then
+  cp xraydeconv/ops/pool_dispatch_table.py "$LOGS/dispatch_cuda.py"
+  timeout 300 "$PY" -m xraydeconv.cli.main bench --suite --device cuda --repeats 9 --json "$LOGS/suite_cuda.json" \
+    --write-dispatch "$LOGS/dispatch_cuda.py" 2>&1 | tee "$LOGS/suite_cuda.txt"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 0 ]; then suite_status="ok"; else suite_status="FAILED (exit $rc)"; fi
+else
+  suite_status="skipped (the bench command is not available)"
+  echo "$suite_status"
 fi
 
 # ---------------------------------------------------------------------------------------------

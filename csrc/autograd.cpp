@@ -1,11 +1,13 @@
 // Autograd of the switch ops, for every backend (the Autograd dispatch key): pool's backward is unpool,
-// unpool's is gather, gather's is unpool. Each backward calls the ops through the dispatcher again, so any
+// unpool's is gather, gather's is unpool; relu-pool's is ReLU's threshold_backward on the pooled gradient, then
+// unpool. Each backward calls the ops through the dispatcher again, so any
 // order of derivatives works, and torch.compile traces them like any other op.
 //
 // In C++ rather than Python (torch.library.register_autograd) because the Python layer cost about 50 us per
 // call on each of forward and backward: as much as the pooling itself on the one-image feature maps the
 // projection and batch-1 inference run.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/threshold_backward.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -84,6 +86,34 @@ class SwitchPool2d : public torch::autograd::Function<SwitchPool2d> {
   }
 };
 
+// max_pool2d(relu(x)): relu(x) is only ever read at the switches, where it equals the pooled output, so ReLU's
+// backward (zero where the output is not positive) runs on the pooled gradient, a quarter of the input's size
+// for 2x2 windows, and unpooling writes the input's gradient once.
+class SwitchReluPool2d : public torch::autograd::Function<SwitchReluPool2d> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
+                               c10::IntArrayRef p, bool ceil_mode) {
+    static const auto op = op_handle<PoolFn>("xraydeconv::switch_relu_pool2d");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, sw] = op.call(x, k, s, p, ceil_mode);
+    save_geometry(ctx, k, s, p);
+    ctx->saved_data["size"] = spatial_size(x);
+    ctx->save_for_backward({sw, out});
+    ctx->mark_non_differentiable({sw});
+    ctx->set_materialize_grads(false);
+    return {out, sw};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const variable_list saved = ctx->get_saved_variables();
+    const Geometry g = saved_geometry(ctx);
+    const std::vector<int64_t> size = ctx->saved_data["size"].toIntVector();
+    const Tensor positive = at::threshold_backward(grads[0], saved[1], 0);
+    return {unpool(positive, saved[0], g.k, g.s, g.p, size), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
 class SwitchUnpool2d : public torch::autograd::Function<SwitchUnpool2d> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& y, const Tensor& sw, c10::IntArrayRef k,
@@ -128,6 +158,12 @@ std::tuple<Tensor, Tensor> switch_pool2d_autograd(const Tensor& x, c10::IntArray
   return {r[0], r[1]};
 }
 
+std::tuple<Tensor, Tensor> switch_relu_pool2d_autograd(const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
+                                                       c10::IntArrayRef p, bool ceil_mode) {
+  variable_list r = SwitchReluPool2d::apply(x, k, s, p, ceil_mode);
+  return {r[0], r[1]};
+}
+
 Tensor switch_unpool2d_autograd(const Tensor& y, const Tensor& sw, c10::IntArrayRef k, c10::IntArrayRef s,
                                 c10::IntArrayRef p, c10::IntArrayRef size) {
   return SwitchUnpool2d::apply(y, sw, k, s, p, size);
@@ -143,6 +179,7 @@ Tensor switch_gather2d_autograd(const Tensor& x, const Tensor& sw, c10::IntArray
 
 TORCH_LIBRARY_IMPL(xraydeconv, Autograd, m) {
   m.impl("switch_pool2d", &xraydeconv::switch_pool2d_autograd);
+  m.impl("switch_relu_pool2d", &xraydeconv::switch_relu_pool2d_autograd);
   m.impl("switch_unpool2d", &xraydeconv::switch_unpool2d_autograd);
   m.impl("switch_gather2d", &xraydeconv::switch_gather2d_autograd);
 }

@@ -18,6 +18,9 @@ TORCH_LIBRARY(xraydeconv, m) {
   m.def(
       "switch_pool2d_out(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
       "Tensor(a!) out, Tensor(b!) switches) -> ()");
+  // switch_pool2d of relu(x) in one pass: the pooled values and switches of max_pool2d(relu(x)), without
+  // writing relu(x) (a ReLU followed by a max pool, fused).
+  m.def("switch_relu_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> (Tensor, Tensor)");
   // Exact adjoint of the selection: every input position receives the sum of the pooled values whose
   // switch points at it. output_size is the (H, W) of the pooling input.
   m.def(

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from xraydeconv import ops
 from xraydeconv.cli.bench import bench
 from xraydeconv.errors import UserError
+from xraydeconv.ops import pool_dispatch
 from xraydeconv.reports import bench as bench_lib
 
 pytestmark = pytest.mark.skipif(not ops.has_kernels("cpu"), reason="xraydeconv._C is not built")
@@ -107,7 +108,8 @@ def test_pool_suite_rows_and_train_steps():
     rows = bench_lib.run_pool_suite(threads=[1], repeats=1, sizes=(16,), batches=(2,))
     n_shapes = len(bench_lib.net_pool_shapes((16,), (2,)))
     assert len(rows) == n_shapes * len(bench_lib.LAYOUTS) * len(bench_lib.PASSES)
-    assert {r.what for r in rows} == {"pool fwd", "pool fwd+bwd"} and {r.threads for r in rows} == {1}
+    assert {r.what for r in rows} == {"pool fwd", "pool fwd+bwd", "pool relu+fwd", "pool relu+fwd+bwd"}
+    assert {r.threads for r in rows} == {1}
     assert rows[0].speedup == pytest.approx(rows[0].native_ms / rows[0].kernel_ms)
     steps = bench_lib.run_train_steps(nets=("shallow",), threads=[1], repeats=1, px=16, batch=2)
     assert [(s.what, s.shape, s.layout) for s in steps] == [
@@ -129,6 +131,7 @@ def test_dispatch_table_needs_the_kernel_at_least_as_fast_at_every_thread_count(
         _row("pool fwd+bwd", (32, 16, 64, 64), "channels_last", 1, 1.0, 2.0),
         _row("pool fwd+bwd", (32, 16, 64, 64), "channels_last", 2, 2.1, 2.0),
         _row("pool fwd", (1, 8, 16, 16), "nchw", 1, 3.0, 2.0),
+        _row("pool relu+fwd+bwd", (1, 8, 16, 16), "nchw", 1, 1.0, 2.0),
         _row("train step deeper", (32, 1, 128, 128), "channels_last", 1, 1.0, 2.0),  # not a pool row
     ]
     table = bench_lib.dispatch_table(rows)
@@ -136,6 +139,7 @@ def test_dispatch_table_needs_the_kernel_at_least_as_fast_at_every_thread_count(
         "cpu/channels_last/float32/k2x2s2x2p0x0/C16/64x64/batch/fwd": True,
         "cpu/channels_last/float32/k2x2s2x2p0x0/C16/64x64/batch/fwd+bwd": False,
         "cpu/nchw/float32/k2x2s2x2p0x0/C8/16x16/N1/fwd": False,
+        "cpu/nchw/float32/k2x2s2x2p0x0/C8/16x16/N1/relu+fwd+bwd": True,
     }
     namespace: dict = {}
     exec(bench_lib.dispatch_module_text(table, "xraydeconv bench --suite"), namespace)
@@ -147,6 +151,11 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_lib, "SUITE_BATCHES", (2,))
     monkeypatch.setattr(bench_lib, "TRAIN_PX", 16)
     monkeypatch.setattr(bench_lib, "TRAIN_BATCH", 2)
+    # the command loads the table it measured into the running process: give it a copy to overwrite, with a
+    # CUDA class that a CPU run keeps and a stale CPU class that it drops
+    cuda_key = "cuda/nchw/float32/k2x2s2x2p0x0/C8/8x8/batch/fwd"
+    stale = "cpu/nchw/float32/k2x2s2x2p0x0/C3/5x5/batch/fwd"
+    monkeypatch.setattr(pool_dispatch, "TABLE", {**pool_dispatch.TABLE, cuda_key: True, stale: True})
     out, table = tmp_path / "suite.json", tmp_path / "table.py"
     args = ["--suite", "--threads", "1", "--repeats", "1", "--json", str(out), "--write-dispatch", str(table)]
     result = CliRunner().invoke(bench, args)
@@ -157,6 +166,7 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     pool_rows = [r for r in data["rows"] if r["what"].startswith("pool")]
     namespace: dict = {}
     exec(table.read_text(), namespace)
+    assert namespace["TABLE"].pop(cuda_key) is True and stale not in namespace["TABLE"]
     assert len(namespace["TABLE"]) == len(pool_rows)  # one thread count: one row per shape class
     for r in pool_rows:
         key = (f"cpu/{r['layout']}/float32/k2x2s2x2p0x0/C{r['shape'][1]}/{r['shape'][2]}x{r['shape'][3]}/batch/"
@@ -168,7 +178,6 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     ("args", "message"),
     [
         (["--write-dispatch", "t.py"], "comes from --suite"),
-        (["--suite", "--device", "cuda"], "--device cpu"),
     ],
 )
 def test_cli_suite_option_errors(args, message, monkeypatch):

@@ -1,8 +1,11 @@
-"""Modules for models: ``SwitchMaxPool2d``, the drop-in ``nn.MaxPool2d`` that can hand out its switches.
+"""Modules for models: ``SwitchMaxPool2d``, the drop-in ``nn.MaxPool2d`` that can hand out its switches, and
+``FusedSequential``, the ``nn.Sequential`` that runs a ReLU followed by a ``SwitchMaxPool2d`` as one kernel.
 
-It lives in :mod:`xraydeconv.ops.switch_max_pool`; this is its public address.
+They live in :mod:`xraydeconv.ops.switch_max_pool` and :mod:`xraydeconv.ops.fused_sequential`; this is their
+public address.
 """
 
+from xraydeconv.ops.fused_sequential import FusedSequential
 from xraydeconv.ops.switch_max_pool import BACKENDS, SwitchMaxPool2d
 
-__all__ = ["BACKENDS", "SwitchMaxPool2d"]
+__all__ = ["BACKENDS", "FusedSequential", "SwitchMaxPool2d"]

@@ -5,6 +5,8 @@
 // it visits only the window rows inside the input); the few windows clipped at the left or right
 // edge go through the generic scalar path.
 // NHWC: one task per range of output pixels, vectorised over channels.
+// switch_relu_pool2d pools relu(x): each task pools its range of x, then rewrites the windows whose maximum is
+// not positive while they are still in cache (see relu_range).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -222,9 +224,14 @@ XD_ALWAYS_INLINE void pool_nhwc_pixels(const PoolArgs<T>& a, int64_t C, int64_t 
 // of output rows, every output pixel reduced from its four input pixels with CT-wide vectors and its maxima
 // and switches written once. The per-pixel path above spends more on index arithmetic, the runtime loop over
 // C and re-reading its output than on the data when C is small (3-4x slower than native at C = 8, 16).
-template <typename T, int CT>
+// RELU: pool relu(x), applying it as each value is loaded (relu keeps NaN and -0, as torch.relu does).
+template <typename T, int CT, bool RELU>
 XD_ALWAYS_INLINE void pool_nhwc_2x2_rows(const PoolArgs<T>& a, int64_t begin, int64_t end) {
   using A = acc_t<T>;
+  const auto load = [](T v) {
+    const A f = static_cast<A>(v);
+    return RELU && f < A(0) ? A(0) : f;
+  };
   const int64_t H = a.H, W = a.W, OH = a.OH, OW = a.OW;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / OH, oh = r - n * OH;
@@ -237,9 +244,9 @@ XD_ALWAYS_INLINE void pool_nhwc_2x2_rows(const PoolArgs<T>& a, int64_t begin, in
       const T* XD_RESTRICT p10 = r1 + 2 * ow * CT;
 #pragma GCC unroll 32
       for (int c = 0; c < CT; ++c) {
-        A m = static_cast<A>(p00[c]);
+        A m = load(p00[c]);
         uint8_t sv = 0;
-        const A v1 = static_cast<A>(p00[CT + c]), v2 = static_cast<A>(p10[c]), v3 = static_cast<A>(p10[CT + c]);
+        const A v1 = load(p00[CT + c]), v2 = load(p10[c]), v3 = load(p10[CT + c]);
         bool b = beats(v1, m);
         m = b ? v1 : m;
         sv = b ? 1 : sv;
@@ -257,49 +264,54 @@ XD_ALWAYS_INLINE void pool_nhwc_2x2_rows(const PoolArgs<T>& a, int64_t begin, in
 }
 
 #if XD_MULTIVERSION
-template <typename T, int CT>
+template <typename T, int CT, bool RELU>
 XD_TARGET_AVX512 void pool_nhwc_2x2_rows_avx512(const PoolArgs<T>& a, int64_t b, int64_t e) {
-  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+  pool_nhwc_2x2_rows<T, CT, RELU>(a, b, e);
 }
-template <typename T, int CT>
+template <typename T, int CT, bool RELU>
 XD_TARGET_AVX2 void pool_nhwc_2x2_rows_avx2(const PoolArgs<T>& a, int64_t b, int64_t e) {
-  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+  pool_nhwc_2x2_rows<T, CT, RELU>(a, b, e);
 }
 #endif
 
-template <typename T, int CT>
+template <typename T, int CT, bool RELU>
 void pool_nhwc_2x2_rows_any(const PoolArgs<T>& a, int64_t b, int64_t e) {
 #if XD_MULTIVERSION
   if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
     switch (cpu_isa()) {
       case Isa::Avx512:
-        return pool_nhwc_2x2_rows_avx512<T, CT>(a, b, e);
+        return pool_nhwc_2x2_rows_avx512<T, CT, RELU>(a, b, e);
       case Isa::Avx2:
-        return pool_nhwc_2x2_rows_avx2<T, CT>(a, b, e);
+        return pool_nhwc_2x2_rows_avx2<T, CT, RELU>(a, b, e);
       default:
         break;
     }
   }
 #endif
-  pool_nhwc_2x2_rows<T, CT>(a, b, e);
+  pool_nhwc_2x2_rows<T, CT, RELU>(a, b, e);
 }
 
-// The small-C 2x2/s2 row kernel for this call, or nullptr when it does not apply (another geometry, a
-// window clipped by ceil_mode, or a channel count without a specialisation).
+template <typename T, bool RELU>
+auto small_c_2x2_rows(int64_t C) -> void (*)(const PoolArgs<T>&, int64_t, int64_t) {
+  switch (C) {
+    case 4: return pool_nhwc_2x2_rows_any<T, 4, RELU>;
+    case 8: return pool_nhwc_2x2_rows_any<T, 8, RELU>;
+    case 16: return pool_nhwc_2x2_rows_any<T, 16, RELU>;
+    case 32: return pool_nhwc_2x2_rows_any<T, 32, RELU>;
+    case 64: return pool_nhwc_2x2_rows_any<T, 64, RELU>;
+    case 128: return pool_nhwc_2x2_rows_any<T, 128, RELU>;
+    default: return nullptr;
+  }
+}
+
+// The small-C 2x2/s2 row kernel for this call (of relu(x) with `relu`), or nullptr when it does not apply
+// (another geometry, a window clipped by ceil_mode, or a channel count without a specialisation).
 template <typename T>
-auto small_c_2x2_kernel(const PoolArgs<T>& a, int64_t C) -> void (*)(const PoolArgs<T>&, int64_t, int64_t) {
+auto small_c_2x2_kernel(const PoolArgs<T>& a, int64_t C, bool relu) -> void (*)(const PoolArgs<T>&, int64_t, int64_t) {
   const PoolGeometry& g = a.g;
   const bool tiles = g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.pH == 0 && g.pW == 0;
   if (!tiles || 2 * a.OH > a.H || 2 * a.OW > a.W) return nullptr;
-  switch (C) {
-    case 4: return pool_nhwc_2x2_rows_any<T, 4>;
-    case 8: return pool_nhwc_2x2_rows_any<T, 8>;
-    case 16: return pool_nhwc_2x2_rows_any<T, 16>;
-    case 32: return pool_nhwc_2x2_rows_any<T, 32>;
-    case 64: return pool_nhwc_2x2_rows_any<T, 64>;
-    case 128: return pool_nhwc_2x2_rows_any<T, 128>;
-    default: return nullptr;
-  }
+  return relu ? small_c_2x2_rows<T, true>(C) : small_c_2x2_rows<T, false>(C);
 }
 
 #if XD_MULTIVERSION
@@ -356,13 +368,77 @@ void pool_nhwc_pixels_any(const PoolArgs<T>& a, int64_t C, int64_t b, int64_t e)
   pool_nhwc_pixels<T>(a, C, b, e);
 }
 
+// Turns pooled x into pooled relu(x) for output pixels [pb, pe) (cpp values each: 1 in NCHW, C in NHWC). In a
+// window whose maximum is not positive every relu value is zero, so the first position inside the input wins,
+// as it does in max_pool2d(relu(x)); a NaN maximum stays. A zero maximum becomes +0 (relu keeps -0).
+// Without padding every window's first position is switch 0: one flat pass in two vectorisable loops (a value
+// that is 0 after the first loop was not positive before it).
 template <typename T>
-void pool_nchw(const PoolArgs<T>& a) {
+XD_ALWAYS_INLINE void relu_flat(T* XD_RESTRICT o, uint8_t* XD_RESTRICT s, int64_t n) {
+  using A = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<A>(o[i]) <= A(0) ? static_cast<T>(0) : o[i];
+  for (int64_t i = 0; i < n; ++i) s[i] = static_cast<A>(o[i]) == A(0) ? uint8_t{0} : s[i];
+}
+
+#if XD_MULTIVERSION
+template <typename T>
+XD_TARGET_AVX512 void relu_flat_avx512(T* o, uint8_t* s, int64_t n) {
+  relu_flat<T>(o, s, n);
+}
+template <typename T>
+XD_TARGET_AVX2 void relu_flat_avx2(T* o, uint8_t* s, int64_t n) {
+  relu_flat<T>(o, s, n);
+}
+#endif
+
+template <typename T>
+void relu_flat_any(T* o, uint8_t* s, int64_t n) {
+#if XD_MULTIVERSION
+  if (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    switch (cpu_isa()) {
+      case Isa::Avx512:
+        return relu_flat_avx512<T>(o, s, n);
+      case Isa::Avx2:
+        return relu_flat_avx2<T>(o, s, n);
+      default:
+        break;
+    }
+  }
+#endif
+  relu_flat<T>(o, s, n);
+}
+
+template <typename T>
+void relu_range(const PoolArgs<T>& a, int64_t cpp, int64_t pb, int64_t pe) {
+  const PoolGeometry& g = a.g;
+  if (g.pH == 0 && g.pW == 0) return relu_flat_any(a.out + pb * cpp, a.sw + pb * cpp, (pe - pb) * cpp);
+  for (int64_t p = pb; p < pe;) {
+    const int64_t row = p / a.OW, oh = row % a.OH, ow0 = p - row * a.OW;
+    const int64_t ow1 = ow0 + (pe - p) < a.OW ? ow0 + (pe - p) : a.OW;
+    const int64_t first_h = (oh * g.sH < g.pH ? g.pH - oh * g.sH : 0) * g.kW;
+    for (int64_t ow = ow0; ow < ow1; ++ow) {
+      const uint8_t first = static_cast<uint8_t>(first_h + (ow * g.sW < g.pW ? g.pW - ow * g.sW : 0));
+      T* XD_RESTRICT o = a.out + (row * a.OW + ow) * cpp;
+      uint8_t* XD_RESTRICT s = a.sw + (row * a.OW + ow) * cpp;
+      for (int64_t c = 0; c < cpp; ++c) {
+        const bool zero = static_cast<acc_t<T>>(o[c]) <= 0;
+        o[c] = zero ? static_cast<T>(0) : o[c];
+        s[c] = zero ? first : s[c];
+      }
+    }
+    p += ow1 - ow0;
+  }
+}
+
+template <typename T>
+void pool_nchw(const PoolArgs<T>& a, bool relu) {
   const PoolGeometry& g = a.g;
   const int64_t rows = a.planes * a.OH;
   auto run = [&](auto rows_fn) {
-    at::parallel_for(0, rows, grain_rows(a.OW * g.kH * g.kW / 2 + a.OW),
-                     [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
+    at::parallel_for(0, rows, grain_rows(a.OW * g.kH * g.kW / 2 + a.OW), [&](int64_t b, int64_t e) {
+      rows_fn(a, b, e);
+      if (relu) relu_range(a, 1, b * a.OW, e * a.OW);
+    });
   };
   if (g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2) {
     run(pool_nchw_rows_any<T, 2, 2, 2, 2>);
@@ -374,20 +450,21 @@ void pool_nchw(const PoolArgs<T>& a) {
 }
 
 template <typename T>
-void pool_nhwc(const PoolArgs<T>& a, int64_t C) {
-  if (const auto rows_fn = small_c_2x2_kernel(a, C)) {
-    at::parallel_for(0, a.planes * a.OH, grain_rows(a.OW * C * 5),
-                     [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
+void pool_nhwc(const PoolArgs<T>& a, int64_t C, bool relu) {
+  if (const auto rows_fn = small_c_2x2_kernel(a, C, relu)) {
+    at::parallel_for(0, a.planes * a.OH, grain_rows(a.OW * C * 5), [&](int64_t b, int64_t e) { rows_fn(a, b, e); });
     return;
   }
   const int64_t pixels = a.planes * a.OH * a.OW;  // planes = N here
-  at::parallel_for(0, pixels, grain_rows(C * a.g.kH * a.g.kW / 2 + C),
-                   [&](int64_t b, int64_t e) { pool_nhwc_pixels_any<T>(a, C, b, e); });
+  at::parallel_for(0, pixels, grain_rows(C * a.g.kH * a.g.kW / 2 + C), [&](int64_t b, int64_t e) {
+    pool_nhwc_pixels_any<T>(a, C, b, e);
+    if (relu) relu_range(a, C, b, e);
+  });
 }
 
 // Runs the kernel from x (any layout) into out/switches, which must be 4-D and contiguous in `fmt`.
 void pool_into(const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt, const at::Tensor& out4,
-               const at::Tensor& sw4) {
+               const at::Tensor& sw4, bool relu) {
   if (out4.numel() == 0) return;
   const at::Tensor xc = x4.contiguous(fmt);
   const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3);
@@ -397,18 +474,17 @@ void pool_into(const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt
                          sw4.mutable_data_ptr<uint8_t>(), 0, H, W, OH, OW, g};
     if (fmt == at::MemoryFormat::ChannelsLast) {
       a.planes = N;
-      pool_nhwc(a, C);
+      pool_nhwc(a, C, relu);
     } else {
       a.planes = N * C;
-      pool_nchw(a);
+      pool_nchw(a, relu);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                                     bool ceil_mode) {
-  const char* op = "switch_pool2d";
+std::tuple<at::Tensor, at::Tensor> pool_cpu(const char* op, const at::Tensor& x, at::IntArrayRef kernel_size,
+                                            at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                            bool relu) {
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
   const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
   const at::MemoryFormat fmt = memory_format_of(x);
@@ -417,8 +493,20 @@ std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::In
   at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
   advise_huge_pages(out.data_ptr(), out.nbytes());
   advise_huge_pages(sw.data_ptr(), sw.nbytes());
-  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
+  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw), relu);
   return {out, sw};
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                                     bool ceil_mode) {
+  return pool_cpu("switch_pool2d", x, kernel_size, stride, padding, ceil_mode, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_relu_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          bool ceil_mode) {
+  return pool_cpu("switch_relu_pool2d", x, kernel_size, stride, padding, ceil_mode, true);
 }
 
 void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -426,7 +514,7 @@ void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at:
   const char* op = "switch_pool2d_out";
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
   const at::MemoryFormat fmt = check_pool_out(op, x, g, ceil_mode, out, sw);
-  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw));
+  pool_into(as4d(x), g, fmt, as4d(out), as4d(sw), false);
 }
 
 }  // namespace
@@ -436,4 +524,5 @@ void switch_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at:
 TORCH_LIBRARY_IMPL(xraydeconv, CPU, m) {
   m.impl("switch_pool2d", &xraydeconv::cpu::switch_pool2d_cpu);
   m.impl("switch_pool2d_out", &xraydeconv::cpu::switch_pool2d_out_cpu);
+  m.impl("switch_relu_pool2d", &xraydeconv::cpu::switch_relu_pool2d_cpu);
 }

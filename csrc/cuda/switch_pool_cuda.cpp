@@ -114,21 +114,21 @@ void check_flag(const char* op, const SwitchFlag& f, const at::Tensor& sw4, int6
 
 // x4 any layout; out4/sw4 4-D and contiguous in fmt.
 void pool_into(const char* op, const at::Tensor& x4, const PoolGeometry& g, at::MemoryFormat fmt,
-               const at::Tensor& out4, const at::Tensor& sw4) {
+               const at::Tensor& out4, const at::Tensor& sw4, bool relu = false) {
   if (out4.numel() == 0) return;
   const at::Tensor xc = x4.contiguous(fmt);
   const PoolShape s = shape_of(xc, out4.size(2), out4.size(3), g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_floating(xc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(launch_switch_pool2d<T>(cptr<T>(xc), mptr<T>(out4), mptr<uint8_t>(sw4), s, layout_of(fmt), stream));
+    const auto launch = relu ? launch_switch_relu_pool2d<T> : launch_switch_pool2d<T>;
+    C10_CUDA_CHECK(launch(cptr<T>(xc), mptr<T>(out4), mptr<uint8_t>(sw4), s, layout_of(fmt), stream));
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> switch_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      bool ceil_mode) {
-  const char* op = "switch_pool2d";
+std::tuple<at::Tensor, at::Tensor> pool_cuda(const char* op, const at::Tensor& x, at::IntArrayRef kernel_size,
+                                             at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+                                             bool relu) {
   const PoolGeometry g = make_geometry(op, kernel_size, stride, padding);
   const auto [OH, OW] = check_pool_input(op, x, g, ceil_mode);
   check_cuda(op, "input", x);
@@ -137,8 +137,20 @@ std::tuple<at::Tensor, at::Tensor> switch_pool2d_cuda(const at::Tensor& x, at::I
   const std::vector<int64_t> shape = with_spatial_size(x, OH, OW);
   at::Tensor out = at::empty(shape, x.options().memory_format(fmt));
   at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
-  pool_into(op, as4d(x), g, fmt, as4d(out), as4d(sw));
+  pool_into(op, as4d(x), g, fmt, as4d(out), as4d(sw), relu);
   return {out, sw};
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      bool ceil_mode) {
+  return pool_cuda("switch_pool2d", x, kernel_size, stride, padding, ceil_mode, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_relu_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                           at::IntArrayRef stride, at::IntArrayRef padding,
+                                                           bool ceil_mode) {
+  return pool_cuda("switch_relu_pool2d", x, kernel_size, stride, padding, ceil_mode, true);
 }
 
 void switch_pool2d_out_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -227,6 +239,7 @@ at::Tensor switch_gather2d_cuda(const at::Tensor& x, const at::Tensor& sw, at::I
 TORCH_LIBRARY_IMPL(xraydeconv, CUDA, m) {
   m.impl("switch_pool2d", &xraydeconv::cuda::switch_pool2d_cuda);
   m.impl("switch_pool2d_out", &xraydeconv::cuda::switch_pool2d_out_cuda);
+  m.impl("switch_relu_pool2d", &xraydeconv::cuda::switch_relu_pool2d_cuda);
   m.impl("switch_unpool2d", &xraydeconv::cuda::switch_unpool2d_cuda);
   m.impl("switch_unpool2d_out", &xraydeconv::cuda::switch_unpool2d_out_cuda);
   m.impl("switch_gather2d", &xraydeconv::cuda::switch_gather2d_cuda);

@@ -318,6 +318,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
+// switch_relu_pool2d: pooled x becomes pooled relu(x). In a window whose maximum is not positive every relu value
+// is zero, so its first position inside the input wins, as in max_pool2d(relu(x)); a NaN maximum stays.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    relu_switches(T* __restrict__ out, uint8_t* __restrict__ sw, I items, Div<I> div_c, Div<I> div_ow, Div<I> div_oh,
+                  bool nhwc, Window g) {
+  XD_GRID_STRIDE(i, items) {
+    if (!(to_acc(out[i]) <= 0)) continue;
+    int h, w;
+    if (nhwc) {
+      const NhwcIndex<I> at = nhwc_index(i, div_c, div_ow, div_oh);
+      h = at.h;
+      w = at.w;
+    } else {
+      const NchwIndex<I> at = nchw_index(i, div_ow, div_oh);
+      h = at.h;
+      w = at.w;
+    }
+    const int fh = h * g.sH < g.pH ? g.pH - h * g.sH : 0, fw = w * g.sW < g.pW ? g.pW - w * g.sW : 0;
+    out[i] = zero<T>();
+    sw[i] = static_cast<uint8_t>(fh * g.kW + fw);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Unpooling: out[h, w] = sum of y over the windows whose switch points at (h, w).
 
@@ -570,6 +594,15 @@ void pool_impl(const T* x, T* out, uint8_t* sw, const PoolShape& s, Layout layou
 }
 
 template <typename T, typename I>
+void relu_impl(T* out, uint8_t* sw, const PoolShape& s, Layout layout, cudaStream_t stream) {
+  const I n_out = static_cast<I>(s.N * s.C * s.OH * s.OW);
+  const bool nhwc = layout == Layout::NHWC;
+  relu_switches<T, I><<<blocks_for(n_out), kThreads, 0, stream>>>(
+      out, sw, n_out, Div<I>(static_cast<I>(nhwc ? s.C : 1)), Div<I>(static_cast<I>(s.OW)),
+      Div<I>(static_cast<I>(s.OH)), nhwc, window_of(s));
+}
+
+template <typename T, typename I>
 void unpool_impl(const T* y, const uint8_t* sw, T* out, const PoolShape& s, Layout layout, int* bad,
                  cudaStream_t stream) {
   const Window g = window_of(s);
@@ -641,6 +674,20 @@ cudaError_t launch_switch_pool2d(const T* x, T* out, uint8_t* switches, const Po
 }
 
 template <typename T>
+cudaError_t launch_switch_relu_pool2d(const T* x, T* out, uint8_t* switches, const PoolShape& s, Layout layout,
+                                      cudaStream_t stream) {
+  if (empty(s)) return cudaSuccess;
+  if (fits_32bit(s)) {
+    pool_impl<T, uint32_t>(x, out, switches, s, layout, stream);
+    relu_impl<T, uint32_t>(out, switches, s, layout, stream);
+  } else {
+    pool_impl<T, uint64_t>(x, out, switches, s, layout, stream);
+    relu_impl<T, uint64_t>(out, switches, s, layout, stream);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t launch_switch_unpool2d(const T* y, const uint8_t* switches, T* out, const PoolShape& s, Layout layout,
                                    int* bad_switch, cudaStream_t stream) {
   if (s.N * s.C * s.H * s.W == 0) return cudaSuccess;
@@ -666,6 +713,8 @@ cudaError_t launch_switch_gather2d(const T* x, const uint8_t* switches, T* out, 
 
 #define XD_INSTANTIATE(T)                                                                                      \
   template cudaError_t launch_switch_pool2d<T>(const T*, T*, uint8_t*, const PoolShape&, Layout, cudaStream_t); \
+  template cudaError_t launch_switch_relu_pool2d<T>(const T*, T*, uint8_t*, const PoolShape&, Layout,           \
+                                                    cudaStream_t);                                              \
   template cudaError_t launch_switch_unpool2d<T>(const T*, const uint8_t*, T*, const PoolShape&, Layout, int*,   \
                                                  cudaStream_t);                                                 \
   template cudaError_t launch_switch_gather2d<T>(const T*, const uint8_t*, T*, const PoolShape&, Layout, int*,   \

@@ -39,6 +39,12 @@ template <typename T>
 cudaError_t launch_switch_pool2d(const T* x, T* out, uint8_t* switches, const PoolShape& s, Layout layout,
                                  cudaStream_t stream);
 
+// switch_pool2d of relu(x): the pooling above, then the windows whose maximum is not positive take value 0 and
+// the switch of their first position inside the input (exactly max_pool2d(relu(x)) and its switches).
+template <typename T>
+cudaError_t launch_switch_relu_pool2d(const T* x, T* out, uint8_t* switches, const PoolShape& s, Layout layout,
+                                      cudaStream_t stream);
+
 template <typename T>
 cudaError_t launch_switch_unpool2d(const T* y, const uint8_t* switches, T* out, const PoolShape& s, Layout layout,
                                    int* bad_switch, cudaStream_t stream);

@@ -55,7 +55,8 @@ def _file_option(flag: str, dest: str, help_text: str):
     "--suite",
     is_flag=True,
     help="Instead of the op table: every pool layer shape of the nets (128 and 256 px, batch 1 and 32, both layouts, "
-    "fwd and fwd+bwd) and each net's channels-last training step, kernel vs native, on the CPU.",
+    "fwd and fwd+bwd, alone and fused with a ReLU) and each net's channels-last training step, kernel vs native, "
+    "on --device.",
 )
 @_file_option(
     "--write-dispatch",
@@ -93,9 +94,11 @@ def bench(
     kernels alone. The header names the CPU (and GPU), the instruction set the kernels use and the
     torch version. OMP_WAIT_POLICY defaults to passive for this command.
 
-    With --suite it measures instead what the nets run, on the CPU: every pool layer input of
+    With --suite it measures instead what the nets run, on --device: every pool layer input of
     shallow, deeper and deeper-aug at 128 and 256 px (128 only with --quick), batch 1 and 32, NCHW
-    and channels-last, forward and forward+backward; then each net's training step (128 px, batch
+    and channels-last, forward and forward+backward, each alone ("pool fwd") and with the ReLU in
+    front fused ("pool relu+fwd": switch_relu_pool2d vs relu_ then max_pool2d); then each net's
+    training step (128 px, batch
     32, channels-last, AdamW) with the kernels, with auto and with native pooling. Speed-ups are
     medians over the interleaved rounds of the per-round ratio. --write-dispatch turns the pool rows
     into the table SwitchMaxPool2d(backend="auto") follows.
@@ -136,8 +139,6 @@ def _check_arguments(device: str, suite: bool, json_path: Path | None, dispatch_
             check_output_file(path)
     if dispatch_path is not None and not suite:
         raise UserError(f"--write-dispatch {dispatch_path}: the dispatch table comes from --suite; add it")
-    if suite and device != "cpu":
-        raise UserError("--suite --device cuda: the suite measures the CPU kernels; run it with --device cpu")
 
 
 def _write_outputs(data: dict, table: dict, threads: list[int] | None, json_path: Path | None,
@@ -186,15 +187,18 @@ def _run_suite(device: str, threads, rounds: int, quick: bool, use_table: bool):
     sizes = lib.SUITE_SIZES[:1] if quick else lib.SUITE_SIZES
     bar, progress = _progress_bar()
     try:
-        rows = lib.run_pool_suite(threads, rounds, sizes, lib.SUITE_BATCHES, progress=progress)
-        table = lib.dispatch_table(rows)
+        rows = lib.run_pool_suite(threads, rounds, sizes, lib.SUITE_BATCHES, progress=progress, device=device)
+        # the other devices' measurements stay in the table
+        table = {k: v for k, v in pool_dispatch.TABLE.items() if not k.startswith(f"{device}/")}
+        table.update(lib.dispatch_table(rows, device))
+        table = dict(sorted(table.items()))
         if use_table:  # the training steps' auto side runs on the table just measured
             pool_dispatch.TABLE.clear()
             pool_dispatch.TABLE.update(table)
-        rows += lib.run_train_steps(threads=threads, repeats=rounds, progress=progress)
+        rows += lib.run_train_steps(threads=threads, repeats=rounds, progress=progress, device=device)
     finally:
         bar.close()
-    machine = lib.machine_info("cpu")
+    machine = lib.machine_info(device)
     machine["threads"] = sorted({r.threads for r in rows})
     data = {"machine": machine, "repeats": rounds, "rows": [r.as_dict() for r in rows]}
     return lib.format_suite(rows, machine, rounds), data, table

@@ -1,11 +1,13 @@
 """The Python face of the kernels of ``xraydeconv._C``.
 
-- :mod:`~xraydeconv.ops.switch_pool`: max pooling with uint8 switches, its exact adjoint (unpool) and the gather,
-  with fake kernels and autograd;
+- :mod:`~xraydeconv.ops.switch_pool`: max pooling with uint8 switches (also fused with a preceding ReLU), its exact
+  adjoint (unpool) and the gather, with fake kernels and autograd;
 - :mod:`~xraydeconv.ops.deconv_scatter`: the sparse deconvnet step ``relu_scatter_conv_transpose2d``;
 - :mod:`~xraydeconv.ops.native`: pure-PyTorch twins with identical semantics, and switch/index conversions;
 - :mod:`~xraydeconv.ops.kernels`: ``has_kernel(op, device)``;
-- :mod:`~xraydeconv.ops.switch_max_pool`: ``SwitchMaxPool2d``, the ``nn.MaxPool2d`` that hands out switches.
+- :mod:`~xraydeconv.ops.switch_max_pool`: ``SwitchMaxPool2d``, the ``nn.MaxPool2d`` that hands out switches;
+- :mod:`~xraydeconv.ops.fused_sequential`: ``FusedSequential``, an ``nn.Sequential`` that runs each ReLU followed
+  by a ``SwitchMaxPool2d`` as one fused op.
 """
 
 from xraydeconv.ops.deconv_scatter import relu_scatter_conv_transpose2d
@@ -15,6 +17,7 @@ from xraydeconv.ops.native import (
     indices_to_switches,
     native_switch_gather2d,
     native_switch_pool2d,
+    native_switch_relu_pool2d,
     native_switch_unpool2d,
     switches_to_indices,
 )
@@ -22,6 +25,7 @@ from xraydeconv.ops.switch_pool import (
     switch_gather2d,
     switch_pool2d,
     switch_pool2d_out,
+    switch_relu_pool2d,
     switch_unpool2d,
     switch_unpool2d_out,
 )
@@ -33,6 +37,7 @@ __all__ = [
     "pool_output_size",
     "switch_pool2d",
     "switch_pool2d_out",
+    "switch_relu_pool2d",
     "switch_unpool2d",
     "switch_unpool2d_out",
     "switch_gather2d",
@@ -40,6 +45,7 @@ __all__ = [
     "switches_to_indices",
     "indices_to_switches",
     "native_switch_pool2d",
+    "native_switch_relu_pool2d",
     "native_switch_unpool2d",
     "native_switch_gather2d",
 ]

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from xraydeconv.ops.geometry import IntPair, pool_geometry, pooled_size, unpooled_size
 
-__all__ = ["switches_to_indices", "indices_to_switches", "native_switch_pool2d", "native_switch_unpool2d",
-           "native_switch_gather2d"]
+__all__ = ["switches_to_indices", "indices_to_switches", "native_switch_pool2d", "native_switch_relu_pool2d",
+           "native_switch_unpool2d", "native_switch_gather2d"]
 
 
 def _window_origins(out_h: int, out_w: int, s, p, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -78,6 +78,13 @@ def native_switch_pool2d(
     k, s, p = pool_geometry(kernel_size, stride, padding)
     out, idx = F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode, return_indices=True)
     return out, indices_to_switches(idx, k, s, p, x.shape[-2:])
+
+
+def native_switch_relu_pool2d(
+    x: Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0, ceil_mode: bool = False
+) -> tuple[Tensor, Tensor]:
+    """:func:`switch_relu_pool2d` as ``F.relu`` then :func:`native_switch_pool2d` (same values and switches)."""
+    return native_switch_pool2d(F.relu(x), kernel_size, stride, padding, ceil_mode)
 
 
 def native_switch_unpool2d(

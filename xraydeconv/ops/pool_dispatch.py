@@ -2,9 +2,9 @@
 
 The kernels are not faster than ``F.max_pool2d`` at every shape, so ``auto`` asks :data:`TABLE` (in
 :mod:`xraydeconv.ops.pool_dispatch_table`, written by ``xraydeconv bench --suite --write-dispatch``). A key is a
-shape class: device type, layout, dtype, window geometry, channels, (H, W), one image or a batch, and whether a
-backward follows; its value is True where every measured thread count had the kernel at least as fast as native.
-A class the table does not hold runs native: ``auto`` never guesses.
+shape class: device type, layout, dtype, window geometry, channels, (H, W), one image or a batch, whether a
+ReLU is fused in front, and whether a backward follows; its value is True where every measured thread count had
+the kernel at least as fast as native. A class the table does not hold runs native: ``auto`` never guesses.
 """
 
 from __future__ import annotations
@@ -19,19 +19,32 @@ __all__ = ["TABLE", "shape_class", "kernel_is_faster"]
 
 
 def shape_class(
-    x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], backward: bool
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    backward: bool,
+    relu: bool = False,
 ) -> str:
-    """The dispatch key of pooling ``x`` (N, C, H, W) or (C, H, W) with this window; the table's key format."""
+    """The dispatch key of pooling ``x`` (N, C, H, W) or (C, H, W) with this window; the table's key format.
+
+    ``relu``: the key of the fused ReLU and pool (``switch_relu_pool2d`` against ``F.relu`` then ``F.max_pool2d``).
+    """
     layout = "channels_last" if memory_format(x) == torch.channels_last else "nchw"
     n = x.shape[0] if x.dim() == 4 else 1
     geometry = f"k{kernel_size[0]}x{kernel_size[1]}s{stride[0]}x{stride[1]}p{padding[0]}x{padding[1]}"
     dtype = str(x.dtype).removeprefix("torch.")
     return (f"{x.device.type}/{layout}/{dtype}/{geometry}/C{x.shape[-3]}/{x.shape[-2]}x{x.shape[-1]}/"
-            f"{'N1' if n == 1 else 'batch'}/{'fwd+bwd' if backward else 'fwd'}")
+            f"{'N1' if n == 1 else 'batch'}/{'relu+' if relu else ''}{'fwd+bwd' if backward else 'fwd'}")
 
 
 def kernel_is_faster(
-    x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], backward: bool
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    backward: bool,
+    relu: bool = False,
 ) -> bool:
     """True where the table measured the kernels at least as fast as native for ``x``'s shape class."""
-    return TABLE.get(shape_class(x, kernel_size, stride, padding, backward), False)
+    return TABLE.get(shape_class(x, kernel_size, stride, padding, backward, relu), False)

@@ -21,7 +21,7 @@ from xraydeconv.ops.geometry import int_pair, pool_geometry
 from xraydeconv.ops.kernels import has_kernels
 from xraydeconv.ops.native import native_switch_pool2d, native_switch_unpool2d
 from xraydeconv.ops.pool_dispatch import kernel_is_faster
-from xraydeconv.ops.switch_pool import switch_pool2d, switch_unpool2d
+from xraydeconv.ops.switch_pool import switch_pool2d, switch_relu_pool2d, switch_unpool2d
 
 BACKENDS = ("auto", "kernel", "native")
 
@@ -69,14 +69,22 @@ class SwitchMaxPool2d(nn.Module):
             raise ValueError(f"SwitchMaxPool2d has no dilation; this MaxPool2d has dilation {pool.dilation}")
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, backend=backend)
 
-    def uses_kernel(self, x: Tensor) -> bool:
-        """Whether pooling ``x`` runs the compiled kernels (else PyTorch's own ops)."""
+    def uses_kernel(self, x: Tensor, relu: bool = False) -> bool:
+        """Whether pooling ``x`` (``relu(x)`` with ``relu``, fused) runs the compiled kernels, else PyTorch's ops."""
         if self.backend != "auto":
             return self.backend == "kernel"
         if not has_kernels(x.device):
             return False
         backward = torch.is_grad_enabled() and x.requires_grad
-        return kernel_is_faster(x, self.kernel_size, self.stride, self.padding, backward)
+        return kernel_is_faster(x, self.kernel_size, self.stride, self.padding, backward, relu)
+
+    def relu_forward(self, x: Tensor) -> Tensor:
+        """``self(relu(x))``: one fused kernel (``switch_relu_pool2d``) where :meth:`uses_kernel` says so, else
+        ``F.relu`` then this pooling. Module hooks do not run."""
+        if self.uses_kernel(x, relu=True):
+            op = torch.ops.xraydeconv.switch_relu_pool2d if self.backend == "auto" else switch_relu_pool2d
+            return op(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)[0]
+        return self.forward(F.relu(x))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_kernel(x):

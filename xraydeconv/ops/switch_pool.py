@@ -1,9 +1,10 @@
 """Max pooling with uint8 "switches" and its exact adjoint, as dispatcher ops and in pure PyTorch.
 
 The switches of a pooled value are the position of the maximum inside its window, ``row * kW + col``
-(one byte per pooled value instead of the eight of ``max_pool2d``'s int64 indices). Three ops use them:
+(one byte per pooled value instead of the eight of ``max_pool2d``'s int64 indices). Four ops use them:
 
 - :func:`switch_pool2d` -- max pooling that also returns the switches;
+- :func:`switch_relu_pool2d` -- the same of ``relu(x)`` in one pass (a ReLU followed by a max pool, fused);
 - :func:`switch_unpool2d` -- the exact adjoint of the selection: every input position receives the sum
   of the pooled values whose switch points at it (``max_unpool2d`` for tiling windows, max-pool's
   gradient for overlapping ones);
@@ -14,8 +15,9 @@ here and autograd in C++, so they differentiate and work under ``torch.compile``
 twins with identical semantics built on ``F.max_pool2d(..., return_indices=True)`` / ``F.max_unpool2d``, and
 :func:`switches_to_indices` / :func:`indices_to_switches` convert between the two representations.
 
-Declared API twins: :func:`switch_pool2d`, :func:`switch_unpool2d` and :func:`switch_gather2d` here and
-``native_switch_pool2d``, ``native_switch_unpool2d`` and ``native_switch_gather2d`` in
+Declared API twins: :func:`switch_pool2d`, :func:`switch_relu_pool2d`, :func:`switch_unpool2d` and
+:func:`switch_gather2d` here and ``native_switch_pool2d``, ``native_switch_relu_pool2d``, ``native_switch_unpool2d``
+and ``native_switch_gather2d`` in
 :mod:`xraydeconv.ops.native` take the same arguments in the same order and return the same values; their
 signatures and docstrings mirror each other on purpose.
 """
@@ -38,7 +40,8 @@ from xraydeconv.ops.geometry import (
 )
 from xraydeconv.ops.kernels import require_kernels
 
-__all__ = ["switch_pool2d", "switch_pool2d_out", "switch_unpool2d", "switch_unpool2d_out", "switch_gather2d"]
+__all__ = ["switch_pool2d", "switch_relu_pool2d", "switch_pool2d_out", "switch_unpool2d", "switch_unpool2d_out",
+           "switch_gather2d"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,6 +71,19 @@ def switch_pool2d(
     """
     k, s, p = _kernel_geometry(x, kernel_size, stride, padding)
     return torch.ops.xraydeconv.switch_pool2d(x, k, s, p, ceil_mode)
+
+
+def switch_relu_pool2d(
+    x: Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0, ceil_mode: bool = False
+) -> tuple[Tensor, Tensor]:
+    """:func:`switch_pool2d` of ``relu(x)`` without writing ``relu(x)``: a ReLU followed by a max pool, fused.
+
+    Args and returns as :func:`switch_pool2d`. ``out`` and ``switches`` equal ``switch_pool2d(torch.relu(x))``
+    (a zero maximum is +0), and the gradient equals that of ``F.max_pool2d(torch.relu(x))``: ReLU's backward
+    runs on the pooled gradient, then unpooling writes the input's gradient once.
+    """
+    k, s, p = _kernel_geometry(x, kernel_size, stride, padding)
+    return torch.ops.xraydeconv.switch_relu_pool2d(x, k, s, p, ceil_mode)
 
 
 def switch_pool2d_out(
@@ -132,7 +148,8 @@ def switch_gather2d(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fake tensors for the dispatcher ops (registered once the extension is loaded); their autograd is C++
-# (csrc/autograd.cpp): pool's backward is unpool, unpool's is gather, gather's is unpool
+# (csrc/autograd.cpp): pool's backward is unpool (relu-pool's masks the pooled gradient first), unpool's is gather,
+# gather's is unpool
 
 
 def _pool_fake(x: Tensor, kernel_size, stride, padding, ceil_mode):
@@ -161,6 +178,7 @@ def _gather_fake(x: Tensor, switches: Tensor, kernel_size, stride, padding):
 def _register() -> None:
     lib = "xraydeconv::"
     torch.library.register_fake(lib + "switch_pool2d")(_pool_fake)
+    torch.library.register_fake(lib + "switch_relu_pool2d")(_pool_fake)
     torch.library.register_fake(lib + "switch_unpool2d")(_unpool_fake)
     torch.library.register_fake(lib + "switch_gather2d")(_gather_fake)
     torch.library.register_fake(lib + "switch_pool2d_out")(lambda *args: None)

@@ -333,7 +333,8 @@ def format_report(report: Report) -> str:
 
 SUITE_SIZES = (128, 256)
 SUITE_BATCHES = (1, 32)
-PASSES = ("fwd", "fwd+bwd")
+# "relu+": a ReLU in front of the pool, fused (switch_relu_pool2d) against F.relu_ then F.max_pool2d
+PASSES = ("fwd", "fwd+bwd", "relu+fwd", "relu+fwd+bwd")
 # Each call once per round, as a model calls each layer once between other ops. Runs of the same call in a tight
 # loop (time_samples' min_sample_ms) leave the allocator and the caches in a state a model never sees; they moved
 # one-image fwd+bwd ratios by up to 4x either way.
@@ -347,7 +348,7 @@ TRAIN_BATCH = 32
 class SuiteRow:
     """One pool layer shape (or a whole training step) timed with the kernels and with native pooling."""
 
-    what: str  # "pool fwd", "pool fwd+bwd" or "train step <net> <kernel|auto>"
+    what: str  # "pool <one of PASSES>" or "train step <net> <kernel|auto>"
     shape: tuple[int, ...]
     layout: str
     threads: int
@@ -383,23 +384,29 @@ def net_pool_shapes(sizes: Sequence[int] = SUITE_SIZES, batches: Sequence[int] =
     return {(n, *chw): ", ".join(nets) for n in batches for chw, nets in sorted(found.items())}
 
 
-def pool_fns(x: torch.Tensor, backward: bool) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(kernel, native) calls of a 2x2/s2 pooling of ``x``, forward alone or with the gradient.
+def pool_fns(x: torch.Tensor, passes: str) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(kernel, native) calls of a 2x2/s2 pooling of ``x`` for one of :data:`PASSES`: forward alone or with the
+    gradient, of ``x`` or (``relu+``) of ``relu(x)``.
 
-    The kernel side calls the op the way ``SwitchMaxPool2d(backend="auto")`` does (no Python wrapper)."""
-    op, geometry = torch.ops.xraydeconv.switch_pool2d, ((2, 2), (2, 2), (0, 0), False)
+    The kernel side calls the op the way ``SwitchMaxPool2d(backend="auto")`` does (no Python wrapper). With a ReLU,
+    both sides start from a fresh copy of ``x`` (a model's ReLU runs in place on the fresh output of the layer
+    before it): native applies ``relu_`` to it and pools, the kernel pools it with the fused op.
+    """
+    relu, backward = passes.startswith("relu+"), passes.endswith("bwd")
+    op = torch.ops.xraydeconv.switch_relu_pool2d if relu else torch.ops.xraydeconv.switch_pool2d
+    geometry = ((2, 2), (2, 2), (0, 0), False)
+    xg = x.detach().clone().requires_grad_(backward)
+
+    def kernel_out() -> torch.Tensor:
+        return op(xg.clone() if relu else xg, *geometry)[0]
+
+    def native_out() -> torch.Tensor:
+        return F.max_pool2d(torch.relu_(xg.clone()) if relu else xg, 2, 2)
+
     if not backward:
-        return lambda: op(x, *geometry)[0], lambda: F.max_pool2d(x, 2, 2)
-    xg = x.detach().clone().requires_grad_(True)
+        return kernel_out, native_out
     grad = torch.randn_like(F.max_pool2d(x, 2, 2))
-
-    def kernel() -> object:
-        return torch.autograd.grad(op(xg, *geometry)[0], xg, grad)
-
-    def native() -> object:
-        return torch.autograd.grad(F.max_pool2d(xg, 2, 2), xg, grad)
-
-    return kernel, native
+    return (lambda: torch.autograd.grad(kernel_out(), xg, grad)), (lambda: torch.autograd.grad(native_out(), xg, grad))
 
 
 def run_pool_suite(
@@ -408,22 +415,24 @@ def run_pool_suite(
     sizes: Sequence[int] = SUITE_SIZES,
     batches: Sequence[int] = SUITE_BATCHES,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> list[SuiteRow]:
-    """Every pool layer shape of the nets, both layouts, forward and forward+backward, float32, on the CPU."""
-    require_kernels_for("cpu")
+    """Every pool layer shape of the nets, both layouts, forward and forward+backward, with and without a fused
+    ReLU in front (:data:`PASSES`), float32, on ``device`` ("cpu" or "cuda"; CUDA times with events)."""
+    require_kernels_for(device)
     rows = []
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     shapes = net_pool_shapes(sizes, batches)
     with thread_counts(threads) as counts:
         for n_threads in counts():
             for shape, nets in shapes.items():
                 for layout in LAYOUTS:
-                    x = _input(shape, layout, "cpu", gen)
+                    x = _input(shape, layout, device, gen)
                     for what in PASSES:
                         if progress is not None:
                             progress(f"pool {what} {shape} {layout} {n_threads}t")
-                        fns = dict(zip(("kernel", "native"), pool_fns(x, what != "fwd")))
-                        t = time_samples(fns, repeats, min_sample_ms=MIN_SAMPLE_MS)
+                        fns = dict(zip(("kernel", "native"), pool_fns(x, what)))
+                        t = time_samples(fns, repeats, device, min_sample_ms=MIN_SAMPLE_MS)
                         rows.append(SuiteRow(f"pool {what}", shape, layout, n_threads, statistics.median(t["kernel"]),
                                              statistics.median(t["native"]), paired_speedup(t["native"], t["kernel"]),
                                              nets))
@@ -435,7 +444,8 @@ def train_step_fn(name: str, backend: str, px: int, x: torch.Tensor, y: torch.Te
     from xraydeconv.training.models import build
 
     torch.manual_seed(0)
-    model = build(name, input_size=px, pool_backend=backend).train().to(memory_format=torch.channels_last)
+    model = build(name, input_size=px, pool_backend=backend).train()
+    model = model.to(x.device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> object:
@@ -455,25 +465,26 @@ def run_train_steps(
     px: int | None = None,
     batch: int | None = None,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> list[SuiteRow]:
     """The training step of each net with ``pool_backend="kernel"`` and ``"auto"`` vs ``"native"`` (channels-last,
     AdamW), interleaved; ``auto`` follows :data:`xraydeconv.ops.pool_dispatch.TABLE` as it stands.
 
-    ``px`` and ``batch`` default to :data:`TRAIN_PX` and :data:`TRAIN_BATCH`.
+    ``px`` and ``batch`` default to :data:`TRAIN_PX` and :data:`TRAIN_BATCH`; ``device`` is "cpu" or "cuda".
     """
-    require_kernels_for("cpu")
+    require_kernels_for(device)
     px, batch = px or TRAIN_PX, batch or TRAIN_BATCH
     rows = []
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 1, px, px, generator=gen).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 24, (batch,), generator=gen)
+    x = torch.rand(batch, 1, px, px, generator=gen).contiguous(memory_format=torch.channels_last).to(device)
+    y = torch.randint(0, 24, (batch,), generator=gen).to(device)
     with thread_counts(threads) as counts:
         for n_threads in counts():
             for name in nets:
                 if progress is not None:
                     progress(f"train step {name} {n_threads}t")
                 fns = {side: train_step_fn(name, side, px, x, y) for side in ("kernel", "auto", "native")}
-                t = time_samples(fns, repeats)
+                t = time_samples(fns, repeats, device)
                 for side in ("kernel", "auto"):
                     rows.append(SuiteRow(f"train step {name} {side}", tuple(x.shape), "channels_last", n_threads,
                                          statistics.median(t[side]), statistics.median(t["native"]),
@@ -483,8 +494,9 @@ def run_train_steps(
 
 def format_suite(rows: Sequence[SuiteRow], machine: dict, repeats: int) -> str:
     """The suite's table: one line per row with its speed-up (native ms / kernel ms)."""
+    gpu = f", GPU: {machine['gpu']}" if machine.get("gpu") else ""
     lines = [
-        f"machine: {machine.get('cpu')} ({machine.get('cpu_cores')} cores, kernels: {machine.get('kernel_isa')}), "
+        f"machine: {machine.get('cpu')} ({machine.get('cpu_cores')} cores, kernels: {machine.get('kernel_isa')}){gpu}, "
         f"torch {machine.get('torch')}, OMP_WAIT_POLICY={machine.get('omp_wait_policy')}",
         f"median of {repeats} interleaved rounds; 2x2/s2 max pooling, float32; speed-up: median over the rounds "
         "of native ms / kernel ms",
@@ -501,9 +513,9 @@ def format_suite(rows: Sequence[SuiteRow], machine: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def dispatch_table(rows: Sequence[SuiteRow]) -> dict[str, bool]:
-    """The ``auto`` dispatch table: a pool shape class is True when the kernel was at least as fast at every
-    thread count measured."""
+def dispatch_table(rows: Sequence[SuiteRow], device: str = "cpu") -> dict[str, bool]:
+    """The ``auto`` dispatch table of ``device``'s rows: a pool shape class is True when the kernel was at least as
+    fast at every thread count measured."""
     from xraydeconv.ops.pool_dispatch import shape_class
 
     table: dict[str, bool] = {}
@@ -511,8 +523,9 @@ def dispatch_table(rows: Sequence[SuiteRow]) -> dict[str, bool]:
         if not r.what.startswith("pool "):
             continue
         fmt = torch.channels_last if r.layout == "channels_last" else torch.contiguous_format
-        x = torch.empty(r.shape, memory_format=fmt)  # never written: only its shape, layout and dtype count
-        key = shape_class(x, (2, 2), (2, 2), (0, 0), r.what == "pool fwd+bwd")
+        x = torch.empty(r.shape, memory_format=fmt, device=device)  # never written: shape, layout and dtype count
+        passes = r.what.removeprefix("pool ")
+        key = shape_class(x, (2, 2), (2, 2), (0, 0), passes.endswith("bwd"), passes.startswith("relu+"))
         table[key] = table.get(key, True) and r.speedup >= 1.0
     return dict(sorted(table.items()))
 

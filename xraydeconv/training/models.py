@@ -9,7 +9,8 @@ The poster gives accuracies but no layer counts, so the architectures are ours:
 * ``deeper-aug``: the same architecture as ``deeper``; it differs only in being trained with augmentation.
 
 Every model has ``features`` (an ``nn.Sequential`` of Conv2d / BatchNorm2d / ReLU / SwitchMaxPool2d / Dropout
-only, which the deconvnet walks backwards) and ``classifier`` (global average pool, dropout, linear), so that
+only, which the deconvnet walks backwards; a ``FusedSequential``, which runs each ReLU + pool pair as one kernel)
+and ``classifier`` (global average pool, dropout, linear), so that
 ``model.classifier(model.features(x)) == model(x)``. The global average pool makes every input size work:
 ``input_size`` is recorded on the model but does not change its weights.
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from xraydeconv.errors import UserError
-from xraydeconv.nn import SwitchMaxPool2d
+from xraydeconv.nn import FusedSequential, SwitchMaxPool2d
 
 # The nets of the poster's Table 1 (trained by ``train --all`` and the demo).
 MODEL_NAMES: tuple[str, ...] = ("shallow", "deeper", "deeper-aug")
@@ -84,7 +85,7 @@ def _shallow_features(in_channels: int, pool_backend: str) -> tuple[nn.Sequentia
         layers += [nn.Conv2d(c, width, k, padding=k // 2), nn.ReLU(inplace=True)]
         layers.append(SwitchMaxPool2d(2, 2, backend=pool_backend))
         c = width
-    return nn.Sequential(*layers), c
+    return FusedSequential(*layers), c
 
 
 def _deeper_features(in_channels: int, pool_backend: str) -> tuple[nn.Sequential, int]:
@@ -96,7 +97,7 @@ def _deeper_features(in_channels: int, pool_backend: str) -> tuple[nn.Sequential
             layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             c = width
         layers.append(SwitchMaxPool2d(2, 2, backend=pool_backend))
-    return nn.Sequential(*layers), c
+    return FusedSequential(*layers), c
 
 
 class BasicBlock(nn.Module):
