@@ -23,6 +23,10 @@
 
 #include "cpu_common.h"
 
+#if XD_MULTIVERSION
+#include <immintrin.h>
+#endif
+
 namespace xraydeconv {
 namespace cpu {
 namespace {
@@ -83,11 +87,14 @@ XD_ALWAYS_INLINE void scatter_range(const ScatterArgs& a, int64_t begin, int64_t
   }
 }
 
-// The fast path for 3x3 kernels and Cout a multiple of 16: per input pixel the positive values are listed
-// first (by switch, so all values of a list land on the same unpooled position), then each list is reduced
-// into 9 register accumulators of 16 output channels, and only those are added to memory. Accumulating in
-// registers matters: a plain axpy per value re-reads and re-writes the same 9 output vectors for every
-// channel of the pixel, a chain of store-to-load dependencies that runs several times slower.
+// The fast path for 3x3 kernels and Cout a multiple of 16. Each input row is first listed: per pixel (and per
+// switch position under a pooling) the positive values with their filters' weight offsets, branch-free (the
+// signs are as good as random: a branch per value would mispredict half the time). The lists are then reduced
+// into register accumulators of 16 output channels, a 3x3 block (4x4 for 2x2 windows, whose four switch
+// positions share one block) that slides along the row: when it moves on, its left column is final for this
+// row and goes to memory. Accumulating in registers matters: a plain axpy per value re-reads and re-writes the
+// same 9 output vectors for every channel of the pixel, a chain of store-to-load dependencies that runs several
+// times slower. An output row's first write is a plain store, so the output is never zero-filled.
 // 16 floats: one AVX-512 register in the AVX-512 variant, split by the compiler in the narrower ones.
 typedef float vec16 __attribute__((vector_size(64)));
 
@@ -99,13 +106,124 @@ XD_ALWAYS_INLINE vec16 load16(const float* p) {
 
 XD_ALWAYS_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Adds the listed values of one switch position (SY, SX) of a 2x2 window into the 4x4 block of accumulators.
+// The positive values of one input row: list (j, s) (pixel j, switch position s; s = 0 without pooling) is
+// entries [begin[j * npos + s], begin[j * npos + s + 1]) of (weight offset c * step, value). Each channel lands
+// in one list at most; the 16 spare entries take the full-width stores of the AVX-512 lister.
+struct RowLists {
+  std::vector<int32_t> off;
+  std::vector<float> val;
+  std::vector<int64_t> begin;
+  RowLists(int64_t w, int64_t C, int64_t npos) : off(w * C + 16), val(w * C + 16), begin(w * npos + 1) {}
+};
+
+XD_ALWAYS_INLINE void list_row_scalar(const float* XD_RESTRICT gp, const uint8_t* XD_RESTRICT sp, int64_t w,
+                                      int64_t C, int64_t npos, int32_t step, RowLists& L) {
+  int32_t* XD_RESTRICT off = L.off.data();
+  float* XD_RESTRICT val = L.val.data();
+  int64_t m = 0;
+  for (int64_t j = 0; j < w; ++j) {
+    for (int64_t s = 0; s < npos; ++s) {
+      L.begin[j * npos + s] = m;
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = gp[j * C + c];
+        off[m] = static_cast<int32_t>(c) * step;
+        val[m] = v;
+        // the deconvnet's rectification: zeros, negatives (and NaN) add nothing
+        m += (v > 0.f) & (!sp || sp[j * C + c] == s);
+      }
+    }
+  }
+  L.begin[w * npos] = m;
+}
+
+#if XD_MULTIVERSION
+#define XD_AVX512_ONLY __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// The same lists, 16 channels at a time: a mask of the positive lanes (and of the switch), compressed into place.
+// The register form of vcompressps with a plain store: the memory form is microcoded and slow on some CPUs.
+XD_AVX512_ONLY inline void list_row_avx512(const float* XD_RESTRICT gp, const uint8_t* XD_RESTRICT sp, int64_t w,
+                                           int64_t C, int64_t npos, int32_t step, RowLists& L) {
+  int32_t* XD_RESTRICT off = L.off.data();
+  float* XD_RESTRICT val = L.val.data();
+  const __m512i first = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(step));
+  const __m512i next = _mm512_set1_epi32(16 * step);
+  const __m512 zero = _mm512_setzero_ps();
+  int64_t m = 0;
+  for (int64_t j = 0; j < w; ++j) {
+    for (int64_t s = 0; s < npos; ++s) {
+      L.begin[j * npos + s] = m;
+      __m512i offs = first;
+      for (int64_t c0 = 0; c0 < C; c0 += 16, offs = _mm512_add_epi32(offs, next)) {
+        const __mmask16 lanes = C - c0 >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                             : static_cast<__mmask16>((1u << (C - c0)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(lanes, gp + j * C + c0);
+        __mmask16 k = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_GT_OQ);  // NaN: not positive
+        if (sp) {
+          const __m128i sw = _mm_maskz_loadu_epi8(lanes, sp + j * C + c0);
+          k = _mm_mask_cmpeq_epi8_mask(k, sw, _mm_set1_epi8(static_cast<char>(s)));
+        }
+        _mm512_storeu_ps(val + m, _mm512_maskz_compress_ps(k, v));
+        _mm512_storeu_si512(off + m, _mm512_maskz_compress_epi32(k, offs));
+        m += __builtin_popcount(k);
+      }
+    }
+  }
+  L.begin[w * npos] = m;
+}
+#endif
+
+template <bool V512>
+XD_ALWAYS_INLINE void list_row(const float* gp, const uint8_t* sp, int64_t w, int64_t C, int64_t npos, int32_t step,
+                               RowLists& L) {
+#if XD_MULTIVERSION
+  if constexpr (V512) return list_row_avx512(gp, sp, w, C, npos, step, L);
+#endif
+  list_row_scalar(gp, sp, w, C, npos, step, L);
+}
+
+// Output pixel (oy, ox), channels [o0, o0 + 16): its first write stores, the later ones add.
+XD_ALWAYS_INLINE void flush16(float* op, int64_t oy, int64_t ox, const ScatterArgs& a, int64_t o0, bool first,
+                              vec16 v) {
+  if (oy < 0 || oy >= a.OH || ox < 0 || ox >= a.OW) return;
+  float* o = op + (oy * a.OW + ox) * a.Cout + o0;
+  store16(o, first ? v : load16(o) + v);
+}
+
+// Input row i through a 3x3 kernel, no unpooling, channels [o0, o0 + 16). Output row i - padH + ky is first
+// written by this input row when ky == 2 (or i == 0): the rows above were reached by the input rows above.
+XD_ALWAYS_INLINE void scatter_row_3x3(const ScatterArgs& a, const RowLists& L, int64_t i, float* op, int64_t o0) {
+  const int64_t w = a.w, Cout = a.Cout;
+  const int32_t* XD_RESTRICT off = L.off.data();
+  const float* XD_RESTRICT val = L.val.data();
+  const float* XD_RESTRICT wt = a.wt + o0;
+  vec16 acc[9];
+  for (int t = 0; t < 9; ++t) acc[t] = vec16{};
+  for (int64_t j = 0; j < w + 2; ++j) {  // two more steps flush the last two columns
+    if (j < w) {
+      for (int64_t q = L.begin[j]; q < L.begin[j + 1]; ++q) {
+        const float v = val[q];
+        const float* XD_RESTRICT wc = wt + off[q];
+#pragma GCC unroll 9
+        for (int t = 0; t < 9; ++t) acc[t] += v * load16(wc + t * Cout);
+      }
+    }
+    for (int ky = 0; ky < 3; ++ky) {
+      flush16(op, i - a.padH + ky, j - a.padW, a, o0, ky == 2 || i == 0, acc[ky * 3]);
+      acc[ky * 3] = acc[ky * 3 + 1];
+      acc[ky * 3 + 1] = acc[ky * 3 + 2];
+      acc[ky * 3 + 2] = vec16{};
+    }
+  }
+}
+
+// Adds the list of one switch position (SY, SX) of a 2x2 window into the 4x4 block of accumulators.
 template <int SY, int SX>
-XD_ALWAYS_INLINE void accumulate_2x2(vec16 (&acc)[16], const int32_t* XD_RESTRICT ci, const float* XD_RESTRICT cv,
-                                     int64_t n, const float* XD_RESTRICT wt, int64_t Cout, int64_t o0) {
-  for (int64_t q = 0; q < n; ++q) {
-    const float v = cv[q];
-    const float* XD_RESTRICT wc = wt + static_cast<int64_t>(ci[q]) * 9 * Cout + o0;
+XD_ALWAYS_INLINE void accumulate_2x2(vec16 (&acc)[16], const RowLists& L, int64_t q0, int64_t q1,
+                                     const float* XD_RESTRICT wt, int64_t Cout) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const float v = L.val[q];
+    const float* XD_RESTRICT wc = wt + L.off[q];
 #pragma GCC unroll 3
     for (int ky = 0; ky < 3; ++ky) {
 #pragma GCC unroll 3
@@ -114,97 +232,92 @@ XD_ALWAYS_INLINE void accumulate_2x2(vec16 (&acc)[16], const int32_t* XD_RESTRIC
   }
 }
 
-XD_ALWAYS_INLINE void scatter_range_3x3(const ScatterArgs& a, int64_t begin, int64_t end) {
+// Window row i of a 2x2 unpooling through a 3x3 kernel with padding 1, channels [o0, o0 + 16): window j reaches
+// the 4x4 output block at (2i - 1, 2j - 1); its two lower rows are first written here, the two upper ones were
+// written by window row i - 1 (except in row 0).
+XD_ALWAYS_INLINE void scatter_row_2x2(const ScatterArgs& a, const RowLists& L, int64_t i, float* op, int64_t o0) {
+  const int64_t w = a.w, Cout = a.Cout;
+  const float* XD_RESTRICT wt = a.wt + o0;
+  vec16 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = vec16{};
+  for (int64_t j = 0; j <= w; ++j) {  // one more step flushes the last two columns
+    if (j < w) {
+      const int64_t* b = L.begin.data() + 4 * j;
+      accumulate_2x2<0, 0>(acc, L, b[0], b[1], wt, Cout);
+      accumulate_2x2<0, 1>(acc, L, b[1], b[2], wt, Cout);
+      accumulate_2x2<1, 0>(acc, L, b[2], b[3], wt, Cout);
+      accumulate_2x2<1, 1>(acc, L, b[3], b[4], wt, Cout);
+    }
+    for (int r = 0; r < 4; ++r) {
+      const bool first = r >= 2 || i == 0;
+      flush16(op, 2 * i - 1 + r, 2 * j - 1, a, o0, first, acc[r * 4]);
+      flush16(op, 2 * i - 1 + r, 2 * j, a, o0, first, acc[r * 4 + 1]);
+      acc[r * 4] = acc[r * 4 + 2];
+      acc[r * 4 + 1] = acc[r * 4 + 3];
+      acc[r * 4 + 2] = acc[r * 4 + 3] = vec16{};
+    }
+  }
+}
+
+// 3x3 kernel, Cout % 16 == 0, no unpooling or 2x2 windows with padding 1 (see sliding_covers for the output
+// pixels this writes; the caller zero-fills the output when some are left over).
+template <bool V512>
+XD_ALWAYS_INLINE void scatter_range_sliding(const ScatterArgs& a, int64_t begin, int64_t end) {
+  const int64_t h = a.h, w = a.w, C = a.C, Cout = a.Cout;
+  const int64_t npos = a.sw ? 4 : 1;
+  const int64_t plane_in = h * w * C, plane_out = a.OH * a.OW * Cout;
+  RowLists L(w, C, npos);
+  for (int64_t p = begin; p < end; ++p) {
+    const float* gp = a.g + p * plane_in;
+    const uint8_t* sp = a.sw ? a.sw + (p / a.group) * plane_in : nullptr;
+    float* op = a.out + p * plane_out;
+    for (int64_t i = 0; i < h; ++i) {
+      list_row<V512>(gp + i * w * C, sp ? sp + i * w * C : nullptr, w, C, npos, static_cast<int32_t>(9 * Cout), L);
+      for (int64_t o0 = 0; o0 < Cout; o0 += 16) {
+        if (a.sw) scatter_row_2x2(a, L, i, op, o0);
+        else scatter_row_3x3(a, L, i, op, o0);
+      }
+    }
+  }
+}
+
+// Other windows under a 3x3 kernel: per input pixel and switch position, the listed values go into a 3x3 block of
+// register accumulators added to the output, whose rows are zeroed just ahead of the scatter.
+XD_ALWAYS_INLINE void scatter_range_3x3_pooled(const ScatterArgs& a, int64_t begin, int64_t end) {
   constexpr int V = 16;
   const int64_t h = a.h, w = a.w, C = a.C, OH = a.OH, OW = a.OW, Cout = a.Cout;
   const int64_t padH = a.padH, padW = a.padW, pkH = a.pkH, pkW = a.pkW;
-  const int64_t npos = a.sw ? pkH * pkW : 1;
+  const int64_t npos = pkH * pkW;
   const int64_t plane_in = h * w * C, plane_out = OH * OW * Cout;
-  const float* XD_RESTRICT wt = a.wt;
-  std::vector<int32_t> idx(npos * C);
-  std::vector<float> val(npos * C);
-  std::vector<int64_t> cnt(npos);
-  const bool tiles2x2 = a.sw != nullptr && pkH == 2 && pkW == 2 && padH == 1 && padW == 1;
+  RowLists L(1, C, npos);
   for (int64_t p = begin; p < end; ++p) {
     const float* XD_RESTRICT gp = a.g + p * plane_in;
-    const uint8_t* XD_RESTRICT sp = a.sw ? a.sw + (p / a.group) * plane_in : nullptr;
+    const uint8_t* XD_RESTRICT sp = a.sw + (p / a.group) * plane_in;
     float* XD_RESTRICT op = a.out + p * plane_out;
-    // The output is zeroed a few rows ahead of the scatter instead of all at once beforehand: the rows an input
-    // row adds into are then still in cache when it does, and the plane is never swept by a separate memset.
     int64_t zeroed = 0;
-    const int64_t reach = (sp ? pkH - 1 : 0) + 2 - padH;  // last output row an input row i reaches: i*pkH + reach
     for (int64_t i = 0; i < h; ++i) {
-      const int64_t upto = std::min(OH, (sp ? i * pkH : i) + reach + 1);
+      // the last output row input row i reaches is i * pkH + pkH + 1 - padH
+      const int64_t upto = std::min(OH, i * pkH + pkH + 2 - padH);
       if (upto > zeroed) {
         std::memset(op + zeroed * OW * Cout, 0, sizeof(float) * (upto - zeroed) * OW * Cout);
         zeroed = upto;
       }
       for (int64_t j = 0; j < w; ++j) {
-        const int64_t base = (i * w + j) * C;
-        // branch-free listing (the signs are as good as random: a branch per value would mispredict half the
-        // time), one pass per switch value so that each count stays in a register
+        list_row_scalar(gp + (i * w + j) * C, sp + (i * w + j) * C, 1, C, npos, static_cast<int32_t>(9 * Cout), L);
         for (int64_t s = 0; s < npos; ++s) {
-          int32_t* XD_RESTRICT li = idx.data() + s * C;
-          float* XD_RESTRICT lv = val.data() + s * C;
-          int64_t m = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            const float v = gp[base + c];
-            li[m] = static_cast<int32_t>(c);
-            lv[m] = v;
-            // the deconvnet's rectification: zeros, negatives (and NaN) add nothing
-            m += (v > 0.f) & (!sp || sp[base + c] == s);
-          }
-          cnt[s] = m;
-        }
-        if (tiles2x2) {
-          // 2x2 windows, 3x3 kernel, padding 1: all four switch positions of this window land in the 4x4 output
-          // block at (2i - 1, 2j - 1); one set of 16 register accumulators serves them all, flushed once
-          if (cnt[0] + cnt[1] + cnt[2] + cnt[3] == 0) continue;
-          for (int64_t o0 = 0; o0 < Cout; o0 += V) {
-            vec16 acc[16];
-            for (int t = 0; t < 16; ++t) acc[t] = vec16{};
-            accumulate_2x2<0, 0>(acc, idx.data(), val.data(), cnt[0], wt, Cout, o0);
-            accumulate_2x2<0, 1>(acc, idx.data() + C, val.data() + C, cnt[1], wt, Cout, o0);
-            accumulate_2x2<1, 0>(acc, idx.data() + 2 * C, val.data() + 2 * C, cnt[2], wt, Cout, o0);
-            accumulate_2x2<1, 1>(acc, idx.data() + 3 * C, val.data() + 3 * C, cnt[3], wt, Cout, o0);
-            for (int r = 0; r < 4; ++r) {
-              const int64_t oy = 2 * i - 1 + r;
-              if (oy < 0 || oy >= OH) continue;
-              for (int c = 0; c < 4; ++c) {
-                const int64_t ox = 2 * j - 1 + c;
-                if (ox < 0 || ox >= OW) continue;
-                float* o = op + (oy * OW + ox) * Cout + o0;
-                store16(o, load16(o) + acc[r * 4 + c]);
-              }
-            }
-          }
-          continue;
-        }
-        for (int64_t s = 0; s < npos; ++s) {
-          const int64_t n = cnt[s];
-          if (n == 0) continue;
-          const int64_t Y = sp ? i * pkH + s / pkW : i, X = sp ? j * pkW + s % pkW : j;
-          const int32_t* XD_RESTRICT ci = idx.data() + s * C;
-          const float* XD_RESTRICT cv = val.data() + s * C;
+          const int64_t q0 = L.begin[s], q1 = L.begin[s + 1];
+          if (q0 == q1) continue;
+          const int64_t Y = i * pkH + s / pkW, X = j * pkW + s % pkW;
           for (int64_t o0 = 0; o0 < Cout; o0 += V) {
             vec16 acc[9];
             for (int t = 0; t < 9; ++t) acc[t] = vec16{};
-            for (int64_t q = 0; q < n; ++q) {
-              const float v = cv[q];
-              const float* XD_RESTRICT wc = wt + static_cast<int64_t>(ci[q]) * 9 * Cout + o0;
+            for (int64_t q = q0; q < q1; ++q) {
+              const float v = L.val[q];
+              const float* XD_RESTRICT wc = a.wt + L.off[q] + o0;
 #pragma GCC unroll 9
               for (int t = 0; t < 9; ++t) acc[t] += v * load16(wc + t * Cout);
             }
-            for (int ky = 0; ky < 3; ++ky) {
-              const int64_t oy = Y + ky - padH;
-              if (oy < 0 || oy >= OH) continue;
-              for (int kx = 0; kx < 3; ++kx) {
-                const int64_t ox = X + kx - padW;
-                if (ox < 0 || ox >= OW) continue;
-                float* o = op + (oy * OW + ox) * Cout + o0;
-                store16(o, load16(o) + acc[ky * 3 + kx]);
-              }
-            }
+            for (int t = 0; t < 9; ++t) flush16(op, Y + t / 3 - padH, X + t % 3 - padW, a, o0, false, acc[t]);
           }
         }
       }
@@ -217,44 +330,121 @@ XD_ALWAYS_INLINE void scatter_range_3x3(const ScatterArgs& a, int64_t begin, int
 // is better than scattering there. Each output value is a dot product over the rectified channels-last input
 // vectors of its kH x kW neighbours, 16 channels per vector, with one horizontal sum at the end; the dense
 // transposed conv of oneDNN vectorises poorly with a single output channel.
-XD_ALWAYS_INLINE void gather_range_narrow(const ScatterArgs& a, const float* wg, int64_t begin, int64_t end) {
-  const int64_t h = a.h, w = a.w, C = a.C, kH = a.kH, kW = a.kW, OH = a.OH, OW = a.OW, Cout = a.Cout;
-  const int64_t padH = a.padH, padW = a.padW;
+XD_ALWAYS_INLINE float gather_pixel(const ScatterArgs& a, const float* XD_RESTRICT gp, int64_t oy, int64_t ox,
+                                    int64_t co) {
+  const int64_t h = a.h, w = a.w, C = a.C, kH = a.kH, kW = a.kW;
   const vec16 zero{};
+  vec16 acc{};
+  for (int64_t ky = 0; ky < kH; ++ky) {
+    const int64_t iy = oy + a.padH - ky;
+    if (iy < 0 || iy >= h) continue;
+    for (int64_t kx = 0; kx < kW; ++kx) {
+      const int64_t ix = ox + a.padW - kx;
+      if (ix < 0 || ix >= w) continue;
+      const float* XD_RESTRICT gv = gp + (iy * w + ix) * C;
+      const float* XD_RESTRICT wv = a.wg + ((co * kH + ky) * kW + kx) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        vec16 v = load16(gv + c0);
+        v = v > zero ? v : zero;  // the deconvnet's rectification
+        acc += v * load16(wv + c0);
+      }
+    }
+  }
+  float sum = 0.f;
+  for (int k = 0; k < 16; ++k) sum += acc[k];
+  return sum;
+}
+
+#if XD_MULTIVERSION
+// Lane k: the sum of the 16 lanes of a[4 * (k % 4) + k / 4] (a reduction tree of 15 shuffle pairs).
+XD_AVX512_ONLY inline __m512 sum16_transposed(const __m512 (&a)[16]) {
+  __m512 s[8], t[4], u[2];
+  for (int m = 0; m < 8; ++m)
+    s[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], 0xEE));
+  for (int n = 0; n < 4; ++n)
+    t[n] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * n], s[2 * n + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * n], s[2 * n + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)
+    u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0x44), _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+}
+
+// 16 neighbouring outputs (oy, ox0 .. ox0 + 15) of channel co whose input neighbours all lie inside the row: 16
+// dot products side by side, summed by one reduction tree instead of 16 horizontal sums.
+XD_AVX512_ONLY inline void gather_block16(const ScatterArgs& a, const float* XD_RESTRICT gp, int64_t oy, int64_t ox0,
+                                          int64_t co, float* XD_RESTRICT out) {
+  const int64_t w = a.w, C = a.C, kH = a.kH, kW = a.kW;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 acc[16];
+  for (int k = 0; k < 16; ++k) acc[k] = zero;
+  for (int64_t ky = 0; ky < kH; ++ky) {
+    const int64_t iy = oy + a.padH - ky;
+    if (iy < 0 || iy >= a.h) continue;
+    for (int64_t kx = 0; kx < kW; ++kx) {
+      const float* XD_RESTRICT row = gp + (iy * w + ox0 + a.padW - kx) * C;
+      const float* XD_RESTRICT wv = a.wg + ((co * kH + ky) * kW + kx) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const __m512 wk = _mm512_loadu_ps(wv + c0);
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; ++k) {
+          const __m512 v = _mm512_max_ps(_mm512_loadu_ps(row + k * C + c0), zero);  // the rectification
+          const int slot = 4 * (k % 4) + k / 4;
+          acc[slot] = _mm512_fmadd_ps(v, wk, acc[slot]);
+        }
+      }
+    }
+  }
+  _mm512_storeu_ps(out, sum16_transposed(acc));
+}
+#endif
+
+template <bool V512>
+XD_ALWAYS_INLINE void gather_range_narrow(const ScatterArgs& a, int64_t begin, int64_t end) {
+  const int64_t OH = a.OH, OW = a.OW, Cout = a.Cout;
+  // outputs whose kW input neighbours all lie inside the row: ox + padW - (kW - 1) >= 0, ox + padW < w
+  const int64_t lo = std::min(OW, std::max<int64_t>(0, a.kW - 1 - a.padW));
+  const int64_t hi = std::max(lo, std::min(OW, a.w - a.padW));
   for (int64_t p = begin; p < end; ++p) {
-    const float* XD_RESTRICT gp = a.g + p * h * w * C;
+    const float* XD_RESTRICT gp = a.g + p * a.h * a.w * a.C;
     float* XD_RESTRICT op = a.out + p * OH * OW * Cout;
     for (int64_t oy = 0; oy < OH; ++oy) {
-      for (int64_t ox = 0; ox < OW; ++ox) {
-        for (int64_t co = 0; co < Cout; ++co) {
-          vec16 acc{};
-          for (int64_t ky = 0; ky < kH; ++ky) {
-            const int64_t iy = oy + padH - ky;
-            if (iy < 0 || iy >= h) continue;
-            for (int64_t kx = 0; kx < kW; ++kx) {
-              const int64_t ix = ox + padW - kx;
-              if (ix < 0 || ix >= w) continue;
-              const float* XD_RESTRICT gv = gp + (iy * w + ix) * C;
-              const float* XD_RESTRICT wv = wg + ((co * kH + ky) * kW + kx) * C;
-              for (int64_t c0 = 0; c0 < C; c0 += 16) {
-                vec16 v = load16(gv + c0);
-                v = v > zero ? v : zero;  // the deconvnet's rectification
-                acc += v * load16(wv + c0);
-              }
-            }
+      for (int64_t co = 0; co < Cout; ++co) {
+        float* XD_RESTRICT orow = op + oy * OW * Cout + co;
+        int64_t ox = 0;
+        if constexpr (V512) {
+#if XD_MULTIVERSION
+          for (; ox < lo; ++ox) orow[ox * Cout] = gather_pixel(a, gp, oy, ox, co);
+          float sums[16];
+          for (; ox + 16 <= hi; ox += 16) {
+            gather_block16(a, gp, oy, ox, co, sums);
+            for (int k = 0; k < 16; ++k) orow[(ox + k) * Cout] = sums[k];
           }
-          float sum = 0.f;
-          for (int k = 0; k < 16; ++k) sum += acc[k];
-          op[(oy * OW + ox) * Cout + co] = sum;
+#endif
         }
+        for (; ox < OW; ++ox) orow[ox * Cout] = gather_pixel(a, gp, oy, ox, co);
       }
     }
   }
 }
 
+// 2x2 windows under a 3x3 kernel with padding 1 (the sliding 4x4 block), or no unpooling (the sliding 3x3 block).
+XD_ALWAYS_INLINE bool sliding_ok(const ScatterArgs& a) {
+  if (!(a.kH == 3 && a.kW == 3 && a.Cout % 16 == 0)) return false;
+  return !a.sw || (a.pkH == 2 && a.pkW == 2 && a.padH == 1 && a.padW == 1);
+}
+
+// The sliding blocks write every output pixel up to the reach of the input; a larger output_size leaves the rest.
+bool sliding_covers(const ScatterArgs& a) {
+  if (a.sw) return a.OH <= 2 * a.h + 1 && a.OW <= 2 * a.w + 1;
+  return a.OH <= a.h + 2 - a.padH && a.OW <= a.w + 2 - a.padW;
+}
+
+template <bool V512>
 XD_ALWAYS_INLINE void scatter_dispatch(const ScatterArgs& a, int64_t b, int64_t e) {
-  if (a.wg != nullptr) return gather_range_narrow(a, a.wg, b, e);
-  if (a.kH == 3 && a.kW == 3 && a.Cout % 16 == 0) return scatter_range_3x3(a, b, e);
+  if (a.wg != nullptr) return gather_range_narrow<V512>(a, b, e);
+  if (sliding_ok(a)) return scatter_range_sliding<V512>(a, b, e);
+  if (a.kH == 3 && a.kW == 3 && a.Cout % 16 == 0) return scatter_range_3x3_pooled(a, b, e);
   switch (a.Cout) {
     case 8: return scatter_range<8>(a, b, e);
     case 16: return scatter_range<16>(a, b, e);
@@ -264,10 +454,10 @@ XD_ALWAYS_INLINE void scatter_dispatch(const ScatterArgs& a, int64_t b, int64_t 
   }
 }
 
-void scatter_baseline(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch(a, b, e); }
+void scatter_baseline(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch<false>(a, b, e); }
 #if XD_MULTIVERSION
-XD_TARGET_AVX2 void scatter_avx2(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch(a, b, e); }
-XD_TARGET_AVX512 void scatter_avx512(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch(a, b, e); }
+XD_TARGET_AVX2 void scatter_avx2(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch<false>(a, b, e); }
+XD_TARGET_AVX512 void scatter_avx512(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch<true>(a, b, e); }
 #endif
 
 constexpr const char* kOp = "relu_scatter_conv_transpose2d";
@@ -330,9 +520,9 @@ at::Tensor relu_scatter_conv_transpose2d(const at::Tensor& g, const std::optiona
     wg = weight.permute({3, 1, 2, 0}).contiguous();
     a.wg = wg.data_ptr<float>();
   }
-  // the gathering path writes every output value and the 3x3 scatter zeroes its rows as it goes; the generic
-  // scatter adds into zeros
-  const bool self_zeroing = gather || (a.kH == 3 && a.kW == 3 && a.Cout % 16 == 0);
+  // the gathering path writes every output value, the sliding blocks every one they reach and the pooled 3x3
+  // scatter zeroes its rows as it goes; the generic scatter adds into zeros
+  const bool self_zeroing = gather || (sliding_ok(a) ? sliding_covers(a) : a.kH == 3 && a.kW == 3 && a.Cout % 16 == 0);
   at::Tensor out = self_zeroing ? at::empty({P, a.OH, a.OW, a.Cout}, g.options())
                                 : at::zeros({P, a.OH, a.OW, a.Cout}, g.options());
   a.out = out.data_ptr<float>();
