@@ -38,6 +38,9 @@ struct ScatterArgs {
   float* out;
   int64_t h, w, C, kH, kW, Cout, OH, OW, padH, padW, pkH, pkW, group;
   const float* wg = nullptr;  // weight as (Cout, kH, kW, C) for the gathering path, else nullptr
+  // Row r of an output (input) plane is row r & mask: all ones for a whole plane, R - 1 for a ring of R rows
+  // (the intermediate of relu_scatter_conv_transpose2d_pair). Only the sliding and gathering paths use them.
+  int64_t out_mask = -1, in_mask = -1;
 };
 
 // The projections [begin, end). COUT > 0 fixes the output channel count at compile time so that the axpy
@@ -186,7 +189,7 @@ XD_ALWAYS_INLINE void list_row(const float* gp, const uint8_t* sp, int64_t w, in
 XD_ALWAYS_INLINE void flush16(float* op, int64_t oy, int64_t ox, const ScatterArgs& a, int64_t o0, bool first,
                               vec16 v) {
   if (oy < 0 || oy >= a.OH || ox < 0 || ox >= a.OW) return;
-  float* o = op + (oy * a.OW + ox) * a.Cout + o0;
+  float* o = op + ((oy & a.out_mask) * a.OW + ox) * a.Cout + o0;
   store16(o, first ? v : load16(o) + v);
 }
 
@@ -341,7 +344,7 @@ XD_ALWAYS_INLINE float gather_pixel(const ScatterArgs& a, const float* XD_RESTRI
     for (int64_t kx = 0; kx < kW; ++kx) {
       const int64_t ix = ox + a.padW - kx;
       if (ix < 0 || ix >= w) continue;
-      const float* XD_RESTRICT gv = gp + (iy * w + ix) * C;
+      const float* XD_RESTRICT gv = gp + ((iy & a.in_mask) * w + ix) * C;
       const float* XD_RESTRICT wv = a.wg + ((co * kH + ky) * kW + kx) * C;
       for (int64_t c0 = 0; c0 < C; c0 += 16) {
         vec16 v = load16(gv + c0);
@@ -382,7 +385,7 @@ XD_AVX512_ONLY inline void gather_block16(const ScatterArgs& a, const float* XD_
     const int64_t iy = oy + a.padH - ky;
     if (iy < 0 || iy >= a.h) continue;
     for (int64_t kx = 0; kx < kW; ++kx) {
-      const float* XD_RESTRICT row = gp + (iy * w + ox0 + a.padW - kx) * C;
+      const float* XD_RESTRICT row = gp + ((iy & a.in_mask) * w + ox0 + a.padW - kx) * C;
       const float* XD_RESTRICT wv = a.wg + ((co * kH + ky) * kW + kx) * C;
       for (int64_t c0 = 0; c0 < C; c0 += 16) {
         const __m512 wk = _mm512_loadu_ps(wv + c0);
@@ -399,32 +402,34 @@ XD_AVX512_ONLY inline void gather_block16(const ScatterArgs& a, const float* XD_
 }
 #endif
 
+// Output row oy of one projection (gp its input plane, op its output plane).
 template <bool V512>
-XD_ALWAYS_INLINE void gather_range_narrow(const ScatterArgs& a, int64_t begin, int64_t end) {
-  const int64_t OH = a.OH, OW = a.OW, Cout = a.Cout;
+XD_ALWAYS_INLINE void gather_row(const ScatterArgs& a, const float* XD_RESTRICT gp, float* XD_RESTRICT op, int64_t oy) {
+  const int64_t OW = a.OW, Cout = a.Cout;
   // outputs whose kW input neighbours all lie inside the row: ox + padW - (kW - 1) >= 0, ox + padW < w
   const int64_t lo = std::min(OW, std::max<int64_t>(0, a.kW - 1 - a.padW));
   const int64_t hi = std::max(lo, std::min(OW, a.w - a.padW));
-  for (int64_t p = begin; p < end; ++p) {
-    const float* XD_RESTRICT gp = a.g + p * a.h * a.w * a.C;
-    float* XD_RESTRICT op = a.out + p * OH * OW * Cout;
-    for (int64_t oy = 0; oy < OH; ++oy) {
-      for (int64_t co = 0; co < Cout; ++co) {
-        float* XD_RESTRICT orow = op + oy * OW * Cout + co;
-        int64_t ox = 0;
-        if constexpr (V512) {
+  for (int64_t co = 0; co < Cout; ++co) {
+    float* XD_RESTRICT orow = op + oy * OW * Cout + co;
+    int64_t ox = 0;
+    if constexpr (V512) {
 #if XD_MULTIVERSION
-          for (; ox < lo; ++ox) orow[ox * Cout] = gather_pixel(a, gp, oy, ox, co);
-          float sums[16];
-          for (; ox + 16 <= hi; ox += 16) {
-            gather_block16(a, gp, oy, ox, co, sums);
-            for (int k = 0; k < 16; ++k) orow[(ox + k) * Cout] = sums[k];
-          }
-#endif
-        }
-        for (; ox < OW; ++ox) orow[ox * Cout] = gather_pixel(a, gp, oy, ox, co);
+      for (; ox < lo; ++ox) orow[ox * Cout] = gather_pixel(a, gp, oy, ox, co);
+      float sums[16];
+      for (; ox + 16 <= hi; ox += 16) {
+        gather_block16(a, gp, oy, ox, co, sums);
+        for (int k = 0; k < 16; ++k) orow[(ox + k) * Cout] = sums[k];
       }
+#endif
     }
+    for (; ox < OW; ++ox) orow[ox * Cout] = gather_pixel(a, gp, oy, ox, co);
+  }
+}
+
+template <bool V512>
+XD_ALWAYS_INLINE void gather_range_narrow(const ScatterArgs& a, int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    for (int64_t oy = 0; oy < a.OH; ++oy) gather_row<V512>(a, a.g + p * a.h * a.w * a.C, a.out + p * a.OH * a.OW * a.Cout, oy);
   }
 }
 
@@ -460,13 +465,55 @@ XD_TARGET_AVX2 void scatter_avx2(const ScatterArgs& a, int64_t b, int64_t e) { s
 XD_TARGET_AVX512 void scatter_avx512(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch<true>(a, b, e); }
 #endif
 
-constexpr const char* kOp = "relu_scatter_conv_transpose2d";
+// Two steps in one pass, the second a gathering one: the first step's output rows go round a ring of R rows that
+// the second step reads as soon as they are final, so the intermediate plane never leaves the cache (nor is it
+// allocated: a fresh 4 MB plane per projection cost as much in page faults as the scatter into it).
+template <bool V512>
+XD_ALWAYS_INLINE void pair_range(const ScatterArgs& a, const ScatterArgs& b, int64_t begin, int64_t end) {
+  std::vector<float> ring((b.in_mask + 1) * a.OW * a.Cout);
+  ScatterArgs first = a, second = b;
+  first.out = ring.data();
+  second.g = ring.data();
+  RowLists L(a.w, a.C, a.sw ? 4 : 1);
+  const int64_t plane_in = a.h * a.w * a.C;
+  for (int64_t p = begin; p < end; ++p) {
+    const float* gp = a.g + p * plane_in;
+    const uint8_t* sp = a.sw ? a.sw + (p / a.group) * plane_in : nullptr;
+    float* op = b.out + p * b.OH * b.OW * b.Cout;
+    int64_t next = 0;  // the next output row of the second step
+    for (int64_t i = 0; i < a.h; ++i) {
+      list_row<V512>(gp + i * a.w * a.C, sp ? sp + i * a.w * a.C : nullptr, a.w, a.C, a.sw ? 4 : 1,
+                     static_cast<int32_t>(9 * a.Cout), L);
+      for (int64_t o0 = 0; o0 < a.Cout; o0 += 16) {
+        if (a.sw) scatter_row_2x2(first, L, i, ring.data(), o0);
+        else scatter_row_3x3(first, L, i, ring.data(), o0);
+      }
+      // intermediate rows [0, final) take nothing from the input rows still to come
+      const int64_t final = i + 1 == a.h ? a.OH : a.sw ? 2 * i + 1 : i - a.padH + 1;
+      while (next < b.OH && std::min(next + b.padH, a.OH - 1) < final) gather_row<V512>(second, ring.data(), op, next++);
+    }
+  }
+}
+
+void pair_baseline(const ScatterArgs& a, const ScatterArgs& b, int64_t s, int64_t e) { pair_range<false>(a, b, s, e); }
+#if XD_MULTIVERSION
+XD_TARGET_AVX2 void pair_avx2(const ScatterArgs& a, const ScatterArgs& b, int64_t s, int64_t e) {
+  pair_range<false>(a, b, s, e);
+}
+XD_TARGET_AVX512 void pair_avx512(const ScatterArgs& a, const ScatterArgs& b, int64_t s, int64_t e) {
+  pair_range<true>(a, b, s, e);
+}
+#endif
+
+constexpr const char* kScatterOp = "relu_scatter_conv_transpose2d";
+constexpr const char* kPairOp = "relu_scatter_conv_transpose2d_pair";
 
 // Argument checks: ValueError naming the argument (RuntimeError only for tensors on another device, as the
 // other ops do). Returns the kernel arguments with every pointer but `out` (and `wg`) set.
 ScatterArgs check_scatter_args(const at::Tensor& g, const std::optional<at::Tensor>& switches,
                                const at::Tensor& weight, at::IntArrayRef pool_kernel, at::IntArrayRef padding,
-                               at::IntArrayRef output_size, int64_t group) {
+                               at::IntArrayRef output_size, int64_t group, const char* kOp = kScatterOp,
+                               const char* size_name = "output_size") {
   TORCH_CHECK(g.device().is_cpu() && weight.device().is_cpu(), kOp, ": g and weight must be CPU tensors, got ",
               g.device(), " and ", weight.device());
   TORCH_CHECK_VALUE(g.scalar_type() == at::kFloat, kOp, ": g must be float32, got ", g.scalar_type());
@@ -478,9 +525,9 @@ ScatterArgs check_scatter_args(const at::Tensor& g, const std::optional<at::Tens
                     weight.is_contiguous() ? "" : " non-contiguous", " with shape ", weight.sizes());
   TORCH_CHECK_VALUE(pool_kernel.size() == 2, kOp, ": pool_kernel must be (pkH, pkW), got ", pool_kernel);
   TORCH_CHECK_VALUE(padding.size() == 2, kOp, ": padding must be (pH, pW), got ", padding);
-  TORCH_CHECK_VALUE(output_size.size() == 2, kOp, ": output_size must be (OH, OW), got ", output_size);
+  TORCH_CHECK_VALUE(output_size.size() == 2, kOp, ": ", size_name, " must be (OH, OW), got ", output_size);
   TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, kOp, ": padding must be non-negative, got ", padding);
-  TORCH_CHECK_VALUE(output_size[0] > 0 && output_size[1] > 0, kOp, ": output_size must be positive, got ",
+  TORCH_CHECK_VALUE(output_size[0] > 0 && output_size[1] > 0, kOp, ": ", size_name, " must be positive, got ",
                     output_size);
   const int64_t P = g.size(0), h = g.size(1), w = g.size(2), C = g.size(3);
   TORCH_CHECK_VALUE(weight.size(0) == C, kOp, ": weight has ", weight.size(0), " filters but g has ", C,
@@ -504,7 +551,7 @@ ScatterArgs check_scatter_args(const at::Tensor& g, const std::optional<at::Tens
   TORCH_CHECK_VALUE(a.pkH >= 1 && a.pkW >= 1 && a.pkH * a.pkW <= 256, kOp,
                     ": pool_kernel must be positive with at most 256 positions, got ", pool_kernel);
   // every unpooled position must lie inside the unpooled plane the conv reads
-  TORCH_CHECK_VALUE(h * a.pkH <= a.OH + a.kH - 1 && w * a.pkW <= a.OW + a.kW - 1, kOp, ": output_size ",
+  TORCH_CHECK_VALUE(h * a.pkH <= a.OH + a.kH - 1 && w * a.pkW <= a.OW + a.kW - 1, kOp, ": ", size_name, " ",
                     output_size, " is too small for the unpooled signal of size (", h * a.pkH, ", ", w * a.pkW, ")");
   return a;
 }
@@ -514,6 +561,7 @@ at::Tensor relu_scatter_conv_transpose2d(const at::Tensor& g, const std::optiona
                                           at::IntArrayRef padding, at::IntArrayRef output_size, int64_t group) {
   ScatterArgs a = check_scatter_args(g, switches, weight, pool_kernel, padding, output_size, group);
   const int64_t P = g.size(0), C = a.C;
+  const char* kOp = kScatterOp;
   at::Tensor wg;
   const bool gather = !a.sw && a.Cout <= 4 && C % 16 == 0;
   if (gather) {
@@ -537,10 +585,61 @@ at::Tensor relu_scatter_conv_transpose2d(const at::Tensor& g, const std::optiona
   return out;
 }
 
+// The second step of the pair: its arguments, checked against the first step's output (the intermediate).
+ScatterArgs check_pair_args(const ScatterArgs& a, const at::Tensor& weight2, at::IntArrayRef padding2,
+                            at::IntArrayRef output_size) {
+  const char* kOp = kPairOp;
+  TORCH_CHECK(weight2.device().is_cpu(), kOp, ": weight2 must be a CPU tensor, got ", weight2.device());
+  TORCH_CHECK_VALUE(weight2.scalar_type() == at::kFloat, kOp, ": weight2 must be float32, got ", weight2.scalar_type());
+  TORCH_CHECK_VALUE(weight2.dim() == 4 && weight2.is_contiguous(), kOp,
+                    ": weight2 must be a contiguous 4-D (C_mid, kH, kW, C_out) tensor, got ", weight2.dim(), "-D",
+                    weight2.is_contiguous() ? "" : " non-contiguous", " with shape ", weight2.sizes());
+  TORCH_CHECK_VALUE(padding2.size() == 2 && padding2[0] >= 0 && padding2[1] >= 0, kOp,
+                    ": padding2 must be a non-negative pair, got ", padding2);
+  TORCH_CHECK_VALUE(output_size.size() == 2 && output_size[0] > 0 && output_size[1] > 0, kOp,
+                    ": output_size must be a positive pair, got ", output_size);
+  TORCH_CHECK_VALUE(weight2.size(0) == a.Cout, kOp, ": weight2 has ", weight2.size(0), " filters but weight has ",
+                    a.Cout, " output channels");
+  TORCH_CHECK_VALUE(sliding_ok(a) && sliding_covers(a), kOp,
+                    ": the first step must be a 3x3 kernel into a multiple of 16 channels, without unpooling or with "
+                    "2x2 windows and padding 1, and mid_size within its reach");
+  TORCH_CHECK_VALUE(weight2.size(3) <= 4, kOp, ": the second step must have at most 4 output channels, got ",
+                    weight2.size(3));
+  ScatterArgs b{nullptr, nullptr, weight2.data_ptr<float>(), nullptr, a.OH, a.OW, a.Cout, weight2.size(1),
+                weight2.size(2), weight2.size(3), output_size[0], output_size[1], padding2[0], padding2[1], 1, 1, 1};
+  int64_t rows = 1;  // the ring: live rows span the second kernel's height and the 4 rows the first step writes
+  while (rows < b.kH + 4) rows *= 2;
+  b.in_mask = rows - 1;
+  return b;
+}
+
+at::Tensor relu_scatter_conv_transpose2d_pair(const at::Tensor& g, const std::optional<at::Tensor>& switches,
+                                               const at::Tensor& weight, const at::Tensor& weight2,
+                                               at::IntArrayRef pool_kernel, at::IntArrayRef padding,
+                                               at::IntArrayRef padding2, at::IntArrayRef mid_size,
+                                               at::IntArrayRef output_size, int64_t group) {
+  ScatterArgs a = check_scatter_args(g, switches, weight, pool_kernel, padding, mid_size, group, kPairOp, "mid_size");
+  ScatterArgs b = check_pair_args(a, weight2, padding2, output_size);
+  a.out_mask = b.in_mask;
+  const at::Tensor wg = weight2.permute({3, 1, 2, 0}).contiguous();
+  b.wg = wg.data_ptr<float>();
+  at::Tensor out = at::empty({g.size(0), b.OH, b.OW, b.Cout}, g.options());
+  b.out = out.data_ptr<float>();
+  auto fn = pair_baseline;
+#if XD_MULTIVERSION
+  const Isa isa = cpu_isa();
+  if (isa == Isa::Avx512) fn = pair_avx512;
+  else if (isa == Isa::Avx2) fn = pair_avx2;
+#endif
+  at::parallel_for(0, g.size(0), 1, [&](int64_t s, int64_t e) { fn(a, b, s, e); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xraydeconv, CPU, m) {
   m.impl("relu_scatter_conv_transpose2d", &relu_scatter_conv_transpose2d);
+  m.impl("relu_scatter_conv_transpose2d_pair", &relu_scatter_conv_transpose2d_pair);
 }
 
 }  // namespace cpu

@@ -39,9 +39,11 @@ from xraydeconv.explain.adjoint import (
     is_switch_pool,
     non_overlapping,
     pair,
+    pair_ok,
     pool_forward,
     scatter_conv_transpose,
     scatter_ok,
+    scatter_pair_conv_transpose,
     unpool,
 )
 from xraydeconv.explain.common import (
@@ -345,9 +347,27 @@ class DeconvNet:
         if walk.method == "guided":  # relu(g * mask): the kernel rectifies what the forward ReLU let through
             mask = rec.relu_masks[j][walk.img_slice].unsqueeze(1)
             walk.g = (walk.g.unflatten(0, (-1, walk.group)) * mask).flatten(0, 1)
-        sub = pool.images(walk.img_slice) if fused else None
+        sub = pool.images(walk.img_slice, hwc=True) if fused else None
+        below = self._pair_below(j - 1, rec, walk, sub)
+        if below is not None:
+            return below
         walk.g = scatter_conv_transpose(walk.g, sub, conv.module, wt, rec.conv_inputs[j - 1], walk.group)
         return j - 2
+
+    def _pair_below(self, k: int, rec: _ForwardRecords, walk: _Walk, sub: PoolRecord | None) -> int | None:
+        """The scatter through conv step ``k`` and, when a ReLU and a gathering conv (the first conv) follow, through
+        that one too in one pass; returns the index of the step below them, or None when they do not follow."""
+        if walk.method != "deconvnet" or k < 2 or [s.kind for s in self.steps[k - 2 : k]] != ["conv", "relu"]:
+            return None
+        conv, conv2 = self.steps[k], self.steps[k - 2]
+        sizes = (rec.conv_inputs[k], rec.conv_inputs[k - 2])
+        if not pair_ok(walk.g, sub, conv.module, conv2.module, sizes[0]):
+            return None
+        dtype = walk.g.dtype
+        wts = (walk.weights.hwc(conv.name, conv.module, conv.bn, dtype), walk.weights.hwc(conv2.name, conv2.module,
+                                                                                        conv2.bn, dtype))
+        walk.g = scatter_pair_conv_transpose(walk.g, sub, (conv.module, conv2.module), wts, sizes, walk.group)
+        return k - 3
 
     def _scatter_ok(self, i: int, pooled: bool) -> bool:
         s = self.steps[i]
