@@ -109,25 +109,30 @@ XD_ALWAYS_INLINE vec16 load16(const float* p) {
 
 XD_ALWAYS_INLINE void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// The positive values of one input row: list (j, s) (pixel j, switch position s; s = 0 without pooling) is
-// entries [begin[j * npos + s], begin[j * npos + s + 1]) of (weight offset c * step, value). Each channel lands
-// in one list at most; the 16 spare entries take the full-width stores of the AVX-512 lister.
+// The positive values of one input row: list (j, s, b) (pixel j, switch position s, s = 0 without pooling, and
+// channel block b: channels [b * blk, (b + 1) * blk)) is entries [begin[k], begin[k + 1]), k = (j * npos + s) *
+// nblk + b, of (weight offset c * step, value). Each channel lands in one list at most; the 16 spare entries take
+// the full-width stores of the AVX-512 lister. The blocks keep the weights a pass reads in L1: blk = 32 channels
+// of a 3x3 kernel into 16 outputs is 18 KB (the whole weight of a 128-channel layer, read for every value, ran at
+// half the speed from L2).
 struct RowLists {
+  int64_t blk, nblk;
   std::vector<int32_t> off;
   std::vector<float> val;
   std::vector<int64_t> begin;
-  RowLists(int64_t w, int64_t C, int64_t npos) : off(w * C + 16), val(w * C + 16), begin(w * npos + 1) {}
+  RowLists(int64_t w, int64_t C, int64_t npos, int64_t block = 32)
+      : blk(block), nblk((C + block - 1) / block), off(w * C + 16), val(w * C + 16), begin(w * npos * nblk + 1) {}
 };
 
 XD_ALWAYS_INLINE void list_row_scalar(const float* XD_RESTRICT gp, const uint8_t* XD_RESTRICT sp, int64_t w,
                                       int64_t C, int64_t npos, int32_t step, RowLists& L) {
   int32_t* XD_RESTRICT off = L.off.data();
   float* XD_RESTRICT val = L.val.data();
-  int64_t m = 0;
+  int64_t m = 0, k = 0;
   for (int64_t j = 0; j < w; ++j) {
     for (int64_t s = 0; s < npos; ++s) {
-      L.begin[j * npos + s] = m;
       for (int64_t c = 0; c < C; ++c) {
+        if (c % L.blk == 0) L.begin[k++] = m;
         const float v = gp[j * C + c];
         off[m] = static_cast<int32_t>(c) * step;
         val[m] = v;
@@ -136,7 +141,7 @@ XD_ALWAYS_INLINE void list_row_scalar(const float* XD_RESTRICT gp, const uint8_t
       }
     }
   }
-  L.begin[w * npos] = m;
+  L.begin[k] = m;
 }
 
 #if XD_MULTIVERSION
@@ -152,12 +157,12 @@ XD_AVX512_ONLY inline void list_row_avx512(const float* XD_RESTRICT gp, const ui
                                            _mm512_set1_epi32(step));
   const __m512i next = _mm512_set1_epi32(16 * step);
   const __m512 zero = _mm512_setzero_ps();
-  int64_t m = 0;
+  int64_t m = 0, b = 0;
   for (int64_t j = 0; j < w; ++j) {
     for (int64_t s = 0; s < npos; ++s) {
-      L.begin[j * npos + s] = m;
       __m512i offs = first;
       for (int64_t c0 = 0; c0 < C; c0 += 16, offs = _mm512_add_epi32(offs, next)) {
+        if (c0 % L.blk == 0) L.begin[b++] = m;
         const __mmask16 lanes = C - c0 >= 16 ? static_cast<__mmask16>(0xFFFF)
                                              : static_cast<__mmask16>((1u << (C - c0)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(lanes, gp + j * C + c0);
@@ -172,7 +177,7 @@ XD_AVX512_ONLY inline void list_row_avx512(const float* XD_RESTRICT gp, const ui
       }
     }
   }
-  L.begin[w * npos] = m;
+  L.begin[b] = m;
 }
 #endif
 
@@ -193,9 +198,11 @@ XD_ALWAYS_INLINE void flush16(float* op, int64_t oy, int64_t ox, const ScatterAr
   store16(o, first ? v : load16(o) + v);
 }
 
-// Input row i through a 3x3 kernel, no unpooling, channels [o0, o0 + 16). Output row i - padH + ky is first
-// written by this input row when ky == 2 (or i == 0): the rows above were reached by the input rows above.
-XD_ALWAYS_INLINE void scatter_row_3x3(const ScatterArgs& a, const RowLists& L, int64_t i, float* op, int64_t o0) {
+// Input row i through a 3x3 kernel, no unpooling, channels [o0, o0 + 16), the values of channel blocks
+// [b0, b1). Output row i - padH + ky is first written by this input row when ky == 2 (or i == 0): the rows above
+// were reached by the input rows above; and by its first channel block.
+XD_ALWAYS_INLINE void scatter_row_3x3(const ScatterArgs& a, const RowLists& L, int64_t i, float* op, int64_t o0,
+                                      int64_t b0, int64_t b1) {
   const int64_t w = a.w, Cout = a.Cout;
   const int32_t* XD_RESTRICT off = L.off.data();
   const float* XD_RESTRICT val = L.val.data();
@@ -204,7 +211,7 @@ XD_ALWAYS_INLINE void scatter_row_3x3(const ScatterArgs& a, const RowLists& L, i
   for (int t = 0; t < 9; ++t) acc[t] = vec16{};
   for (int64_t j = 0; j < w + 2; ++j) {  // two more steps flush the last two columns
     if (j < w) {
-      for (int64_t q = L.begin[j]; q < L.begin[j + 1]; ++q) {
+      for (int64_t q = L.begin[j * L.nblk + b0]; q < L.begin[j * L.nblk + b1]; ++q) {
         const float v = val[q];
         const float* XD_RESTRICT wc = wt + off[q];
 #pragma GCC unroll 9
@@ -212,7 +219,7 @@ XD_ALWAYS_INLINE void scatter_row_3x3(const ScatterArgs& a, const RowLists& L, i
       }
     }
     for (int ky = 0; ky < 3; ++ky) {
-      flush16(op, i - a.padH + ky, j - a.padW, a, o0, ky == 2 || i == 0, acc[ky * 3]);
+      flush16(op, i - a.padH + ky, j - a.padW, a, o0, (ky == 2 || i == 0) && b0 == 0, acc[ky * 3]);
       acc[ky * 3] = acc[ky * 3 + 1];
       acc[ky * 3 + 1] = acc[ky * 3 + 2];
       acc[ky * 3 + 2] = vec16{};
@@ -235,29 +242,44 @@ XD_ALWAYS_INLINE void accumulate_2x2(vec16 (&acc)[16], const RowLists& L, int64_
   }
 }
 
-// Window row i of a 2x2 unpooling through a 3x3 kernel with padding 1, channels [o0, o0 + 16): window j reaches
-// the 4x4 output block at (2i - 1, 2j - 1); its two lower rows are first written here, the two upper ones were
-// written by window row i - 1 (except in row 0).
-XD_ALWAYS_INLINE void scatter_row_2x2(const ScatterArgs& a, const RowLists& L, int64_t i, float* op, int64_t o0) {
+// Window row i of a 2x2 unpooling through a 3x3 kernel with padding 1, channels [o0, o0 + 16), the values of
+// channel blocks [b0, b1): window j reaches the 4x4 output block at (2i - 1, 2j - 1); its two lower rows are
+// first written here (by the first block), the two upper ones were written by window row i - 1 (except in row 0).
+XD_ALWAYS_INLINE void scatter_row_2x2(const ScatterArgs& a, const RowLists& L, int64_t i, float* op, int64_t o0,
+                                      int64_t b0, int64_t b1) {
   const int64_t w = a.w, Cout = a.Cout;
   const float* XD_RESTRICT wt = a.wt + o0;
   vec16 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = vec16{};
   for (int64_t j = 0; j <= w; ++j) {  // one more step flushes the last two columns
     if (j < w) {
-      const int64_t* b = L.begin.data() + 4 * j;
-      accumulate_2x2<0, 0>(acc, L, b[0], b[1], wt, Cout);
-      accumulate_2x2<0, 1>(acc, L, b[1], b[2], wt, Cout);
-      accumulate_2x2<1, 0>(acc, L, b[2], b[3], wt, Cout);
-      accumulate_2x2<1, 1>(acc, L, b[3], b[4], wt, Cout);
+      const int64_t* b = L.begin.data() + 4 * j * L.nblk;
+      const int64_t n = L.nblk;
+      accumulate_2x2<0, 0>(acc, L, b[b0], b[b1], wt, Cout);
+      accumulate_2x2<0, 1>(acc, L, b[n + b0], b[n + b1], wt, Cout);
+      accumulate_2x2<1, 0>(acc, L, b[2 * n + b0], b[2 * n + b1], wt, Cout);
+      accumulate_2x2<1, 1>(acc, L, b[3 * n + b0], b[3 * n + b1], wt, Cout);
     }
     for (int r = 0; r < 4; ++r) {
-      const bool first = r >= 2 || i == 0;
+      const bool first = (r >= 2 || i == 0) && b0 == 0;
       flush16(op, 2 * i - 1 + r, 2 * j - 1, a, o0, first, acc[r * 4]);
       flush16(op, 2 * i - 1 + r, 2 * j, a, o0, first, acc[r * 4 + 1]);
       acc[r * 4] = acc[r * 4 + 2];
       acc[r * 4 + 1] = acc[r * 4 + 3];
       acc[r * 4 + 2] = acc[r * 4 + 3] = vec16{};
+    }
+  }
+}
+
+// All output channels of input row i (listed in L): one pass per channel block, or a single pass over all blocks
+// when the row holds so few values (the top layer's signal, one channel of many) that the passes would cost more.
+XD_ALWAYS_INLINE void scatter_row(const ScatterArgs& a, const RowLists& L, int64_t i, float* op) {
+  const bool blocked = L.begin.back() >= 2 * a.w * L.nblk;
+  for (int64_t o0 = 0; o0 < a.Cout; o0 += 16) {
+    for (int64_t b = 0; b < L.nblk; b = blocked ? b + 1 : L.nblk) {
+      const int64_t b1 = blocked ? b + 1 : L.nblk;
+      if (a.sw) scatter_row_2x2(a, L, i, op, o0, b, b1);
+      else scatter_row_3x3(a, L, i, op, o0, b, b1);
     }
   }
 }
@@ -276,10 +298,7 @@ XD_ALWAYS_INLINE void scatter_range_sliding(const ScatterArgs& a, int64_t begin,
     float* op = a.out + p * plane_out;
     for (int64_t i = 0; i < h; ++i) {
       list_row<V512>(gp + i * w * C, sp ? sp + i * w * C : nullptr, w, C, npos, static_cast<int32_t>(9 * Cout), L);
-      for (int64_t o0 = 0; o0 < Cout; o0 += 16) {
-        if (a.sw) scatter_row_2x2(a, L, i, op, o0);
-        else scatter_row_3x3(a, L, i, op, o0);
-      }
+      scatter_row(a, L, i, op);
     }
   }
 }
@@ -292,7 +311,7 @@ XD_ALWAYS_INLINE void scatter_range_3x3_pooled(const ScatterArgs& a, int64_t beg
   const int64_t padH = a.padH, padW = a.padW, pkH = a.pkH, pkW = a.pkW;
   const int64_t npos = pkH * pkW;
   const int64_t plane_in = h * w * C, plane_out = OH * OW * Cout;
-  RowLists L(1, C, npos);
+  RowLists L(1, C, npos, C);
   for (int64_t p = begin; p < end; ++p) {
     const float* XD_RESTRICT gp = a.g + p * plane_in;
     const uint8_t* XD_RESTRICT sp = a.sw + (p / a.group) * plane_in;
@@ -484,10 +503,7 @@ XD_ALWAYS_INLINE void pair_range(const ScatterArgs& a, const ScatterArgs& b, int
     for (int64_t i = 0; i < a.h; ++i) {
       list_row<V512>(gp + i * a.w * a.C, sp ? sp + i * a.w * a.C : nullptr, a.w, a.C, a.sw ? 4 : 1,
                      static_cast<int32_t>(9 * a.Cout), L);
-      for (int64_t o0 = 0; o0 < a.Cout; o0 += 16) {
-        if (a.sw) scatter_row_2x2(first, L, i, ring.data(), o0);
-        else scatter_row_3x3(first, L, i, ring.data(), o0);
-      }
+      scatter_row(first, L, i, ring.data());
       // intermediate rows [0, final) take nothing from the input rows still to come
       const int64_t final = i + 1 == a.h ? a.OH : a.sw ? 2 * i + 1 : i - a.padH + 1;
       while (next < b.OH && std::min(next + b.padH, a.OH - 1) < final) gather_row<V512>(second, ring.data(), op, next++);
