@@ -198,6 +198,26 @@ XD_ALWAYS_INLINE void flush16(float* op, int64_t oy, int64_t ox, const ScatterAr
   store16(o, first ? v : load16(o) + v);
 }
 
+// The R output rows a sliding block writes, at channel o0: each row's start (nullptr outside the plane) and
+// whether this pass writes it first. Column ox of row r then needs no bounds check inside the plane.
+template <int R>
+struct BlockRows {
+  float* row[R];
+  bool first[R];
+  BlockRows(const ScatterArgs& a, float* op, int64_t oy0, int64_t o0, const bool (&first_write)[R]) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t oy = oy0 + r;
+      row[r] = oy >= 0 && oy < a.OH ? op + (oy & a.out_mask) * a.OW * a.Cout + o0 : nullptr;
+      first[r] = first_write[r];
+    }
+  }
+  XD_ALWAYS_INLINE void put(int r, int64_t ox, int64_t Cout, vec16 v) const {
+    if (row[r] == nullptr) return;
+    float* o = row[r] + ox * Cout;
+    store16(o, first[r] ? v : load16(o) + v);
+  }
+};
+
 // Input row i through a 3x3 kernel, no unpooling, channels [o0, o0 + 16), the values of channel blocks
 // [b0, b1). Output row i - padH + ky is first written by this input row when ky == 2 (or i == 0): the rows above
 // were reached by the input rows above; and by its first channel block.
@@ -207,6 +227,8 @@ XD_ALWAYS_INLINE void scatter_row_3x3(const ScatterArgs& a, const RowLists& L, i
   const int32_t* XD_RESTRICT off = L.off.data();
   const float* XD_RESTRICT val = L.val.data();
   const float* XD_RESTRICT wt = a.wt + o0;
+  const bool first[3] = {b0 == 0 && i == 0, b0 == 0 && i == 0, b0 == 0};
+  const BlockRows<3> rows(a, op, i - a.padH, o0, first);
   vec16 acc[9];
   for (int t = 0; t < 9; ++t) acc[t] = vec16{};
   for (int64_t j = 0; j < w + 2; ++j) {  // two more steps flush the last two columns
@@ -218,8 +240,9 @@ XD_ALWAYS_INLINE void scatter_row_3x3(const ScatterArgs& a, const RowLists& L, i
         for (int t = 0; t < 9; ++t) acc[t] += v * load16(wc + t * Cout);
       }
     }
+    const int64_t ox = j - a.padW;
     for (int ky = 0; ky < 3; ++ky) {
-      flush16(op, i - a.padH + ky, j - a.padW, a, o0, (ky == 2 || i == 0) && b0 == 0, acc[ky * 3]);
+      if (ox >= 0 && ox < a.OW) rows.put(ky, ox, Cout, acc[ky * 3]);
       acc[ky * 3] = acc[ky * 3 + 1];
       acc[ky * 3 + 1] = acc[ky * 3 + 2];
       acc[ky * 3 + 2] = vec16{};
@@ -249,6 +272,8 @@ XD_ALWAYS_INLINE void scatter_row_2x2(const ScatterArgs& a, const RowLists& L, i
                                       int64_t b0, int64_t b1) {
   const int64_t w = a.w, Cout = a.Cout;
   const float* XD_RESTRICT wt = a.wt + o0;
+  const bool first[4] = {b0 == 0 && i == 0, b0 == 0 && i == 0, b0 == 0, b0 == 0};
+  const BlockRows<4> rows(a, op, 2 * i - 1, o0, first);
   vec16 acc[16];
   for (int t = 0; t < 16; ++t) acc[t] = vec16{};
   for (int64_t j = 0; j <= w; ++j) {  // one more step flushes the last two columns
@@ -260,10 +285,16 @@ XD_ALWAYS_INLINE void scatter_row_2x2(const ScatterArgs& a, const RowLists& L, i
       accumulate_2x2<1, 0>(acc, L, b[2 * n + b0], b[2 * n + b1], wt, Cout);
       accumulate_2x2<1, 1>(acc, L, b[3 * n + b0], b[3 * n + b1], wt, Cout);
     }
+    const int64_t ox = 2 * j - 1;
+    const bool inside = ox >= 0 && ox + 1 < a.OW;
     for (int r = 0; r < 4; ++r) {
-      const bool first = (r >= 2 || i == 0) && b0 == 0;
-      flush16(op, 2 * i - 1 + r, 2 * j - 1, a, o0, first, acc[r * 4]);
-      flush16(op, 2 * i - 1 + r, 2 * j, a, o0, first, acc[r * 4 + 1]);
+      if (inside) {
+        rows.put(r, ox, Cout, acc[r * 4]);
+        rows.put(r, ox + 1, Cout, acc[r * 4 + 1]);
+      } else {
+        if (ox >= 0 && ox < a.OW) rows.put(r, ox, Cout, acc[r * 4]);
+        if (ox + 1 < a.OW) rows.put(r, ox + 1, Cout, acc[r * 4 + 1]);
+      }
       acc[r * 4] = acc[r * 4 + 2];
       acc[r * 4 + 1] = acc[r * 4 + 3];
       acc[r * 4 + 2] = acc[r * 4 + 3] = vec16{};
