@@ -424,10 +424,12 @@ XD_AVX512_ONLY inline __m512 sum16_transposed(const __m512 (&a)[16]) {
 }
 
 // 16 neighbouring outputs (oy, ox0 .. ox0 + 15) of channel co whose input neighbours all lie inside the row: 16
-// dot products side by side, summed by one reduction tree instead of 16 horizontal sums.
+// dot products side by side, summed by one reduction tree instead of 16 horizontal sums. CC: the input channels
+// when known at compile time (16: the 16 pixels are fixed offsets from one pointer), else 0.
+template <int CC>
 XD_AVX512_ONLY inline void gather_block16(const ScatterArgs& a, const float* XD_RESTRICT gp, int64_t oy, int64_t ox0,
                                           int64_t co, float* XD_RESTRICT out) {
-  const int64_t w = a.w, C = a.C, kH = a.kH, kW = a.kW;
+  const int64_t w = a.w, C = CC > 0 ? CC : a.C, kH = a.kH, kW = a.kW;
   const __m512 zero = _mm512_setzero_ps();
   __m512 acc[16];
   for (int k = 0; k < 16; ++k) acc[k] = zero;
@@ -467,7 +469,8 @@ XD_ALWAYS_INLINE void gather_row(const ScatterArgs& a, const float* XD_RESTRICT 
       for (; ox < lo; ++ox) orow[ox * Cout] = gather_pixel(a, gp, oy, ox, co);
       float sums[16];
       for (; ox + 16 <= hi; ox += 16) {
-        gather_block16(a, gp, oy, ox, co, sums);
+        if (a.C == 16) gather_block16<16>(a, gp, oy, ox, co, sums);
+        else gather_block16<0>(a, gp, oy, ox, co, sums);
         for (int k = 0; k < 16; ++k) orow[(ox + k) * Cout] = sums[k];
       }
 #endif
