@@ -263,6 +263,9 @@ PAIR_CASES = [
     (3, 1, 16, 32, 2, 7, 21, (2, 2), (1, 1), 1, 3),  # odd unpooled size, two output channels
     (2, 2, 80, 16, 3, 9, 38, None, (0, 0), 0, 3),  # no unpooling, three channel blocks, no padding below
     (2, 1, 16, 16, 4, 5, 19, (2, 2), (1, 0), 2, 5),  # 5x5 second kernel
+    (3, 3, 32, 32, 16, 6, 9, (2, 2), (1, 1), 1, 3),  # a 3x3 second step into 16 channels: the sliding scatter
+    (2, 1, 64, 48, 32, 7, 6, None, (0, 0), 1, 3),  # both steps without unpooling, channel blocks in both
+    (2, 2, 32, 16, 16, 5, 7, (2, 2), (0, 0), 0, 3),  # sliding second step without padding: a larger output
 ]
 
 
@@ -288,7 +291,8 @@ def test_pair_opcheck_and_backward():
 
 PAIR_BAD = {
     "weight2 filters": (3, lambda a: a[3][:8].contiguous(), "weight2 has 8 filters but weight has 16"),
-    "too many outputs": (3, lambda a: torch.rand(16, 3, 3, 5), "at most 4 output channels, got 5"),
+    "too many outputs": (3, lambda a: torch.rand(16, 3, 3, 5), r"at most 4 output channels, or .*16, 3, 3, 5"),
+    "wide second 5x5": (3, lambda a: torch.rand(16, 5, 5, 16), "at most 4 output channels, or be a 3x3 kernel"),
     "first kernel": (2, lambda a: torch.rand(16, 5, 5, 16), "must be a 3x3 kernel"),
     "mid_size beyond reach": (7, lambda a: [a[7][0] + 2, a[7][1]], "mid_size within its reach"),
     "padding2": (6, lambda a: [-1, 1], "padding2 must be a non-negative pair"),

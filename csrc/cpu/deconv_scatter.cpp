@@ -9,6 +9,10 @@
 // Layouts (all contiguous): g (P, h, w, C) channels-last signal; switches (B, h, w, C) uint8 or
 // undefined (no unpooling), projection p uses switches[p / group]; weight (C, kH, kW, Cout) = the
 // conv weight transposed to "filter, tap, input channel"; output (P, OH, OW, Cout).
+//
+// relu_scatter_conv_transpose2d_pair runs two such steps in one pass, the second without unpooling (a sliding
+// 3x3 scatter, or a gathering one into at most 4 channels: the transposed first conv), without materialising the
+// plane between them (pair_range).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -518,29 +522,40 @@ XD_TARGET_AVX2 void scatter_avx2(const ScatterArgs& a, int64_t b, int64_t e) { s
 XD_TARGET_AVX512 void scatter_avx512(const ScatterArgs& a, int64_t b, int64_t e) { scatter_dispatch<true>(a, b, e); }
 #endif
 
-// Two steps in one pass, the second a gathering one: the first step's output rows go round a ring of R rows that
-// the second step reads as soon as they are final, so the intermediate plane never leaves the cache (nor is it
-// allocated: a fresh 4 MB plane per projection cost as much in page faults as the scatter into it).
+// Two steps in one pass: the first step's output rows go round a ring of R rows that the second step reads as soon
+// as they are final (a gathering step: the output rows they complete; a sliding scatter: lists them and scatters),
+// so the intermediate plane never leaves the cache, nor is it allocated: a fresh 4 MB plane per projection cost as
+// much in page faults as the scatter into it.
 template <bool V512>
 XD_ALWAYS_INLINE void pair_range(const ScatterArgs& a, const ScatterArgs& b, int64_t begin, int64_t end) {
   std::vector<float> ring((b.in_mask + 1) * a.OW * a.Cout);
   ScatterArgs first = a, second = b;
   first.out = ring.data();
   second.g = ring.data();
-  RowLists L(a.w, a.C, a.sw ? 4 : 1);
+  RowLists L(a.w, a.C, a.sw ? 4 : 1), L2(b.wg ? 1 : b.w, b.C, 1);
   const int64_t plane_in = a.h * a.w * a.C;
   for (int64_t p = begin; p < end; ++p) {
     const float* gp = a.g + p * plane_in;
     const uint8_t* sp = a.sw ? a.sw + (p / a.group) * plane_in : nullptr;
-    float* op = b.out + p * b.OH * b.OW * b.Cout;
-    int64_t next = 0;  // the next output row of the second step
+    second.out = b.out + p * b.OH * b.OW * b.Cout;
+    int64_t next = 0;  // the next row of the second step: an output row (gathering), an input row (scatter)
     for (int64_t i = 0; i < a.h; ++i) {
       list_row<V512>(gp + i * a.w * a.C, sp ? sp + i * a.w * a.C : nullptr, a.w, a.C, a.sw ? 4 : 1,
                      static_cast<int32_t>(9 * a.Cout), L);
       scatter_row(first, L, i, ring.data());
       // intermediate rows [0, final) take nothing from the input rows still to come
       const int64_t final = i + 1 == a.h ? a.OH : a.sw ? 2 * i + 1 : i - a.padH + 1;
-      while (next < b.OH && std::min(next + b.padH, a.OH - 1) < final) gather_row<V512>(second, ring.data(), op, next++);
+      if (b.wg) {
+        while (next < b.OH && std::min(next + b.padH, a.OH - 1) < final) {
+          gather_row<V512>(second, ring.data(), second.out, next++);
+        }
+      } else {
+        for (; next < final; ++next) {
+          list_row<V512>(ring.data() + (next & b.in_mask) * b.w * b.C, nullptr, b.w, b.C, 1,
+                         static_cast<int32_t>(9 * b.Cout), L2);
+          scatter_row(second, L2, next, second.out);
+        }
+      }
     }
   }
 }
@@ -653,10 +668,12 @@ ScatterArgs check_pair_args(const ScatterArgs& a, const at::Tensor& weight2, at:
   TORCH_CHECK_VALUE(sliding_ok(a) && sliding_covers(a), kOp,
                     ": the first step must be a 3x3 kernel into a multiple of 16 channels, without unpooling or with "
                     "2x2 windows and padding 1, and mid_size within its reach");
-  TORCH_CHECK_VALUE(weight2.size(3) <= 4, kOp, ": the second step must have at most 4 output channels, got ",
-                    weight2.size(3));
   ScatterArgs b{nullptr, nullptr, weight2.data_ptr<float>(), nullptr, a.OH, a.OW, a.Cout, weight2.size(1),
                 weight2.size(2), weight2.size(3), output_size[0], output_size[1], padding2[0], padding2[1], 1, 1, 1};
+  TORCH_CHECK_VALUE(b.Cout <= 4 || (sliding_ok(b) && sliding_covers(b)), kOp,
+                    ": the second step must have at most 4 output channels, or be a 3x3 kernel into a multiple of 16 "
+                    "channels with output_size within its reach, got ", weight2.sizes(), " and output_size ",
+                    output_size);
   int64_t rows = 1;  // the ring: live rows span the second kernel's height and the 4 rows the first step writes
   while (rows < b.kH + 4) rows *= 2;
   b.in_mask = rows - 1;
@@ -671,8 +688,11 @@ at::Tensor relu_scatter_conv_transpose2d_pair(const at::Tensor& g, const std::op
   ScatterArgs a = check_scatter_args(g, switches, weight, pool_kernel, padding, mid_size, group, kPairOp, "mid_size");
   ScatterArgs b = check_pair_args(a, weight2, padding2, output_size);
   a.out_mask = b.in_mask;
-  const at::Tensor wg = weight2.permute({3, 1, 2, 0}).contiguous();
-  b.wg = wg.data_ptr<float>();
+  at::Tensor wg;
+  if (b.Cout <= 4) {  // the gathering step
+    wg = weight2.permute({3, 1, 2, 0}).contiguous();
+    b.wg = wg.data_ptr<float>();
+  }
   at::Tensor out = at::empty({g.size(0), b.OH, b.OW, b.Cout}, g.options());
   b.out = out.data_ptr<float>();
   auto fn = pair_baseline;

@@ -348,16 +348,25 @@ def scatter_conv_transpose(
     return out.permute(0, 3, 1, 2)
 
 
-def pair_ok(g: Tensor, rec: PoolRecord | None, conv: nn.Conv2d, conv2: nn.Conv2d, in_size: tuple[int, int]) -> bool:
-    """``scatter_conv_transpose`` through ``conv`` and then through ``conv2`` can run as one pass
-    (:func:`scatter_pair_conv_transpose`): ``conv`` a 3x3 stride-1 conv out of a multiple of 16 channels (under a
-    2x2 tiled pooling with padding 1, or none), ``conv2`` one :func:`scatter_ok` gathers (into at most 4 channels)."""
-    if not (has_pair_kernel() and has_scatter_kernel(g) and scatter_ok(conv, rec is not None)):
-        return False
-    if pair(conv.kernel_size) != (3, 3) or conv.in_channels % 16 or conv2.in_channels > 4:
+def _sliding(conv: nn.Conv2d) -> bool:
+    return pair(conv.kernel_size) == (3, 3) and conv.in_channels % 16 == 0
+
+
+def pair_ok(g: Tensor, rec: PoolRecord | None, conv: nn.Conv2d, conv2: nn.Conv2d,
+            sizes: tuple[tuple[int, int], tuple[int, int]]) -> bool:
+    """``scatter_conv_transpose`` through ``conv`` and then through ``conv2`` (input planes ``sizes``) can run as one
+    pass (:func:`scatter_pair_conv_transpose`): ``conv`` a 3x3 stride-1 conv out of a multiple of 16 channels (under
+    a 2x2 tiled pooling with padding 1, or none), ``conv2`` the same without pooling, or one :func:`scatter_ok`
+    gathers (into at most 4 channels)."""
+    if not (has_pair_kernel() and has_scatter_kernel(g) and scatter_ok(conv, rec is not None) and _sliding(conv)):
         return False
     if not scatter_ok(conv2, False) or conv2.out_channels != conv.in_channels:
         return False
+    (mh, mw), (oh, ow) = sizes
+    pad2 = pad_of(conv2)
+    if conv2.in_channels > 4 and not (_sliding(conv2) and oh <= mh + 2 - pad2[0] and ow <= mw + 2 - pad2[1]):
+        return False
+    in_size = sizes[0]
     h, w = g.shape[-2:]
     if rec is None:
         pad = pad_of(conv)

@@ -355,13 +355,13 @@ class DeconvNet:
         return j - 2
 
     def _pair_below(self, k: int, rec: _ForwardRecords, walk: _Walk, sub: PoolRecord | None) -> int | None:
-        """The scatter through conv step ``k`` and, when a ReLU and a gathering conv (the first conv) follow, through
-        that one too in one pass; returns the index of the step below them, or None when they do not follow."""
+        """The scatter through conv step ``k`` and, when a ReLU and a conv the pair kernel takes follow (see
+        :func:`pair_ok`), through that one too in one pass; returns the index of the step below them, or None."""
         if walk.method != "deconvnet" or k < 2 or [s.kind for s in self.steps[k - 2 : k]] != ["conv", "relu"]:
             return None
         conv, conv2 = self.steps[k], self.steps[k - 2]
         sizes = (rec.conv_inputs[k], rec.conv_inputs[k - 2])
-        if not pair_ok(walk.g, sub, conv.module, conv2.module, sizes[0]):
+        if not pair_ok(walk.g, sub, conv.module, conv2.module, sizes):
             return None
         dtype = walk.g.dtype
         wts = (walk.weights.hwc(conv.name, conv.module, conv.bn, dtype), walk.weights.hwc(conv2.name, conv2.module,

@@ -116,8 +116,13 @@ def _check_pair(g: Tensor, switches: Tensor | None, weight: Tensor, weight2: Ten
             or mid_size[1] > reach[1]):
         raise ValueError(f"{PAIR_OP}: the first step must be a 3x3 kernel into a multiple of 16 channels, without "
                          "unpooling or with 2x2 windows and padding 1, and mid_size within its reach")
-    if weight2.shape[3] > 4:
-        raise ValueError(f"{PAIR_OP}: the second step must have at most 4 output channels, got {weight2.shape[3]}")
+    k2, cout2 = tuple(weight2.shape[1:3]), weight2.shape[3]
+    reach2 = (mid_size[0] + 2 - padding2[0], mid_size[1] + 2 - padding2[1])
+    sliding2 = k2 == (3, 3) and cout2 % 16 == 0 and output_size[0] <= reach2[0] and output_size[1] <= reach2[1]
+    if cout2 > 4 and not sliding2:
+        raise ValueError(f"{PAIR_OP}: the second step must have at most 4 output channels, or be a 3x3 kernel into a "
+                         f"multiple of 16 channels with output_size within its reach, got {tuple(weight2.shape)} and "
+                         f"output_size {tuple(output_size)}")
 
 
 def has_pair_kernel() -> bool:
@@ -138,16 +143,17 @@ def relu_scatter_conv_transpose2d_pair(
     group: int = 1,
 ) -> Tensor:
     """Two deconvnet steps in one pass: ``relu_scatter_conv_transpose2d`` with ``weight``, then again with
-    ``weight2`` (no unpooling) into at most 4 channels, without materialising the (P, *mid_size, C_mid) plane in
-    between (its rows go round a small ring that the second step reads as soon as they are final).
+    ``weight2`` (no unpooling), without materialising the (P, *mid_size, C_mid) plane in between (its rows go round
+    a small ring that the second step reads as soon as they are final).
 
-    The first step must be a 3x3 kernel into a multiple of 16 channels, without unpooling or with 2x2 windows and
-    padding 1 (the case of a VGG-style net's first stage); the result equals the two single steps bit for bit.
+    Both steps must be 3x3 kernels into a multiple of 16 channels (the first without unpooling or with 2x2 windows
+    and padding 1, the second within its reach), or the second step one into at most 4 channels (the transposed
+    first conv): the stages of a VGG-style net. The result equals the two single steps bit for bit.
 
     Args:
         g, switches, weight, pool_kernel, padding, group: the first step, as in
             :func:`relu_scatter_conv_transpose2d`; ``weight`` (C, 3, 3, C_mid).
-        weight2: (C_mid, kH, kW, C_out) float32, C_out <= 4, the second step's weight.
+        weight2: (C_mid, kH, kW, C_out) float32, the second step's weight.
         padding2: (pH, pW), the second conv's zero padding.
         mid_size: (MH, MW), the first step's output plane (the second conv's output).
         output_size: (OH, OW), the second step's output plane.
