@@ -14,8 +14,9 @@ and the plain gradient are the same walk with a different rule at each ReLU.
 
 Speed: all top-n projections of an image go down as one batch (in blocks), and on the CPU in fp32 each
 "unpool -> ReLU -> transposed conv" is one call of the sparse kernel ``xraydeconv::relu_scatter_conv_transpose2d``
-(``csrc/cpu/deconv_scatter.cpp``), which only touches the positive values; elsewhere PyTorch's own ops run,
-channels-last.
+(``csrc/cpu/deconv_scatter.cpp``), which only touches the positive values; the two transposed convs of a stage
+run as one call (``relu_scatter_conv_transpose2d_pair``), so the plane between them is never allocated;
+elsewhere PyTorch's own ops run, channels-last.
 """
 
 from __future__ import annotations
