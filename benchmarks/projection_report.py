@@ -279,6 +279,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="a trained checkpoint instead of random weights (its model, its input size)")
     ap.add_argument("--image", help="an image file instead of uniform noise (preprocessed like the data sets)")
     ap.add_argument("--skip-captum", action="store_true")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="time with the wall clock, or with this process's CPU time (time.process_time): with "
+                         "--threads 1 on a shared machine, the CPU time is not inflated by other jobs' time slices")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -326,22 +329,24 @@ def main() -> None:
         err = ((ours - ref).norm() / ref.norm()).item()
         print(f"plain vs xraydeconv rel. error: {err:.2e}")
     times: dict[str, list[float]] = {k: [] for k in runners}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for fn in runners.values():  # warm-up
         fn()
     for _ in range(args.repeat):
         for name, fn in runners.items():  # interleaved: each round runs every contender once
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(args.device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     peaks = {k: _peak_child(args, k) for k in runners}
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     print(f"# top-{args.top_n} projection, {args.model} net, {'x'.join(map(str, x.shape))}, {args.device} "
           f"({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {args.repeat}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {args.repeat}, {args.clock} clock, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'contender':<16} {'median s':>10} {'images/s':>10} {'vs ours':>9} {'peak MiB':>9}")
     for k in runners:
         print(f"{k:<16} {med[k]:>10.4f} {args.batch / med[k]:>10.2f} {med[k] / med['xraydeconv']:>8.2f}x "

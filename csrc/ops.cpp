@@ -33,4 +33,7 @@ TORCH_LIBRARY(xraydeconv, m) {
   m.def("switch_gather2d(Tensor x, Tensor switches, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
   // A deconvnet step as a sparse scatter (csrc/cpu/deconv_scatter.cpp): optional unpooling, ReLU, stride-1 transposed conv.
   m.def("relu_scatter_conv_transpose2d(Tensor g, Tensor? switches, Tensor weight, int[2] pool_kernel, int[2] padding, int[2] output_size, int group) -> Tensor");
+  // Two deconvnet steps in one pass, the second into at most 4 channels (the transposed first conv), so that the
+  // intermediate plane between them is never materialised.
+  m.def("relu_scatter_conv_transpose2d_pair(Tensor g, Tensor? switches, Tensor weight, Tensor weight2, int[2] pool_kernel, int[2] padding, int[2] padding2, int[2] mid_size, int[2] output_size, int group) -> Tensor");
 }

@@ -7,13 +7,14 @@ Shared by the Sequential walk (:mod:`xraydeconv.explain.deconvnet`) and the grap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xraydeconv import ops
+from xraydeconv.ops.deconv_scatter import has_pair_kernel, relu_scatter_conv_transpose2d_pair
 
 __all__ = [
     "SPARSE_MIN_CHANNELS",
@@ -32,9 +33,11 @@ __all__ = [
     "pair",
     "phase_weight",
     "phases_ok",
+    "pair_ok",
     "pool_forward",
     "scatter_conv_transpose",
     "scatter_ok",
+    "scatter_pair_conv_transpose",
     "unpool",
 ]
 
@@ -138,9 +141,17 @@ class PoolRecord:
     input_size: tuple[int, int]
     switches: Tensor | None = None  # uint8, same shape as the pooled output (xraydeconv.ops)
     indices: Tensor | None = None  # int64 flat indices into the input plane (torch's own max_pool2d)
+    hwc: Tensor | None = field(default=None, repr=False)  # the switches (B, h, w, C) contiguous, once made
 
-    def images(self, img_slice: slice) -> PoolRecord:
-        """The record of the images ``img_slice`` only."""
+    def switches_hwc(self) -> Tensor:
+        """(B, h, w, C) the switches channels-last and contiguous, as the sparse scatter reads them; made once per
+        record, so that the blocks of one projection call share one copy."""
+        if self.hwc is None:
+            self.hwc = self.switches.permute(0, 2, 3, 1).contiguous()
+        return self.hwc
+
+    def images(self, img_slice: slice, hwc: bool = False) -> PoolRecord:
+        """The record of the images ``img_slice`` only (with ``hwc``, also their slice of :meth:`switches_hwc`)."""
         return PoolRecord(
             self.kernel_size,
             self.stride,
@@ -148,6 +159,7 @@ class PoolRecord:
             self.input_size,
             None if self.switches is None else self.switches[img_slice],
             None if self.indices is None else self.indices[img_slice],
+            self.switches_hwc()[img_slice] if hwc and self.switches is not None else None,
         )
 
 
@@ -330,7 +342,49 @@ def scatter_conv_transpose(
     ``rec`` (already cut to this block's images) is the tiled pooling to undo, or None; ``wt`` the
     (C_out, kH, kW, C_in) weight (:meth:`FoldedWeights.hwc`). Returns (P, C_in, H, W), channels-last."""
     src = g.permute(0, 2, 3, 1).contiguous()  # free when g is already channels-last
-    sw = None if rec is None else rec.switches.permute(0, 2, 3, 1).contiguous()
+    sw = None if rec is None else rec.switches_hwc()
     pk = (1, 1) if rec is None else rec.kernel_size
     out = ops.relu_scatter_conv_transpose2d(src, sw, wt, pk, pad_of(conv), in_size, group)
+    return out.permute(0, 3, 1, 2)
+
+
+def _sliding(conv: nn.Conv2d) -> bool:
+    return pair(conv.kernel_size) == (3, 3) and conv.in_channels % 16 == 0
+
+
+def pair_ok(g: Tensor, rec: PoolRecord | None, conv: nn.Conv2d, conv2: nn.Conv2d,
+            sizes: tuple[tuple[int, int], tuple[int, int]]) -> bool:
+    """``scatter_conv_transpose`` through ``conv`` and then through ``conv2`` (input planes ``sizes``) can run as one
+    pass (:func:`scatter_pair_conv_transpose`): ``conv`` a 3x3 stride-1 conv out of a multiple of 16 channels (under
+    a 2x2 tiled pooling with padding 1, or none), ``conv2`` the same without pooling, or one :func:`scatter_ok`
+    gathers (into at most 4 channels)."""
+    if not (has_pair_kernel() and has_scatter_kernel(g) and scatter_ok(conv, rec is not None) and _sliding(conv)):
+        return False
+    if not scatter_ok(conv2, False) or conv2.out_channels != conv.in_channels:
+        return False
+    (mh, mw), (oh, ow) = sizes
+    pad2 = pad_of(conv2)
+    if conv2.in_channels > 4 and not (_sliding(conv2) and oh <= mh + 2 - pad2[0] and ow <= mw + 2 - pad2[1]):
+        return False
+    in_size = sizes[0]
+    h, w = g.shape[-2:]
+    if rec is None:
+        pad = pad_of(conv)
+        return in_size[0] <= h + 2 - pad[0] and in_size[1] <= w + 2 - pad[1]
+    tiled = rec.switches is not None and rec.kernel_size == rec.stride == (2, 2) and non_overlapping(rec, (h, w))
+    return tiled and pad_of(conv) == (1, 1) and in_size[0] <= 2 * h + 1 and in_size[1] <= 2 * w + 1
+
+
+def scatter_pair_conv_transpose(
+    g: Tensor, rec: PoolRecord | None, convs: tuple[nn.Conv2d, nn.Conv2d], wts: tuple[Tensor, Tensor],
+    sizes: tuple[tuple[int, int], tuple[int, int]], group: int
+) -> Tensor:
+    """``scatter_conv_transpose`` through ``convs[0]`` and then ``convs[1]`` (weights ``wts``, input planes
+    ``sizes``) in one pass that never materialises the plane in between (see :func:`pair_ok`): (P, C, h, w) ->
+    (P, C_in of convs[1], H, W), channels-last."""
+    src = g.permute(0, 2, 3, 1).contiguous()
+    sw = None if rec is None else rec.switches_hwc()
+    pk = (1, 1) if rec is None else rec.kernel_size
+    pads = (pad_of(convs[0]), pad_of(convs[1]))
+    out = relu_scatter_conv_transpose2d_pair(src, sw, wts[0], wts[1], pk, pads[0], pads[1], sizes[0], sizes[1], group)
     return out.permute(0, 3, 1, 2)

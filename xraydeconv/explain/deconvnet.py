@@ -14,8 +14,9 @@ and the plain gradient are the same walk with a different rule at each ReLU.
 
 Speed: all top-n projections of an image go down as one batch (in blocks), and on the CPU in fp32 each
 "unpool -> ReLU -> transposed conv" is one call of the sparse kernel ``xraydeconv::relu_scatter_conv_transpose2d``
-(``csrc/cpu/deconv_scatter.cpp``), which only touches the positive values; elsewhere PyTorch's own ops run,
-channels-last.
+(``csrc/cpu/deconv_scatter.cpp``), which only touches the positive values; the two transposed convs of a stage
+run as one call (``relu_scatter_conv_transpose2d_pair``), so the plane between them is never allocated;
+elsewhere PyTorch's own ops run, channels-last.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from xraydeconv.explain.adjoint import (
     is_switch_pool,
     non_overlapping,
     pair,
+    pair_ok,
     pool_forward,
     scatter_conv_transpose,
     scatter_ok,
+    scatter_pair_conv_transpose,
     unpool,
 )
 from xraydeconv.explain.common import (
@@ -345,9 +348,27 @@ class DeconvNet:
         if walk.method == "guided":  # relu(g * mask): the kernel rectifies what the forward ReLU let through
             mask = rec.relu_masks[j][walk.img_slice].unsqueeze(1)
             walk.g = (walk.g.unflatten(0, (-1, walk.group)) * mask).flatten(0, 1)
-        sub = pool.images(walk.img_slice) if fused else None
+        sub = pool.images(walk.img_slice, hwc=True) if fused else None
+        below = self._pair_below(j - 1, rec, walk, sub)
+        if below is not None:
+            return below
         walk.g = scatter_conv_transpose(walk.g, sub, conv.module, wt, rec.conv_inputs[j - 1], walk.group)
         return j - 2
+
+    def _pair_below(self, k: int, rec: _ForwardRecords, walk: _Walk, sub: PoolRecord | None) -> int | None:
+        """The scatter through conv step ``k`` and, when a ReLU and a conv the pair kernel takes follow (see
+        :func:`pair_ok`), through that one too in one pass; returns the index of the step below them, or None."""
+        if walk.method != "deconvnet" or k < 2 or [s.kind for s in self.steps[k - 2 : k]] != ["conv", "relu"]:
+            return None
+        conv, conv2 = self.steps[k], self.steps[k - 2]
+        sizes = (rec.conv_inputs[k], rec.conv_inputs[k - 2])
+        if not pair_ok(walk.g, sub, conv.module, conv2.module, sizes):
+            return None
+        dtype = walk.g.dtype
+        wts = (walk.weights.hwc(conv.name, conv.module, conv.bn, dtype), walk.weights.hwc(conv2.name, conv2.module,
+                                                                                        conv2.bn, dtype))
+        walk.g = scatter_pair_conv_transpose(walk.g, sub, (conv.module, conv2.module), wts, sizes, walk.group)
+        return k - 3
 
     def _scatter_ok(self, i: int, pooled: bool) -> bool:
         s = self.steps[i]
