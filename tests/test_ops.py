@@ -485,6 +485,7 @@ def test_has_kernel_answers_for_every_op_and_device():
         assert ops.has_kernel(op, "cuda:0") == ops.has_kernel(op, torch.device("cuda", 0)) == ops.has_kernel(op, "cuda")
     # the sparse deconvnet step is a CPU kernel only; the pooling family has CUDA kernels when built with nvcc
     assert not ops.has_kernel("relu_scatter_conv_transpose2d", "cuda")
+    assert not ops.has_kernel("relu_scatter_conv_transpose2d_pair", "cuda")
     pooling = {ops.has_kernel(op, "cuda") for op in ("switch_pool2d", "switch_unpool2d", "switch_gather2d")}
     assert pooling == {ops.has_kernels("cuda")}
     assert ops.has_kernels("cpu")

@@ -2,7 +2,8 @@
 
 - :mod:`~xraydeconv.ops.switch_pool`: max pooling with uint8 switches (also fused with a preceding ReLU), its exact
   adjoint (unpool) and the gather, with fake kernels and autograd;
-- :mod:`~xraydeconv.ops.deconv_scatter`: the sparse deconvnet step ``relu_scatter_conv_transpose2d``;
+- :mod:`~xraydeconv.ops.deconv_scatter`: the sparse deconvnet step ``relu_scatter_conv_transpose2d`` and its
+  two-step form ``relu_scatter_conv_transpose2d_pair`` (a stage's two transposed convs in one pass);
 - :mod:`~xraydeconv.ops.native`: pure-PyTorch twins with identical semantics, and switch/index conversions;
 - :mod:`~xraydeconv.ops.kernels`: ``has_kernel(op, device)``;
 - :mod:`~xraydeconv.ops.switch_max_pool`: ``SwitchMaxPool2d``, the ``nn.MaxPool2d`` that hands out switches;
@@ -10,7 +11,7 @@
   by a ``SwitchMaxPool2d`` as one fused op.
 """
 
-from xraydeconv.ops.deconv_scatter import relu_scatter_conv_transpose2d
+from xraydeconv.ops.deconv_scatter import relu_scatter_conv_transpose2d, relu_scatter_conv_transpose2d_pair
 from xraydeconv.ops.geometry import pool_output_size
 from xraydeconv.ops.kernels import OPS, has_kernel, has_kernels
 from xraydeconv.ops.native import (
@@ -42,6 +43,7 @@ __all__ = [
     "switch_unpool2d_out",
     "switch_gather2d",
     "relu_scatter_conv_transpose2d",
+    "relu_scatter_conv_transpose2d_pair",
     "switches_to_indices",
     "indices_to_switches",
     "native_switch_pool2d",

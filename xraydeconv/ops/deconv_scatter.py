@@ -15,7 +15,7 @@ from torch import Tensor
 
 from xraydeconv.ops import extension
 from xraydeconv.ops.geometry import int_pair
-from xraydeconv.ops.kernels import require_kernels
+from xraydeconv.ops.kernels import has_kernel, require_kernels
 
 __all__ = ["has_pair_kernel", "relu_scatter_conv_transpose2d", "relu_scatter_conv_transpose2d_pair"]
 
@@ -198,7 +198,7 @@ def _setup(ctx, inputs, output) -> None:
     pass
 
 
-_HAS_PAIR = extension.load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"xraydeconv::{PAIR_OP}", "CPU")
+_HAS_PAIR = has_kernel(PAIR_OP, "cpu")
 
 if extension.load():
     torch.library.register_fake(f"xraydeconv::{OP}")(_fake)
