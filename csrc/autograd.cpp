@@ -62,19 +62,26 @@ Geometry saved_geometry(AutogradContext* ctx) {
   return {ctx->saved_data["k"].toIntVector(), ctx->saved_data["s"].toIntVector(), ctx->saved_data["p"].toIntVector()};
 }
 
+// The forward of both pooling functions: runs `op` below autograd and saves the switches (and, with keep_out,
+// the pooled output) with the geometry and the input's (H, W).
+variable_list pool_forward(AutogradContext* ctx, const c10::TypedOperatorHandle<PoolFn>& op, const Tensor& x,
+                           c10::IntArrayRef k, c10::IntArrayRef s, c10::IntArrayRef p, bool ceil_mode, bool keep_out) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  auto [out, sw] = op.call(x, k, s, p, ceil_mode);
+  save_geometry(ctx, k, s, p);
+  ctx->saved_data["size"] = spatial_size(x);
+  ctx->save_for_backward(keep_out ? variable_list{sw, out} : variable_list{sw});
+  ctx->mark_non_differentiable({sw});
+  ctx->set_materialize_grads(false);  // the switches never get a gradient: don't build zeros for it
+  return {out, sw};
+}
+
 class SwitchPool2d : public torch::autograd::Function<SwitchPool2d> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
                                c10::IntArrayRef p, bool ceil_mode) {
     static const auto op = op_handle<PoolFn>("xraydeconv::switch_pool2d");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, sw] = op.call(x, k, s, p, ceil_mode);
-    save_geometry(ctx, k, s, p);
-    ctx->saved_data["size"] = spatial_size(x);
-    ctx->save_for_backward({sw});
-    ctx->mark_non_differentiable({sw});
-    ctx->set_materialize_grads(false);  // the switches never get a gradient: don't build zeros for it
-    return {out, sw};
+    return pool_forward(ctx, op, x, k, s, p, ceil_mode, false);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -94,14 +101,7 @@ class SwitchReluPool2d : public torch::autograd::Function<SwitchReluPool2d> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
                                c10::IntArrayRef p, bool ceil_mode) {
     static const auto op = op_handle<PoolFn>("xraydeconv::switch_relu_pool2d");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, sw] = op.call(x, k, s, p, ceil_mode);
-    save_geometry(ctx, k, s, p);
-    ctx->saved_data["size"] = spatial_size(x);
-    ctx->save_for_backward({sw, out});
-    ctx->mark_non_differentiable({sw});
-    ctx->set_materialize_grads(false);
-    return {out, sw};
+    return pool_forward(ctx, op, x, k, s, p, ceil_mode, true);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

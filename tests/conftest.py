@@ -59,6 +59,22 @@ def tiny_imagefolder():
     return make_tiny_imagefolder
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, tiny_imagefolder) -> Path:
+    """One small ImageFolder data set (:func:`make_tiny_imagefolder`'s defaults) per test module, for reading only."""
+    return tiny_imagefolder(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture
+def keep_threads():
+    """Restores torch's thread count after a test that trains (training sets it)."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 RAMP = np.arange(0, 4096, 64, dtype=np.uint16).reshape(8, 8)  # 12-bit values 0..4032
 
 

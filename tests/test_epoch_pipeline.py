@@ -17,16 +17,7 @@ TINY = dict(model="deeper-aug", input_size=32, epochs=2, batch_size=4, threads=1
 SNAPSHOT = Trainer.snapshot
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_imagefolder) -> Path:
-    return tiny_imagefolder(tmp_path_factory.mktemp("tiny") / "data")
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7])
@@ -60,15 +51,15 @@ def test_prefetched_raises_the_error_of_prepare_at_the_item_that_failed() -> Non
     assert got == [0, 10]
 
 
-def _trainer(data: Path, out: Path) -> Trainer:
-    cfg = TrainConfig(data=str(data), **TINY)
+def _trainer(tiny_data: Path, out: Path) -> Trainer:
+    cfg = TrainConfig(data=str(tiny_data), **TINY)
     splits = open_splits(cfg, log=lambda s: None)
     return Trainer(cfg, out, splits, DistInfo(), torch.device("cpu"), log=lambda s: None, progress=False)
 
 
-def test_background_batches_equal_the_batches_prepared_in_turn(data: Path, tmp_path: Path) -> None:
+def test_background_batches_equal_the_batches_prepared_in_turn(tiny_data: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    plain, ahead = _trainer(data, tmp_path / "a"), _trainer(data, tmp_path / "b")
+    plain, ahead = _trainer(tiny_data, tmp_path / "a"), _trainer(tiny_data, tmp_path / "b")
     for epoch, start in ((0, 0), (1, 3)):
         xs = list(plain.epoch_batches(epoch, start, background=False))
         ys = list(ahead.epoch_batches(epoch, start, background=True))
@@ -83,7 +74,7 @@ def test_background_batches_equal_the_batches_prepared_in_turn(data: Path, tmp_p
     assert not any(torch.equal(x[0], s) for x, _, _ in xs for s in stored)
 
 
-def _run(data: Path, out: Path, background: bool, monkeypatch) -> tuple[dict, list]:
+def _run(tiny_data: Path, out: Path, background: bool, monkeypatch) -> tuple[dict, list]:
     """A 2-epoch run; returns its metrics and (file, step, augmentation state, RNG state) saved in each snapshot."""
     snapshots = []
 
@@ -96,15 +87,15 @@ def _run(data: Path, out: Path, background: bool, monkeypatch) -> tuple[dict, li
 
     monkeypatch.setattr(Trainer, "snapshot", spy)
     monkeypatch.setattr(Trainer, "background", background)
-    metrics = train(TrainConfig(data=str(data), **TINY), out, log=lambda s: None, progress=False)
+    metrics = train(TrainConfig(data=str(tiny_data), **TINY), out, log=lambda s: None, progress=False)
     return metrics, snapshots
 
 
 def test_training_with_the_background_thread_gives_identical_weights_and_snapshots(
-    data: Path, tmp_path: Path, monkeypatch
+    tiny_data: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    m0, snaps0 = _run(data, tmp_path / "plain", False, monkeypatch)
-    m1, snaps1 = _run(data, tmp_path / "ahead", True, monkeypatch)
+    m0, snaps0 = _run(tiny_data, tmp_path / "plain", False, monkeypatch)
+    m1, snaps1 = _run(tiny_data, tmp_path / "ahead", True, monkeypatch)
     # mid-epoch resume.pt after steps 2 and 4 of each epoch, last.pt at each epoch end
     assert [(name, step) for name, step, _, _ in snaps0] == [
         ("resume.pt", 2), ("resume.pt", 4), ("last.pt", 0)] * 2

@@ -22,25 +22,16 @@ from xraydeconv.training.loop import TrainConfig, train
 TINY = dict(input_size=32, epochs=2, batch_size=4, threads=1, checkpoint_every=0)
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_imagefolder) -> Path:
-    return tiny_imagefolder(tmp_path_factory.mktemp("tiny") / "data")
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 def _invoke(args: list[str]):
     return CliRunner().invoke(cli, ["train", "--quiet", *args], catch_exceptions=True)
 
 
-def test_a_run_writes_checkpoints_metrics_and_pictures(data: Path, tmp_path: Path) -> None:
+def test_a_run_writes_checkpoints_metrics_and_pictures(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = TrainConfig(model="deeper", data=str(data), **{**TINY, "epochs": 3})
+    cfg = TrainConfig(model="deeper", data=str(tiny_data), **{**TINY, "epochs": 3})
     metrics = train(cfg, out, progress=False, log=lambda s: None)
     assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "metrics.json", "curves.png", "confusion.png"}
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -57,7 +48,7 @@ def test_a_run_writes_checkpoints_metrics_and_pictures(data: Path, tmp_path: Pat
     for name in ("last.pt", "best.pt"):
         c = load_checkpoint(out / name)
         assert (c.model_name, c.class_names, c.input_size) == ("deeper", ["left", "middle", "right"], 32)
-        assert c.config["epochs"] == 3 and c.config["data"] == str(data)
+        assert c.config["epochs"] == 3 and c.config["data"] == str(tiny_data)
     assert load_checkpoint(out / "last.pt").epoch == 3
     assert load_checkpoint(out / "best.pt").epoch == metrics["best_epoch"]
     for png in ("curves.png", "confusion.png"):
@@ -65,8 +56,8 @@ def test_a_run_writes_checkpoints_metrics_and_pictures(data: Path, tmp_path: Pat
             assert im.format == "PNG" and im.size[0] > 300
 
 
-def test_resnet18_trains_and_its_checkpoint_loads(data: Path, tmp_path: Path) -> None:
-    r = _invoke(["--model", "resnet18", "--data", str(data), "--input-size", "32", "--epochs", "1",
+def test_resnet18_trains_and_its_checkpoint_loads(tiny_data: Path, tmp_path: Path) -> None:
+    r = _invoke(["--model", "resnet18", "--data", str(tiny_data), "--input-size", "32", "--epochs", "1",
                  "--batch-size", "8", "--threads", "1", "--out", str(tmp_path / "r18")])
     assert r.exit_code == 0, r.output
     c = load_checkpoint(tmp_path / "r18" / "best.pt")
@@ -74,10 +65,10 @@ def test_resnet18_trains_and_its_checkpoint_loads(data: Path, tmp_path: Path) ->
     assert c.model.fc.out_features == 3 and c.model.conv1.in_channels == 1
 
 
-def test_same_seed_same_weights_other_seed_other_weights(data: Path, tmp_path: Path) -> None:
+def test_same_seed_same_weights_other_seed_other_weights(tiny_data: Path, tmp_path: Path) -> None:
     runs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        train(TrainConfig(model="deeper-aug", data=str(data), seed=seed, **{**TINY, "epochs": 1}), tmp_path / name,
+        train(TrainConfig(model="deeper-aug", data=str(tiny_data), seed=seed, **{**TINY, "epochs": 1}), tmp_path / name,
               progress=False, log=lambda s: None)
         runs[name] = read_checkpoint(tmp_path / name / "last.pt")[0]["state_dict"]
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
@@ -99,9 +90,9 @@ def test_shards_cover_each_epoch_once_and_depend_only_on_seed_and_epoch(n: int, 
     assert sorted(sum(evals, [])) == list(range(n))
 
 
-def test_all_writes_table1(data: Path, tmp_path: Path) -> None:
+def test_all_writes_table1(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "all"
-    r = _invoke(["--all", "--data", str(data), "--input-size", "32", "--epochs", "1", "--batch-size", "8",
+    r = _invoke(["--all", "--data", str(tiny_data), "--input-size", "32", "--epochs", "1", "--batch-size", "8",
                  "--threads", "1", "--out", str(out)])
     assert r.exit_code == 0, r.output
     table = json.loads((out / "table1.json").read_text())
@@ -166,9 +157,9 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == ["error: --epochs 0: must be at least 1"]
 
 
-def test_torchrun_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
+def test_torchrun_two_processes_match_one_process(tiny_data: Path, tmp_path: Path) -> None:
     """shallow has no BatchNorm and no dropout, so 2 ranks x 2 images average to the same step as 1 x 4."""
-    args = ["train", "--model", "shallow", "--data", str(data), "--input-size", "32", "--epochs", "2",
+    args = ["train", "--model", "shallow", "--data", str(tiny_data), "--input-size", "32", "--epochs", "2",
             "--batch-size", "4", "--threads", "1", "--quiet", "--lr", "0.01", "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")

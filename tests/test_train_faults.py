@@ -20,11 +20,7 @@ from xraydeconv.training.loop import TrainConfig, train, warmup_fraction
 TINY = dict(model="shallow", input_size=32, epochs=2, batch_size=4, threads=1, checkpoint_every=0, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 def _quiet(s: str) -> None:
