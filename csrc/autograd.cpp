@@ -76,6 +76,17 @@ variable_list pool_forward(AutogradContext* ctx, const c10::TypedOperatorHandle<
   return {out, sw};
 }
 
+// The backward of both: unpool the pooled gradient (for relu-pool, first zeroed where ReLU's output, the pooled
+// value, is not positive: ReLU's own backward, on a quarter of the input's size for 2x2 windows).
+variable_list pool_backward(AutogradContext* ctx, const variable_list& grads, bool relu) {
+  if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  const variable_list saved = ctx->get_saved_variables();
+  const Geometry g = saved_geometry(ctx);
+  const std::vector<int64_t> size = ctx->saved_data["size"].toIntVector();
+  const Tensor y = relu ? at::threshold_backward(grads[0], saved[1], 0) : grads[0];
+  return {unpool(y, saved[0], g.k, g.s, g.p, size), Tensor(), Tensor(), Tensor(), Tensor()};
+}
+
 class SwitchPool2d : public torch::autograd::Function<SwitchPool2d> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
@@ -84,18 +95,11 @@ class SwitchPool2d : public torch::autograd::Function<SwitchPool2d> {
     return pool_forward(ctx, op, x, k, s, p, ceil_mode, false);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    const Tensor sw = ctx->get_saved_variables()[0];
-    const Geometry g = saved_geometry(ctx);
-    const std::vector<int64_t> size = ctx->saved_data["size"].toIntVector();
-    return {unpool(grads[0], sw, g.k, g.s, g.p, size), Tensor(), Tensor(), Tensor(), Tensor()};
-  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return pool_backward(ctx, grads, false); }
 };
 
 // max_pool2d(relu(x)): relu(x) is only ever read at the switches, where it equals the pooled output, so ReLU's
-// backward (zero where the output is not positive) runs on the pooled gradient, a quarter of the input's size
-// for 2x2 windows, and unpooling writes the input's gradient once.
+// backward runs on the pooled gradient and unpooling writes the input's gradient once.
 class SwitchReluPool2d : public torch::autograd::Function<SwitchReluPool2d> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
@@ -104,14 +108,7 @@ class SwitchReluPool2d : public torch::autograd::Function<SwitchReluPool2d> {
     return pool_forward(ctx, op, x, k, s, p, ceil_mode, true);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    const variable_list saved = ctx->get_saved_variables();
-    const Geometry g = saved_geometry(ctx);
-    const std::vector<int64_t> size = ctx->saved_data["size"].toIntVector();
-    const Tensor positive = at::threshold_backward(grads[0], saved[1], 0);
-    return {unpool(positive, saved[0], g.k, g.s, g.p, size), Tensor(), Tensor(), Tensor(), Tensor()};
-  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return pool_backward(ctx, grads, true); }
 };
 
 class SwitchUnpool2d : public torch::autograd::Function<SwitchUnpool2d> {
