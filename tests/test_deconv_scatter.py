@@ -242,7 +242,7 @@ def test_op_rejects_non_contiguous_tensors():
 # The pair: two steps in one pass, the second a gathering one (the transposed first conv)
 
 PAIR = "relu_scatter_conv_transpose2d_pair"
-pair_skip = pytest.mark.skipif(not ops.deconv_scatter.has_pair_kernel(), reason=f"xraydeconv._C has no {PAIR}")
+pair_skip = pytest.mark.skipif(not ops.has_kernel(PAIR), reason=f"xraydeconv._C has no {PAIR}")
 
 
 def _pair_case(P, group, C, Cmid, Cout, h, w, pool, extra, pad2, k2, seed=0):

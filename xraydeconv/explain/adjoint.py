@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xraydeconv import ops
-from xraydeconv.ops.deconv_scatter import has_pair_kernel, relu_scatter_conv_transpose2d_pair
+from xraydeconv.ops.deconv_scatter import PAIR_OP, relu_scatter_conv_transpose2d_pair
 
 __all__ = [
     "SPARSE_MIN_CHANNELS",
@@ -358,7 +358,8 @@ def pair_ok(g: Tensor, rec: PoolRecord | None, conv: nn.Conv2d, conv2: nn.Conv2d
     pass (:func:`scatter_pair_conv_transpose`): ``conv`` a 3x3 stride-1 conv out of a multiple of 16 channels (under
     a 2x2 tiled pooling with padding 1, or none), ``conv2`` the same without pooling, or one :func:`scatter_ok`
     gathers (into at most 4 channels)."""
-    if not (has_pair_kernel() and has_scatter_kernel(g) and scatter_ok(conv, rec is not None) and _sliding(conv)):
+    if not (ops.has_kernel(PAIR_OP) and has_scatter_kernel(g) and scatter_ok(conv, rec is not None)
+            and _sliding(conv)):
         return False
     if not scatter_ok(conv2, False) or conv2.out_channels != conv.in_channels:
         return False

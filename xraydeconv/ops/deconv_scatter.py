@@ -9,15 +9,16 @@ float32, inference-only kernel: it has no gradient (a backward through it raises
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from xraydeconv.ops import extension
 from xraydeconv.ops.geometry import int_pair
-from xraydeconv.ops.kernels import has_kernel, require_kernels
+from xraydeconv.ops.kernels import require_kernels
 
-__all__ = ["has_pair_kernel", "relu_scatter_conv_transpose2d", "relu_scatter_conv_transpose2d_pair"]
+__all__ = ["relu_scatter_conv_transpose2d", "relu_scatter_conv_transpose2d_pair"]
 
 OP = "relu_scatter_conv_transpose2d"
 PAIR_OP = "relu_scatter_conv_transpose2d_pair"
@@ -125,11 +126,6 @@ def _check_pair(g: Tensor, switches: Tensor | None, weight: Tensor, weight2: Ten
                          f"output_size {tuple(output_size)}")
 
 
-def has_pair_kernel() -> bool:
-    """True when ``xraydeconv._C`` has the CPU kernel of :func:`relu_scatter_conv_transpose2d_pair`."""
-    return _HAS_PAIR
-
-
 def relu_scatter_conv_transpose2d_pair(
     g: Tensor,
     switches: Tensor | None,
@@ -165,7 +161,7 @@ def relu_scatter_conv_transpose2d_pair(
     pad2, mid = int_pair(padding2, "padding2"), int_pair(mid_size, "mid_size")
     size = int_pair(output_size, "output_size")
     _check_pair(g, switches, weight, weight2, pk, pad, pad2, mid, size, group)
-    require_kernels(g, OP)
+    require_kernels(g, PAIR_OP)
     sw = None if switches is None else switches.contiguous()
     return torch.ops.xraydeconv.relu_scatter_conv_transpose2d_pair(
         g.contiguous(), sw, weight.contiguous(), weight2.contiguous(), pk, pad, pad2, mid, size, group
@@ -190,22 +186,14 @@ def _no_gradient(ctx, grad_out: Tensor, op: str = OP):
     )
 
 
-def _no_gradient_pair(ctx, grad_out: Tensor):
-    _no_gradient(ctx, grad_out, PAIR_OP)
-
-
 def _setup(ctx, inputs, output) -> None:
     pass
 
-
-_HAS_PAIR = has_kernel(PAIR_OP, "cpu")
 
 if extension.load():
     torch.library.register_fake(f"xraydeconv::{OP}")(_fake)
     # an explicit autograd kernel, so that a backward through the op fails with a clear message instead of
     # PyTorch's generic "no autograd kernel" warning
     torch.library.register_autograd(f"xraydeconv::{OP}", _no_gradient, setup_context=_setup)
-
-if _HAS_PAIR:
     torch.library.register_fake(f"xraydeconv::{PAIR_OP}")(_fake_pair)
-    torch.library.register_autograd(f"xraydeconv::{PAIR_OP}", _no_gradient_pair, setup_context=_setup)
+    torch.library.register_autograd(f"xraydeconv::{PAIR_OP}", partial(_no_gradient, op=PAIR_OP), setup_context=_setup)
