@@ -53,7 +53,7 @@ __all__ = [
     "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "FolderWriter", "unique_folder", "write_image_folder",
     "manifest_base", "prediction_fields", "layer_stride", "model_input", "project_into", "project_checkpoint",
     "check_settings", "Net", "open_net", "is_user_model", "printable_name", "FilmKeep", "project_batch",
-    "prefetched_batches",
+    "batch_ranges", "prefetched_batches",
 ]
 
 MANIFEST_VERSION = 1
@@ -142,8 +142,7 @@ class ImageSource:
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[int], Tensor]]:
         """``(indices, (b, C_in, S, S) images)`` in order, the next batch loading while the caller works."""
-        return prefetched_batches(self, [range(b0, min(len(self), b0 + batch_size))
-                                         for b0 in range(0, len(self), batch_size)])
+        return prefetched_batches(self, batch_ranges(range(len(self)), batch_size))
 
 
 # --- manifests ----------------------------------------------------------------------------------------------------
@@ -472,6 +471,11 @@ def _compare_picture(film: Film, nets: Sequence[Net], projections: Sequence[Proj
         metas.append({"model": net.base["model"], "checkpoint": net.base["checkpoint"],
                       "checkpoint_sha256": net.base["checkpoint_sha256"], **pred})
     return views.compare_view(film, heats, metas), metas
+
+
+def batch_ranges(films: range, size: int) -> list[range]:
+    """``films`` cut into consecutive ranges of ``size`` (the last one shorter)."""
+    return [range(a, min(films.stop, a + size)) for a in range(films.start, films.stop, size)]
 
 
 def prefetched_batches(source: ImageSource, batches: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Tensor]]:

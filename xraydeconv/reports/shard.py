@@ -44,6 +44,7 @@ from xraydeconv.reports.pipeline import (
     ImageSource,
     Net,
     ProjectSettings,
+    batch_ranges,
     prefetched_batches,
     printable_name,
     project_batch,
@@ -108,8 +109,7 @@ def picture_films(n: int, pictures: str) -> frozenset[int]:
 
 def chunk_ranges(n: int, batch_size: int, chunk: int) -> list[range]:
     """The chunks of a run of ``n`` films: ``chunk`` films rounded up to whole batches, the last one shorter."""
-    size = -(-chunk // batch_size) * batch_size
-    return [range(a, min(n, a + size)) for a in range(0, n, size)]
+    return batch_ranges(range(n), -(-chunk // batch_size) * batch_size)
 
 
 def partial_folder(out: Path) -> Path:
@@ -244,8 +244,7 @@ def run_chunk(run: _Run, tmp: Path, c: int, films: range, bar) -> None:
     part = PartWriter(tmp / STORE_DIR, c, len(films)) if run.options.maps == "store" else None
     rows, bs, maps = [], run.settings.batch_size, FILM_MAPS[run.options.maps]
     try:
-        batches = [range(b0, min(films.stop, b0 + bs)) for b0 in range(films.start, films.stop, bs)]
-        for idx, x in prefetched_batches(run.source, batches):
+        for idx, x in prefetched_batches(run.source, batch_ranges(films, bs)):
             for j, p, fields, film, masks, extra in project_batch(run.source, idx, x, run.net, run.settings,
                                                                   run.device, run.compare, run.pictured.__contains__):
                 i = idx[j]
