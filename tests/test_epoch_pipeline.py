@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from xraydeconv.prefetch import prefetched
 from xraydeconv.training.checkpoint import read_checkpoint
 from xraydeconv.training.distributed import DistInfo
-from xraydeconv.training.loop import TrainConfig, Trainer, open_splits, prefetched, train
+from xraydeconv.training.loop import TrainConfig, Trainer, open_splits, train
 
 # 24 training images in batches of 4: 6 steps per epoch, a resume.pt after steps 2 and 4
 TINY = dict(model="deeper-aug", input_size=32, epochs=2, batch_size=4, threads=1, checkpoint_every=2, seed=5)

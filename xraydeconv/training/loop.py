@@ -19,11 +19,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +33,7 @@ from xraydeconv.data.preprocess import DEFAULT_MAX_PIXELS, check_max_pixels
 from xraydeconv.device import available_cores, check_threads, resolve_device
 from xraydeconv.errors import UserError
 from xraydeconv.io import output_lock, write_json
+from xraydeconv.prefetch import prefetched
 from xraydeconv.training import distributed
 from xraydeconv.training.augment import AugmentConfig, augment_batch
 from xraydeconv.training.checkpoint import (
@@ -50,7 +49,6 @@ LAST, BEST, RESUME, METRICS = "last.pt", "best.pt", "resume.pt", "metrics.json"
 CURVES, CONFUSION = "curves.png", "confusion.png"
 # how a run is executed, not what it computes: may change when a run is resumed
 RUNTIME_FIELDS = ("device", "threads", "num_workers", "pool_backend", "channels_last", "max_pixels")
-T, U = TypeVar("T"), TypeVar("U")
 
 
 @dataclass
@@ -238,32 +236,6 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, device: torch
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
-
-
-def prefetched(items: Iterable[T], prepare: Callable[[T], U], background: bool = True) -> Iterator[U]:
-    """``prepare(item)`` for each item of ``items``, in order.
-
-    With ``background`` the next item is fetched and prepared on a thread while the caller works on the current
-    one (torch ops release the GIL), so loading and augmentation hide behind the training step. At most one
-    prepared item waits, and ``next(items)`` and ``prepare`` are called in the same order as without it, so every
-    random number ``prepare`` draws from its own generator is the same.
-    """
-    it = iter(items)
-    if not background:
-        for item in it:
-            yield prepare(item)
-        return
-    done = object()
-
-    def fetch():
-        item = next(it, done)
-        return done if item is done else prepare(item)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="xraydeconv-batches") as pool:
-        pending = pool.submit(fetch)
-        while (ready := pending.result()) is not done:
-            pending = pool.submit(fetch)
-            yield ready
 
 
 def _accuracy(confusion: np.ndarray) -> float:
