@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     CheckpointLike = str | os.PathLike | Checkpoint
 
 __all__ = [
-    "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "FolderWriter", "unique_folder", "write_image_folder",
+    "MANIFEST_VERSION", "ProjectSettings", "ImageSource", "unique_folder", "write_image_folder",
     "manifest_base", "prediction_fields", "layer_stride", "model_input", "project_into", "project_checkpoint",
     "check_settings", "Net", "open_net", "is_user_model", "printable_name", "FilmKeep", "project_batch",
     "batch_ranges", "prefetched_batches",
@@ -397,46 +397,6 @@ def _keep_maps(folder: Path, heats: Tensor, keep: FilmKeep) -> dict | None:
     return {**keep.store(half), **described}
 
 
-class FolderWriter:
-    """Writes projected images into one folder each under ``root``, then the gallery over them.
-
-    Args:
-        root: the folder that receives the image folders and ``index.html``.
-        base: the manifest fields shared by every image (:func:`manifest_base`).
-    """
-
-    def __init__(self, root: Path, base: dict, stride: int = 1, settings: DisplaySettings | None = None) -> None:
-        self.root, self.base, self.stride = Path(root), base, stride
-        self.settings = settings or DisplaySettings()
-        self.rows: list[dict] = []
-        self.taken: set[str] = set()
-
-    def add(self, stem: str, image: Tensor, projection: Projection, index: int, fields: dict,
-            film: Film | None = None, masks: dict[str, np.ndarray] | None = None,
-            extra: dict[str, np.ndarray] | None = None) -> dict:
-        """Write image ``index`` of a batch ``projection`` into a new folder named after ``stem``.
-
-        Args:
-            image: (C_in, S, S) the input the projection was made from.
-            fields: the image's own manifest fields (input file, prediction, truth).
-            film, masks: the film as it was given and its landmark masks (see :func:`write_image_folder`).
-        Returns:
-            The gallery row ``{"folder": name, "manifest": manifest as written}``.
-        """
-        folder = unique_folder(stem, self.taken)
-        man = write_image_folder(self.root / folder, image.cpu(), projection.maps[index].cpu(),
-                                 projection.channels[index].cpu(), projection.activations[index].cpu(),
-                                 {**self.base, **fields}, film=film, masks=masks, stride=self.stride,
-                                 settings=self.settings, extra=extra)
-        row = {"folder": folder, "manifest": man}
-        self.rows.append(row)
-        return row
-
-    def write_gallery(self, title: str, info: dict | None = None) -> Path:
-        """``index.html`` and ``gallery.json`` over the folders written so far."""
-        return write_gallery(self.root, self.rows, title=title, info=info)
-
-
 # --- a whole run ------------------------------------------------------------------------------------------------
 
 
@@ -458,6 +418,14 @@ class Net:
     def project(self, x: Tensor, settings: ProjectSettings, device: torch.device) -> Projection:
         return self.dn.project(x.to(device), top_n=settings.top_n, layer=self.base["layer"], mode=settings.mode,
                                rank=settings.rank, method=settings.method, precision=settings.precision)
+
+    def write(self, folder: Path, image: Tensor, p: Projection, j: int, fields: dict, settings: DisplaySettings,
+              film: Film | None = None, masks: dict[str, np.ndarray] | None = None,
+              extra: dict[str, np.ndarray] | None = None, keep: FilmKeep = FilmKeep()) -> dict:
+        """:func:`write_image_folder` for image ``j`` of the batch projection ``p`` (``image``: its (C_in, S, S)
+        input; ``fields``: its own manifest fields); the manifest as written."""
+        return write_image_folder(folder, image.cpu(), p.maps[j].cpu(), p.channels[j].cpu(), p.activations[j].cpu(),
+                                  {**self.base, **fields}, film, masks, self.stride, settings, extra, keep)
 
 
 def _compare_picture(film: Film, nets: Sequence[Net], projections: Sequence[Projection], j: int,
@@ -532,15 +500,18 @@ def project_into(out: Path, source: ImageSource, net: Net, settings: ProjectSett
     """
     from tqdm import tqdm
 
+    taken: set[str] = set()
+    rows: list[dict] = []
     with building_folder(out, overwrite) as tmp:
-        writer = FolderWriter(tmp, net.base, net.stride, settings.display)
         with tqdm(total=len(source), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
             for idx, x in source.batches(settings.batch_size):
                 for j, p, fields, film, masks, extra in project_batch(source, idx, x, net, settings, device, compare):
-                    writer.add(source.stems[idx[j]], x[j], p, j, fields, film, masks, extra)
+                    folder = unique_folder(source.stems[idx[j]], taken)
+                    man = net.write(tmp / folder, x[j], p, j, fields, settings.display, film, masks, extra)
+                    rows.append({"folder": folder, "manifest": man})
                 bar.update(len(idx))
-        writer.write_gallery(title, info)
-    return writer.rows
+        write_gallery(tmp, rows, title=title, info=info)
+    return rows
 
 
 def check_settings(dn: DeconvNet, settings: ProjectSettings) -> int | str:

@@ -49,7 +49,6 @@ from xraydeconv.reports.pipeline import (
     printable_name,
     project_batch,
     unique_folder,
-    write_image_folder,
 )
 from xraydeconv.training import distributed
 from xraydeconv.training.distributed import DistInfo
@@ -250,9 +249,8 @@ def run_chunk(run: _Run, tmp: Path, c: int, films: range, bar) -> None:
                 i = idx[j]
                 keep = FilmKeep(i in run.pictured, maps,
                                 None if part is None else lambda half, r=i - films.start: part.put(r, half))
-                man = write_image_folder(tmp / run.folders[i], x[j].cpu(), p.maps[j].cpu(), p.channels[j].cpu(),
-                                         p.activations[j].cpu(), {**run.net.base, **fields}, film, masks,
-                                         run.net.stride, run.settings.display, extra, keep)
+                man = run.net.write(tmp / run.folders[i], x[j], p, j, fields, run.settings.display, film, masks, extra,
+                                    keep)
                 rows.append({"folder": run.folders[i] if keep.has_folder else None, "manifest": man})
             bar.update(len(idx))
         if part is not None:
