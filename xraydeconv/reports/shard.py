@@ -158,6 +158,14 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     (out / RUN_FILE).unlink(missing_ok=True)
 
 
+def _told_by_rank0(info: DistInfo) -> dict:
+    """What rank 0 gathered about the build folder; a rank it told of an error exits with status 2."""
+    told = distributed.all_gather_objects(None, info)[0]
+    if told.get("error"):
+        raise SystemExit(2)
+    return told
+
+
 @contextmanager
 def archive_build(out: Path, overwrite: bool, resume: bool, key: dict, info: DistInfo
                   ) -> Iterator[tuple[Path, set[int]]]:
@@ -169,16 +177,14 @@ def archive_build(out: Path, overwrite: bool, resume: bool, key: dict, info: Dis
     """
     key = json.loads(json.dumps(strict_json(key)))
     if not info.is_main:
-        told = distributed.all_gather_objects(None, info)[0]
-        if told.get("error"):
-            raise SystemExit(2)
+        told = _told_by_rank0(info)
         yield Path(told["tmp"]), set(told["done"])
         return
     with output_lock(out):
         try:
             tmp, done = _open_partial(out, overwrite, resume, key)
-        except UserError as exc:
-            distributed.all_gather_objects({"error": str(exc)}, info)
+        except (UserError, OSError) as exc:  # told to the other ranks, so none waits for a folder
+            distributed.all_gather_objects({"error": error_message(exc)}, info)
             raise
         distributed.all_gather_objects({"tmp": str(tmp), "done": sorted(done)}, info)
         try:
@@ -201,10 +207,7 @@ def shared_building_folder(out: Path, overwrite: bool, info: DistInfo) -> Iterat
     message to rank 0). Rank 0 moves it into ``out`` when its block succeeds, so the other ranks must have written
     their files before rank 0's block ends (a collective after their last write); on failure it is removed."""
     if not info.is_main:
-        told = distributed.all_gather_objects(None, info)[0]
-        if told.get("error"):
-            raise SystemExit(2)
-        yield Path(told["tmp"])
+        yield Path(_told_by_rank0(info)["tmp"])
         return
     opened = False
     try:
