@@ -218,15 +218,15 @@ def write_gallery(out_dir: str | os.PathLike, rows: Sequence[dict], title: str =
     """Write ``out_dir/index.html`` atomically; ``rows`` as in :func:`gallery_html`. With ``page_size``, a gallery
     of more rows is cut into pages of that many cards (``index.html``, ``page-2.html`` ...) linked in order."""
     out_dir = Path(out_dir)
-    paged = [r for r in rows if has_page(r)]
-    for k, row in enumerate(paged):
-        prev = paged[k - 1]["folder"] if k > 0 else None
-        nxt = paged[k + 1]["folder"] if k + 1 < len(paged) else None
+    with_page = [r for r in rows if has_page(r)]
+    for k, row in enumerate(with_page):
+        prev = with_page[k - 1]["folder"] if k > 0 else None
+        nxt = with_page[k + 1]["folder"] if k + 1 < len(with_page) else None
         page = utf8_text(image_page_html(row, prev, nxt, title))
         write_atomically(out_dir / row["folder"] / "index.html", lambda f, page=page: f.write(page), mode="w",
                          encoding="utf-8")
-    pages = [rows[a:a + page_size] for a in range(0, len(rows), page_size)] if page_size else [rows]
-    for k, part in enumerate(pages or [rows]):
+    pages = [rows[a:a + page_size] for a in range(0, len(rows), page_size)] if page_size and rows else [rows]
+    for k, part in enumerate(pages):
         text = utf8_text(gallery_html(part, title, info, _page_nav(k, len(pages), len(rows), page_size or 0)))
         path = write_atomically(out_dir / page_file(k), lambda f, text=text: f.write(text), mode="w",
                                 encoding="utf-8")
