@@ -269,9 +269,11 @@ def test_bad_archive_options(work, tmp_path, monkeypatch, capsys, args, match):
 
 @pytest.mark.parametrize("n,batch,chunk,sizes", [(10, 4, 6, [8, 2]), (8, 2, 2, [2, 2, 2, 2]), (3, 4, 64, [3])])
 def test_chunks_are_whole_batches(n, batch, chunk, sizes):
+    from xraydeconv.reports.pipeline import batch_ranges
     from xraydeconv.reports.shard import chunk_ranges, picture_films
 
     chunks = chunk_ranges(n, batch, chunk)
+    assert batch_ranges(range(3, 10), 3) == [range(3, 6), range(6, 9), range(9, 10)] and batch_ranges(range(0), 2) == []
     assert [len(c) for c in chunks] == sizes and [i for c in chunks for i in c] == list(range(n))
     assert picture_films(10, "3") == {0, 3, 6} and picture_films(2, "5") == {0, 1} and picture_films(4, "none") == set()
 
