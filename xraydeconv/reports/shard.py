@@ -241,7 +241,7 @@ class _Run:
 def run_chunk(run: _Run, tmp: Path, c: int, films: range, bar) -> None:
     """Project the films of chunk ``c`` into ``tmp``; its record is written last."""
     for i in films:  # folders a killed run left half-written
-        if run.folders[i] and (tmp / run.folders[i]).exists():
+        if (tmp / run.folders[i]).exists():
             shutil.rmtree(tmp / run.folders[i])
     part = PartWriter(tmp / STORE_DIR, c, len(films)) if run.options.maps == "store" else None
     rows, bs, maps = [], run.settings.batch_size, FILM_MAPS[run.options.maps]
