@@ -13,7 +13,7 @@ from xraydeconv.data.classes import CLASS_NAMES
 from xraydeconv.errors import UserError
 from xraydeconv.explain.methods import explainer
 from xraydeconv.metrics.sanity import model_randomisation_test
-from xraydeconv.reports.comparison import COMPARED, FILM, MethodComparison, parse_methods
+from xraydeconv.reports.comparison import COMPARED, FILM, MethodComparison, parse_methods, score_rows
 from xraydeconv.reports.evaluate import EvalOptions, evaluate
 from xraydeconv.reports.randomisation import randomisation_summary, run_randomisation
 from xraydeconv.training.checkpoint import save_checkpoint
@@ -78,6 +78,17 @@ def test_comparison_by_hand():
     assert d["all"]["mass_over_area"] == pytest.approx(0.75 * 16)
     assert d["all"]["mass_gain"] == pytest.approx(3.0)
     assert d["seconds_per_image"] == 0.5
+    # rows scored already by the caller are taken as they are, the other sets scored here
+    union = np.stack([m["a"] for m in masks])
+    again = MethodComparison(("deconvnet", FILM), ("all", "discriminative"))
+    again.add("deconvnet", method, {"all": masks, "discriminative": disc}, seconds=2.0,
+              scored={"all": score_rows(method, union), "marker": score_rows(method[:1], masks[0]["marker"][None])})
+    again.add(FILM, film, {"all": masks, "discriminative": disc}, scored={"all": score_rows(film, union)})
+    assert json.dumps(again.result()) == json.dumps(table)  # NaN gains too
+    fake = MethodComparison(("deconvnet", FILM))
+    fake.add("deconvnet", method, {"all": masks}, scored={"all": np.tile([1.0, 0.5, 0.5, 0.25], (4, 1))})
+    assert fake.result()["rows"]["deconvnet"]["all"]["pointing_game"] == 1.0
+    assert fake.result()["rows"]["deconvnet"]["marker"]["n"] == 1  # not given: scored
 
 
 def test_randomisation_controls_and_summary():

@@ -23,7 +23,7 @@ from xraydeconv.errors import UserError
 from xraydeconv.explain.methods import METHODS
 from xraydeconv.reports.numbers import DASH, fixed, pct, pp, ratio
 
-__all__ = ["FILM", "MARKER", "COMPARED", "MethodComparison", "landmark_stats", "parse_methods",
+__all__ = ["FILM", "MARKER", "COMPARED", "MethodComparison", "landmark_stats", "score_rows", "parse_methods",
            "comparison_markdown"]
 
 FILM = "film"
@@ -56,7 +56,9 @@ def landmark_stats(rows: np.ndarray) -> dict[str, float]:
     return s
 
 
-def _rows(maps: Tensor, masks: np.ndarray, tolerance: int) -> np.ndarray:
+def score_rows(maps: Tensor, masks: np.ndarray, tolerance: int = 0) -> np.ndarray:
+    """(B, 4) per-image rows (pointing game, relevance mass, relevance rank, area share) of (B, H, W) ``maps``
+    against (B, H, W) bool ``masks``: what :func:`landmark_stats` summarises."""
     sc = metrics.score_landmarks(maps, masks, tolerance=tolerance)
     return np.stack([sc.pointing_game, sc.relevance_mass, sc.relevance_rank, sc.area_share], axis=1)
 
@@ -79,7 +81,7 @@ class MethodComparison:
     _images: dict[str, int] = field(default_factory=dict)
 
     def add(self, method: str, maps: Tensor, masks: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
-            seconds: float = 0.0) -> None:
+            seconds: float = 0.0, scored: Mapping[str, np.ndarray] | None = None) -> None:
         """Score one batch of one method.
 
         Args:
@@ -87,18 +89,25 @@ class MethodComparison:
             maps: (B, H, W) heat maps (CPU).
             masks: landmark set -> per image, landmark name -> bool (H, W); the ``marker`` is read from ``"all"``.
             seconds: what computing ``maps`` took, for the time per image.
+            scored: set (or ``marker``) -> the :func:`score_rows` of ``maps`` on it, scored already by the caller
+                (with this tolerance, over the images of the set that have landmarks); not scored again.
         """
-        size = tuple(maps.shape[-2:])
+        size, scored = tuple(maps.shape[-2:]), scored or {}
         for name in self.sets:
             per_image = masks.get(name, [])
             keep = [b for b, m in enumerate(per_image) if any(n != MARKER for n in m)]
             if keep:
-                union = np.stack([metrics.landmark_union(per_image[b], size, exclude=(MARKER,)) for b in keep])
-                self._scores.setdefault((method, name), []).extend(_rows(maps[keep], union, self.tolerance))
+                rows = scored.get(name)
+                if rows is None:
+                    union = np.stack([metrics.landmark_union(per_image[b], size, exclude=(MARKER,)) for b in keep])
+                    rows = score_rows(maps[keep], union, self.tolerance)
+                self._scores.setdefault((method, name), []).extend(rows)
         marked = [b for b, m in enumerate(masks.get("all", [])) if MARKER in m]
         if marked:
-            marker = np.stack([masks["all"][b][MARKER] for b in marked])
-            self._scores.setdefault((method, MARKER), []).extend(_rows(maps[marked], marker, self.tolerance))
+            rows = scored.get(MARKER)
+            if rows is None:
+                rows = score_rows(maps[marked], np.stack([masks["all"][b][MARKER] for b in marked]), self.tolerance)
+            self._scores.setdefault((method, MARKER), []).extend(rows)
         self._seconds[method] = self._seconds.get(method, 0.0) + seconds
         self._images[method] = self._images.get(method, 0) + len(maps)
 

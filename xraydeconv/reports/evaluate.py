@@ -48,7 +48,13 @@ from xraydeconv.device import resolve_device
 from xraydeconv.errors import UserError, error_message
 from xraydeconv.explain.occlusion import occlude_landmarks
 from xraydeconv.io import check_output_folder, write_json
-from xraydeconv.reports.comparison import MethodComparison, comparison_markdown, landmark_stats, parse_methods
+from xraydeconv.reports.comparison import (
+    MethodComparison,
+    comparison_markdown,
+    landmark_stats,
+    parse_methods,
+    score_rows,
+)
 from xraydeconv.reports.numbers import pct, ratio
 from xraydeconv.reports.pages import write_index
 from xraydeconv.training.distributed import DistInfo
@@ -166,7 +172,7 @@ class LandmarkAgreement:
         combined: torch.Tensor,
         masks: list[dict],
         images: torch.Tensor | None = None,
-    ) -> None:
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Score one batch.
 
         Args:
@@ -176,13 +182,17 @@ class LandmarkAgreement:
             masks: per image, landmark name -> bool (H, W); images without masks are skipped.
             images: (B, H, W) the inputs, scored as heat maps themselves: the baseline of a "map" that only
                 follows bright bone, which a net's maps must beat to show more than where the body is.
+        Returns:
+            The rows (:func:`~xraydeconv.reports.comparison.score_rows`) of ``combined`` and of ``images`` on the
+            union (``"all"``) and on the ``marker`` where scored, for :meth:`MethodComparison.add`'s ``scored``.
         """
         size = tuple(combined.shape[-2:])
+        scored: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
         keep = [b for b, m in enumerate(masks) if any(n != MARKER for n in m)]
         if keep:
             union = np.stack([metrics.landmark_union(masks[b], size, exclude=(MARKER,)) for b in keep])
             comb = combined[keep]
-            sc = metrics.score_landmarks(comb, union, tolerance=self.tolerance)
+            scored[0]["all"] = score_rows(comb, union, tolerance=self.tolerance)
             self._tolerant_px = zhang_tolerance(size[0])
             self._tolerant.extend(metrics.pointing_game(comb, union, tolerance=self._tolerant_px))
             filt = filter_heats[keep]
@@ -190,34 +200,36 @@ class LandmarkAgreement:
             frm = metrics.relevance_mass(filt, union)
             frr = metrics.relevance_rank(filt, union)
             if images is not None:
-                base = metrics.score_landmarks(images[keep], union, tolerance=self.tolerance)
+                scored[1]["all"] = score_rows(images[keep], union, tolerance=self.tolerance)
                 self._tolerant_base.extend(metrics.pointing_game(images[keep], union, tolerance=self._tolerant_px))
-                self._baseline.extend(
-                    np.stack([base.pointing_game, base.relevance_mass, base.relevance_rank, base.area_share], axis=1)
-                )
-            for j, b in enumerate(keep):
-                self._labels.append(int(labels[b]))
-                self._union.append(
-                    np.array([sc.pointing_game[j], sc.relevance_mass[j], sc.relevance_rank[j], sc.area_share[j]])
-                )
-                with np.errstate(invalid="ignore"):
-                    self._filters.append(np.array([np.nanmean(fpg[j]), np.nanmean(frm[j]), np.nanmean(frr[j])]))
-                self._filter_hits.append(fpg[j])
-        # each landmark on its own, and the marker, batched per name
+                self._baseline.extend(scored[1]["all"])
+            self._labels.extend(int(labels[b]) for b in keep)
+            self._union.extend(scored[0]["all"])
+            with np.errstate(invalid="ignore"):
+                self._filters.extend(np.stack([np.nanmean(fpg, 1), np.nanmean(frm, 1), np.nanmean(frr, 1)], axis=1))
+            self._filter_hits.extend(fpg)
+        marker = self._add_named(labels, combined, masks)
+        if marker is not None:
+            scored[0][MARKER] = marker
+        return scored
+
+    def _add_named(self, labels: Sequence[int], combined: torch.Tensor, masks: list[dict]) -> np.ndarray | None:
+        """Score each landmark on its own, and the marker, batched per name; the marker's rows (None: none)."""
         by_name: dict[str, list[int]] = {}
         for b, m in enumerate(masks):
             for n in m:
                 key = MARKER if n == MARKER else f"{self.class_names[int(labels[b])]}/{n}"
                 by_name.setdefault(key, []).append(b)
+        marker = None
         for key, idx in by_name.items():
             name = MARKER if key == MARKER else key.split("/", 1)[1]
-            s = np.stack([masks[b][name] for b in idx])
-            sc = metrics.score_landmarks(combined[idx], s, tolerance=self.tolerance)
-            rows = np.stack([sc.pointing_game, sc.relevance_mass, sc.relevance_rank, sc.area_share], axis=1)
+            rows = score_rows(combined[idx], np.stack([masks[b][name] for b in idx]), tolerance=self.tolerance)
             if key == MARKER:
                 self._marker.extend((int(labels[b]), r) for b, r in zip(idx, rows))
+                marker = rows
             else:
                 self._named.setdefault(key, []).extend(rows)
+        return marker
 
     def extend(self, other: LandmarkAgreement) -> None:
         """Append the scores of ``other``, an accumulator of the images that come after this one's in the run (a
@@ -537,9 +549,10 @@ class _Tally:
         if with_masks:
             rows = [pos[j] for j in with_masks]
             images = x[with_masks].float().mean(1).cpu()
-            into.agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
-                               [masks[j] for j in with_masks], images=images)
-            known = {"deconvnet": (combined[rows], t_project * len(rows) / len(need)), "film": (images, 0.0)}
+            scored = into.agreement.add([y[j] for j in with_masks], heats[rows], combined[rows],
+                                        [masks[j] for j in with_masks], images=images)
+            known = {"deconvnet": (combined[rows], t_project * len(rows) / len(need), scored[0]),
+                     "film": (images, 0.0, scored[1])}
             self._compare(x[with_masks], [y[j] for j in with_masks], [masks[j] for j in with_masks],
                           [idx[j] for j in with_masks], known, into.comparison)
         for j in show:
@@ -565,7 +578,8 @@ class _Tally:
     def _compare(self, x: Tensor, y: list[int], masks: list[dict], idx: list[int], known: dict,
                  into: MethodComparison) -> None:
         """Score every compared method on images ``idx`` (all with landmarks): ``known`` maps a method to maps
-        already computed (and their seconds); the others are computed here."""
+        already computed, their seconds and their rows scored already (``MethodComparison.add``'s ``scored``); the
+        others are computed here."""
         from xraydeconv.data.landmarks import landmark_set_masks
         from xraydeconv.explain.methods import heat_maps
 
@@ -575,12 +589,12 @@ class _Tally:
         target = torch.tensor(y, device=x.device)
         for method in self.opt.methods:
             if method in known:
-                maps, seconds = known[method]
+                maps, seconds, scored = known[method]
             else:
                 t0 = time.perf_counter()
                 maps = heat_maps(s.ckpt.model, x, method, target=target, **self.method_options(method)).float().cpu()
-                seconds = time.perf_counter() - t0
-            into.add(method, maps, by_set, seconds)
+                seconds, scored = time.perf_counter() - t0, None
+            into.add(method, maps, by_set, seconds, scored=scored)
 
     def _save(self, kind: str, folder: str, i: int, image: Tensor, p, row: int, probs: Tensor, label: int,
               masks: dict[str, np.ndarray]) -> dict:
