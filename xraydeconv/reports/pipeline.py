@@ -428,14 +428,16 @@ class Net:
                                   {**self.base, **fields}, film, masks, self.stride, settings, extra, keep)
 
 
-def _compare_picture(film: Film, nets: Sequence[Net], projections: Sequence[Projection], j: int,
-                     settings: DisplaySettings) -> tuple[np.ndarray, list[dict]]:
-    """compare.png of image ``j`` of a batch and the manifest entry of each net."""
+def _compare_picture(film: Film, nets: Sequence[Net], projections: Sequence[Projection],
+                     probs: Sequence[Tensor | None], j: int, settings: DisplaySettings
+                     ) -> tuple[np.ndarray, list[dict]]:
+    """compare.png of image ``j`` of a batch and the manifest entry of each net (``probs``: each net's
+    (B, num_classes) :attr:`Projection.probs`)."""
     heats, metas = [], []
-    for net, p in zip(nets, projections):
+    for net, p, pr in zip(nets, projections, probs):
         h = render.filter_heatmaps(p.maps[j].cpu())
         heats.append(views.Heats.make(film, h, net.stride, settings))
-        pred = prediction_fields(None if p.probs is None else p.probs[j], net.class_names, None)
+        pred = prediction_fields(None if pr is None else pr[j], net.class_names, None)
         metas.append({"model": net.base["model"], "checkpoint": net.base["checkpoint"],
                       "checkpoint_sha256": net.base["checkpoint_sha256"], **pred})
     return views.compare_view(film, heats, metas), metas
@@ -475,18 +477,18 @@ def project_batch(source: ImageSource, idx: Sequence[int], x: Tensor, net: Net, 
     the film, masks and ``compare.png`` are made only for images ``i`` with ``pictures(i)`` (else None).
     """
     ps = [n.project(x, settings, device) for n in (net, *compare)]
+    probs = [p.probs for p in ps]  # a softmax over the batch each time it is read: once, not once per image
     for j, i in enumerate(idx):
         fields = {"input_file": printable_name(source.paths[i]), "input_name": source.names[i],
-                  **prediction_fields(None if ps[0].probs is None else ps[0].probs[j], net.class_names,
+                  **prediction_fields(None if probs[0] is None else probs[0][j], net.class_names,
                                       source.true_class(i))}
         film = masks = extra = None
         if pictures(i):
             film = source.film(i, net.base["input_size"], settings.display)
             masks = source.masks(i) if source.masks else None
             if compare:
-                extra = {"compare.png": None}
-                extra["compare.png"], fields["compare"] = _compare_picture(film, (net, *compare), ps, j,
-                                                                           settings.display)
+                picture, fields["compare"] = _compare_picture(film, (net, *compare), ps, probs, j, settings.display)
+                extra = {"compare.png": picture}
         yield j, ps[0], fields, film, masks, extra
 
 
