@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -473,11 +473,14 @@ def project_batch(source: ImageSource, idx: Sequence[int], x: Tensor, net: Net, 
                   ) -> Iterator[tuple[int, Projection, dict, Film | None, dict | None, dict | None]]:
     """Project the images ``idx`` of ``source`` (``x``: (b, C_in, S, S)) through ``net`` and each ``compare`` net.
 
-    Yields, per image in order, ``(j, projection of the batch, manifest fields, film, masks, extra pictures)``;
-    the film, masks and ``compare.png`` are made only for images ``i`` with ``pictures(i)`` (else None).
+    Yields, per image in order, ``(j, projection of the batch (maps, channels and activations on the CPU), manifest
+    fields, film, masks, extra pictures)``; the film, masks and ``compare.png`` are made only for images ``i`` with
+    ``pictures(i)`` (else None).
     """
     ps = [n.project(x, settings, device) for n in (net, *compare)]
     probs = [p.probs for p in ps]  # a softmax over the batch each time it is read: once, not once per image
+    # the images' maps leave the device together: one copy per batch, not three per image
+    ps = [replace(p, maps=p.maps.cpu(), channels=p.channels.cpu(), activations=p.activations.cpu()) for p in ps]
     for j, i in enumerate(idx):
         fields = {"input_file": printable_name(source.paths[i]), "input_name": source.names[i],
                   **prediction_fields(None if probs[0] is None else probs[0][j], net.class_names,
