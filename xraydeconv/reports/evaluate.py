@@ -516,13 +516,14 @@ class _Tally:
         probabilities when known already (then :attr:`picks` knows them too)."""
         s, opt = self.setup, self.opt
         x, y = self.load(idx)
-        if probs is None:
-            probs = self.classify(x)
-            self.pick(idx, y, probs.argmax(1).tolist())
+        known = probs is not None
+        probs = probs if known else self.classify(x)
+        pred = probs.argmax(1).tolist()
+        if not known:
+            self.pick(idx, y, pred)
         masks = [s.ds.landmark_masks(i) if opt.landmarks else {} for i in idx]
         for i, m in zip(idx, masks):
             _check_landmarks(s.ds, i, m)
-        pred = probs.argmax(1).tolist()
         into.labels += y
         into.predicted += pred
         wrong = [j for j in range(len(idx)) if pred[j] != y[j]]
@@ -761,8 +762,7 @@ def _classify_shard(tally: _Tally, batches: list[list[int]], mine: list[int], di
     gathered = distributed.all_gather_objects((error, films), dist)
     distributed.raise_first([e for e, _ in gathered], dist)
     every = sorted(f for _, part in gathered for f in part)
-    for i, t, p in every:
-        tally.pick([i], [t], [p])
+    tally.pick([i for i, _, _ in every], [t for _, t, _ in every], [p for _, _, p in every])
     return probs
 
 
