@@ -48,9 +48,7 @@ def randomisation_summary(results: Mapping[str, Mapping[str, RandomisationResult
     similarities after the cascade has randomised every layer."""
     out: dict = {}
     for method, by_order in results.items():
-        entry: dict = {}
-        for order, res in by_order.items():
-            entry[order] = res.summary()
+        entry: dict = {order: res.summary() for order, res in by_order.items()}
         cascade = entry.get("cascading")
         entry["final"] = cascade[-1] if cascade else None
         out[method] = entry
