@@ -66,7 +66,7 @@ def shortcut_markdown(result: dict) -> str:
     lines = [_accuracy_line(result), "",
              "| Method | Pointing game on the marker | Marker mass / its area | Pointing game on the landmarks |",
              "|---|---:|---:|---:|"]
-    lines += [f"| {m} | {pg} | {ratio} | {lm} |" for m, pg, ratio, lm in _rows(result)]
+    lines += [f"| {m} | {pg} | {mass} | {lm} |" for m, pg, mass, lm in _rows(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -76,8 +76,8 @@ def shortcut_html(result: dict, out: Path) -> str:
     esc = html.escape
     head = ("<tr><th>Method</th><th>Pointing game on the marker</th><th>Marker mass / its area</th>"
             "<th>Pointing game on the landmarks</th></tr>")
-    body = "".join(f"<tr><td>{esc(m)}</td><td>{pg}</td><td>{ratio}</td><td>{lm}</td></tr>"
-                   for m, pg, ratio, lm in _rows(result))
+    body = "".join(f"<tr><td>{esc(m)}</td><td>{pg}</td><td>{mass}</td><td>{lm}</td></tr>"
+                   for m, pg, mass, lm in _rows(result))
     figs = []
     for folder in sorted(p for p in (out / SHORTCUT_DIR / "eval-val" / "examples").glob("*") if p.is_dir()):
         rel = f"{SHORTCUT_DIR}/eval-val/examples/{folder.name}"
