@@ -159,7 +159,6 @@ def methods_table_markdown(reports: dict[str, dict]) -> str:
     discriminative landmarks, their gain over the film, and the rank correlation after randomisation."""
     lines = ["| Model | Method | Pointing game (all) | vs film | Pointing game (discriminative) | vs film "
              "| Mass / area vs film | Rank corr. after randomisation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-
     for name, rep in reports.items():
         table = rep.get("methods") or {"methods": [], "rows": {}}
         for method in table["methods"]:
@@ -294,13 +293,18 @@ def _prepare(out: Path, settings: DemoSettings) -> None:
     _write_text(out / SETTINGS_FILE, json.dumps(asdict(settings), indent=2) + "\n")
 
 
+def _phantom_args(settings: DemoSettings) -> dict:
+    """``ensure_phantoms``' per_class, size and seed of the preset (the clean tree and the biased one alike)."""
+    probe = _train_config(settings, "deeper", Path("."))
+    return {"per_class": probe.phantoms_per_class, "size": probe.input_size, "seed": settings.phantom_seed}
+
+
 def _phantoms(settings: DemoSettings, progress: bool, echo: Callable[[str], None]) -> Path:
     from xraydeconv.data.phantoms import ensure_phantoms
 
-    probe = _train_config(settings, "deeper", Path("."))
-    echo(f"[1/6] phantoms: {probe.phantoms_per_class} training images per class, {probe.input_size} px")
-    data = ensure_phantoms(per_class=probe.phantoms_per_class, size=probe.input_size, seed=settings.phantom_seed,
-                           progress=progress)
+    phantoms = _phantom_args(settings)
+    echo(f"[1/6] phantoms: {phantoms['per_class']} training images per class, {phantoms['size']} px")
+    data = ensure_phantoms(**phantoms, progress=progress)
     echo(f"      {data}")
     return data
 
@@ -320,10 +324,8 @@ def _evaluate_all(out: Path, data: Path, settings: DemoSettings, progress: bool)
 def _shortcut(out: Path, settings: DemoSettings, progress: bool) -> dict:
     from xraydeconv.reports.shortcut import run_shortcut
 
-    probe = _train_config(settings, "deeper", Path("."))
-    phantoms = {"per_class": probe.phantoms_per_class, "size": probe.input_size, "seed": settings.phantom_seed}
-    return run_shortcut(out, lambda name, data: _train_config(settings, name, data), phantoms, settings.top_n,
-                        DEMO_METHODS, progress)
+    return run_shortcut(out, lambda name, data: _train_config(settings, name, data), _phantom_args(settings),
+                        settings.top_n, DEMO_METHODS, progress)
 
 
 def _write_summary(out: Path, data: Path, settings: DemoSettings, reports: dict[str, dict],
@@ -334,9 +336,10 @@ def _write_summary(out: Path, data: Path, settings: DemoSettings, reports: dict[
     from xraydeconv.training.table1 import TABLE_MD
 
     table, methods = landmark_table_markdown(reports, settings.top_n), methods_table_markdown(reports)
+    shortcut_md = shortcut_markdown(shortcut)
     _write_text(out / LANDMARKS_MD, table)
     _write_text(out / METHODS_MD, methods)
-    _write_text(out / SHORTCUT_MD, shortcut_markdown(shortcut))
+    _write_text(out / SHORTCUT_MD, shortcut_md)
     summary = {name: {"accuracy": r["accuracy"], "landmarks": r["landmarks"], "methods": r["methods"],
                       "sanity": r["sanity"]} for name, r in reports.items()}
     write_json({"data": str(data), "top_n": settings.top_n, "models": summary, "timings": timings,
@@ -344,7 +347,7 @@ def _write_summary(out: Path, data: Path, settings: DemoSettings, reports: dict[
                 "threads": torch.get_num_threads()}, out / LANDMARKS_JSON)  # strict: NaN scores become null
     tables = {"table1": (out / TABLE_MD).read_text(encoding="utf-8"), "landmarks": table, "methods": methods}
     _write_text(out / INDEX, _index_html(out, tables, list(MODEL_NAMES), settings, shortcut))
-    return f"{table}\n{methods}\n{shortcut_markdown(shortcut)}"
+    return f"{table}\n{methods}\n{shortcut_md}"
 
 
 def run_demo(
