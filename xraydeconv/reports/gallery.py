@@ -98,17 +98,17 @@ def _misclassified(m: dict) -> bool:
 
 def card_html(row: dict, prefix: str = "") -> str:
     """The card of one image (``row`` as in :func:`gallery_html`); ``prefix``: the folder holding the image
-    folders, relative to the page."""
+    folders, relative to the page. A film without a page (``project --pictures``) gets a text card: its name and
+    prediction, nothing to show or link."""
     m = row["manifest"]
-    if not has_page(row):  # no folder, or one with maps and manifest only: nothing to show or link
-        return _text_card(m)
-    folder = prefix + row["folder"]
+    linked = has_page(row)  # else no folder, or one with maps and manifest only
+    folder = prefix + row["folder"] if linked else ""
     name = m.get("input_name") or folder
     true = m.get("true_class")
     pred = m.get("predicted_class")
     conf = m.get("predicted_probability")
     mis = _misclassified(m)
-    cls = "card misclassified" if mis else "card"
+    cls = ("card misclassified" if mis else "card") + ("" if linked else " text")
     attrs = {
         "data-name": name,
         "data-folder": folder,
@@ -121,7 +121,8 @@ def card_html(row: dict, prefix: str = "") -> str:
     esc = html.escape
     href = esc(folder, quote=True)
     lines = [f'<div class="{cls}" {attr_s}>']
-    lines.append(f'<a href="{href}/index.html"><img src="{href}/thumb.jpg" alt="{esc(name, quote=True)}"></a>')
+    if linked:
+        lines.append(f'<a href="{href}/index.html"><img src="{href}/thumb.jpg" alt="{esc(name, quote=True)}"></a>')
     lines.append(f'<div class="name">{esc(name)}</div>')
     if pred is not None:
         p = "" if conf is None else f" ({100 * conf:.1f} %)"
@@ -132,33 +133,13 @@ def card_html(row: dict, prefix: str = "") -> str:
         lines.append('<div class="flag">misclassified</div>')
     chans = m.get("channels", [])[:5]
     lines.append(f'<div class="meta">top filters: {esc(", ".join(str(c) for c in chans))}</div>')
-    lines.append(
-        f'<div class="files"><a href="{href}/index.html">every filter</a><a href="{href}/grid.png">grid</a>'
-        f'<a href="{href}/focus.png">focus</a><a href="{href}/manifest.json">manifest</a></div>'
-    )
+    if linked:
+        lines.append(
+            f'<div class="files"><a href="{href}/index.html">every filter</a><a href="{href}/grid.png">grid</a>'
+            f'<a href="{href}/focus.png">focus</a><a href="{href}/manifest.json">manifest</a></div>'
+        )
     lines.append("</div>")
     return "\n".join(lines)
-
-
-def _text_card(m: dict) -> str:
-    """The card of a film kept without pictures or folder (``project --pictures``): its name and prediction."""
-    esc = html.escape
-    name, true, pred, conf = m.get("input_name") or "", m.get("true_class"), m.get("predicted_class"), \
-        m.get("predicted_probability")
-    mis = _misclassified(m)
-    attrs = {"data-name": name, "data-folder": "", "data-true": true or "", "data-predicted": pred or "",
-             "data-confidence": "" if conf is None else f"{conf:.6f}", "data-misclassified": "1" if mis else "0"}
-    attr_s = " ".join(f'{k}="{esc(str(v), quote=True)}"' for k, v in attrs.items())
-    lines = [f'<div class="{"card misclassified" if mis else "card"} text" {attr_s}>',
-             f'<div class="name">{esc(name)}</div>']
-    if pred is not None:
-        lines.append(f"<div>predicted: <b>{esc(pred)}</b>{'' if conf is None else f' ({100 * conf:.1f} %)'}</div>")
-    if true is not None:
-        lines.append(f"<div>true: {esc(true)}</div>")
-    if mis:
-        lines.append('<div class="flag">misclassified</div>')
-    lines.append(f'<div class="meta">top filters: {esc(", ".join(str(c) for c in m.get("channels", [])[:5]))}</div>')
-    return "\n".join(lines + ["</div>"])
 
 
 def gallery_html(rows: Sequence[dict], title: str = "xraydeconv projections", info: dict | None = None,
