@@ -212,6 +212,9 @@ def test_resume_after_an_interrupted_run_equals_an_uninterrupted_one(work, tmp_p
     assert code == 2 and err.strip() == (f"error: --resume: the interrupted run in {partial} had other model, "
                                          "settings; give the same checkpoint, images and options, or --overwrite "
                                          "to start afresh")
+    half = partial / json.loads((tmp_path / "whole" / "gallery.json").read_text())[2]["folder"]
+    half.mkdir()  # what a kill in the middle of film 2 leaves: the resumed run starts its folder afresh
+    (half / "overlay.png.tmp-1").write_bytes(b"half-written")
     done = []
     monkeypatch.setattr(shard, "run_chunk", lambda r, t, c, f, b: (done.append(c), real(r, t, c, f, b)))
     code, err = run(monkeypatch, capsys, *args, "--resume", "--out", str(out))
