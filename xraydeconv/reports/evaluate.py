@@ -157,7 +157,7 @@ class LandmarkAgreement:
     _union: list[np.ndarray] = field(default_factory=list)  # (4,) per image: pg, rm, rr, area of the combined map
     _filters: list[np.ndarray] = field(default_factory=list)  # (3,) per image: mean over filters of pg, rm, rr
     _filter_hits: list[np.ndarray] = field(default_factory=list)  # (N,) per image: pointing game of each filter
-    _marker: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    _marker: list[np.ndarray] = field(default_factory=list)  # (4,) per image with a marker: the combined map
     _named: dict[str, list[np.ndarray]] = field(default_factory=dict)
     _baseline: list[np.ndarray] = field(default_factory=list)  # (4,) per image: the image itself as heat map
     # pointing game with Zhang et al.'s tolerance (15 px at 224 px, scaled to the image): combined map, baseline
@@ -225,7 +225,7 @@ class LandmarkAgreement:
             name = MARKER if key == MARKER else key.split("/", 1)[1]
             rows = score_rows(combined[idx], np.stack([masks[b][name] for b in idx]), tolerance=self.tolerance)
             if key == MARKER:
-                self._marker.extend((int(labels[b]), r) for b, r in zip(idx, rows))
+                self._marker.extend(rows)
                 marker = rows
             else:
                 self._named.setdefault(key, []).extend(rows)
@@ -270,15 +270,8 @@ class LandmarkAgreement:
                 sel = lab == c
                 if sel.any():
                     out["per_class"][name] = landmark_stats(u[sel])
-        out["per_landmark"] = {}
-        for key in sorted(self._named):
-            r = np.stack(self._named[key])
-            out["per_landmark"][key] = landmark_stats(r)
-        if self._marker:
-            r = np.stack([row for _, row in self._marker])
-            out["marker"] = landmark_stats(r)
-        else:
-            out["marker"] = None
+        out["per_landmark"] = {key: landmark_stats(np.stack(self._named[key])) for key in sorted(self._named)}
+        out["marker"] = landmark_stats(np.stack(self._marker)) if self._marker else None
         return out
 
 
