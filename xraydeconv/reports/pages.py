@@ -14,8 +14,6 @@ from xraydeconv.reports.numbers import DASH, fixed, pct, pp, ratio
 __all__ = ["write_index", "evaluate_index_html", "landmark_rows_html", "methods_html"]
 
 
-
-
 def landmark_rows_html(lm: dict | None, top_n: int) -> str:
     """The landmark agreement of a report as an HTML table (combined map, single filter, baseline, marker)."""
     if not lm or "overall" not in lm:
@@ -46,11 +44,11 @@ def methods_html(table: dict | None, sanity: dict | None) -> str:
     for method in table["methods"]:
         r = table["rows"][method]
         cells = "".join(f"<td>{pct(r[n]['pointing_game'])}</td><td>{pp(r[n].get('pointing_game_gain'))}</td>"
-                        if r.get(n) else "<td>–</td><td>–</td>" for n in sets)
+                        if r.get(n) else f"<td>{DASH}</td><td>{DASH}</td>" for n in sets)
         a, m, rnd = r.get("all"), r.get("marker"), r.get("randomised")
         cells += (f"<td>{ratio(a['mass_over_area']) if a else DASH}</td>"
                   f"<td>{ratio(a.get('mass_gain')) if a else DASH}</td>"
-                  + (f"<td>{pct(m['pointing_game']) if m else '–'}</td>" if marked else "")
+                  + (f"<td>{pct(m['pointing_game']) if m else DASH}</td>" if marked else "")
                   + f"<td>{fixed((rnd or {}).get('spearman'))}</td>")
         name = f"<b>{html.escape(method)}</b>" if method == table["baseline"] else html.escape(method)
         body.append(f"<tr><td>{name}</td>{cells}</tr>")
