@@ -35,6 +35,7 @@ from torch import Tensor
 
 from xraydeconv.errors import UserError
 from xraydeconv.io import building_folder, check_output_folder, write_atomically, write_json
+from xraydeconv.prefetch import prefetched
 from xraydeconv.reports import display, render, views
 from xraydeconv.reports.display import DisplaySettings
 from xraydeconv.reports.film import Film
@@ -451,21 +452,7 @@ def batch_ranges(films: range, size: int) -> list[range]:
 def prefetched_batches(source: ImageSource, batches: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Tensor]]:
     """``(idx, x)`` for each batch of ``source``, x (b, C_in, S, S): the next batch is decoded and letterboxed on a
     background thread while the caller projects and draws the current one (decoders release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def load(idx: Sequence[int]) -> Tensor:
-        return torch.stack([source.load(i) for i in idx])
-
-    batches = [list(b) for b in batches]
-    if not batches:
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="xraydeconv-loader") as pool:
-        pending = pool.submit(load, batches[0])
-        for k, idx in enumerate(batches):
-            x = pending.result()
-            if k + 1 < len(batches):
-                pending = pool.submit(load, batches[k + 1])
-            yield idx, x
+    return prefetched(batches, lambda idx: (list(idx), torch.stack([source.load(i) for i in idx])))
 
 
 def project_batch(source: ImageSource, idx: Sequence[int], x: Tensor, net: Net, settings: ProjectSettings,
