@@ -265,9 +265,20 @@ def _render_all(root: Path, name: str, counts: dict[str, int], size: int, seed: 
             for task in tasks:
                 bar.update(work(task))
         else:
-            with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+            with _pool_context().Pool(workers) as pool:
                 for done in pool.imap_unordered(work, tasks, chunksize=16):
                     bar.update(done)
+
+
+def _pool_context():
+    """The start method of the rendering workers. Not "fork": the caller may run threads (torch's, a background
+    batch loader, a test runner's), and a child forked while one of them holds a lock can wait on it forever; a
+    forkserver forks from a clean single-threaded server that has imported this module once."""
+    if os.name == "nt":
+        return get_context("spawn")
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _read_manifest(path: Path) -> dict | None:
