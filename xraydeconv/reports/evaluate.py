@@ -721,10 +721,6 @@ def _write_report(tmp: Path, report: dict, setup: _Setup, opt: EvalOptions, res:
 # --- one process, or one rank of a torchrun job ---------------------------------------------------------------
 
 
-def _batches(n: int, batch_size: int) -> list[list[int]]:
-    return [list(range(b0, min(n, b0 + batch_size))) for b0 in range(0, n, batch_size)]
-
-
 def _bar(tally: _Tally, total: int, what: str, dist: DistInfo, progress: bool):
     from tqdm import tqdm
 
@@ -793,8 +789,10 @@ def _run(tmp: Path, checkpoint: CheckpointLike, setup: _Setup, opt: EvalOptions,
     """Evaluate into the build folder ``tmp``; the report on rank 0, ``{}`` on the others."""
     for sub in (MISCLASSIFIED_DIR, EXAMPLES_DIR):
         (tmp / sub).mkdir(exist_ok=True)
+    from xraydeconv.reports.pipeline import batch_ranges
+
     tally = _Tally(setup, opt, tmp)
-    batches = _batches(setup.n, opt.batch_size)
+    batches = [list(r) for r in batch_ranges(range(setup.n), opt.batch_size)]
     if dist.enabled:
         res = _evaluate_shard(tally, batches, dist, progress)
         if res is None:
