@@ -3,10 +3,16 @@
 // unpool. Each backward calls the ops through the dispatcher again, so any
 // order of derivatives works, and torch.compile traces them like any other op.
 //
+// Also the in-place ReLU (relu_), whose forward is torch's relu_ for every backend and whose backward masks the
+// incoming gradient in place when it is the only holder of that gradient.
+//
 // In C++ rather than Python (torch.library.register_autograd) because the Python layer cost about 50 us per
 // call on each of forward and backward: as much as the pooling itself on the one-image feature maps the
 // projection and batch-1 inference run.
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/relu.h>
 #include <ATen/ops/threshold_backward.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -149,6 +155,43 @@ class SwitchGather2d : public torch::autograd::Function<SwitchGather2d> {
   }
 };
 
+// While a custom function's backward runs, the engine's node keeps its own list of the incoming gradients besides
+// the one handed to backward: a gradient held by nothing else has this use count. A gradient that also flows to
+// another node (an addition hands the same tensor to both of its inputs), that a hook or retain_grad kept, that the
+// caller passed to backward(), or that shares its storage with a view, has more references.
+constexpr size_t kSoleGradientUses = 2;
+
+// Whether ReLU's mask may be applied to `g` in place: nothing else can see it, it is a plain dense tensor (no
+// subclass, no tracing, no expanded strides) and no graph of the backward itself is being recorded.
+bool may_mask_in_place(const Tensor& g, const Tensor& out) {
+  return g.defined() && g.use_count() == kSoleGradientUses && g.storage().use_count() == 1 &&
+         !at::GradMode::is_enabled() && !g.requires_grad() && !at::isTensorSubclassLike(g) &&
+         g.is_non_overlapping_and_dense() && g.sizes() == out.sizes() && g.dtype() == out.dtype();
+}
+
+// relu_(x): in place, as torch.relu_ (which also saves its output for the backward). Natively the backward writes
+// a fresh full-size gradient; here the incoming one is masked in place when may_mask_in_place allows, which saves
+// that allocation (and the page faults of a large one). The values are threshold_backward's either way.
+class Relu : public torch::autograd::Function<Relu> {
+ public:
+  static Tensor forward(AutogradContext* ctx, Tensor x) {
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      at::relu_(x);
+    }
+    ctx->mark_dirty({x});
+    ctx->save_for_backward({x});
+    return x;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor out = ctx->get_saved_variables()[0];
+    Tensor g = std::move(grads[0]);
+    if (may_mask_in_place(g, out)) return {at::threshold_backward_outf(g, out, 0, g)};
+    return {at::threshold_backward(g, out, 0)};
+  }
+};
+
 std::tuple<Tensor, Tensor> switch_pool2d_autograd(const Tensor& x, c10::IntArrayRef k, c10::IntArrayRef s,
                                                   c10::IntArrayRef p, bool ceil_mode) {
   variable_list r = SwitchPool2d::apply(x, k, s, p, ceil_mode);
@@ -171,6 +214,14 @@ Tensor switch_gather2d_autograd(const Tensor& x, const Tensor& sw, c10::IntArray
   return SwitchGather2d::apply(x, sw, k, s, p);
 }
 
+// The output is x itself, its history rebased onto the Relu node.
+Tensor& relu_autograd(Tensor& x) {
+  Relu::apply(x);
+  return x;
+}
+
+Tensor& relu_forward(Tensor& x) { return at::relu_(x); }
+
 }  // namespace
 }  // namespace xraydeconv
 
@@ -179,4 +230,8 @@ TORCH_LIBRARY_IMPL(xraydeconv, Autograd, m) {
   m.impl("switch_relu_pool2d", &xraydeconv::switch_relu_pool2d_autograd);
   m.impl("switch_unpool2d", &xraydeconv::switch_unpool2d_autograd);
   m.impl("switch_gather2d", &xraydeconv::switch_gather2d_autograd);
+  m.impl("relu_", &xraydeconv::relu_autograd);
 }
+
+// relu_'s forward is torch's own for every backend (CPU, CUDA, meta for fake tensors): only its backward differs.
+TORCH_LIBRARY_IMPL(xraydeconv, CompositeExplicitAutograd, m) { m.impl("relu_", &xraydeconv::relu_forward); }

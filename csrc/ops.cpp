@@ -31,6 +31,9 @@ TORCH_LIBRARY(xraydeconv, m) {
       "Tensor(a!) out) -> ()");
   // Read x at the switch positions: the adjoint of switch_unpool2d (its gradient w.r.t. y).
   m.def("switch_gather2d(Tensor x, Tensor switches, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  // ReLU in place, as torch.relu_. Its autograd (csrc/autograd.cpp) applies ReLU's mask to the incoming gradient in
+  // place when nothing else holds that gradient, instead of writing a fresh full-size one.
+  m.def("relu_(Tensor(a!) x) -> Tensor(a!)");
   // A deconvnet step as a sparse scatter (csrc/cpu/deconv_scatter.cpp): optional unpooling, ReLU, stride-1 transposed conv.
   m.def("relu_scatter_conv_transpose2d(Tensor g, Tensor? switches, Tensor weight, int[2] pool_kernel, int[2] padding, int[2] output_size, int group) -> Tensor");
   // Two deconvnet steps in one pass, the second into at most 4 channels (the transposed first conv), so that the

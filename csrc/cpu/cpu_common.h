@@ -9,10 +9,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #if defined(__GNUC__)
 #define XD_ALWAYS_INLINE inline __attribute__((always_inline))
 #define XD_RESTRICT __restrict__
@@ -88,25 +84,6 @@ inline const char* isa_name(Isa isa) {
 inline int64_t grain_rows(int64_t row_len) {
   const int64_t g = 131072 / (row_len > 0 ? row_len : 1);
   return g > 0 ? g : 1;
-}
-
-// A large fresh output is mapped but untouched; its first write page-faults once per 4 KiB page,
-// which costs more than the kernel itself (a 128 MiB output: ~70 ms of faults vs ~15 ms of work).
-// Asking for transparent huge pages before that first write cuts the faults 512-fold. Only for
-// outputs of 32 MiB and more: glibc serves those with a fresh mmap every time, while smaller blocks
-// are usually reused from its heap without faults, where the advice only invites compaction stalls
-// (measured: 2x slower pool forward+backward on (8,256,32,32)). Harmless where THP is off.
-inline void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (data == nullptr || bytes < (uintptr_t{32} << 20)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
 }
 
 }  // namespace cpu

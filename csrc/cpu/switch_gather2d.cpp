@@ -65,7 +65,6 @@ at::Tensor switch_gather2d_cpu(const at::Tensor& x, const at::Tensor& sw, at::In
   const int64_t H = x.size(-2), W = x.size(-1);
   const at::MemoryFormat fmt = memory_format_of(x);
   at::Tensor out = at::empty(sw.sizes(), x.options().memory_format(fmt));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
   const at::Tensor xc = as4d(x).contiguous(fmt);
   const at::Tensor sc = as4d(sw).contiguous(fmt);
   validate_switches(op, sc, H, W, g);

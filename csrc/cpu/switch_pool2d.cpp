@@ -491,8 +491,6 @@ std::tuple<at::Tensor, at::Tensor> pool_cpu(const char* op, const at::Tensor& x,
   const std::vector<int64_t> shape = with_spatial_size(x, OH, OW);
   at::Tensor out = at::empty(shape, x.options().memory_format(fmt));
   at::Tensor sw = at::empty(shape, x.options().dtype(at::kByte).memory_format(fmt));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
-  advise_huge_pages(sw.data_ptr(), sw.nbytes());
   pool_into(as4d(x), g, fmt, as4d(out), as4d(sw), relu);
   return {out, sw};
 }

@@ -349,7 +349,6 @@ at::Tensor switch_unpool2d_cpu(const at::Tensor& y, const at::Tensor& sw, at::In
   check_unpool_args(op, y, sw, g, output_size[0], output_size[1]);
   const at::MemoryFormat fmt = memory_format_of(y);
   at::Tensor out = at::empty(with_spatial_size(y, output_size[0], output_size[1]), y.options().memory_format(fmt));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
   unpool_into(as4d(y), as4d(sw), g, fmt, as4d(out), op);
   return out;
 }

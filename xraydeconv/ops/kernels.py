@@ -15,14 +15,15 @@ from xraydeconv.ops import extension
 __all__ = ["OPS", "has_kernel", "has_kernels", "require_kernels"]
 
 OPS = ("switch_pool2d", "switch_relu_pool2d", "switch_unpool2d", "switch_gather2d", "relu_scatter_conv_transpose2d",
-       "relu_scatter_conv_transpose2d_pair")
+       "relu_scatter_conv_transpose2d_pair", "relu_")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def _probe() -> dict[tuple[str, str], bool]:
     if not extension.load():
         return {}
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    # "computed": relu_ is registered once for every backend (CompositeExplicitAutograd), the others per backend
+    has = torch._C._dispatch_has_computed_kernel_for_dispatch_key
     return {(op, dev): has(f"xraydeconv::{op}", key) for op in OPS for dev, key in _DISPATCH_KEYS.items()}
 
 

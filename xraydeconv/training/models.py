@@ -85,7 +85,7 @@ def _shallow_features(in_channels: int, pool_backend: str) -> tuple[nn.Sequentia
         layers += [nn.Conv2d(c, width, k, padding=k // 2), nn.ReLU(inplace=True)]
         layers.append(SwitchMaxPool2d(2, 2, backend=pool_backend))
         c = width
-    return FusedSequential(*layers), c
+    return FusedSequential(*layers, backend=pool_backend), c
 
 
 def _deeper_features(in_channels: int, pool_backend: str) -> tuple[nn.Sequential, int]:
@@ -97,7 +97,7 @@ def _deeper_features(in_channels: int, pool_backend: str) -> tuple[nn.Sequential
             layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             c = width
         layers.append(SwitchMaxPool2d(2, 2, backend=pool_backend))
-    return FusedSequential(*layers), c
+    return FusedSequential(*layers, backend=pool_backend), c
 
 
 class BasicBlock(nn.Module):
