@@ -110,3 +110,73 @@ def test_a_pool_without_a_relu_before_it_and_a_relu_last_run_as_modules():
     x = torch.randn(1, 1, 4, 4)
     assert _fused_ops(model, x) == []
     assert torch.equal(model(x), F.relu(F.max_pool2d(model[0](x), 2)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-place ReLUs that are not fused with a pool: xraydeconv.ops.relu_, whose backward masks the gradient in place
+
+
+def _relu_nodes(model: nn.Module, x: torch.Tensor) -> int:
+    """How many autograd nodes of ``model(x)`` are xraydeconv's in-place ReLU."""
+    seen, todo, n = set(), [model(x).grad_fn], 0
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        n += "::Relu>" in fn.name()
+        todo += [f for f, _ in fn.next_functions]
+    return n
+
+
+def _relu_stack(backend: str, inplace: bool = True) -> FusedSequential:
+    torch.manual_seed(0)
+    return FusedSequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace),
+                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+                           SwitchMaxPool2d(2, backend="kernel"), backend=backend)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_an_unfused_in_place_relu_masks_its_gradient_in_place_with_the_same_numbers(layout):
+    x = torch.randn(4, 1, 20, 22).contiguous(memory_format=layout)
+    model, native = _relu_stack("kernel"), _relu_stack("native")
+    assert _relu_nodes(model, x) == 1 and _relu_nodes(native, x) == 0
+    out_k, grads_k = _run(model, x)
+    out_n, grads_n = _run(native, x)
+    assert torch.equal(out_k, out_n) and all(torch.equal(a, b) for a, b in zip(grads_k, grads_n))
+
+
+def test_the_in_place_relu_only_runs_where_nothing_can_tell():
+    x = torch.randn(2, 1, 8, 8)
+    model = _relu_stack("kernel")
+    assert _relu_nodes(model, x) == 1
+    assert _relu_nodes(_relu_stack("kernel", inplace=False), x) == 0  # an out-of-place ReLU stays one
+    with torch.no_grad():
+        assert torch.equal(model(x), _relu_stack("native")(x))  # no gradient to come: torch's relu_
+    handle = model[2].register_forward_hook(lambda m, i, o: None)
+    assert _relu_nodes(model, x) == 0
+    handle.remove()
+    head = model[:3]
+    assert head.backend == "kernel" and _relu_nodes(head, x) == 1  # a slice keeps the backend
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedSequential(nn.ReLU(), backend="fast")
+
+
+def test_auto_runs_the_in_place_relu_only_where_the_table_measured_it(monkeypatch):
+    x = torch.randn(2, 1, 16, 16)
+    model = _relu_stack("auto")
+    key = pool_dispatch.relu_class(torch.empty(2, 8, 16, 16))
+    assert key == "cpu/nchw/float32/relu_/C8/16x16/batch/fwd+bwd"
+    monkeypatch.setattr(pool_dispatch, "TABLE", {})
+    assert _relu_nodes(model, x) == 0
+    monkeypatch.setattr(pool_dispatch, "TABLE", {key: True})
+    assert _relu_nodes(model, x) == 1
+    monkeypatch.setattr(pool_dispatch, "TABLE", {key: False})
+    assert _relu_nodes(model, x) == 0
+
+
+def test_the_deeper_net_masks_its_four_unfused_relus_in_place():
+    net = build("deeper", input_size=32, pool_backend="kernel")
+    assert net.features.backend == "kernel"
+    assert _relu_nodes(net, torch.randn(2, 1, 32, 32)) == 4
+    assert _relu_nodes(build("deeper", input_size=32, pool_backend="native"), torch.randn(2, 1, 32, 32)) == 0

@@ -489,6 +489,7 @@ def test_has_kernel_answers_for_every_op_and_device():
     pooling = {ops.has_kernel(op, "cuda") for op in ("switch_pool2d", "switch_unpool2d", "switch_gather2d")}
     assert pooling == {ops.has_kernels("cuda")}
     assert ops.has_kernels("cpu")
+    assert ops.has_kernel("relu_", "cuda")  # torch's relu_ forward, registered once for every backend
 
 
 def test_has_kernel_rejects_an_unknown_op():

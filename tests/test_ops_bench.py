@@ -104,11 +104,18 @@ def test_net_pool_shapes_are_the_inputs_of_every_pool_layer():
     assert shapes[(4, 128, 8, 8)] == "deeper, deeper-aug"
 
 
+def test_net_relu_shapes_are_the_inputs_of_the_relus_not_fused_with_a_pool():
+    shapes = bench_lib.net_relu_shapes(sizes=(64,), batches=(2,))
+    # shallow's ReLUs all precede a pool; deeper(-aug) has one unfused ReLU per stage, at the stage's input size
+    assert shapes == {(2, c, hw, hw): "deeper, deeper-aug" for c, hw in ((16, 64), (32, 32), (64, 16), (128, 8))}
+
+
 def test_pool_suite_rows_and_train_steps():
     rows = bench_lib.run_pool_suite(threads=[1], repeats=1, sizes=(16,), batches=(2,))
     n_shapes = len(bench_lib.net_pool_shapes((16,), (2,)))
-    assert len(rows) == n_shapes * len(bench_lib.LAYOUTS) * len(bench_lib.PASSES)
-    assert {r.what for r in rows} == {"pool fwd", "pool fwd+bwd", "pool relu+fwd", "pool relu+fwd+bwd"}
+    n_relus = len(bench_lib.net_relu_shapes((16,), (2,)))
+    assert len(rows) == (n_shapes * len(bench_lib.PASSES) + n_relus) * len(bench_lib.LAYOUTS)
+    assert {r.what for r in rows} == {"pool fwd", "pool fwd+bwd", "pool relu+fwd", "pool relu+fwd+bwd", "relu_ fwd+bwd"}
     assert {r.threads for r in rows} == {1}
     assert rows[0].speedup == pytest.approx(rows[0].native_ms / rows[0].kernel_ms)
     steps = bench_lib.run_train_steps(nets=("shallow",), threads=[1], repeats=1, px=16, batch=2)
@@ -132,6 +139,9 @@ def test_dispatch_table_needs_the_kernel_at_least_as_fast_at_every_thread_count(
         _row("pool fwd+bwd", (32, 16, 64, 64), "channels_last", 2, 2.1, 2.0),
         _row("pool fwd", (1, 8, 16, 16), "nchw", 1, 3.0, 2.0),
         _row("pool relu+fwd+bwd", (1, 8, 16, 16), "nchw", 1, 1.0, 2.0),
+        _row("relu_ fwd+bwd", (32, 16, 64, 64), "channels_last", 1, 1.0, 1.5),
+        _row("relu_ fwd+bwd", (32, 16, 64, 64), "channels_last", 2, 1.0, 0.9),
+        _row("relu_ fwd+bwd", (32, 16, 64, 64), "nchw", 1, 1.0, 1.1),
         _row("train step deeper", (32, 1, 128, 128), "channels_last", 1, 1.0, 2.0),  # not a pool row
     ]
     table = bench_lib.dispatch_table(rows)
@@ -140,6 +150,8 @@ def test_dispatch_table_needs_the_kernel_at_least_as_fast_at_every_thread_count(
         "cpu/channels_last/float32/k2x2s2x2p0x0/C16/64x64/batch/fwd+bwd": False,
         "cpu/nchw/float32/k2x2s2x2p0x0/C8/16x16/N1/fwd": False,
         "cpu/nchw/float32/k2x2s2x2p0x0/C8/16x16/N1/relu+fwd+bwd": True,
+        "cpu/channels_last/float32/relu_/C16/64x64/batch/fwd+bwd": False,
+        "cpu/nchw/float32/relu_/C16/64x64/batch/fwd+bwd": True,
     }
     namespace: dict = {}
     exec(bench_lib.dispatch_module_text(table, "xraydeconv bench --suite"), namespace)
@@ -163,14 +175,15 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     assert "train step deeper-aug" in result.output and "pool fwd+bwd" in result.output
     data = json.loads(out.read_text())
     assert data["machine"]["threads"] == [1] and data["repeats"] == 1
-    pool_rows = [r for r in data["rows"] if r["what"].startswith("pool")]
+    table_rows = [r for r in data["rows"] if not r["what"].startswith("train step")]
+    assert {r["what"] for r in table_rows} >= {"pool fwd", "relu_ fwd+bwd"}
     namespace: dict = {}
     exec(table.read_text(), namespace)
     assert namespace["TABLE"].pop(cuda_key) is True and stale not in namespace["TABLE"]
-    assert len(namespace["TABLE"]) == len(pool_rows)  # one thread count: one row per shape class
-    for r in pool_rows:
-        key = (f"cpu/{r['layout']}/float32/k2x2s2x2p0x0/C{r['shape'][1]}/{r['shape'][2]}x{r['shape'][3]}/batch/"
-               f"{r['what'].removeprefix('pool ')}")
+    assert len(namespace["TABLE"]) == len(table_rows)  # one thread count: one row per shape class
+    for r in table_rows:
+        op, passes = ("relu_", "fwd+bwd") if r["what"] == "relu_ fwd+bwd" else ("k2x2s2x2p0x0", r["what"][5:])
+        key = f"cpu/{r['layout']}/float32/{op}/C{r['shape'][1]}/{r['shape'][2]}x{r['shape'][3]}/batch/{passes}"
         assert namespace["TABLE"][key] == (r["speedup"] >= 1.0)
 
 

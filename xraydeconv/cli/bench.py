@@ -97,11 +97,12 @@ def bench(
     With --suite it measures instead what the nets run, on --device: every pool layer input of
     shallow, deeper and deeper-aug at 128 and 256 px (128 only with --quick), batch 1 and 32, NCHW
     and channels-last, forward and forward+backward, each alone ("pool fwd") and with the ReLU in
-    front fused ("pool relu+fwd": switch_relu_pool2d vs relu_ then max_pool2d); then each net's
-    training step (128 px, batch
+    front fused ("pool relu+fwd": switch_relu_pool2d vs relu_ then max_pool2d); every input of a
+    ReLU not followed by a pool, forward+backward ("relu_ fwd+bwd": xraydeconv.ops.relu_, which
+    masks the gradient in place, vs torch.relu_); then each net's training step (128 px, batch
     32, channels-last, AdamW) with the kernels, with auto and with native pooling. Speed-ups are
-    medians over the interleaved rounds of the per-round ratio. --write-dispatch turns the pool rows
-    into the table SwitchMaxPool2d(backend="auto") follows.
+    medians over the interleaved rounds of the per-round ratio. --write-dispatch turns the pool and
+    ReLU rows into the table that SwitchMaxPool2d(backend="auto") and FusedSequential follow.
 
     \b
     Examples:

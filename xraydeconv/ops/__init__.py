@@ -4,11 +4,12 @@
   adjoint (unpool) and the gather, with fake kernels and autograd;
 - :mod:`~xraydeconv.ops.deconv_scatter`: the sparse deconvnet step ``relu_scatter_conv_transpose2d`` and its
   two-step form ``relu_scatter_conv_transpose2d_pair`` (a stage's two transposed convs in one pass);
+- :mod:`~xraydeconv.ops.relu`: ``relu_``, torch's in-place ReLU whose backward masks the incoming gradient in place;
 - :mod:`~xraydeconv.ops.native`: pure-PyTorch twins with identical semantics, and switch/index conversions;
 - :mod:`~xraydeconv.ops.kernels`: ``has_kernel(op, device)``;
 - :mod:`~xraydeconv.ops.switch_max_pool`: ``SwitchMaxPool2d``, the ``nn.MaxPool2d`` that hands out switches;
 - :mod:`~xraydeconv.ops.fused_sequential`: ``FusedSequential``, an ``nn.Sequential`` that runs each ReLU followed
-  by a ``SwitchMaxPool2d`` as one fused op.
+  by a ``SwitchMaxPool2d`` as one fused op, and its other in-place ReLUs as ``relu_``.
 """
 
 from xraydeconv.ops.deconv_scatter import relu_scatter_conv_transpose2d, relu_scatter_conv_transpose2d_pair
@@ -22,6 +23,7 @@ from xraydeconv.ops.native import (
     native_switch_unpool2d,
     switches_to_indices,
 )
+from xraydeconv.ops.relu import relu_
 from xraydeconv.ops.switch_pool import (
     switch_gather2d,
     switch_pool2d,
@@ -44,6 +46,7 @@ __all__ = [
     "switch_gather2d",
     "relu_scatter_conv_transpose2d",
     "relu_scatter_conv_transpose2d_pair",
+    "relu_",
     "switches_to_indices",
     "indices_to_switches",
     "native_switch_pool2d",

@@ -17,12 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xraydeconv.ops.kernels import require_kernels
+from xraydeconv.ops import extension
 
 __all__ = ["relu_"]
-
-OP = "relu_"
-
 
 def relu_(x: Tensor) -> Tensor:
     """ReLU of ``x`` (any shape, floating point) in place; returns ``x``.
@@ -30,5 +27,5 @@ def relu_(x: Tensor) -> Tensor:
     As ``torch.relu_``, including its error on a leaf that requires grad. The gradient equals ``torch.relu_``'s bit
     for bit; it is computed in the incoming gradient's memory when nothing else holds that gradient.
     """
-    require_kernels(x, OP)
+    extension.require()  # registered for every backend: only the extension itself can be missing
     return torch.ops.xraydeconv.relu_(x)

@@ -335,6 +335,8 @@ SUITE_SIZES = (128, 256)
 SUITE_BATCHES = (1, 32)
 # "relu+": a ReLU in front of the pool, fused (switch_relu_pool2d) against F.relu_ then F.max_pool2d
 PASSES = ("fwd", "fwd+bwd", "relu+fwd", "relu+fwd+bwd")
+# a ReLU not fused with a pool: xraydeconv.ops.relu_ (gradient masked in place) against torch.relu_, with a backward
+RELU_PASS = "relu_ fwd+bwd"
 # Each call once per round, as a model calls each layer once between other ops. Runs of the same call in a tight
 # loop (time_samples' min_sample_ms) leave the allocator and the caches in a state a model never sees; they moved
 # one-image fwd+bwd ratios by up to 4x either way.
@@ -348,7 +350,7 @@ TRAIN_BATCH = 32
 class SuiteRow:
     """One pool layer shape (or a whole training step) timed with the kernels and with native pooling."""
 
-    what: str  # "pool <one of PASSES>" or "train step <net> <kernel|auto>"
+    what: str  # "pool <one of PASSES>", RELU_PASS or "train step <net> <kernel|auto>"
     shape: tuple[int, ...]
     layout: str
     threads: int
@@ -364,6 +366,30 @@ class SuiteRow:
 def net_pool_shapes(sizes: Sequence[int] = SUITE_SIZES, batches: Sequence[int] = SUITE_BATCHES) -> dict:
     """{(N, C, H, W): "net, net"} for every pooling layer input of every net in ``MODEL_NAMES``."""
     from xraydeconv.nn import SwitchMaxPool2d
+
+    return _net_input_shapes(lambda model: [m for m in model.modules() if isinstance(m, SwitchMaxPool2d)], sizes,
+                             batches)
+
+
+def net_relu_shapes(sizes: Sequence[int] = SUITE_SIZES, batches: Sequence[int] = SUITE_BATCHES) -> dict:
+    """{(N, C, H, W): "net, net"} for every ReLU input of the nets that is not fused with a pool (a ReLU followed by
+    anything but a ``SwitchMaxPool2d``): where ``FusedSequential`` may run ``xraydeconv.ops.relu_``."""
+    from xraydeconv.nn import SwitchMaxPool2d
+
+    def unfused_relus(model: torch.nn.Module) -> list[torch.nn.Module]:
+        found = []
+        for seq in model.modules():
+            mods = list(seq.children()) if isinstance(seq, torch.nn.Sequential) else []
+            found += [m for m, nxt in zip(mods, [*mods[1:], None])
+                      if type(m) is torch.nn.ReLU and not isinstance(nxt, SwitchMaxPool2d)]
+        return found
+
+    return _net_input_shapes(unfused_relus, sizes, batches)
+
+
+def _net_input_shapes(select: Callable[[torch.nn.Module], list[torch.nn.Module]], sizes: Sequence[int],
+                      batches: Sequence[int]) -> dict:
+    """{(N, C, H, W): "net, net"}: the input shapes of the modules ``select(model)`` picks, over the nets and sizes."""
     from xraydeconv.training.models import MODEL_NAMES, build
 
     found: dict[tuple[int, int, int], list[str]] = {}
@@ -372,7 +398,7 @@ def net_pool_shapes(sizes: Sequence[int] = SUITE_SIZES, batches: Sequence[int] =
             model = build(name, input_size=px, pool_backend="native").eval()
             seen: list[tuple[int, int, int]] = []
             hooks = [m.register_forward_hook(lambda m, i, o, seen=seen: seen.append(tuple(i[0].shape[1:])))
-                     for m in model.modules() if isinstance(m, SwitchMaxPool2d)]
+                     for m in select(model)]
             with torch.no_grad():
                 model(torch.zeros(1, 1, px, px))
             for h in hooks:
@@ -409,6 +435,23 @@ def pool_fns(x: torch.Tensor, passes: str) -> tuple[Callable[[], object], Callab
     return (lambda: torch.autograd.grad(kernel_out(), xg, grad)), (lambda: torch.autograd.grad(native_out(), xg, grad))
 
 
+def relu_fns(x: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(kernel, native) calls of a ReLU of ``x`` in a network's position, forward and backward: a fresh copy of ``x``
+    (the output of the layer before), ReLU in place (``xraydeconv.ops.relu_`` or ``torch.relu_``), then ``* 2``, whose
+    backward hands the ReLU a fresh gradient that nothing else holds, as a conv's backward does."""
+    op = torch.ops.xraydeconv.relu_
+    xg = x.detach().clone().requires_grad_(True)
+    grad = torch.randn_like(x)
+
+    def kernel_fn() -> object:
+        return torch.autograd.grad(op(xg.clone()) * 2.0, xg, grad)
+
+    def native_fn() -> object:
+        return torch.autograd.grad(torch.relu_(xg.clone()) * 2.0, xg, grad)
+
+    return kernel_fn, native_fn
+
+
 def run_pool_suite(
     threads: Sequence[int] | None = None,
     repeats: int = 7,
@@ -418,24 +461,27 @@ def run_pool_suite(
     device: str = "cpu",
 ) -> list[SuiteRow]:
     """Every pool layer shape of the nets, both layouts, forward and forward+backward, with and without a fused
-    ReLU in front (:data:`PASSES`), float32, on ``device`` ("cpu" or "cuda"; CUDA times with events)."""
+    ReLU in front (:data:`PASSES`); then every unfused ReLU shape, forward+backward (:data:`RELU_PASS`); float32, on
+    ``device`` ("cpu" or "cuda"; CUDA times with events)."""
     require_kernels_for(device)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    shapes = net_pool_shapes(sizes, batches)
+    cases = [(shape, nets, what) for shape, nets in net_pool_shapes(sizes, batches).items() for what in PASSES]
+    cases += [(shape, nets, RELU_PASS) for shape, nets in net_relu_shapes(sizes, batches).items()]
     with thread_counts(threads) as counts:
         for n_threads in counts():
-            for shape, nets in shapes.items():
+            for shape, nets, what in cases:
                 for layout in LAYOUTS:
                     x = _input(shape, layout, device, gen)
-                    for what in PASSES:
-                        if progress is not None:
-                            progress(f"pool {what} {shape} {layout} {n_threads}t")
-                        fns = dict(zip(("kernel", "native"), pool_fns(x, what)))
-                        t = time_samples(fns, repeats, device, min_sample_ms=MIN_SAMPLE_MS)
-                        rows.append(SuiteRow(f"pool {what}", shape, layout, n_threads, statistics.median(t["kernel"]),
-                                             statistics.median(t["native"]), paired_speedup(t["native"], t["kernel"]),
-                                             nets))
+                    if progress is not None:
+                        progress(f"{what} {shape} {layout} {n_threads}t")
+                    fns = relu_fns(x) if what == RELU_PASS else pool_fns(x, what)
+                    t = time_samples(dict(zip(("kernel", "native"), fns)), repeats, device,
+                                     min_sample_ms=MIN_SAMPLE_MS)
+                    label = what if what == RELU_PASS else f"pool {what}"
+                    rows.append(SuiteRow(label, shape, layout, n_threads, statistics.median(t["kernel"]),
+                                         statistics.median(t["native"]), paired_speedup(t["native"], t["kernel"]),
+                                         nets))
     return rows
 
 
@@ -514,18 +560,21 @@ def format_suite(rows: Sequence[SuiteRow], machine: dict, repeats: int) -> str:
 
 
 def dispatch_table(rows: Sequence[SuiteRow], device: str = "cpu") -> dict[str, bool]:
-    """The ``auto`` dispatch table of ``device``'s rows: a pool shape class is True when the kernel was at least as
-    fast at every thread count measured."""
-    from xraydeconv.ops.pool_dispatch import shape_class
+    """The ``auto`` dispatch table of ``device``'s rows: a pool (or unfused ReLU) shape class is True when the kernel
+    was at least as fast at every thread count measured."""
+    from xraydeconv.ops.pool_dispatch import relu_class, shape_class
 
     table: dict[str, bool] = {}
     for r in rows:
-        if not r.what.startswith("pool "):
+        if not (r.what.startswith("pool ") or r.what == RELU_PASS):
             continue
         fmt = torch.channels_last if r.layout == "channels_last" else torch.contiguous_format
         x = torch.empty(r.shape, memory_format=fmt, device=device)  # never written: shape, layout and dtype count
         passes = r.what.removeprefix("pool ")
-        key = shape_class(x, (2, 2), (2, 2), (0, 0), passes.endswith("bwd"), passes.startswith("relu+"))
+        if r.what == RELU_PASS:
+            key = relu_class(x)
+        else:
+            key = shape_class(x, (2, 2), (2, 2), (0, 0), passes.endswith("bwd"), passes.startswith("relu+"))
         table[key] = table.get(key, True) and r.speedup >= 1.0
     return dict(sorted(table.items()))
 
