@@ -43,7 +43,8 @@ def demo(out, preset, top_n, sample_per_class, seed, quiet) -> None:
       gallery/<model>/             projections of the test sample, with index.html
 
     \b
-    An interrupted demo continues where it stopped when run again with the same options.
+    An interrupted demo continues where it stopped when run again with the same options. As
+    train does, it keeps freed memory for reuse (glibc on Linux).
 
     \b
     Examples:
@@ -60,4 +61,7 @@ def demo(out, preset, top_n, sample_per_class, seed, quiet) -> None:
         if value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
     settings = DemoSettings(preset=preset or "demo", top_n=top_n, sample_per_class=sample_per_class, seed=seed)
+    from xraydeconv.training.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as train does: the steps reuse freed memory instead of faulting it in again
     run_demo(out, settings, progress=not quiet, echo=click.echo)

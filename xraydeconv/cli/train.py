@@ -65,8 +65,11 @@ _CONFIG_OPTIONS = {
               help="Max-pool implementation: our switch kernels or PyTorch's own ops. [default: auto]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest snapshot.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--return-memory", is_flag=True,
+              help="Leave glibc's malloc as it is: freed feature maps go back to the system and fault in again.")
 def train(
-    model, all_models, out, data, class_map, preset, device, threads, workers, max_pixels, resume, quiet, **overrides
+    model, all_models, out, data, class_map, preset, device, threads, workers, max_pixels, resume, quiet,
+    return_memory, **overrides
 ) -> None:
     """Train an anatomy classifier on X-rays.
 
@@ -86,6 +89,9 @@ def train(
       metrics.json   per-epoch history, best val accuracy, test accuracy, per-class accuracy, timings
       curves.png     loss and accuracy per epoch (train and val)
       confusion.png  confusion matrix on the test split (with the best.pt weights)
+
+    On Linux with glibc, freed memory is kept for reuse (no mmap for large blocks, no heap trimming) so
+    that a step does not page-fault its feature maps in again; --return-memory keeps glibc's defaults.
 
     A run killed at any point (even with SIGKILL) continues with --resume and ends with the
     same weights as an uninterrupted run (single process, same machine; add --deterministic on GPU).
@@ -114,6 +120,10 @@ def train(
     if max_pixels is not None:
         runtime["max_pixels"] = max_pixels
     make_config = _config_factory(preset, given, runtime)
+    if not return_memory:
+        from xraydeconv.training.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if all_models:
         from xraydeconv.training.table1 import TABLE_MD, train_all
 
