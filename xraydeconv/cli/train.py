@@ -120,10 +120,7 @@ def train(
     if max_pixels is not None:
         runtime["max_pixels"] = max_pixels
     make_config = _config_factory(preset, given, runtime)
-    if not return_memory:
-        from xraydeconv.training.allocator import keep_freed_memory
-
-        keep_freed_memory()
+    _keep_memory(return_memory)
     if all_models:
         from xraydeconv.training.table1 import TABLE_MD, train_all
 
@@ -134,6 +131,14 @@ def train(
         from xraydeconv.training.loop import train as run
 
         run(make_config(model), out, resume=resume, progress=not quiet)
+
+
+def _keep_memory(return_memory: bool) -> None:
+    """Unless --return-memory: glibc's malloc keeps freed memory for reuse, so steps do not fault it in again."""
+    if not return_memory:
+        from xraydeconv.training.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
 
 def _given_options(overrides: dict, data: Path | None, class_map: Path | None) -> dict:
