@@ -66,7 +66,8 @@ _CONFIG_OPTIONS = {
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest snapshot.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--return-memory", is_flag=True,
-              help="Leave glibc's malloc as it is: freed feature maps go back to the system and fault in again.")
+              help="Leave glibc's malloc as it is. By default freed memory is kept for reuse (no mmap for large "
+                   "blocks, no heap trimming), so that steps do not page-fault their feature maps in again.")
 def train(
     model, all_models, out, data, class_map, preset, device, threads, workers, max_pixels, resume, quiet,
     return_memory, **overrides
@@ -89,9 +90,6 @@ def train(
       metrics.json   per-epoch history, best val accuracy, test accuracy, per-class accuracy, timings
       curves.png     loss and accuracy per epoch (train and val)
       confusion.png  confusion matrix on the test split (with the best.pt weights)
-
-    On Linux with glibc, freed memory is kept for reuse (no mmap for large blocks, no heap trimming) so
-    that a step does not page-fault its feature maps in again; --return-memory keeps glibc's defaults.
 
     A run killed at any point (even with SIGKILL) continues with --resume and ends with the
     same weights as an uninterrupted run (single process, same machine; add --deterministic on GPU).
