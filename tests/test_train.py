@@ -176,3 +176,14 @@ def test_torchrun_two_processes_match_one_process(tiny_data: Path, tmp_path: Pat
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["world_size"] == 2
     for k in one["state_dict"]:
         torch.testing.assert_close(ddp["state_dict"][k], one["state_dict"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_the_cli_keeps_freed_memory_unless_told_to_return_it(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    from xraydeconv.training import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep") or "kept")
+    common = ["--model", "shallow", "--data", str(tiny_data), "--input-size", "32", "--epochs", "1",
+              "--batch-size", "4", "--threads", "1"]
+    assert _invoke([*common, "--out", str(tmp_path / "a")]).exit_code == 0 and calls == ["keep"]
+    assert _invoke([*common, "--out", str(tmp_path / "b"), "--return-memory"]).exit_code == 0 and calls == ["keep"]
