@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -466,22 +467,23 @@ def run_pool_suite(
     require_kernels_for(device)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    cases = [(shape, nets, what) for shape, nets in net_pool_shapes(sizes, batches).items() for what in PASSES]
-    cases += [(shape, nets, RELU_PASS) for shape, nets in net_relu_shapes(sizes, batches).items()]
+    # per shape: the (label, make (kernel, native) calls from the input) of each pass; one input per shape and layout
+    groups = [(shape, nets, [(f"pool {p}", partial(pool_fns, passes=p)) for p in PASSES])
+              for shape, nets in net_pool_shapes(sizes, batches).items()]
+    groups += [(shape, nets, [(RELU_PASS, relu_fns)]) for shape, nets in net_relu_shapes(sizes, batches).items()]
     with thread_counts(threads) as counts:
         for n_threads in counts():
-            for shape, nets, what in cases:
+            for shape, nets, passes in groups:
                 for layout in LAYOUTS:
                     x = _input(shape, layout, device, gen)
-                    if progress is not None:
-                        progress(f"{what} {shape} {layout} {n_threads}t")
-                    fns = relu_fns(x) if what == RELU_PASS else pool_fns(x, what)
-                    t = time_samples(dict(zip(("kernel", "native"), fns)), repeats, device,
-                                     min_sample_ms=MIN_SAMPLE_MS)
-                    label = what if what == RELU_PASS else f"pool {what}"
-                    rows.append(SuiteRow(label, shape, layout, n_threads, statistics.median(t["kernel"]),
-                                         statistics.median(t["native"]), paired_speedup(t["native"], t["kernel"]),
-                                         nets))
+                    for label, make in passes:
+                        if progress is not None:
+                            progress(f"{label} {shape} {layout} {n_threads}t")
+                        t = time_samples(dict(zip(("kernel", "native"), make(x))), repeats, device,
+                                         min_sample_ms=MIN_SAMPLE_MS)
+                        rows.append(SuiteRow(label, shape, layout, n_threads, statistics.median(t["kernel"]),
+                                             statistics.median(t["native"]), paired_speedup(t["native"], t["kernel"]),
+                                             nets))
     return rows
 
 
