@@ -10,7 +10,8 @@ runs) is as large as the effect, so one run of ``xraydeconv bench --suite`` does
 By default each run is :func:`xraydeconv.reports.bench.run_train_steps` (kernel, auto and native interleaved in
 one process, median over the rounds of the per-round ratio). With ``--solo`` each side trains alone in its own
 process, as ``train`` does, ``auto`` and native alternating, one pair of processes per run; a run's speed-up is
-native's median step over auto's. The two differ because most of a step's system time is page faults on freshly
+native's median step over auto's, and each process's medians per step (wall, user and system time, page faults from
+``getrusage``) are printed as it ends. The two differ because most of a step's system time is page faults on freshly
 mapped feature maps, and how many there are depends on glibc's heap, which the other side's allocations change
 when they share a process. The glibc settings above keep freed memory for reuse, so that no step faults and the
 ratio is that of the computation alone.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,10 +45,14 @@ def _interleaved(args) -> dict[tuple[str, int], tuple[list[float], list[float]]]
     return out
 
 
-def _one_process(net: str, side: str, threads: int, repeats: int) -> float:
-    """The median step (ms) of ``net`` with ``side`` pooling, trained alone in a fresh process."""
+STEP_FIELDS = ("wall ms", "user ms", "sys ms", "page faults")
+
+
+def _one_process(net: str, side: str, threads: int, repeats: int) -> dict[str, float]:
+    """Medians per step of ``net`` with ``side`` pooling, trained alone in a fresh process: :data:`STEP_FIELDS`."""
     cmd = [sys.executable, __file__, "--one", net, side, str(threads), str(repeats)]
-    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
+    return dict(zip(STEP_FIELDS, map(float, out[-len(STEP_FIELDS):])))
 
 
 def _solo(args) -> dict[tuple[str, int], tuple[list[float], list[float]]]:
@@ -55,10 +61,13 @@ def _solo(args) -> dict[tuple[str, int], tuple[list[float], list[float]]]:
         for threads in args.threads:
             for net in args.nets:
                 order = ("auto", "native") if run % 2 == 0 else ("native", "auto")
-                ms = {side: _one_process(net, side, threads, args.repeats) for side in order}
+                step = {side: _one_process(net, side, threads, args.repeats) for side in order}
                 ratios, native = out.setdefault((f"train step {net} auto, alone", threads), ([], []))
-                ratios.append(ms["native"] / ms["auto"])
-                native.append(ms["native"])
+                ratios.append(step["native"]["wall ms"] / step["auto"]["wall ms"])
+                native.append(step["native"]["wall ms"])
+                for side in order:
+                    print(f"run {run + 1}: {net} {side} {threads}t, per step: "
+                          + ", ".join(f"{k} {v:.0f}" for k, v in step[side].items()), flush=True)
     return out
 
 
@@ -70,12 +79,14 @@ def _run_one(net: str, side: str, threads: int, repeats: int) -> None:
     step = bench.train_step_fn(net, side, bench.TRAIN_PX, x.contiguous(memory_format=torch.channels_last), y)
     for _ in range(3):
         step()
-    times = []
+    samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    print(statistics.median(times))
+        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        samples.append(((t1 - t0) * 1e3, (r1.ru_utime - r0.ru_utime) * 1e3, (r1.ru_stime - r0.ru_stime) * 1e3,
+                        r1.ru_minflt - r0.ru_minflt))
+    print(*(statistics.median(column) for column in zip(*samples)))
 
 
 def main() -> None:
