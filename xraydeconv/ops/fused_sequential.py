@@ -21,10 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
-from xraydeconv.ops import extension
 from xraydeconv.ops.kernels import has_kernel
 from xraydeconv.ops.pool_dispatch import relu_is_faster
-from xraydeconv.ops.switch_max_pool import BACKENDS, SwitchMaxPool2d
+from xraydeconv.ops.switch_max_pool import SwitchMaxPool2d, check_backend
 
 __all__ = ["FusedSequential"]
 
@@ -55,10 +54,7 @@ class FusedSequential(nn.Sequential):
 
     def __init__(self, *args: nn.Module, backend: str = "auto") -> None:
         super().__init__(*args)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "kernel":
-            extension.require()
+        check_backend(backend)
         self.backend = backend
 
     def __getitem__(self, idx):

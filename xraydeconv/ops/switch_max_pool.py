@@ -26,6 +26,14 @@ from xraydeconv.ops.switch_pool import switch_pool2d, switch_relu_pool2d, switch
 BACKENDS = ("auto", "kernel", "native")
 
 
+def check_backend(backend: str) -> None:
+    """ValueError unless ``backend`` is one of :data:`BACKENDS`; for ``"kernel"``, the extension must be built."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "kernel":
+        extension.require()
+
+
 class SwitchMaxPool2d(nn.Module):
     """2-D max pooling (no dilation) with optional access to the switches.
 
@@ -52,10 +60,7 @@ class SwitchMaxPool2d(nn.Module):
     ) -> None:
         super().__init__()
         k, s, p = pool_geometry(kernel_size, stride, padding)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "kernel":
-            extension.require()
+        check_backend(backend)
         self.kernel_size: tuple[int, int] = k
         self.stride: tuple[int, int] = s
         self.padding: tuple[int, int] = p
