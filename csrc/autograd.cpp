@@ -4,7 +4,8 @@
 // order of derivatives works, and torch.compile traces them like any other op.
 //
 // Also the in-place ReLU (relu_), whose forward is torch's relu_ for every backend and whose backward masks the
-// incoming gradient in place when it is the only holder of that gradient.
+// incoming gradient in place when it is the only holder of that gradient; and BatchNorm + ReLU (+ pool), whose
+// backward is the batch_norm_relu_backward op.
 //
 // In C++ rather than Python (torch.library.register_autograd) because the Python layer cost about 50 us per
 // call on each of forward and backward: as much as the pooling itself on the one-image feature maps the
@@ -18,6 +19,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
+#include <optional>
 #include <vector>
 
 namespace xraydeconv {
@@ -214,6 +217,85 @@ Tensor switch_gather2d_autograd(const Tensor& x, const Tensor& sw, c10::IntArray
   return SwitchGather2d::apply(x, sw, k, s, p);
 }
 
+using BnReluFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&,
+                                                    double, double);
+using BnReluPoolFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Tensor&,
+                                                                Tensor&, double, double);
+using BnReluBackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                            const Tensor&, const Tensor&, const Tensor&,
+                                                            const std::optional<Tensor>&,
+                                                            const std::optional<Tensor>&, std::array<bool, 3>);
+
+// The gradients of x, weight and bias of a BatchNorm + ReLU (+ pool) node; saved: x, weight, bias, mean, invstd
+// (then switches and pooled values).
+variable_list batch_norm_relu_backward(AutogradContext* ctx, const Tensor& grad) {
+  static const auto op = op_handle<BnReluBackwardFn>("xraydeconv::batch_norm_relu_backward");
+  const variable_list s = ctx->get_saved_variables();
+  variable_list out(7);
+  if (!grad.defined()) return out;
+  std::optional<Tensor> sw, pooled;
+  if (s.size() == 7) {
+    sw = s[5];
+    pooled = s[6];
+  }
+  const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+  auto [gx, gw, gb] = op.call(grad, s[0], s[1], s[2], s[3], s[4], sw, pooled, mask);
+  out[0] = gx;
+  out[1] = gw;
+  out[2] = gb;
+  return out;
+}
+
+// Saves what batch_norm_relu_backward reads; the statistics (and switches) get no gradient.
+variable_list bn_relu_outputs(AutogradContext* ctx, variable_list outputs, const variable_list& saved,
+                              const variable_list& no_grad) {
+  ctx->save_for_backward(saved);
+  ctx->mark_non_differentiable(no_grad);
+  ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no zeros are built
+  return outputs;
+}
+
+class BatchNormRelu : public torch::autograd::Function<BatchNormRelu> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b, Tensor rm,
+                               Tensor rv, double momentum, double eps) {
+    static const auto op = op_handle<BnReluFn>("xraydeconv::batch_norm_relu");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
+    return bn_relu_outputs(ctx, {out, mean, invstd}, {x, w, b, mean, invstd}, {mean, invstd});
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return batch_norm_relu_backward(ctx, grads[0]);
+  }
+};
+
+class BatchNormReluPool2d : public torch::autograd::Function<BatchNormReluPool2d> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b, Tensor rm,
+                               Tensor rv, double momentum, double eps) {
+    static const auto op = op_handle<BnReluPoolFn>("xraydeconv::batch_norm_relu_pool2d");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, sw, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
+    return bn_relu_outputs(ctx, {out, sw, mean, invstd}, {x, w, b, mean, invstd, sw, out}, {sw, mean, invstd});
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return batch_norm_relu_backward(ctx, grads[0]);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_autograd(const Tensor& x, const Tensor& w, const Tensor& b,
+                                                            Tensor& rm, Tensor& rv, double momentum, double eps) {
+  variable_list r = BatchNormRelu::apply(x, w, b, rm, rv, momentum, eps);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_autograd(const Tensor& x, const Tensor& w,
+                                                                           const Tensor& b, Tensor& rm, Tensor& rv,
+                                                                           double momentum, double eps) {
+  variable_list r = BatchNormReluPool2d::apply(x, w, b, rm, rv, momentum, eps);
+  return {r[0], r[1], r[2], r[3]};
+}
+
 // The output is x itself, its history rebased onto the Relu node.
 Tensor& relu_autograd(Tensor& x) {
   Relu::apply(x);
@@ -231,6 +313,8 @@ TORCH_LIBRARY_IMPL(xraydeconv, Autograd, m) {
   m.impl("switch_unpool2d", &xraydeconv::switch_unpool2d_autograd);
   m.impl("switch_gather2d", &xraydeconv::switch_gather2d_autograd);
   m.impl("relu_", &xraydeconv::relu_autograd);
+  m.impl("batch_norm_relu", &xraydeconv::batch_norm_relu_autograd);
+  m.impl("batch_norm_relu_pool2d", &xraydeconv::batch_norm_relu_pool2d_autograd);
 }
 
 // relu_'s forward is torch's own for every backend (CPU, CUDA, meta for fake tensors): only its backward differs.

@@ -113,15 +113,19 @@ def test_explicit_backends_ignore_the_table(monkeypatch):
 
 def test_the_shipped_table_only_names_measured_pool_classes():
     # every key is a 2x2/s2 class of the nets' pool layers, or a class of their unfused ReLUs (relu_, with a
-    # backward), as `xraydeconv bench --suite` writes them
-    relus = 0
+    # backward) or of their BatchNorm + ReLU (+ pool) chains, as `xraydeconv bench --suite` writes them
+    relus = bns = 0
     for key, value in pool_dispatch.TABLE.items():
         device, layout, dtype, op, c, hw, batch, passes = key.split("/")
         assert (device, dtype) == ("cpu", "float32") and isinstance(value, bool)
         assert layout in ("nchw", "channels_last") and batch in ("N1", "batch")
-        assert (op, passes in bench.PASSES) == ("k2x2s2x2p0x0", True) or (op, passes) == ("relu_", "fwd+bwd")
+        assert (op, passes in bench.PASSES) == ("k2x2s2x2p0x0", True) or (
+            op in ("relu_", "bn_relu", "bn_relu_pool") and passes == "fwd+bwd")
         relus += op == "relu_"
+        bns += op.startswith("bn_relu")
+        assert layout == "channels_last" or not op.startswith("bn_relu")
     assert relus == 2 * len(bench.net_relu_shapes())
+    assert bns == len(bench.net_bn_relu_shapes(False)) + len(bench.net_bn_relu_shapes(True))
 
 
 def test_from_max_pool():

@@ -486,6 +486,7 @@ def test_has_kernel_answers_for_every_op_and_device():
     # the sparse deconvnet step is a CPU kernel only; the pooling family has CUDA kernels when built with nvcc
     assert not ops.has_kernel("relu_scatter_conv_transpose2d", "cuda")
     assert not ops.has_kernel("relu_scatter_conv_transpose2d_pair", "cuda")
+    assert not ops.has_kernel("batch_norm_relu", "cuda") and not ops.has_kernel("batch_norm_relu_pool2d", "cuda")
     pooling = {ops.has_kernel(op, "cuda") for op in ("switch_pool2d", "switch_unpool2d", "switch_gather2d")}
     assert pooling == {ops.has_kernels("cuda")}
     assert ops.has_kernels("cpu")

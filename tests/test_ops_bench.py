@@ -110,12 +110,29 @@ def test_net_relu_shapes_are_the_inputs_of_the_relus_not_fused_with_a_pool():
     assert shapes == {(2, c, hw, hw): "deeper, deeper-aug" for c, hw in ((16, 64), (32, 32), (64, 16), (128, 8))}
 
 
+def test_net_bn_relu_shapes_are_the_batchnorm_inputs_before_a_relu():
+    # deeper(-aug): per stage a BatchNorm -> ReLU -> conv and a BatchNorm -> ReLU -> pool, at the stage's input size
+    want = {(2, c, hw, hw): "deeper, deeper-aug" for c, hw in ((16, 64), (32, 32), (64, 16), (128, 8))}
+    assert bench_lib.net_bn_relu_shapes(False, sizes=(64,), batches=(2,)) == want
+    assert bench_lib.net_bn_relu_shapes(True, sizes=(64,), batches=(2,)) == want
+
+
+def test_bn_relu_fns_give_the_same_gradients_both_ways():
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    for pool in (False, True):
+        kernel, native = bench_lib.bn_relu_fns(x, pool)
+        assert all(torch.equal(a, b) for a, b in zip(kernel(), native()))
+
+
 def test_pool_suite_rows_and_train_steps():
     rows = bench_lib.run_pool_suite(threads=[1], repeats=1, sizes=(16,), batches=(2,))
     n_shapes = len(bench_lib.net_pool_shapes((16,), (2,)))
     n_relus = len(bench_lib.net_relu_shapes((16,), (2,)))
-    assert len(rows) == (n_shapes * len(bench_lib.PASSES) + n_relus) * len(bench_lib.LAYOUTS)
-    assert {r.what for r in rows} == {"pool fwd", "pool fwd+bwd", "pool relu+fwd", "pool relu+fwd+bwd", "relu_ fwd+bwd"}
+    n_bns = sum(len(bench_lib.net_bn_relu_shapes(pool, (16,), (2,))) for pool in (False, True))
+    assert len(rows) == (n_shapes * len(bench_lib.PASSES) + n_relus) * len(bench_lib.LAYOUTS) + n_bns
+    assert {r.what for r in rows} == {"pool fwd", "pool fwd+bwd", "pool relu+fwd", "pool relu+fwd+bwd", "relu_ fwd+bwd",
+                                      "bn+relu fwd+bwd", "bn+relu+pool fwd+bwd"}
+    assert {r.layout for r in rows if r.what.startswith("bn+")} == {"channels_last"}
     assert {r.threads for r in rows} == {1}
     assert rows[0].speedup == pytest.approx(rows[0].native_ms / rows[0].kernel_ms)
     steps = bench_lib.run_train_steps(nets=("shallow",), threads=[1], repeats=1, px=16, batch=2)
@@ -176,13 +193,14 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["machine"]["threads"] == [1] and data["repeats"] == 1
     table_rows = [r for r in data["rows"] if not r["what"].startswith("train step")]
-    assert {r["what"] for r in table_rows} >= {"pool fwd", "relu_ fwd+bwd"}
+    assert {r["what"] for r in table_rows} >= {"pool fwd", "relu_ fwd+bwd", "bn+relu fwd+bwd", "bn+relu+pool fwd+bwd"}
     namespace: dict = {}
     exec(table.read_text(), namespace)
     assert namespace["TABLE"].pop(cuda_key) is True and stale not in namespace["TABLE"]
     assert len(namespace["TABLE"]) == len(table_rows)  # one thread count: one row per shape class
+    ops_of = {"relu_ fwd+bwd": "relu_", "bn+relu fwd+bwd": "bn_relu", "bn+relu+pool fwd+bwd": "bn_relu_pool"}
     for r in table_rows:
-        op, passes = ("relu_", "fwd+bwd") if r["what"] == "relu_ fwd+bwd" else ("k2x2s2x2p0x0", r["what"][5:])
+        op, passes = (ops_of[r["what"]], "fwd+bwd") if r["what"] in ops_of else ("k2x2s2x2p0x0", r["what"][5:])
         key = f"cpu/{r['layout']}/float32/{op}/C{r['shape'][1]}/{r['shape'][2]}x{r['shape'][3]}/batch/{passes}"
         assert namespace["TABLE"][key] == (r["speedup"] >= 1.0)
 

@@ -78,6 +78,14 @@ inline const char* isa_name(Isa isa) {
   return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "baseline";
 }
 
+// NaN propagates like max_pool2d: the first NaN of a window replaces the running maximum and then
+// stays (max_pool2d on CPU keeps the last NaN instead; the first one is what the CUDA kernels pick,
+// so both backends give the same switches everywhere).
+template <typename A>
+XD_ALWAYS_INLINE bool beats(A v, A m) {
+  return v > m || (v != v && m == m);
+}
+
 // Rows per parallel task so that each task handles roughly 128k elements. Waking a second OpenMP thread
 // (OMP_WAIT_POLICY=passive: it sleeps between regions) costs tens of microseconds, as much as pooling a
 // one-image feature map: with 16k-element tasks those ran slower at 2 threads than at 1 and than native.

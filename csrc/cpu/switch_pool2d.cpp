@@ -30,14 +30,6 @@ struct PoolArgs {
   PoolGeometry g;
 };
 
-// NaN propagates like max_pool2d: the first NaN of a window replaces the running maximum and then
-// stays (max_pool2d on CPU keeps the last NaN instead; the first one is what the CUDA kernels pick,
-// so both backends give the same switches everywhere).
-template <typename A>
-XD_ALWAYS_INLINE bool beats(A v, A m) {
-  return v > m || (v != v && m == m);
-}
-
 // One window clipped to the input: the first valid position is the starting maximum.
 template <typename T>
 XD_ALWAYS_INLINE void pool_clipped(const T* plane, int64_t H, int64_t W, const PoolGeometry& g, int64_t oh,

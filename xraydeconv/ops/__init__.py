@@ -5,6 +5,7 @@
 - :mod:`~xraydeconv.ops.deconv_scatter`: the sparse deconvnet step ``relu_scatter_conv_transpose2d`` and its
   two-step form ``relu_scatter_conv_transpose2d_pair`` (a stage's two transposed convs in one pass);
 - :mod:`~xraydeconv.ops.relu`: ``relu_``, torch's in-place ReLU whose backward masks the incoming gradient in place;
+- :mod:`~xraydeconv.ops.batch_norm_relu`: training-mode BatchNorm + ReLU (+ 2x2 max pool) in one op, torch's bits;
 - :mod:`~xraydeconv.ops.native`: pure-PyTorch twins with identical semantics, and switch/index conversions;
 - :mod:`~xraydeconv.ops.kernels`: ``has_kernel(op, device)``;
 - :mod:`~xraydeconv.ops.switch_max_pool`: ``SwitchMaxPool2d``, the ``nn.MaxPool2d`` that hands out switches;
@@ -12,6 +13,7 @@
   by a ``SwitchMaxPool2d`` as one fused op, and its other in-place ReLUs as ``relu_``.
 """
 
+from xraydeconv.ops.batch_norm_relu import batch_norm_relu, batch_norm_relu_pool2d
 from xraydeconv.ops.deconv_scatter import relu_scatter_conv_transpose2d, relu_scatter_conv_transpose2d_pair
 from xraydeconv.ops.geometry import pool_output_size
 from xraydeconv.ops.kernels import OPS, has_kernel, has_kernels
@@ -47,6 +49,8 @@ __all__ = [
     "relu_scatter_conv_transpose2d",
     "relu_scatter_conv_transpose2d_pair",
     "relu_",
+    "batch_norm_relu",
+    "batch_norm_relu_pool2d",
     "switches_to_indices",
     "indices_to_switches",
     "native_switch_pool2d",

@@ -1,5 +1,6 @@
 """``FusedSequential``: an ``nn.Sequential`` that runs each ``nn.ReLU`` followed by a ``SwitchMaxPool2d`` as one op,
-and its other in-place ReLUs with a gradient that is masked in place.
+its other in-place ReLUs with a gradient that is masked in place, and in training each ``BatchNorm2d -> ReLU
+(-> 2x2 pool)`` chain as one op.
 
 ``max_pool2d(relu(x))`` only ever reads ``relu(x)`` at the window maxima, so the fused kernel
 (:func:`xraydeconv.ops.switch_relu_pool2d`) never writes the ReLU's full-size output, and in the backward pass ReLU's
@@ -9,10 +10,19 @@ writing a fresh one. Values, switches and gradients are those of the modules run
 bit), and the module list, its names and its state dict are those of an ``nn.Sequential``, so checkpoints and the
 deconvnet's layer walk are unchanged.
 
+A training-mode ``BatchNorm2d`` (batch statistics, running stats, affine) followed by an ``nn.ReLU`` runs as
+:func:`xraydeconv.ops.batch_norm_relu`, or with a 2x2/s2 pool after them as
+:func:`xraydeconv.ops.batch_norm_relu_pool2d`: torch's statistics, running stats and arithmetic, without writing
+BatchNorm's full-size output (with the pool) or rewriting it (without), and with ReLU's mask applied as the backward
+reads the gradient. Only maps that torch itself would sum in the channels-last order are fused
+(:func:`xraydeconv.ops.batch_norm_relu.fuses_exactly`), so the values are torch's bit for bit.
+
 A layer runs as its own module whenever the change could be observed or could be slower: a hook on the module (or
 the pool) or a global module hook (attribution libraries hook ReLUs), an input that is not a tensor (tracing),
 ``torch.compile`` for the in-place ReLU (a mutating custom op), or where ``backend`` (for ReLUs) or the pool's own
 backend says native: ``"auto"`` follows the benchmark-derived dispatch table of :mod:`xraydeconv.ops.pool_dispatch`.
+A BatchNorm also runs as its own module in eval mode, without running stats or affine parameters, under
+``torch.compile``, or on a map that ``fuses_exactly`` rejects.
 """
 
 from __future__ import annotations
@@ -21,8 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
+from xraydeconv.ops.batch_norm_relu import fuses_exactly
 from xraydeconv.ops.kernels import has_kernel
-from xraydeconv.ops.pool_dispatch import relu_is_faster
+from xraydeconv.ops.pool_dispatch import bn_relu_is_faster, relu_is_faster
 from xraydeconv.ops.switch_max_pool import SwitchMaxPool2d, check_backend
 
 __all__ = ["FusedSequential"]
@@ -47,9 +58,10 @@ class FusedSequential(nn.Sequential):
 
     Args:
         *args: the modules, as for ``nn.Sequential`` (or one ``OrderedDict`` of them).
-        backend: how the ReLUs that are not fused with a pool run: ``"auto"`` (``xraydeconv.ops.relu_`` where the
-            dispatch table measured it at least as fast as ``torch.relu_``), ``"kernel"`` (always, when a gradient
-            is needed) or ``"native"`` (as their own modules). A ReLU -> pool pair follows the pool's backend.
+        backend: how the ReLUs that are not fused with a pool and the BatchNorm -> ReLU chains run: ``"auto"``
+            (our ops where the dispatch table measured them at least as fast as torch's), ``"kernel"`` (always,
+            where they apply) or ``"native"`` (as their own modules). A ReLU -> pool pair follows the pool's
+            backend, and a chain includes its pool only when the pool's backend is not ``"native"``.
     """
 
     def __init__(self, *args: nn.Module, backend: str = "auto") -> None:
@@ -68,6 +80,11 @@ class FusedSequential(nn.Sequential):
         i = 0
         while i < len(mods):
             m = mods[i]
+            if type(m) is nn.BatchNorm2d:
+                x, used = self._batch_norm_relu(mods[i:i + 3], x)
+                if used:
+                    i += used
+                    continue
             pool = mods[i + 1] if i + 1 < len(mods) else None
             if type(m) is nn.ReLU and isinstance(pool, SwitchMaxPool2d) and self._fuses(m, pool, x):
                 x = pool.relu_forward(x)
@@ -76,6 +93,32 @@ class FusedSequential(nn.Sequential):
             x = torch.ops.xraydeconv.relu_(x) if type(m) is nn.ReLU and self._masks_in_place(m, x) else m(x)
             i += 1
         return x
+
+    def _batch_norm_relu(self, mods: list[nn.Module], x: Tensor) -> tuple[Tensor, int]:
+        """``mods[0]`` (a BatchNorm2d), the ReLU after it and a 2x2 pool after that as one op, when that is exact,
+        unobserved and (``auto``) measured faster: (output, modules consumed), or (x, 0) to run them one by one."""
+        bn, relu = mods[0], mods[1] if len(mods) > 1 else None
+        pool = mods[2] if len(mods) > 2 and _is_2x2_pool(mods[2]) and mods[2].backend != "native" else None
+        if type(relu) is not nn.ReLU or not self._bn_fuses(bn, relu, pool, x):
+            return x, 0
+        if not (self.backend == "kernel" or bn_relu_is_faster(x, pool is not None)):
+            if pool is None or not bn_relu_is_faster(x, False):
+                return x, 0
+            pool = None
+        factor = bn_momentum(bn)
+        args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps)
+        if pool is None:
+            return torch.ops.xraydeconv.batch_norm_relu(*args)[0], 2
+        return torch.ops.xraydeconv.batch_norm_relu_pool2d(*args)[0], 3
+
+    def _bn_fuses(self, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.Module | None, x: object) -> bool:
+        if self.backend == "native" or not isinstance(x, Tensor) or torch.compiler.is_compiling():
+            return False
+        if not (bn.training and bn.track_running_stats and bn.affine and bn.running_mean is not None):
+            return False
+        if any(hooked(m) for m in (bn, relu, pool) if m is not None):
+            return False
+        return fuses_exactly(x) and has_kernel("batch_norm_relu", x.device)
 
     @staticmethod
     def _fuses(relu: nn.Module, pool: SwitchMaxPool2d, x: object) -> bool:
@@ -96,3 +139,18 @@ class FusedSequential(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}" if self.backend != "auto" else ""
+
+
+def _is_2x2_pool(m: nn.Module) -> bool:
+    return isinstance(m, SwitchMaxPool2d) and m.kernel_size == (2, 2) and m.stride == (2, 2) and \
+        m.padding == (0, 0) and not m.ceil_mode
+
+
+def bn_momentum(bn: nn.BatchNorm2d) -> float:
+    """Count the batch as ``nn.BatchNorm2d.forward`` does in training and return the running stats' update factor
+    (``momentum``, or the cumulative average's ``1 / batches`` when momentum is None)."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum

@@ -15,7 +15,7 @@ from xraydeconv.ops import extension
 __all__ = ["OPS", "has_kernel", "has_kernels", "require_kernels"]
 
 OPS = ("switch_pool2d", "switch_relu_pool2d", "switch_unpool2d", "switch_gather2d", "relu_scatter_conv_transpose2d",
-       "relu_scatter_conv_transpose2d_pair", "relu_")
+       "relu_scatter_conv_transpose2d_pair", "relu_", "batch_norm_relu", "batch_norm_relu_pool2d")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 

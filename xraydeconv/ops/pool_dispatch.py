@@ -44,6 +44,12 @@ def relu_class(x: Tensor) -> str:
     return _key(x, "relu_", "fwd+bwd")
 
 
+def bn_relu_class(x: Tensor, pool: bool) -> str:
+    """The dispatch key of ``xraydeconv.ops.batch_norm_relu`` (``pool``: ``batch_norm_relu_pool2d``) on ``x``
+    (N, C, H, W), with a backward to come."""
+    return _key(x, "bn_relu_pool" if pool else "bn_relu", "fwd+bwd")
+
+
 def _key(x: Tensor, op: str, passes: str) -> str:
     layout = "channels_last" if memory_format(x) == torch.channels_last else "nchw"
     n = x.shape[0] if x.dim() == 4 else 1
@@ -68,3 +74,9 @@ def relu_is_faster(x: Tensor) -> bool:
     """True where the table measured ``xraydeconv.ops.relu_`` with its backward at least as fast as ``torch.relu_``
     for ``x``'s shape class (only a 3-D or 4-D ``x`` has one)."""
     return x.dim() in (3, 4) and TABLE.get(relu_class(x), False)
+
+
+def bn_relu_is_faster(x: Tensor, pool: bool) -> bool:
+    """True where the table measured the fused BatchNorm + ReLU (+ pool) with its backward at least as fast as
+    PyTorch's modules for ``x``'s shape class."""
+    return x.dim() == 4 and TABLE.get(bn_relu_class(x, pool), False)

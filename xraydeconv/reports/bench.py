@@ -338,6 +338,8 @@ SUITE_BATCHES = (1, 32)
 PASSES = ("fwd", "fwd+bwd", "relu+fwd", "relu+fwd+bwd")
 # a ReLU not fused with a pool: xraydeconv.ops.relu_ (gradient masked in place) against torch.relu_, with a backward
 RELU_PASS = "relu_ fwd+bwd"
+# the fused training-mode BatchNorm + ReLU, without and with the 2x2 pool after it (channels-last only)
+BN_PASSES = {False: "bn+relu fwd+bwd", True: "bn+relu+pool fwd+bwd"}
 # Each call once per round, as a model calls each layer once between other ops. Runs of the same call in a tight
 # loop (time_samples' min_sample_ms) leave the allocator and the caches in a state a model never sees; they moved
 # one-image fwd+bwd ratios by up to 4x either way.
@@ -386,6 +388,25 @@ def net_relu_shapes(sizes: Sequence[int] = SUITE_SIZES, batches: Sequence[int] =
         return found
 
     return _net_input_shapes(unfused_relus, sizes, batches)
+
+
+def net_bn_relu_shapes(pool: bool, sizes: Sequence[int] = SUITE_SIZES,
+                       batches: Sequence[int] = SUITE_BATCHES) -> dict:
+    """{(N, C, H, W): "net, net"} for every BatchNorm2d input of the nets followed by a ReLU and then (``pool``) a
+    ``SwitchMaxPool2d`` or (not ``pool``) anything else: where ``FusedSequential`` may run
+    ``xraydeconv.ops.batch_norm_relu_pool2d`` or ``batch_norm_relu``."""
+    from xraydeconv.nn import SwitchMaxPool2d
+
+    def chains(model: torch.nn.Module) -> list[torch.nn.Module]:
+        found = []
+        for seq in model.modules():
+            mods = list(seq.children()) if isinstance(seq, torch.nn.Sequential) else []
+            found += [bn for bn, relu, nxt in zip(mods, mods[1:], [*mods[2:], None])
+                      if type(bn) is torch.nn.BatchNorm2d and type(relu) is torch.nn.ReLU
+                      and isinstance(nxt, SwitchMaxPool2d) == pool]
+        return found
+
+    return _net_input_shapes(chains, sizes, batches)
 
 
 def _net_input_shapes(select: Callable[[torch.nn.Module], list[torch.nn.Module]], sizes: Sequence[int],
@@ -453,6 +474,41 @@ def relu_fns(x: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object
     return kernel_fn, native_fn
 
 
+def bn_relu_fns(x: torch.Tensor, pool: bool) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(kernel, native) calls of a training-mode BatchNorm then ReLU (then, with ``pool``, a 2x2/s2 max pool) of ``x``,
+    forward and backward into x, weight and bias: ``xraydeconv.ops.batch_norm_relu`` (``batch_norm_relu_pool2d``)
+    against ``F.batch_norm``, ``torch.relu_`` (and ``F.max_pool2d``)."""
+    c = x.shape[1]
+    xg = x.detach().clone().requires_grad_(True)
+    w, b = (torch.randn(c, device=x.device).requires_grad_(True) for _ in range(2))
+    stats = (torch.zeros(c, device=x.device), torch.ones(c, device=x.device))
+    op = torch.ops.xraydeconv.batch_norm_relu_pool2d if pool else torch.ops.xraydeconv.batch_norm_relu
+    grad = torch.randn_like(F.max_pool2d(x, 2, 2) if pool else x)
+
+    def kernel_fn() -> object:
+        return torch.autograd.grad(op(xg, w, b, *stats, 0.1, 1e-5)[0], (xg, w, b), grad)
+
+    def native_fn() -> object:
+        y = torch.relu_(F.batch_norm(xg, *stats, w, b, True, 0.1, 1e-5))
+        return torch.autograd.grad(F.max_pool2d(y, 2, 2) if pool else y, (xg, w, b), grad)
+
+    return kernel_fn, native_fn
+
+
+def _suite_groups(sizes: Sequence[int], batches: Sequence[int], device: str) -> list:
+    """(shape, nets, layouts, [(label, make (kernel, native) calls from the input)]) per shape: every pool layer
+    input in its four passes, every unfused ReLU input, and on the CPU every BatchNorm + ReLU (+ pool) input."""
+    groups = [(shape, nets, LAYOUTS, [(f"pool {p}", partial(pool_fns, passes=p)) for p in PASSES])
+              for shape, nets in net_pool_shapes(sizes, batches).items()]
+    groups += [(shape, nets, LAYOUTS, [(RELU_PASS, relu_fns)])
+               for shape, nets in net_relu_shapes(sizes, batches).items()]
+    if device == "cpu":  # the BatchNorm ops are CPU kernels, for channels-last maps
+        for pool, label in BN_PASSES.items():
+            groups += [(shape, nets, ("channels_last",), [(label, partial(bn_relu_fns, pool=pool))])
+                       for shape, nets in net_bn_relu_shapes(pool, sizes, batches).items()]
+    return groups
+
+
 def run_pool_suite(
     threads: Sequence[int] | None = None,
     repeats: int = 7,
@@ -462,19 +518,17 @@ def run_pool_suite(
     device: str = "cpu",
 ) -> list[SuiteRow]:
     """Every pool layer shape of the nets, both layouts, forward and forward+backward, with and without a fused
-    ReLU in front (:data:`PASSES`); then every unfused ReLU shape, forward+backward (:data:`RELU_PASS`); float32, on
+    ReLU in front (:data:`PASSES`); then every unfused ReLU shape, forward+backward (:data:`RELU_PASS`); on the CPU
+    every BatchNorm + ReLU (+ pool) shape, channels-last, forward+backward (:data:`BN_PASSES`); float32, on
     ``device`` ("cpu" or "cuda"; CUDA times with events)."""
     require_kernels_for(device)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    # per shape: the (label, make (kernel, native) calls from the input) of each pass; one input per shape and layout
-    groups = [(shape, nets, [(f"pool {p}", partial(pool_fns, passes=p)) for p in PASSES])
-              for shape, nets in net_pool_shapes(sizes, batches).items()]
-    groups += [(shape, nets, [(RELU_PASS, relu_fns)]) for shape, nets in net_relu_shapes(sizes, batches).items()]
+    groups = _suite_groups(sizes, batches, device)  # one input per shape and layout
     with thread_counts(threads) as counts:
         for n_threads in counts():
-            for shape, nets, passes in groups:
-                for layout in LAYOUTS:
+            for shape, nets, layouts, passes in groups:
+                for layout in layouts:
                     x = _input(shape, layout, device, gen)
                     for label, make in passes:
                         if progress is not None:
@@ -562,18 +616,20 @@ def format_suite(rows: Sequence[SuiteRow], machine: dict, repeats: int) -> str:
 
 
 def dispatch_table(rows: Sequence[SuiteRow], device: str = "cpu") -> dict[str, bool]:
-    """The ``auto`` dispatch table of ``device``'s rows: a pool (or unfused ReLU) shape class is True when the kernel
-    was at least as fast at every thread count measured."""
-    from xraydeconv.ops.pool_dispatch import relu_class, shape_class
+    """The ``auto`` dispatch table of ``device``'s rows: a pool (unfused ReLU, BatchNorm + ReLU) shape class is True
+    when the kernel was at least as fast at every thread count measured."""
+    from xraydeconv.ops.pool_dispatch import bn_relu_class, relu_class, shape_class
 
     table: dict[str, bool] = {}
     for r in rows:
-        if not (r.what.startswith("pool ") or r.what == RELU_PASS):
+        if not (r.what.startswith("pool ") or r.what == RELU_PASS or r.what in BN_PASSES.values()):
             continue
         fmt = torch.channels_last if r.layout == "channels_last" else torch.contiguous_format
         x = torch.empty(r.shape, memory_format=fmt, device=device)  # never written: shape, layout and dtype count
         passes = r.what.removeprefix("pool ")
-        if r.what == RELU_PASS:
+        if r.what in BN_PASSES.values():
+            key = bn_relu_class(x, r.what == BN_PASSES[True])
+        elif r.what == RELU_PASS:
             key = relu_class(x)
         else:
             key = shape_class(x, (2, 2), (2, 2), (0, 0), passes.endswith("bwd"), passes.startswith("relu+"))

@@ -9,7 +9,8 @@ The poster gives accuracies but no layer counts, so the architectures are ours:
 * ``deeper-aug``: the same architecture as ``deeper``; it differs only in being trained with augmentation.
 
 Every model has ``features`` (an ``nn.Sequential`` of Conv2d / BatchNorm2d / ReLU / SwitchMaxPool2d / Dropout
-only, which the deconvnet walks backwards; a ``FusedSequential``, which runs each ReLU + pool pair as one kernel)
+only, which the deconvnet walks backwards; a ``FusedSequential``, which runs each ReLU + pool pair, and in training
+each BatchNorm + ReLU (+ pool) chain, as one kernel)
 and ``classifier`` (global average pool, dropout, linear), so that
 ``model.classifier(model.features(x)) == model(x)``. The global average pool makes every input size work:
 ``input_size`` is recorded on the model but does not change its weights.

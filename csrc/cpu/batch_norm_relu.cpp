@@ -1,0 +1,520 @@
+// Training-mode BatchNorm followed by ReLU, and optionally by a 2x2/s2 max pool, on channels-last float32/float64
+// maps: the layers conv -> BatchNorm -> ReLU (-> pool) of a CNN's training step, in fewer passes over memory.
+//
+// The values are torch's bit for bit. The batch statistics and the running-stat update are torch's own
+// (at::batch_norm_update_stats); everything else repeats torch's channels-last CPU kernels operation for operation:
+// y = x * alpha + beta with alpha = invstd * weight and beta = bias - mean * alpha; ReLU as clamp_min; the backward
+// sums of the gradient and of (x - mean) * gradient in per-thread buffers over the row chunks at::parallel_for hands
+// torch, added across threads in double; grad_x = (g - sum / N - (x - mean) * k) * invstd * weight. What changes is
+// the traffic:
+// - forward: the ReLU is applied as y is written (no second pass over it); with the pool, y is never written at all,
+//   only the pooled values and their switches;
+// - backward: ReLU's mask is applied as the gradient is read (recomputed from x, or from the pooled output), and with
+//   the pool the full-size gradient is never materialised: each row's gradient is rebuilt from the pooled gradient
+//   and the switches as the sums and grad_x need it.
+#pragma GCC optimize("fp-contract=off")  // only the explicit fused multiply-adds below, where torch has them
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Version.h>
+#include <ATen/ops/batch_norm_update_stats.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/native_batch_norm_backward.h>
+#include <ATen/ops/threshold_backward.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "batch_norm_rows_avx2.h"
+#include "cpu_common.h"
+
+namespace xraydeconv {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+void check_input(const Tensor& x, const Tensor& weight, const Tensor& bias, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be (N, C, H, W), got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  // torch itself takes its contiguous (NCHW) kernel, with another summation order, for a map that is both
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous(), op,
+              ": x must be channels_last (and not also NCHW-contiguous)");
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1, op, ": expected more than 1 value per channel when training");
+  for (const Tensor* t : {&weight, &bias}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous() &&
+                    t->scalar_type() == x.scalar_type(),
+                op, ": weight and bias must be contiguous (C,) tensors of x's dtype");
+  }
+}
+
+// The batch's mean and 1 / sqrt(var + eps) as torch's training-mode batch_norm saves them; running stats updated.
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Tensor& running_mean, const Tensor& running_var,
+                                       double momentum, double eps) {
+  auto [mean, var] = at::batch_norm_update_stats(x, running_mean, running_var, momentum);
+  Tensor invstd = at::empty_like(var);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_stats", [&] {
+    const scalar_t* v = var.data_ptr<scalar_t>();
+    scalar_t* out = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < var.numel(); ++c) {
+      const double vd = v[c];  // torch's InvStd transform, in double
+      out[c] = (vd != 0 || eps != 0) ? static_cast<scalar_t>(1.0 / std::sqrt(vd + eps)) : scalar_t(0);
+    }
+  });
+  return {mean, invstd};
+}
+
+
+template <typename T>
+XD_ALWAYS_INLINE T relu(T y) {
+  return y < T(0) ? T(0) : y;  // clamp_min(y, 0): -0 and NaN pass through as torch's relu_ leaves them
+}
+
+// a * b + c rounded once (F: torch's vectorised kernels) or twice (its baseline kernels).
+template <bool F, typename T>
+XD_ALWAYS_INLINE T madd(T a, T b, T c) {
+  if constexpr (F) {
+    return std::fma(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+// The width of torch's CPU vectors in this process: 64 bytes (AVX-512 kernels), 32 (AVX2), 0 (baseline or not x86).
+inline int64_t torch_vector_bytes() {
+#if defined(__x86_64__)
+  static const int64_t bytes = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX512" ? int64_t(64) : cap == "AVX2" ? int64_t(32) : int64_t(0);
+  }();
+  return bytes;
+#else
+  return 0;
+#endif
+}
+
+inline bool torch_uses_fma() { return torch_vector_bytes() > 0; }
+
+// alpha = invstd * weight and beta = bias - mean * alpha per channel: [alpha | beta], 2C values.
+template <typename T>
+std::vector<T> affine(const T* mean, const T* invstd, const T* weight, const T* bias, int64_t C) {
+  const bool f = torch_uses_fma();
+  std::vector<T> ab(2 * C);
+  for (int64_t c = 0; c < C; ++c) {
+    ab[c] = invstd[c] * weight[c];
+    ab[C + c] = f ? std::fma(-mean[c], ab[c], bias[c]) : bias[c] - mean[c] * ab[c];
+  }
+  return ab;
+}
+
+#if !XD_MULTIVERSION
+#define XD_TARGET_AVX2
+#endif
+
+// Each loop is a job whose run<F>(begin, end) handles a range of rows; run_fma compiles it with FMA instructions.
+template <typename Job>
+XD_TARGET_AVX2 void run_fma(const Job& job, int64_t b, int64_t e) {
+  job.template run<true>(b, e);
+}
+template <typename Job>
+void run_plain(const Job& job, int64_t b, int64_t e) {
+  job.template run<false>(b, e);
+}
+template <typename Job>
+void parallel_rows(int64_t n, int64_t grain, const Job& job) {
+  const bool f = torch_uses_fma();
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { f ? run_fma(job, b, e) : run_plain(job, b, e); });
+}
+
+// The AVX2 rows (batch_norm_rows_avx2.h) take float32 in the FMA variant when C is a multiple of 8.
+template <typename T, bool F>
+constexpr bool kRows8 = XD_MULTIVERSION && F && std::is_same_v<T, float>;
+
+template <typename T>
+struct ForwardJob {
+  const T* x;
+  T* out;
+  const T* ab;  // [alpha | beta]
+  int64_t C;
+  template <bool F>
+  XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
+#if XD_MULTIVERSION
+    if constexpr (kRows8<T, F>) {
+      if (C % 8 == 0) {
+        for (int64_t i = b; i < e; ++i) bn_avx2::forward_row(x + i * C, ab, C, out + i * C);
+        return;
+      }
+    }
+#endif
+    for (int64_t i = b; i < e; ++i) {
+      const T* XD_RESTRICT xi = x + i * C;
+      T* XD_RESTRICT oi = out + i * C;
+      for (int64_t c = 0; c < C; ++c) oi[c] = relu(madd<F>(xi[c], ab[c], ab[C + c]));
+    }
+  }
+};
+
+// 2x2/s2 windows (floor mode) of one pooled row r = (n, oh) per step: relu(y) at the four positions, the first
+// maximum in row-major order (NaN as in switch_pool2d), its switch kh * 2 + kw.
+template <typename T>
+struct PoolJob {
+  const T* x;
+  T* out;
+  uint8_t* sw;
+  const T* ab;
+  int64_t H, W, C;
+  template <bool F>
+  XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
+    const int64_t OH = H / 2, OW = W / 2;
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const T* XD_RESTRICT p0 = x + ((n * H + 2 * oh) * W + 2 * ow) * C;
+        const T* XD_RESTRICT p1 = p0 + C;
+        const T* XD_RESTRICT p2 = p0 + W * C;
+        const T* XD_RESTRICT p3 = p2 + C;
+        T* XD_RESTRICT o = out + (r * OW + ow) * C;
+        uint8_t* XD_RESTRICT s = sw + (r * OW + ow) * C;
+#if XD_MULTIVERSION
+        if constexpr (kRows8<T, F>) {
+          if (C % 8 == 0) {
+            const float* win[4] = {p0, p1, p2, p3};
+            bn_avx2::pool_cell(win, ab, C, o, s);
+            continue;
+          }
+        }
+#endif
+        for (int64_t c = 0; c < C; ++c) {
+          const T al = ab[c], be = ab[C + c];
+          T m = relu(madd<F>(p0[c], al, be));
+          int32_t best = 0;
+          const T v1 = relu(madd<F>(p1[c], al, be));
+          const bool b1 = beats(v1, m);
+          m = b1 ? v1 : m;
+          best = b1 ? 1 : best;
+          const T v2 = relu(madd<F>(p2[c], al, be));
+          const bool b2 = beats(v2, m);
+          m = b2 ? v2 : m;
+          best = b2 ? 2 : best;
+          const T v3 = relu(madd<F>(p3[c], al, be));
+          const bool b3 = beats(v3, m);
+          m = b3 ? v3 : m;
+          best = b3 ? 3 : best;
+          o[c] = m;
+          s[c] = static_cast<uint8_t>(best);
+        }
+      }
+    }
+  }
+};
+
+// The gradient reaching the BatchNorm's output, one row (C values) at a time: ReLU's mask applied to the incoming
+// full-size gradient, with the mask recomputed from x (threshold_backward(grad, relu(y), 0) keeps grad where y > 0
+// or y is NaN).
+template <typename T>
+struct DenseRows {
+  const T* grad;
+  const T* x;
+  const T* ab;
+  int64_t C;
+  struct Cursor {};
+  Cursor cursor(int64_t) const { return {}; }
+  XD_ALWAYS_INLINE void advance(Cursor&) const {}
+  template <bool F>
+  XD_ALWAYS_INLINE void fill(const Cursor&, int64_t i, T* XD_RESTRICT g) const {
+    const T* xi = x + i * C;
+    const T* gi = grad + i * C;
+#if XD_MULTIVERSION
+    if constexpr (kRows8<T, F>) {
+      if (C % 8 == 0) return bn_avx2::dense_grad_row(xi, gi, ab, C, g);
+    }
+#endif
+    for (int64_t c = 0; c < C; ++c) g[c] = madd<F>(xi[c], ab[c], ab[C + c]) <= T(0) ? T(0) : gi[c];
+  }
+};
+
+// ... rebuilt from the pooled gradient: the masked pooled value at its switch position, 0 elsewhere (and in the
+// rows and columns a floor-mode pool drops).
+template <typename T>
+struct PooledRows {
+  const T* grad;
+  const uint8_t* sw;
+  const T* pooled;
+  int64_t H, W, C, OH, OW;
+  struct Cursor {
+    int64_t n, h, w;
+  };
+  Cursor cursor(int64_t i) const { return {i / (W * H), (i / W) % H, i % W}; }
+  XD_ALWAYS_INLINE void advance(Cursor& k) const {
+    if (++k.w < W) return;
+    k.w = 0;
+    if (++k.h < H) return;
+    k.h = 0;
+    ++k.n;
+  }
+  template <bool F>
+  XD_ALWAYS_INLINE void fill(const Cursor& k, int64_t, T* XD_RESTRICT g) const {
+    const int64_t n = k.n, h = k.h, w = k.w;
+    if (h >= 2 * OH || w >= 2 * OW) {
+      for (int64_t c = 0; c < C; ++c) g[c] = T(0);
+      return;
+    }
+    const uint8_t pos = static_cast<uint8_t>((h & 1) * 2 + (w & 1));
+    const int64_t j = ((n * OH + h / 2) * OW + w / 2) * C;
+#if XD_MULTIVERSION
+    if constexpr (kRows8<T, F>) {
+      if (C % 8 == 0) return bn_avx2::pooled_grad_row(grad + j, sw + j, pooled + j, pos, C, g);
+    }
+#endif
+    for (int64_t c = 0; c < C; ++c) g[c] = sw[j + c] == pos && !(pooled[j + c] <= T(0)) ? grad[j + c] : T(0);
+  }
+};
+
+// sum(g) and sum((x - mean) * g) per channel into this thread's buffer rows, as torch's channels-last backward adds
+// them over at::parallel_for's chunks of rows (grain 1, as torch asks).
+template <typename T, typename Rows>
+struct SumsJob {
+  const Rows& rows;
+  const T* x;
+  const T* mean;
+  T* buf;  // (2, threads, C)
+  int nt;
+  int64_t C;
+  template <bool F>
+  XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid < nt, "batch_norm_relu_backward: thread ", tid, " of ", nt);
+    T* XD_RESTRICT s = buf + tid * C;
+    T* XD_RESTRICT d = buf + (nt + tid) * C;
+    std::vector<T> g(C);
+    auto at = rows.cursor(b);
+    for (int64_t i = b; i < e; ++i, rows.advance(at)) {
+      rows.template fill<F>(at, i, g.data());
+      const T* xi = x + i * C;
+#if XD_MULTIVERSION
+      if constexpr (kRows8<T, F>) {
+        if (C % 8 == 0) {
+          bn_avx2::sums_row(g.data(), xi, mean, C, s, d);
+          continue;
+        }
+      }
+#endif
+      for (int64_t c = 0; c < C; ++c) {
+        s[c] = s[c] + g[c];
+        d[c] = madd<F>(xi[c] - mean[c], g[c], d[c]);
+      }
+    }
+  }
+};
+
+template <typename T, typename Rows>
+void backward_sums(const Rows& rows, const T* x, const T* mean, int64_t N, int64_t C, T* sum, T* dotp) {
+  const int nt = at::get_num_threads();
+  std::vector<T> buf(2 * nt * C, T(0));
+  parallel_rows(N, 1, SumsJob<T, Rows>{rows, x, mean, buf.data(), nt, C});
+  for (int64_t c = 0; c < C; ++c) {  // the thread rows added in double
+    at::acc_type<T, false> s = 0, d = 0;
+    for (int t = 0; t < nt; ++t) s += buf[t * C + c];
+    for (int t = 0; t < nt; ++t) d += buf[(nt + t) * C + c];
+    sum[c] = static_cast<T>(s);
+    dotp[c] = static_cast<T>(d);
+  }
+}
+
+// grad_x = (g - gm - (x - mean) * k) * invstd * weight, the subtraction of the product fused as torch's vectorised
+// loop fuses it; its masked last step (the channels past the last whole vector) rounds the product separately.
+template <typename T, typename Rows>
+struct InputJob {
+  const Rows& rows;
+  const T* x;
+  const T* mean;
+  const T* invstd;
+  const T* weight;
+  const T* k;
+  const T* gm;
+  T* gx;
+  int64_t C, whole;  // whole: the channels in whole vectors of torch's kernel
+  template <bool F>
+  XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
+    std::vector<T> g(C);
+    auto at = rows.cursor(b);
+    for (int64_t i = b; i < e; ++i, rows.advance(at)) {
+      rows.template fill<F>(at, i, g.data());
+      const T* xi = x + i * C;
+      T* XD_RESTRICT o = gx + i * C;
+#if XD_MULTIVERSION
+      if constexpr (kRows8<T, F>) {
+        if (C % 8 == 0 && whole == C) {
+          bn_avx2::input_row(g.data(), xi, mean, k, gm, invstd, weight, C, o);
+          continue;
+        }
+      }
+#endif
+      for (int64_t c = 0; c < whole; ++c) {
+        o[c] = madd<F>(-(xi[c] - mean[c]), k[c], g[c] - gm[c]) * invstd[c] * weight[c];
+      }
+      for (int64_t c = whole; c < C; ++c) o[c] = (g[c] - gm[c] - (xi[c] - mean[c]) * k[c]) * invstd[c] * weight[c];
+    }
+  }
+};
+
+// k = dotp * invstd * invstd / N and gm = sum / N per channel, then grad_x row by row.
+template <typename T, typename Rows>
+void backward_input(const Rows& rows, const T* x, const T* mean, const T* invstd, const T* weight, const T* sum,
+                    const T* dotp, int64_t N, int64_t C, T* gx) {
+  std::vector<T> k(C), gm(C);
+  for (int64_t c = 0; c < C; ++c) {
+    k[c] = dotp[c] * invstd[c] * invstd[c] / static_cast<T>(N);
+    gm[c] = sum[c] / static_cast<T>(N);
+  }
+  const int64_t lanes = torch_vector_bytes() / static_cast<int64_t>(sizeof(T));
+  const int64_t whole = lanes > 0 ? C - C % lanes : C;
+  parallel_rows(N, grain_rows(C),
+                InputJob<T, Rows>{rows, x, mean, invstd, weight, k.data(), gm.data(), gx, C, whole});
+}
+
+struct BackwardArgs {
+  const Tensor& x;
+  const Tensor& weight;
+  const Tensor& mean;
+  const Tensor& invstd;
+  std::array<bool, 3> mask;
+};
+
+template <typename T, typename Rows>
+std::tuple<Tensor, Tensor, Tensor> backward(const Rows& rows, const BackwardArgs& a) {
+  const int64_t C = a.x.size(1), N = a.x.numel() / C;
+  Tensor sum = at::empty({C}, a.mean.options()), dotp = at::empty({C}, a.mean.options());
+  const T* x = a.x.data_ptr<T>();
+  const T* mean = a.mean.data_ptr<T>();
+  const T* invstd = a.invstd.data_ptr<T>();
+  backward_sums<T>(rows, x, mean, N, C, sum.data_ptr<T>(), dotp.data_ptr<T>());
+  Tensor gx, gw, gb;
+  if (a.mask[0]) {
+    gx = at::empty_like(a.x);
+    backward_input<T>(rows, x, mean, invstd, a.weight.data_ptr<T>(), sum.data_ptr<T>(), dotp.data_ptr<T>(), N, C,
+                      gx.data_ptr<T>());
+  }
+  if (a.mask[1]) {
+    gw = at::empty({C}, a.mean.options());
+    for (int64_t c = 0; c < C; ++c) gw.data_ptr<T>()[c] = dotp.data_ptr<T>()[c] * invstd[c];
+  }
+  if (a.mask[2]) gb = sum;
+  return {gx, gw, gb};
+}
+
+// relu(x * alpha + beta) for the batch statistics (mean, invstd).
+Tensor relu_output(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& mean,
+                   const Tensor& invstd) {
+  Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu", [&] {
+    const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
+                                     weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), x.size(1));
+    parallel_rows(x.numel() / x.size(1), grain_rows(x.size(1)),
+                  ForwardJob<scalar_t>{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), ab.data(), x.size(1)});
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_cpu(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                       Tensor& running_mean, Tensor& running_var, double momentum,
+                                                       double eps) {
+  check_input(x, weight, bias, "batch_norm_relu");
+  auto [mean, invstd] = batch_stats(x, running_mean, running_var, momentum, eps);
+  return {relu_output(x, weight, bias, mean, invstd), mean, invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_cpu(const Tensor& x, const Tensor& weight,
+                                                                      const Tensor& bias, Tensor& running_mean,
+                                                                      Tensor& running_var, double momentum,
+                                                                      double eps) {
+  check_input(x, weight, bias, "batch_norm_relu_pool2d");
+  auto [mean, invstd] = batch_stats(x, running_mean, running_var, momentum, eps);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  Tensor out = at::empty({N, C, H / 2, W / 2}, x.options().memory_format(cl));
+  Tensor sw = at::empty({N, C, H / 2, W / 2}, x.options().dtype(at::kByte).memory_format(cl));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_pool2d", [&] {
+    const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
+                                     weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C);
+    parallel_rows(N * (H / 2), grain_rows(W * C * 2),
+                  PoolJob<scalar_t>{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(), ab.data(),
+                                    H, W, C});
+  });
+  return {out, sw, mean, invstd};
+}
+
+// A gradient in another layout than x sends torch down its strided (per-channel) backward, with other sums: that
+// case runs torch's own ops on the recomputed ReLU output.
+std::tuple<Tensor, Tensor, Tensor> dense_fallback(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                  const Tensor& bias, const Tensor& mean, const Tensor& invstd,
+                                                  std::array<bool, 3> mask) {
+  const Tensor g = at::threshold_backward(grad, relu_output(x, weight, bias, mean, invstd), 0);
+  return at::native_batch_norm_backward(g, x, weight, Tensor(), Tensor(), mean, invstd, true, 0.0, mask);
+}
+
+void check_pooled(const Tensor& t, const Tensor& x, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.size(2) == x.size(2) / 2 &&
+                  t.size(3) == x.size(3) / 2,
+              "batch_norm_relu_backward: ", what, " must be the (N, C, H / 2, W / 2) of the 2x2 pool of x, got ",
+              t.sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_backward_cpu(const Tensor& grad, const Tensor& x,
+                                                                const Tensor& weight, const Tensor& bias,
+                                                                const Tensor& mean, const Tensor& invstd,
+                                                                const std::optional<Tensor>& switches,
+                                                                const std::optional<Tensor>& pooled,
+                                                                std::array<bool, 3> mask) {
+  check_input(x, weight, bias, "batch_norm_relu_backward");
+  for (const Tensor* t : {&mean, &invstd}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
+                "batch_norm_relu_backward: mean and invstd must be contiguous (C,) tensors of x's dtype");
+  }
+  TORCH_CHECK(switches.has_value() == pooled.has_value(), "batch_norm_relu_backward: give both switches and pooled");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "batch_norm_relu_backward: grad must have x's dtype");
+  const BackwardArgs args{x, weight, mean, invstd, mask};
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  if (!switches.has_value()) {
+    TORCH_CHECK(grad.sizes() == x.sizes(), "batch_norm_relu_backward: grad must have x's shape");
+    if (grad.strides() != x.strides()) return dense_fallback(grad, x, weight, bias, mean, invstd, mask);
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_backward", [&] {
+      const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
+                                       weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C);
+      return backward<scalar_t>(DenseRows<scalar_t>{grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ab.data(), C},
+                                args);
+    });
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  check_pooled(grad, x, "grad");
+  check_pooled(*switches, x, "switches");
+  check_pooled(*pooled, x, "pooled");
+  TORCH_CHECK(switches->scalar_type() == at::kByte && pooled->scalar_type() == x.scalar_type(),
+              "batch_norm_relu_backward: switches must be uint8 and pooled of x's dtype");
+  const Tensor g = grad.contiguous(cl), sw = switches->contiguous(cl), p = pooled->contiguous(cl);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_backward", [&] {
+    const PooledRows<scalar_t> rows{g.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(), p.data_ptr<scalar_t>(),
+                                    H, W, C, H / 2, W / 2};
+    return backward<scalar_t>(rows, args);
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace xraydeconv
+
+TORCH_LIBRARY_IMPL(xraydeconv, CPU, m) {
+  m.impl("batch_norm_relu", &xraydeconv::cpu::batch_norm_relu_cpu);
+  m.impl("batch_norm_relu_pool2d", &xraydeconv::cpu::batch_norm_relu_pool2d_cpu);
+  m.impl("batch_norm_relu_backward", &xraydeconv::cpu::batch_norm_relu_backward_cpu);
+}

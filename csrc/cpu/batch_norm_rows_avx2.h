@@ -1,0 +1,103 @@
+// AVX2 + FMA rows of csrc/cpu/batch_norm_relu.cpp for float32 with C a multiple of 8: the operations of torch's
+// vectorised batch_norm kernels, lane by lane (every lane is one channel, so the vector width does not change a
+// value). The plain loops there compile to scalar code for the pooled rows and to slow mixed-width code elsewhere.
+// Only called from functions compiled with XD_TARGET_AVX2, after torch said its kernels use FMA.
+#pragma once
+
+#include "cpu_common.h"
+
+#if XD_MULTIVERSION
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace xraydeconv {
+namespace cpu {
+namespace bn_avx2 {
+
+#define XD_TARGET_AVX2_ONLY __attribute__((target("avx2,fma,bmi2")))
+
+// relu(fma(x, alpha, beta)): max(0, y) keeps NaN and -0 as torch's clamp_min does (max returns its second operand
+// for those).
+XD_TARGET_AVX2_ONLY inline __m256 bn_relu8(const float* x, const float* alpha, const float* beta) {
+  return _mm256_max_ps(_mm256_setzero_ps(),
+                       _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(alpha), _mm256_loadu_ps(beta)));
+}
+
+XD_TARGET_AVX2_ONLY inline void forward_row(const float* x, const float* ab, int64_t C, float* out) {
+  for (int64_t c = 0; c < C; c += 8) _mm256_storeu_ps(out + c, bn_relu8(x + c, ab + c, ab + C + c));
+}
+
+// Byte j of the result: 1 where bit j of `bits` is set, else 0.
+XD_TARGET_AVX2_ONLY inline uint64_t bytes_of(unsigned bits) { return _pdep_u64(bits, 0x0101010101010101ULL); }
+
+// One 2x2 window per channel: the first maximum in row-major order, a later NaN only over a non-NaN (beats()).
+XD_TARGET_AVX2_ONLY inline void pool_cell(const float* const* win, const float* ab, int64_t C, float* out,
+                                          uint8_t* sw) {
+  for (int64_t c = 0; c < C; c += 8) {
+    __m256 m = bn_relu8(win[0] + c, ab + c, ab + C + c);
+    uint64_t s = 0;
+    for (int k = 1; k < 4; ++k) {
+      const __m256 v = bn_relu8(win[k] + c, ab + c, ab + C + c);
+      const __m256 first_nan = _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(m, m, _CMP_ORD_Q));
+      const __m256 win_k = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), first_nan);
+      m = _mm256_blendv_ps(m, v, win_k);
+      const uint64_t set = bytes_of(static_cast<unsigned>(_mm256_movemask_ps(win_k))) * 0xFF;
+      s = (s & ~set) | (set & (0x0101010101010101ULL * static_cast<uint64_t>(k)));
+    }
+    _mm256_storeu_ps(out + c, m);
+    std::memcpy(sw + c, &s, 8);
+  }
+}
+
+// ReLU's mask on a full-size gradient row: grad where fma(x, alpha, beta) > 0 or NaN, else +0.
+XD_TARGET_AVX2_ONLY inline void dense_grad_row(const float* x, const float* grad, const float* ab, int64_t C,
+                                               float* g) {
+  for (int64_t c = 0; c < C; c += 8) {
+    const __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(ab + c), _mm256_loadu_ps(ab + C + c));
+    const __m256 off = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_LE_OQ);
+    _mm256_storeu_ps(g + c, _mm256_andnot_ps(off, _mm256_loadu_ps(grad + c)));
+  }
+}
+
+// A full-size gradient row rebuilt from the pooled one: the pooled gradient where the switch is `pos` and the
+// pooled value is positive or NaN, else +0.
+XD_TARGET_AVX2_ONLY inline void pooled_grad_row(const float* grad, const uint8_t* sw, const float* pooled,
+                                                uint8_t pos, int64_t C, float* g) {
+  const __m256i want = _mm256_set1_epi32(pos);
+  for (int64_t c = 0; c < C; c += 8) {
+    const __m256i s = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sw + c)));
+    const __m256 here = _mm256_castsi256_ps(_mm256_cmpeq_epi32(s, want));
+    const __m256 off = _mm256_cmp_ps(_mm256_loadu_ps(pooled + c), _mm256_setzero_ps(), _CMP_LE_OQ);
+    _mm256_storeu_ps(g + c, _mm256_and_ps(_mm256_andnot_ps(off, here), _mm256_loadu_ps(grad + c)));
+  }
+}
+
+// sum += g; dotp = fma(x - mean, g, dotp).
+XD_TARGET_AVX2_ONLY inline void sums_row(const float* g, const float* x, const float* mean, int64_t C, float* sum,
+                                         float* dotp) {
+  for (int64_t c = 0; c < C; c += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + c);
+    _mm256_storeu_ps(sum + c, _mm256_add_ps(_mm256_loadu_ps(sum + c), gv));
+    const __m256 xm = _mm256_sub_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(mean + c));
+    _mm256_storeu_ps(dotp + c, _mm256_fmadd_ps(xm, gv, _mm256_loadu_ps(dotp + c)));
+  }
+}
+
+// grad_x = fma(-(x - mean), k, g - gm) * invstd * weight.
+XD_TARGET_AVX2_ONLY inline void input_row(const float* g, const float* x, const float* mean, const float* k,
+                                          const float* gm, const float* invstd, const float* weight, int64_t C,
+                                          float* out) {
+  for (int64_t c = 0; c < C; c += 8) {
+    const __m256 xm = _mm256_sub_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(mean + c));
+    const __m256 t = _mm256_fnmadd_ps(xm, _mm256_loadu_ps(k + c),
+                                      _mm256_sub_ps(_mm256_loadu_ps(g + c), _mm256_loadu_ps(gm + c)));
+    _mm256_storeu_ps(out + c,
+                     _mm256_mul_ps(_mm256_mul_ps(t, _mm256_loadu_ps(invstd + c)), _mm256_loadu_ps(weight + c)));
+  }
+}
+
+}  // namespace bn_avx2
+}  // namespace cpu
+}  // namespace xraydeconv
+#endif
