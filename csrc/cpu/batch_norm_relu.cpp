@@ -2,11 +2,12 @@
 // maps: the layers conv -> BatchNorm -> ReLU (-> pool) of a CNN's training step, in fewer passes over memory.
 //
 // The values are torch's bit for bit. The batch statistics and the running-stat update are torch's own
-// (at::batch_norm_update_stats); everything else repeats torch's channels-last CPU kernels operation for operation:
-// y = x * alpha + beta with alpha = invstd * weight and beta = bias - mean * alpha; ReLU as clamp_min; the backward
-// sums of the gradient and of (x - mean) * gradient in per-thread buffers over the row chunks at::parallel_for hands
-// torch, added across threads in double; grad_x = (g - sum / N - (x - mean) * k) * invstd * weight. What changes is
-// the traffic:
+// (at::batch_norm_update_stats); everything else repeats torch's channels-last CPU kernels operation for operation,
+// with a fused multiply-add wherever torch's vectorised (AVX2, AVX-512) build has one and nowhere in its baseline
+// build: y = fma(x, alpha, beta) with alpha = invstd * weight and beta = fma(-mean, alpha, bias); ReLU as
+// clamp_min; the backward's sum(g) and dotp = fma(x - mean, g, dotp) in per-thread buffers over the row chunks
+// at::parallel_for hands torch, added across threads in double; grad_x = fma(-(x - mean), k, g - sum / N) * invstd
+// * weight. What changes is the traffic:
 // - forward: the ReLU is applied as y is written (no second pass over it); with the pool, y is never written at all,
 //   only the pooled values and their switches;
 // - backward: ReLU's mask is applied as the gradient is read (recomputed from x, or from the pooled output), and with
@@ -74,7 +75,6 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Tensor& running_me
   return {mean, invstd};
 }
 
-
 template <typename T>
 XD_ALWAYS_INLINE T relu(T y) {
   return y < T(0) ? T(0) : y;  // clamp_min(y, 0): -0 and NaN pass through as torch's relu_ leaves them
@@ -117,13 +117,16 @@ std::vector<T> affine(const T* mean, const T* invstd, const T* weight, const T* 
   return ab;
 }
 
-#if !XD_MULTIVERSION
-#define XD_TARGET_AVX2
+// torch reports AVX2 or AVX-512 kernels only on CPUs with AVX2 and FMA, which is all run_fma asks for.
+#if XD_MULTIVERSION
+#define XD_TARGET_FMA __attribute__((target("avx2,fma")))
+#else
+#define XD_TARGET_FMA
 #endif
 
 // Each loop is a job whose run<F>(begin, end) handles a range of rows; run_fma compiles it with FMA instructions.
 template <typename Job>
-XD_TARGET_AVX2 void run_fma(const Job& job, int64_t b, int64_t e) {
+XD_TARGET_FMA void run_fma(const Job& job, int64_t b, int64_t e) {
   job.template run<true>(b, e);
 }
 template <typename Job>

@@ -15,7 +15,7 @@ namespace xraydeconv {
 namespace cpu {
 namespace bn_avx2 {
 
-#define XD_TARGET_AVX2_ONLY __attribute__((target("avx2,fma,bmi2")))
+#define XD_TARGET_AVX2_ONLY __attribute__((target("avx2,fma")))
 
 // relu(fma(x, alpha, beta)): max(0, y) keeps NaN and -0 as torch's clamp_min does (max returns its second operand
 // for those).
@@ -28,8 +28,18 @@ XD_TARGET_AVX2_ONLY inline void forward_row(const float* x, const float* ab, int
   for (int64_t c = 0; c < C; c += 8) _mm256_storeu_ps(out + c, bn_relu8(x + c, ab + c, ab + C + c));
 }
 
-// Byte j of the result: 1 where bit j of `bits` is set, else 0.
-XD_TARGET_AVX2_ONLY inline uint64_t bytes_of(unsigned bits) { return _pdep_u64(bits, 0x0101010101010101ULL); }
+// Byte j of bytes_of(bits): 1 where bit j of the 8-bit `bits` is set, else 0 (a table: pdep is microcoded on some
+// AMD cores).
+struct ByteTable {
+  uint64_t v[256];
+  constexpr ByteTable() : v() {
+    for (int b = 0; b < 256; ++b) {
+      for (int j = 0; j < 8; ++j) v[b] |= static_cast<uint64_t>((b >> j) & 1) << (8 * j);
+    }
+  }
+};
+inline constexpr ByteTable kBytes{};
+inline uint64_t bytes_of(unsigned bits) { return kBytes.v[bits & 0xFF]; }
 
 // One 2x2 window per channel: the first maximum in row-major order, a later NaN only over a non-NaN (beats()).
 XD_TARGET_AVX2_ONLY inline void pool_cell(const float* const* win, const float* ab, int64_t C, float* out,
