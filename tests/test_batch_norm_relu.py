@@ -188,3 +188,6 @@ def test_auto_fuses_only_where_the_table_measured_it(monkeypatch):
     key = pool_dispatch.bn_relu_class(torch.empty(4, 16, 12, 12).contiguous(memory_format=CL), False)
     monkeypatch.setattr(pool_dispatch, "TABLE", {key: True})
     assert _fused_ops(model, x) == ["xraydeconv::batch_norm_relu", "xraydeconv::batch_norm_relu"]
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)  # a forward alone: the table measured forward+backward, so torch's modules run
+    assert not any(e.name.startswith("xraydeconv::batch_norm") for e in prof.events())

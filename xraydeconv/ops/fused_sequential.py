@@ -22,7 +22,8 @@ the pool) or a global module hook (attribution libraries hook ReLUs), an input t
 ``torch.compile`` for the in-place ReLU (a mutating custom op), or where ``backend`` (for ReLUs) or the pool's own
 backend says native: ``"auto"`` follows the benchmark-derived dispatch table of :mod:`xraydeconv.ops.pool_dispatch`.
 A BatchNorm also runs as its own module in eval mode, without running stats or affine parameters, under
-``torch.compile``, or on a map that ``fuses_exactly`` rejects.
+``torch.compile``, on a map that ``fuses_exactly`` rejects, and under ``"auto"`` in a forward pass without a
+gradient to come (the table measures forward+backward).
 """
 
 from __future__ import annotations
@@ -101,10 +102,13 @@ class FusedSequential(nn.Sequential):
         pool = mods[2] if len(mods) > 2 and _is_2x2_pool(mods[2]) and mods[2].backend != "native" else None
         if type(relu) is not nn.ReLU or not self._bn_fuses(bn, relu, pool, x):
             return x, 0
-        if not (self.backend == "kernel" or bn_relu_is_faster(x, pool is not None)):
-            if pool is None or not bn_relu_is_faster(x, False):
+        if self.backend == "auto":  # the table holds forward+backward classes: a forward alone stays native
+            if not (torch.is_grad_enabled() and (x.requires_grad or bn.weight.requires_grad)):
                 return x, 0
-            pool = None
+            if not bn_relu_is_faster(x, pool is not None):
+                if pool is None or not bn_relu_is_faster(x, False):
+                    return x, 0
+                pool = None
         factor = bn_momentum(bn)
         args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps)
         if pool is None:
