@@ -16,13 +16,16 @@ print(keep_freed_memory())
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x, conv = torch.randn(32, 16, 64, 64), torch.nn.Conv2d(16, 16, 3, padding=1)
+steps = []
 with torch.no_grad():
-    for _ in range(5):  # like training steps: the same 32 MiB feature maps, allocated and freed each time
+    for _ in range(6):  # like training steps: the same 32 MiB feature maps, allocated and freed each time
         before = faults()
         y = torch.relu(conv(torch.nn.functional.interpolate(x, scale_factor=2.0)))
         del y
-        last = faults() - before
-print(last)
+        steps.append(faults() - before)
+# the fewest of the later steps: under load, one step now and then still faulted a whole map in (seen once in a
+# CI run, cause not pinned down); with glibc's defaults every step faults every map in
+print(min(steps[2:]))
 """
 
 
