@@ -17,32 +17,17 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY)
-import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from xraydeconv.reports.bench import TRAIN_BATCH, TRAIN_PX  # noqa: E402
+from xraydeconv.reports.bench import TRAIN_BATCH, TRAIN_PX, train_step_fn  # noqa: E402
 from xraydeconv.training.allocator import keep_freed_memory  # noqa: E402
-from xraydeconv.training.models import build  # noqa: E402
 
 
-def make_step(net: str, backend: str, batch_norm: bool, x: torch.Tensor, y: torch.Tensor):
-    """One AdamW step of ``net``; without ``batch_norm`` each BatchNorm2d of ``features`` is an ``nn.Identity``."""
-    torch.manual_seed(0)
-    model = build(net, input_size=x.shape[-1], pool_backend=backend).train()
-    if not batch_norm:
-        for i, m in enumerate(model.features):
-            if isinstance(m, torch.nn.BatchNorm2d):
-                model.features[i] = torch.nn.Identity()
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+def batch_norm_as_identity(model: torch.nn.Module) -> None:
+    """Replace each BatchNorm2d of ``model.features`` with ``nn.Identity``."""
+    for i, m in enumerate(model.features):
+        if isinstance(m, torch.nn.BatchNorm2d):
+            model.features[i] = torch.nn.Identity()
 
 
 def main() -> None:
@@ -58,8 +43,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(TRAIN_BATCH, 1, TRAIN_PX, TRAIN_PX, generator=gen).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 24, (TRAIN_BATCH,), generator=gen)
-    steps = {"with BatchNorm": make_step(args.net, args.backend, True, x, y),
-             "BatchNorm as Identity": make_step(args.net, args.backend, False, x, y)}
+    steps = {"with BatchNorm": train_step_fn(args.net, args.backend, TRAIN_PX, x, y),
+             "BatchNorm as Identity": train_step_fn(args.net, args.backend, TRAIN_PX, x, y, batch_norm_as_identity)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for fn in steps.values():
         fn()

@@ -231,7 +231,7 @@ using BnReluBackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const
 variable_list batch_norm_relu_backward(AutogradContext* ctx, const Tensor& grad) {
   static const auto op = op_handle<BnReluBackwardFn>("xraydeconv::batch_norm_relu_backward");
   const variable_list s = ctx->get_saved_variables();
-  variable_list out(7);
+  variable_list out(8);  // x, weight, bias; none for the running stats, momentum, eps, pool
   if (!grad.defined()) return out;
   std::optional<Tensor> sw, pooled;
   if (s.size() == 7) {
@@ -255,12 +255,19 @@ variable_list bn_relu_outputs(AutogradContext* ctx, variable_list outputs, const
   return outputs;
 }
 
+// Both ops: `pool` picks batch_norm_relu_pool2d (outputs out, switches, mean, invstd) over batch_norm_relu (out,
+// mean, invstd).
 class BatchNormRelu : public torch::autograd::Function<BatchNormRelu> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b, Tensor rm,
-                               Tensor rv, double momentum, double eps) {
-    static const auto op = op_handle<BnReluFn>("xraydeconv::batch_norm_relu");
+                               Tensor rv, double momentum, double eps, bool pool) {
     at::AutoDispatchBelowADInplaceOrView below;
+    if (pool) {
+      static const auto op = op_handle<BnReluPoolFn>("xraydeconv::batch_norm_relu_pool2d");
+      auto [out, sw, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
+      return bn_relu_outputs(ctx, {out, sw, mean, invstd}, {x, w, b, mean, invstd, sw, out}, {sw, mean, invstd});
+    }
+    static const auto op = op_handle<BnReluFn>("xraydeconv::batch_norm_relu");
     auto [out, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
     return bn_relu_outputs(ctx, {out, mean, invstd}, {x, w, b, mean, invstd}, {mean, invstd});
   }
@@ -269,30 +276,16 @@ class BatchNormRelu : public torch::autograd::Function<BatchNormRelu> {
   }
 };
 
-class BatchNormReluPool2d : public torch::autograd::Function<BatchNormReluPool2d> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b, Tensor rm,
-                               Tensor rv, double momentum, double eps) {
-    static const auto op = op_handle<BnReluPoolFn>("xraydeconv::batch_norm_relu_pool2d");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, sw, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
-    return bn_relu_outputs(ctx, {out, sw, mean, invstd}, {x, w, b, mean, invstd, sw, out}, {sw, mean, invstd});
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return batch_norm_relu_backward(ctx, grads[0]);
-  }
-};
-
 std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_autograd(const Tensor& x, const Tensor& w, const Tensor& b,
                                                             Tensor& rm, Tensor& rv, double momentum, double eps) {
-  variable_list r = BatchNormRelu::apply(x, w, b, rm, rv, momentum, eps);
+  variable_list r = BatchNormRelu::apply(x, w, b, rm, rv, momentum, eps, false);
   return {r[0], r[1], r[2]};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_autograd(const Tensor& x, const Tensor& w,
                                                                            const Tensor& b, Tensor& rm, Tensor& rv,
                                                                            double momentum, double eps) {
-  variable_list r = BatchNormReluPool2d::apply(x, w, b, rm, rv, momentum, eps);
+  variable_list r = BatchNormRelu::apply(x, w, b, rm, rv, momentum, eps, true);
   return {r[0], r[1], r[2], r[3]};
 }
 

@@ -109,6 +109,9 @@ def test_fake_tensors_give_shapes_and_layouts():
         w, b, rm, rv = (torch.empty(16) for _ in range(4))
         out, mean, invstd = torch.ops.xraydeconv.batch_norm_relu(x, w, b, rm, rv, 0.1, 1e-5)
         pooled, sw, _, _ = torch.ops.xraydeconv.batch_norm_relu_pool2d(x, w, b, rm, rv, 0.1, 1e-5)
+        grads = torch.ops.xraydeconv.batch_norm_relu_backward(out, x, w, b, mean, invstd, None, None,
+                                                              [True, False, True])
+    assert grads[0].shape == x.shape and grads[1] is None and grads[2].shape == (16,)
     assert out.shape == x.shape and out.is_contiguous(memory_format=CL) and mean.shape == invstd.shape == (16,)
     assert pooled.shape == sw.shape == (2, 16, 4, 3) and sw.dtype == torch.uint8
 

@@ -410,7 +410,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Rows& rows, const BackwardArgs
   }
   if (a.mask[1]) {
     gw = at::empty({C}, a.mean.options());
-    for (int64_t c = 0; c < C; ++c) gw.data_ptr<T>()[c] = dotp.data_ptr<T>()[c] * invstd[c];
+    T* gwp = gw.data_ptr<T>();
+    const T* dp = dotp.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) gwp[c] = dp[c] * invstd[c];
   }
   if (a.mask[2]) gb = sum;
   return {gx, gw, gb};

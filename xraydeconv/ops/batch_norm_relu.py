@@ -83,9 +83,9 @@ def _bn_relu_pool_fake(x, weight, bias, running_mean, running_var, momentum, eps
 
 
 def _bn_relu_backward_fake(grad, x, weight, bias, mean, invstd, switches, pooled, output_mask):
-    gx = torch.empty_like(x, memory_format=torch.channels_last) if output_mask[0] else None
-    return gx, weight.new_empty(weight.shape) if output_mask[1] else None, \
-        bias.new_empty(bias.shape) if output_mask[2] else None
+    gx = torch.empty_like(x, memory_format=torch.channels_last)
+    return tuple(t if wanted else None for t, wanted in zip((gx, torch.empty_like(weight), torch.empty_like(bias)),
+                                                            output_mask))
 
 
 def _register() -> None:

@@ -541,12 +541,16 @@ def run_pool_suite(
     return rows
 
 
-def train_step_fn(name: str, backend: str, px: int, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
-    """One AdamW step of ``name`` with ``backend`` pooling, channels-last, as ``train`` runs it by default."""
+def train_step_fn(name: str, backend: str, px: int, x: torch.Tensor, y: torch.Tensor,
+                  edit: Callable[[torch.nn.Module], None] | None = None) -> Callable[[], object]:
+    """One AdamW step of ``name`` with ``backend`` pooling, channels-last, as ``train`` runs it by default;
+    ``edit`` may change the freshly built model first (a benchmark swapping out a layer kind)."""
     from xraydeconv.training.models import build
 
     torch.manual_seed(0)
     model = build(name, input_size=px, pool_backend=backend).train()
+    if edit is not None:
+        edit(model)
     model = model.to(x.device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
