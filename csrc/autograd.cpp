@@ -219,27 +219,27 @@ Tensor switch_gather2d_autograd(const Tensor& x, const Tensor& sw, c10::IntArray
 
 using BnReluFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&,
                                                     double, double);
-using BnReluPoolFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Tensor&,
-                                                                Tensor&, double, double);
+using BnReluPoolFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                        Tensor&, Tensor&, double, double);
 using BnReluBackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                             const Tensor&, const Tensor&, const Tensor&,
                                                             const std::optional<Tensor>&,
                                                             const std::optional<Tensor>&, std::array<bool, 3>);
 
 // The gradients of x, weight and bias of a BatchNorm + ReLU (+ pool) node; saved: x, weight, bias, mean, invstd
-// (then switches and pooled values).
+// (then switches and x at the switches).
 variable_list batch_norm_relu_backward(AutogradContext* ctx, const Tensor& grad) {
   static const auto op = op_handle<BnReluBackwardFn>("xraydeconv::batch_norm_relu_backward");
   const variable_list s = ctx->get_saved_variables();
   variable_list out(8);  // x, weight, bias; none for the running stats, momentum, eps, pool
   if (!grad.defined()) return out;
-  std::optional<Tensor> sw, pooled;
+  std::optional<Tensor> sw, xs;
   if (s.size() == 7) {
     sw = s[5];
-    pooled = s[6];
+    xs = s[6];
   }
   const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
-  auto [gx, gw, gb] = op.call(grad, s[0], s[1], s[2], s[3], s[4], sw, pooled, mask);
+  auto [gx, gw, gb] = op.call(grad, s[0], s[1], s[2], s[3], s[4], sw, xs, mask);
   out[0] = gx;
   out[1] = gw;
   out[2] = gb;
@@ -255,8 +255,8 @@ variable_list bn_relu_outputs(AutogradContext* ctx, variable_list outputs, const
   return outputs;
 }
 
-// Both ops: `pool` picks batch_norm_relu_pool2d (outputs out, switches, mean, invstd) over batch_norm_relu (out,
-// mean, invstd).
+// Both ops: `pool` picks batch_norm_relu_pool2d (outputs out, switches, x at the switches, mean, invstd) over
+// batch_norm_relu (out, mean, invstd).
 class BatchNormRelu : public torch::autograd::Function<BatchNormRelu> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b, Tensor rm,
@@ -264,8 +264,8 @@ class BatchNormRelu : public torch::autograd::Function<BatchNormRelu> {
     at::AutoDispatchBelowADInplaceOrView below;
     if (pool) {
       static const auto op = op_handle<BnReluPoolFn>("xraydeconv::batch_norm_relu_pool2d");
-      auto [out, sw, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
-      return bn_relu_outputs(ctx, {out, sw, mean, invstd}, {x, w, b, mean, invstd, sw, out}, {sw, mean, invstd});
+      auto [out, sw, xs, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
+      return bn_relu_outputs(ctx, {out, sw, xs, mean, invstd}, {x, w, b, mean, invstd, sw, xs}, {sw, xs, mean, invstd});
     }
     static const auto op = op_handle<BnReluFn>("xraydeconv::batch_norm_relu");
     auto [out, mean, invstd] = op.call(x, w, b, rm, rv, momentum, eps);
@@ -282,11 +282,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_autograd(const Tensor& x, con
   return {r[0], r[1], r[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_autograd(const Tensor& x, const Tensor& w,
-                                                                           const Tensor& b, Tensor& rm, Tensor& rv,
-                                                                           double momentum, double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_autograd(const Tensor& x, const Tensor& w,
+                                                                                   const Tensor& b, Tensor& rm,
+                                                                                   Tensor& rv, double momentum,
+                                                                                   double eps) {
   variable_list r = BatchNormRelu::apply(x, w, b, rm, rv, momentum, eps, true);
-  return {r[0], r[1], r[2], r[3]};
+  return {r[0], r[1], r[2], r[3], r[4]};
 }
 
 // The output is x itself, its history rebased onto the Relu node.

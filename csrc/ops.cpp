@@ -40,16 +40,16 @@ TORCH_LIBRARY(xraydeconv, m) {
   m.def(
       "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
       "float momentum, float eps) -> (Tensor, Tensor, Tensor)");
-  // The same followed by a 2x2/s2 max pool, without writing the full-size map: pooled values, their switches, mean,
-  // invstd.
+  // The same followed by a 2x2/s2 max pool, without writing the full-size map: pooled values, their switches, x at
+  // the switches (for the backward), mean, invstd.
   m.def(
       "batch_norm_relu_pool2d(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The gradients (x, weight, bias) of either: grad of the full-size output, or of the pooled one with the
-  // switches and pooled values (switches and pooled None for batch_norm_relu).
+  // switches and x at the switches (both None for batch_norm_relu).
   m.def(
       "batch_norm_relu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, "
-      "Tensor? switches, Tensor? pooled, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "Tensor? switches, Tensor? x_at_switches, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // A deconvnet step as a sparse scatter (csrc/cpu/deconv_scatter.cpp): optional unpooling, ReLU, stride-1 transposed conv.
   m.def("relu_scatter_conv_transpose2d(Tensor g, Tensor? switches, Tensor weight, int[2] pool_kernel, int[2] padding, int[2] output_size, int group) -> Tensor");
   // Two deconvnet steps in one pass, the second into at most 4 channels (the transposed first conv), so that the

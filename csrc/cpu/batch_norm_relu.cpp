@@ -10,9 +10,11 @@
 // * weight. What changes is the traffic:
 // - forward: the ReLU is applied as y is written (no second pass over it); with the pool, y is never written at all,
 //   only the pooled values and their switches;
-// - backward: ReLU's mask is applied as the gradient is read (recomputed from x, or from the pooled output), and with
-//   the pool the full-size gradient is never materialised: each row's gradient is rebuilt from the pooled gradient
-//   and the switches as the sums and grad_x need it.
+// - backward: ReLU's mask is applied as the gradient is read (recomputed from x), and with the pool the full-size
+//   gradient is never materialised: each row's gradient is rebuilt from the pooled gradient and the switches as
+//   grad_x needs it. The pooled forward also keeps x at the switches (a quarter of x), the only positions with a
+//   nonzero gradient, so the sums read that instead of x: torch's other terms are exact zeros, and each channel's
+//   remaining terms are added in torch's order.
 #pragma GCC optimize("fp-contract=off")  // only the explicit fused multiply-adds below, where torch has them
 
 #include <ATen/AccumulateType.h>
@@ -168,12 +170,13 @@ struct ForwardJob {
 };
 
 // 2x2/s2 windows (floor mode) of one pooled row r = (n, oh) per step: relu(y) at the four positions, the first
-// maximum in row-major order (NaN as in switch_pool2d), its switch kh * 2 + kw.
+// maximum in row-major order (NaN as in switch_pool2d), its switch kh * 2 + kw, and x there.
 template <typename T>
 struct PoolJob {
   const T* x;
   T* out;
   uint8_t* sw;
+  T* xs;
   const T* ab;
   int64_t H, W, C;
   template <bool F>
@@ -188,11 +191,12 @@ struct PoolJob {
         const T* XD_RESTRICT p3 = p2 + C;
         T* XD_RESTRICT o = out + (r * OW + ow) * C;
         uint8_t* XD_RESTRICT s = sw + (r * OW + ow) * C;
+        T* XD_RESTRICT xo = xs + (r * OW + ow) * C;
 #if XD_MULTIVERSION
         if constexpr (kRows8<T, F>) {
           if (C % 8 == 0) {
             const float* win[4] = {p0, p1, p2, p3};
-            bn_avx2::pool_cell(win, ab, C, o, s);
+            bn_avx2::pool_cell(win, ab, C, o, s, xo);
             continue;
           }
         }
@@ -215,6 +219,7 @@ struct PoolJob {
           best = b3 ? 3 : best;
           o[c] = m;
           s[c] = static_cast<uint8_t>(best);
+          xo[c] = (best == 0 ? p0 : best == 1 ? p1 : best == 2 ? p2 : p3)[c];
         }
       }
     }
@@ -246,14 +251,21 @@ struct DenseRows {
   }
 };
 
-// ... rebuilt from the pooled gradient: the masked pooled value at its switch position, 0 elsewhere (and in the
-// rows and columns a floor-mode pool drops).
+// ... rebuilt from the pooled gradient: the pooled gradient at its switch position where ReLU kept the pooled value
+// (recomputed from x at the switch), 0 elsewhere (and in the rows and columns a floor-mode pool drops).
 template <typename T>
 struct PooledRows {
   const T* grad;
   const uint8_t* sw;
-  const T* pooled;
+  const T* xs;
+  const T* ab;
   int64_t H, W, C, OH, OW;
+  // the pooled gradient of element j (channel c) where the switch is a or b, else +0
+  template <bool F>
+  XD_ALWAYS_INLINE T masked(int64_t j, int64_t c, int a, int b) const {
+    const bool here = sw[j] == a || sw[j] == b;
+    return here && !(madd<F>(xs[j], ab[c], ab[C + c]) <= T(0)) ? grad[j] : T(0);
+  }
   struct Cursor {
     int64_t n, h, w;
   };
@@ -276,18 +288,18 @@ struct PooledRows {
     const int64_t j = ((n * OH + h / 2) * OW + w / 2) * C;
 #if XD_MULTIVERSION
     if constexpr (kRows8<T, F>) {
-      if (C % 8 == 0) return bn_avx2::pooled_grad_row(grad + j, sw + j, pooled + j, pos, C, g);
+      if (C % 8 == 0) return bn_avx2::pooled_grad_row(grad + j, sw + j, xs + j, ab, pos, C, g);
     }
 #endif
-    for (int64_t c = 0; c < C; ++c) g[c] = sw[j + c] == pos && !(pooled[j + c] <= T(0)) ? grad[j + c] : T(0);
+    for (int64_t c = 0; c < C; ++c) g[c] = masked<F>(j + c, c, pos, -1);
   }
 };
 
 // sum(g) and sum((x - mean) * g) per channel into this thread's buffer rows, as torch's channels-last backward adds
 // them over at::parallel_for's chunks of rows (grain 1, as torch asks).
-template <typename T, typename Rows>
-struct SumsJob {
-  const Rows& rows;
+template <typename T>
+struct DenseSumsJob {
+  const DenseRows<T>& rows;
   const T* x;
   const T* mean;
   T* buf;  // (2, threads, C)
@@ -300,9 +312,8 @@ struct SumsJob {
     T* XD_RESTRICT s = buf + tid * C;
     T* XD_RESTRICT d = buf + (nt + tid) * C;
     std::vector<T> g(C);
-    auto at = rows.cursor(b);
-    for (int64_t i = b; i < e; ++i, rows.advance(at)) {
-      rows.template fill<F>(at, i, g.data());
+    for (int64_t i = b; i < e; ++i) {
+      rows.template fill<F>({}, i, g.data());
       const T* xi = x + i * C;
 #if XD_MULTIVERSION
       if constexpr (kRows8<T, F>) {
@@ -320,11 +331,69 @@ struct SumsJob {
   }
 };
 
+// The same sums from the pooled gradient and x at the switches: a chunk's full-size rows go by, and each channel's
+// term of a row comes from the one window of that row whose switch sits there, so the terms keep torch's order;
+// the rest of torch's terms are exact zeros (+0 added to a sum that is never -0).
+template <typename T>
+struct PooledSumsJob {
+  const PooledRows<T>& rows;
+  const T* mean;
+  T* buf;  // (2, threads, C)
+  int nt;
+  int64_t C;
+  // the terms of full-size row (n, h), columns [w0, w1)
+  template <bool F>
+  XD_ALWAYS_INLINE void segment(int64_t n, int64_t h, int64_t w0, int64_t w1, T* XD_RESTRICT s,
+                                T* XD_RESTRICT d) const {
+    const PooledRows<T>& p = rows;
+    if (h >= 2 * p.OH) return;
+    const int64_t end = std::min(w1, 2 * p.OW);
+    const int dh = static_cast<int>(h & 1) * 2;
+    for (int64_t pw = w0 / 2; 2 * pw < end; ++pw) {
+      const int a = 2 * pw >= w0 ? dh : -1, b = 2 * pw + 1 < end ? dh + 1 : -1;
+      const int64_t j = ((n * p.OH + h / 2) * p.OW + pw) * C;
+#if XD_MULTIVERSION
+      if constexpr (kRows8<T, F>) {
+        if (C % 8 == 0) {
+          bn_avx2::window_sums(p.grad + j, p.sw + j, p.xs + j, p.ab, mean, a, b, C, s, d);
+          continue;
+        }
+      }
+#endif
+      for (int64_t c = 0; c < C; ++c) {
+        const T g = p.template masked<F>(j + c, c, a, b);
+        s[c] = s[c] + g;
+        d[c] = madd<F>(p.xs[j + c] - mean[c], g, d[c]);
+      }
+    }
+  }
+  template <bool F>
+  XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid < nt, "batch_norm_relu_backward: thread ", tid, " of ", nt);
+    const int64_t W = rows.W, H = rows.H;
+    for (int64_t i = b; i < e;) {
+      const int64_t w0 = i % W, w1 = std::min(W, w0 + (e - i));
+      segment<F>(i / (W * H), (i / W) % H, w0, w1, buf + tid * C, buf + (nt + tid) * C);
+      i += w1 - w0;
+    }
+  }
+};
+
+template <typename T>
+DenseSumsJob<T> sums_job(const DenseRows<T>& rows, const T* x, const T* mean, T* buf, int nt, int64_t C) {
+  return {rows, x, mean, buf, nt, C};
+}
+template <typename T>
+PooledSumsJob<T> sums_job(const PooledRows<T>& rows, const T*, const T* mean, T* buf, int nt, int64_t C) {
+  return {rows, mean, buf, nt, C};
+}
+
 template <typename T, typename Rows>
 void backward_sums(const Rows& rows, const T* x, const T* mean, int64_t N, int64_t C, T* sum, T* dotp) {
   const int nt = at::get_num_threads();
   std::vector<T> buf(2 * nt * C, T(0));
-  parallel_rows(N, 1, SumsJob<T, Rows>{rows, x, mean, buf.data(), nt, C});
+  parallel_rows(N, 1, sums_job<T>(rows, x, mean, buf.data(), nt, C));
   for (int64_t c = 0; c < C; ++c) {  // the thread rows added in double
     at::acc_type<T, false> s = 0, d = 0;
     for (int t = 0; t < nt; ++t) s += buf[t * C + c];
@@ -439,24 +508,25 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_cpu(const Tensor& x, const Te
   return {relu_output(x, weight, bias, mean, invstd), mean, invstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_cpu(const Tensor& x, const Tensor& weight,
-                                                                      const Tensor& bias, Tensor& running_mean,
-                                                                      Tensor& running_var, double momentum,
-                                                                      double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_cpu(const Tensor& x, const Tensor& weight,
+                                                                              const Tensor& bias, Tensor& running_mean,
+                                                                              Tensor& running_var, double momentum,
+                                                                              double eps) {
   check_input(x, weight, bias, "batch_norm_relu_pool2d");
   auto [mean, invstd] = batch_stats(x, running_mean, running_var, momentum, eps);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto cl = at::MemoryFormat::ChannelsLast;
   Tensor out = at::empty({N, C, H / 2, W / 2}, x.options().memory_format(cl));
   Tensor sw = at::empty({N, C, H / 2, W / 2}, x.options().dtype(at::kByte).memory_format(cl));
+  Tensor xs = at::empty_like(out);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_pool2d", [&] {
     const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
                                      weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C);
     parallel_rows(N * (H / 2), grain_rows(W * C * 2),
-                  PoolJob<scalar_t>{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(), ab.data(),
-                                    H, W, C});
+                  PoolJob<scalar_t>{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(),
+                                    xs.data_ptr<scalar_t>(), ab.data(), H, W, C});
   });
-  return {out, sw, mean, invstd};
+  return {out, sw, xs, mean, invstd};
 }
 
 // A gradient in another layout than x sends torch down its strided (per-channel) backward, with other sums: that
@@ -479,14 +549,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_backward_cpu(const Tensor& gr
                                                                 const Tensor& weight, const Tensor& bias,
                                                                 const Tensor& mean, const Tensor& invstd,
                                                                 const std::optional<Tensor>& switches,
-                                                                const std::optional<Tensor>& pooled,
+                                                                const std::optional<Tensor>& x_at_switches,
                                                                 std::array<bool, 3> mask) {
   check_input(x, weight, bias, "batch_norm_relu_backward");
   for (const Tensor* t : {&mean, &invstd}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
                 "batch_norm_relu_backward: mean and invstd must be contiguous (C,) tensors of x's dtype");
   }
-  TORCH_CHECK(switches.has_value() == pooled.has_value(), "batch_norm_relu_backward: give both switches and pooled");
+  TORCH_CHECK(switches.has_value() == x_at_switches.has_value(),
+              "batch_norm_relu_backward: give both switches and x_at_switches");
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "batch_norm_relu_backward: grad must have x's dtype");
   const BackwardArgs args{x, weight, mean, invstd, mask};
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
@@ -503,13 +574,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_backward_cpu(const Tensor& gr
   const auto cl = at::MemoryFormat::ChannelsLast;
   check_pooled(grad, x, "grad");
   check_pooled(*switches, x, "switches");
-  check_pooled(*pooled, x, "pooled");
-  TORCH_CHECK(switches->scalar_type() == at::kByte && pooled->scalar_type() == x.scalar_type(),
-              "batch_norm_relu_backward: switches must be uint8 and pooled of x's dtype");
-  const Tensor g = grad.contiguous(cl), sw = switches->contiguous(cl), p = pooled->contiguous(cl);
+  check_pooled(*x_at_switches, x, "x_at_switches");
+  TORCH_CHECK(switches->scalar_type() == at::kByte && x_at_switches->scalar_type() == x.scalar_type(),
+              "batch_norm_relu_backward: switches must be uint8 and x_at_switches of x's dtype");
+  const Tensor g = grad.contiguous(cl), sw = switches->contiguous(cl), xs = x_at_switches->contiguous(cl);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_backward", [&] {
-    const PooledRows<scalar_t> rows{g.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(), p.data_ptr<scalar_t>(),
-                                    H, W, C, H / 2, W / 2};
+    const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
+                                     weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C);
+    const PooledRows<scalar_t> rows{g.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(), xs.data_ptr<scalar_t>(),
+                                    ab.data(), H, W, C, H / 2, W / 2};
     return backward<scalar_t>(rows, args);
   });
 }
