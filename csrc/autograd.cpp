@@ -226,13 +226,27 @@ using BnReluBackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const
                                                             const std::optional<Tensor>&,
                                                             const std::optional<Tensor>&, std::array<bool, 3>);
 
+using BnReluBackwardInplaceFn = std::tuple<Tensor, Tensor>(Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                            const Tensor&, const Tensor&, std::array<bool, 2>);
+
 // The gradients of x, weight and bias of a BatchNorm + ReLU (+ pool) node; saved: x, weight, bias, mean, invstd
-// (then switches and x at the switches).
-variable_list batch_norm_relu_backward(AutogradContext* ctx, const Tensor& grad) {
+// (then switches and x at the switches). Without the pool, grad_x is written over a gradient nothing else holds.
+variable_list batch_norm_relu_backward(AutogradContext* ctx, Tensor grad) {
   static const auto op = op_handle<BnReluBackwardFn>("xraydeconv::batch_norm_relu_backward");
+  static const auto op_ = op_handle<BnReluBackwardInplaceFn>("xraydeconv::batch_norm_relu_backward_");
   const variable_list s = ctx->get_saved_variables();
   variable_list out(8);  // x, weight, bias; none for the running stats, momentum, eps, pool
   if (!grad.defined()) return out;
+  const bool into_grad = s.size() == 5 && ctx->needs_input_grad(0) && may_mask_in_place(grad, s[0]) &&
+                         grad.strides() == s[0].strides();
+  if (into_grad) {
+    const std::array<bool, 2> wb{ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    auto [gw, gb] = op_.call(grad, s[0], s[1], s[2], s[3], s[4], wb);
+    out[0] = std::move(grad);
+    out[1] = gw;
+    out[2] = gb;
+    return out;
+  }
   std::optional<Tensor> sw, xs;
   if (s.size() == 7) {
     sw = s[5];
@@ -272,7 +286,7 @@ class BatchNormRelu : public torch::autograd::Function<BatchNormRelu> {
     return bn_relu_outputs(ctx, {out, mean, invstd}, {x, w, b, mean, invstd}, {mean, invstd});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return batch_norm_relu_backward(ctx, grads[0]);
+    return batch_norm_relu_backward(ctx, std::move(grads[0]));
   }
 };
 

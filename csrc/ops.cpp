@@ -50,6 +50,10 @@ TORCH_LIBRARY(xraydeconv, m) {
   m.def(
       "batch_norm_relu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, "
       "Tensor? switches, Tensor? x_at_switches, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // batch_norm_relu's backward with grad_x written over grad (laid out as x): the gradients of weight and bias.
+  m.def(
+      "batch_norm_relu_backward_(Tensor(a!) grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
   // A deconvnet step as a sparse scatter (csrc/cpu/deconv_scatter.cpp): optional unpooling, ReLU, stride-1 transposed conv.
   m.def("relu_scatter_conv_transpose2d(Tensor g, Tensor? switches, Tensor weight, int[2] pool_kernel, int[2] padding, int[2] output_size, int group) -> Tensor");
   // Two deconvnet steps in one pass, the second into at most 4 channels (the transposed first conv), so that the

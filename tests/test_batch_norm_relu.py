@@ -112,6 +112,8 @@ def test_fake_tensors_give_shapes_and_layouts():
         pooled, sw, xs, _, _ = torch.ops.xraydeconv.batch_norm_relu_pool2d(x, w, b, rm, rv, 0.1, 1e-5)
         pooled_grads = torch.ops.xraydeconv.batch_norm_relu_backward(pooled, x, w, b, mean, invstd, sw, xs,
                                                                      [True, True, True])
+        inplace_grads = torch.ops.xraydeconv.batch_norm_relu_backward_(torch.empty_like(out), x, w, b, mean, invstd,
+                                                                       [True, False])
         grads = torch.ops.xraydeconv.batch_norm_relu_backward(out, x, w, b, mean, invstd, None, None,
                                                               [True, False, True])
     assert grads[0].shape == x.shape and grads[1] is None and grads[2].shape == (16,)
@@ -119,6 +121,69 @@ def test_fake_tensors_give_shapes_and_layouts():
     assert pooled.shape == sw.shape == xs.shape == (2, 16, 4, 3) and sw.dtype == torch.uint8
     assert xs.dtype == x.dtype and xs.is_contiguous(memory_format=CL)
     assert pooled_grads[0].shape == x.shape and pooled_grads[1].shape == pooled_grads[2].shape == (16,)
+    assert inplace_grads[0].shape == (16,) and inplace_grads[1] is None
+
+
+def _backward_ops(fn) -> list[str]:
+    """The names of the xraydeconv backward ops ``fn`` calls."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("xraydeconv::batch_norm_relu_backward")]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_gradient_nothing_else_holds_becomes_grad_x_in_place(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = _case((3, 32, 9, 7), torch.float32, special=True)
+        scale = torch.randn(3, 32, 9, 7, generator=torch.Generator().manual_seed(9)).contiguous(memory_format=CL)
+        grads = {}
+        for fused in (True, False):
+            x, w, b = (t.detach().clone().requires_grad_() for t in args[:3])
+            rm, rv = (s.clone() for s in args[3])
+            if fused:
+                y = batch_norm_relu(x, w, b, rm, rv)
+            else:
+                y = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
+            # the product's backward hands over a fresh gradient that nothing else holds
+            names = _backward_ops(lambda: (y * scale).sum().backward())
+            grads[fused] = (names, x.grad, w.grad, b.grad)
+    finally:
+        torch.set_num_threads(before)
+    assert grads[True][0] == ["xraydeconv::batch_norm_relu_backward_"]
+    assert all(_bits(a, b) for a, b in zip(grads[True][1:], grads[False][1:]))
+
+
+def test_a_gradient_held_elsewhere_is_left_as_it_came():
+    x, w, b, (rm, rv) = _case((2, 16, 6, 6), torch.float32)
+    x.requires_grad_()
+    y = batch_norm_relu(x, w, b, rm, rv)
+    kept = []
+    y.register_hook(kept.append)  # a hook that keeps the gradient it sees
+    y.retain_grad()  # retain_grad keeps a copy
+    scale = torch.randn(y.shape).contiguous(memory_format=CL)
+    names = _backward_ops(lambda: (y * scale).sum().backward())
+    assert names == ["xraydeconv::batch_norm_relu_backward"] and _bits(kept[0], scale) and _bits(y.grad, scale)
+    # retain_grad alone keeps a copy, so the gradient itself may still become grad_x
+    y = batch_norm_relu(x, w, b, rm, rv)
+    y.retain_grad()
+    names = _backward_ops(lambda: (y * scale).sum().backward())
+    assert names == ["xraydeconv::batch_norm_relu_backward_"] and _bits(y.grad, scale)
+    # a gradient the caller passes in is the caller's
+    x.grad = None
+    y = batch_norm_relu(x, w, b, rm, rv)
+    g = scale.clone()
+    assert _backward_ops(lambda: y.backward(g)) == ["xraydeconv::batch_norm_relu_backward"] and _bits(g, scale)
+
+
+def test_the_in_place_backward_refuses_another_layout():
+    x, w, b, (rm, rv) = _case((2, 16, 6, 6), torch.float32)
+    _, mean, invstd = torch.ops.xraydeconv.batch_norm_relu(x, w, b, rm, rv, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="x's shape, strides and dtype"):
+        torch.ops.xraydeconv.batch_norm_relu_backward_(torch.randn(2, 16, 6, 6), x, w, b, mean, invstd, [True, True])
+    with pytest.raises(RuntimeError, match="share x's memory"):
+        torch.ops.xraydeconv.batch_norm_relu_backward_(x, x, w, b, mean, invstd, [True, True])
 
 
 @pytest.mark.parametrize("x, match", [

@@ -29,6 +29,7 @@
 #include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <optional>
@@ -295,6 +296,29 @@ struct PooledRows {
   }
 };
 
+// This thread's rows of the (2, threads, C) sums buffer, added to in a private copy (neighbouring threads' rows share
+// cache lines) that goes back when the chunk is done; the additions are the same.
+template <typename T>
+struct ThreadSums {
+  T* out;
+  int nt;
+  int64_t C;
+  std::vector<T> v;  // [sum | dotp]
+  ThreadSums(T* buf, int threads, int64_t channels) : nt(threads), C(channels), v(2 * channels) {
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid < nt, "batch_norm_relu_backward: thread ", tid, " of ", nt);
+    out = buf + tid * C;
+    std::copy(out, out + C, v.begin());
+    std::copy(out + nt * C, out + (nt + 1) * C, v.begin() + C);
+  }
+  ~ThreadSums() {
+    std::copy(v.begin(), v.begin() + C, out);
+    std::copy(v.begin() + C, v.end(), out + nt * C);
+  }
+  T* sum() { return v.data(); }
+  T* dotp() { return v.data() + C; }
+};
+
 // sum(g) and sum((x - mean) * g) per channel into this thread's buffer rows, as torch's channels-last backward adds
 // them over at::parallel_for's chunks of rows (grain 1, as torch asks).
 template <typename T>
@@ -307,10 +331,9 @@ struct DenseSumsJob {
   int64_t C;
   template <bool F>
   XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
-    const int tid = at::get_thread_num();
-    TORCH_CHECK(tid < nt, "batch_norm_relu_backward: thread ", tid, " of ", nt);
-    T* XD_RESTRICT s = buf + tid * C;
-    T* XD_RESTRICT d = buf + (nt + tid) * C;
+    ThreadSums<T> sums(buf, nt, C);
+    T* XD_RESTRICT s = sums.sum();
+    T* XD_RESTRICT d = sums.dotp();
     std::vector<T> g(C);
     for (int64_t i = b; i < e; ++i) {
       rows.template fill<F>({}, i, g.data());
@@ -369,12 +392,11 @@ struct PooledSumsJob {
   }
   template <bool F>
   XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
-    const int tid = at::get_thread_num();
-    TORCH_CHECK(tid < nt, "batch_norm_relu_backward: thread ", tid, " of ", nt);
+    ThreadSums<T> sums(buf, nt, C);
     const int64_t W = rows.W, H = rows.H;
     for (int64_t i = b; i < e;) {
       const int64_t w0 = i % W, w1 = std::min(W, w0 + (e - i));
-      segment<F>(i / (W * H), (i / W) % H, w0, w1, buf + tid * C, buf + (nt + tid) * C);
+      segment<F>(i / (W * H), (i / W) % H, w0, w1, sums.sum(), sums.dotp());
       i += w1 - w0;
     }
   }
@@ -423,7 +445,7 @@ struct InputJob {
     for (int64_t i = b; i < e; ++i, rows.advance(at)) {
       rows.template fill<F>(at, i, g.data());
       const T* xi = x + i * C;
-      T* XD_RESTRICT o = gx + i * C;
+      T* o = gx + i * C;  // may be the incoming gradient's row, read (by fill) before it is written
 #if XD_MULTIVERSION
       if constexpr (kRows8<T, F>) {
         if (C % 8 == 0 && whole == C) {
@@ -461,6 +483,7 @@ struct BackwardArgs {
   const Tensor& mean;
   const Tensor& invstd;
   std::array<bool, 3> mask;
+  Tensor gx_into;  // where grad_x goes (the incoming gradient, each row read before it is written); undefined: new
 };
 
 template <typename T, typename Rows>
@@ -473,7 +496,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Rows& rows, const BackwardArgs
   backward_sums<T>(rows, x, mean, N, C, sum.data_ptr<T>(), dotp.data_ptr<T>());
   Tensor gx, gw, gb;
   if (a.mask[0]) {
-    gx = at::empty_like(a.x);
+    gx = a.gx_into.defined() ? a.gx_into : at::empty_like(a.x);
     backward_input<T>(rows, x, mean, invstd, a.weight.data_ptr<T>(), sum.data_ptr<T>(), dotp.data_ptr<T>(), N, C,
                       gx.data_ptr<T>());
   }
@@ -538,6 +561,23 @@ std::tuple<Tensor, Tensor, Tensor> dense_fallback(const Tensor& grad, const Tens
   return at::native_batch_norm_backward(g, x, weight, Tensor(), Tensor(), mean, invstd, true, 0.0, mask);
 }
 
+// batch_norm_relu's backward for a gradient laid out as x.
+std::tuple<Tensor, Tensor, Tensor> dense_backward(const Tensor& grad, const Tensor& bias, const BackwardArgs& a) {
+  return AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "batch_norm_relu_backward", [&] {
+    const auto ab = affine<scalar_t>(a.mean.data_ptr<scalar_t>(), a.invstd.data_ptr<scalar_t>(),
+                                     a.weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), a.x.size(1));
+    const DenseRows<scalar_t> rows{grad.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), ab.data(), a.x.size(1)};
+    return backward<scalar_t>(rows, a);
+  });
+}
+
+void check_stats(const Tensor& x, const Tensor& mean, const Tensor& invstd, const char* op) {
+  for (const Tensor* t : {&mean, &invstd}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
+                op, ": mean and invstd must be contiguous (C,) tensors of x's dtype");
+  }
+}
+
 void check_pooled(const Tensor& t, const Tensor& x, const char* what) {
   TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.size(2) == x.size(2) / 2 &&
                   t.size(3) == x.size(3) / 2,
@@ -552,24 +592,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_backward_cpu(const Tensor& gr
                                                                 const std::optional<Tensor>& x_at_switches,
                                                                 std::array<bool, 3> mask) {
   check_input(x, weight, bias, "batch_norm_relu_backward");
-  for (const Tensor* t : {&mean, &invstd}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
-                "batch_norm_relu_backward: mean and invstd must be contiguous (C,) tensors of x's dtype");
-  }
+  check_stats(x, mean, invstd, "batch_norm_relu_backward");
   TORCH_CHECK(switches.has_value() == x_at_switches.has_value(),
               "batch_norm_relu_backward: give both switches and x_at_switches");
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "batch_norm_relu_backward: grad must have x's dtype");
-  const BackwardArgs args{x, weight, mean, invstd, mask};
+  const BackwardArgs args{x, weight, mean, invstd, mask, Tensor()};
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
   if (!switches.has_value()) {
     TORCH_CHECK(grad.sizes() == x.sizes(), "batch_norm_relu_backward: grad must have x's shape");
     if (grad.strides() != x.strides()) return dense_fallback(grad, x, weight, bias, mean, invstd, mask);
-    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_backward", [&] {
-      const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
-                                       weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C);
-      return backward<scalar_t>(DenseRows<scalar_t>{grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), ab.data(), C},
-                                args);
-    });
+    return dense_backward(grad, bias, args);
   }
   const auto cl = at::MemoryFormat::ChannelsLast;
   check_pooled(grad, x, "grad");
@@ -587,6 +619,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_backward_cpu(const Tensor& gr
   });
 }
 
+// batch_norm_relu's backward with grad_x written over grad, which must be laid out as x: saves a full-size
+// allocation and its first touch when nothing else holds the gradient (the autograd checks that).
+std::tuple<Tensor, Tensor> batch_norm_relu_backward_inplace_cpu(Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                                const Tensor& bias, const Tensor& mean,
+                                                                const Tensor& invstd, std::array<bool, 2> mask) {
+  check_input(x, weight, bias, "batch_norm_relu_backward_");
+  check_stats(x, mean, invstd, "batch_norm_relu_backward_");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type(),
+              "batch_norm_relu_backward_: grad must have x's shape, strides and dtype");
+  TORCH_CHECK(!grad.is_same(x) && !grad.is_alias_of(x), "batch_norm_relu_backward_: grad must not share x's memory");
+  auto [gx, gw, gb] = dense_backward(grad, bias, {x, weight, mean, invstd, {true, mask[0], mask[1]}, grad});
+  return {gw, gb};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace xraydeconv
@@ -595,4 +641,5 @@ TORCH_LIBRARY_IMPL(xraydeconv, CPU, m) {
   m.impl("batch_norm_relu", &xraydeconv::cpu::batch_norm_relu_cpu);
   m.impl("batch_norm_relu_pool2d", &xraydeconv::cpu::batch_norm_relu_pool2d_cpu);
   m.impl("batch_norm_relu_backward", &xraydeconv::cpu::batch_norm_relu_backward_cpu);
+  m.impl("batch_norm_relu_backward_", &xraydeconv::cpu::batch_norm_relu_backward_inplace_cpu);
 }

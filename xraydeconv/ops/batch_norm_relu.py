@@ -89,11 +89,16 @@ def _bn_relu_backward_fake(grad, x, weight, bias, mean, invstd, switches, x_at_s
                                                             output_mask))
 
 
+def _bn_relu_backward_inplace_fake(grad, x, weight, bias, mean, invstd, output_mask):
+    return tuple(torch.empty_like(t) if wanted else None for t, wanted in zip((weight, bias), output_mask))
+
+
 def _register() -> None:
     lib = "xraydeconv::"
     torch.library.register_fake(lib + "batch_norm_relu")(_bn_relu_fake)
     torch.library.register_fake(lib + "batch_norm_relu_pool2d")(_bn_relu_pool_fake)
     torch.library.register_fake(lib + "batch_norm_relu_backward")(_bn_relu_backward_fake)
+    torch.library.register_fake(lib + "batch_norm_relu_backward_")(_bn_relu_backward_inplace_fake)
 
 
 if extension.load():
