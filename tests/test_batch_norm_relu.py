@@ -147,7 +147,7 @@ def test_a_gradient_nothing_else_holds_becomes_grad_x_in_place(threads):
             else:
                 y = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
             # the product's backward hands over a fresh gradient that nothing else holds
-            names = _backward_ops(lambda: (y * scale).sum().backward())
+            names = _backward_ops((y * scale).sum().backward)
             grads[fused] = (names, x.grad, w.grad, b.grad)
     finally:
         torch.set_num_threads(before)
