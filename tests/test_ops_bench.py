@@ -205,10 +205,38 @@ def test_cli_suite_writes_json_and_the_dispatch_table(tmp_path, monkeypatch):
         assert namespace["TABLE"][key] == (r["speedup"] >= 1.0)
 
 
+def test_cli_suite_passes_measure_only_those_and_keep_the_other_table_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_lib, "SUITE_SIZES", (16,))
+    monkeypatch.setattr(bench_lib, "SUITE_BATCHES", (2,))
+    # a pool class the BatchNorm passes do not measure stays as it was, even one of this device
+    pool_key = "cpu/nchw/float32/k2x2s2x2p0x0/C3/5x5/batch/fwd"
+    monkeypatch.setattr(pool_dispatch, "TABLE", {**pool_dispatch.TABLE, pool_key: False})
+    before = dict(pool_dispatch.TABLE)
+    out, table = tmp_path / "suite.json", tmp_path / "table.py"
+    args = ["--suite", "--threads", "1", "--repeats", "1", "--passes", "bn+relu fwd+bwd, bn+relu+pool fwd+bwd",
+            "--json", str(out), "--write-dispatch", str(table)]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["what"] for r in rows} == {"bn+relu fwd+bwd", "bn+relu+pool fwd+bwd"}
+    namespace: dict = {}
+    exec(table.read_text(), namespace)
+    measured = {k for k in namespace["TABLE"] if "/bn_relu" in k and k not in before}
+    assert namespace["TABLE"][pool_key] is False and len(measured) == len(rows)
+    assert {k: v for k, v in namespace["TABLE"].items() if k not in measured and "/bn_relu" not in k} == {
+        k: v for k, v in before.items() if "/bn_relu" not in k}
+
+
+def test_cli_suite_rejects_an_unknown_pass():
+    result = CliRunner().invoke(bench, ["--suite", "--passes", "pool fwd,conv"])
+    assert result.exit_code == 2 and "conv is not a suite pass" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--write-dispatch", "t.py"], "comes from --suite"),
+        (["--passes", "pool fwd"], "add --suite"),
     ],
 )
 def test_cli_suite_option_errors(args, message, monkeypatch):

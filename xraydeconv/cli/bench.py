@@ -26,6 +26,19 @@ def _threads(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     return [check_threads(n) for n in counts]
 
 
+def _passes(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    from xraydeconv.reports.bench import SUITE_PASSES
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SUITE_PASSES]
+    if not names or unknown:
+        raise click.BadParameter(f"{', '.join(unknown) or repr(value)} is not a suite pass; use some of: "
+                                 + ", ".join(SUITE_PASSES))
+    return names
+
+
 def _file_option(flag: str, dest: str, help_text: str):
     """A click option naming a file to write."""
     return click.option(flag, dest, type=click.Path(dir_okay=False, path_type=Path), help=help_text)
@@ -58,6 +71,13 @@ def _file_option(flag: str, dest: str, help_text: str):
     "fwd and fwd+bwd, alone and fused with a ReLU) and each net's channels-last training step, kernel vs native, "
     "on --device.",
 )
+@click.option(
+    "--passes",
+    callback=_passes,
+    metavar="PASS[,PASS...]",
+    help="With --suite: measure only these passes, e.g. 'bn+relu fwd+bwd,bn+relu+pool fwd+bwd' or 'train step' "
+    "(all by default); --write-dispatch then replaces only their rows of the table.",
+)
 @_file_option(
     "--write-dispatch",
     "dispatch_path",
@@ -71,6 +91,7 @@ def bench(
     repeats: int | None,
     quick: bool,
     suite: bool,
+    passes: list[str] | None,
     dispatch_path: Path | None,
     json_path: Path | None,
 ) -> None:
@@ -99,10 +120,13 @@ def bench(
     and channels-last, forward and forward+backward, each alone ("pool fwd") and with the ReLU in
     front fused ("pool relu+fwd": switch_relu_pool2d vs relu_ then max_pool2d); every input of a
     ReLU not followed by a pool, forward+backward ("relu_ fwd+bwd": xraydeconv.ops.relu_, which
-    masks the gradient in place, vs torch.relu_); then each net's training step (128 px, batch
-    32, channels-last, AdamW) with the kernels, with auto and with native pooling. Speed-ups are
-    medians over the interleaved rounds of the per-round ratio. --write-dispatch turns the pool and
-    ReLU rows into the table that SwitchMaxPool2d(backend="auto") and FusedSequential follow.
+    masks the gradient in place, vs torch.relu_); on the CPU every BatchNorm input, channels-last,
+    forward+backward ("bn+relu fwd+bwd", "bn+relu+pool fwd+bwd": batch_norm_relu and
+    batch_norm_relu_pool2d vs F.batch_norm, torch.relu_ and F.max_pool2d); then each net's training
+    step ("train step": 128 px, batch 32, channels-last, AdamW) with the kernels, with auto and
+    with native pooling. --passes picks some of these. Speed-ups are medians over the interleaved
+    rounds of the per-round ratio. --write-dispatch turns the pool, ReLU and BatchNorm rows into the
+    table that SwitchMaxPool2d(backend="auto") and FusedSequential follow.
 
     \b
     Examples:
@@ -111,11 +135,18 @@ def bench(
       xraydeconv bench --device cuda
       xraydeconv bench --suite --threads 1,2 --json suite.json \\
           --write-dispatch xraydeconv/ops/pool_dispatch_table.py
+      xraydeconv bench --suite --threads 1,2 --passes 'bn+relu fwd+bwd,bn+relu+pool fwd+bwd'
     """
     _check_arguments(device, suite, json_path, dispatch_path)
+    if passes is not None and not suite:
+        from xraydeconv.errors import UserError
+
+        raise UserError(f"--passes {','.join(passes)}: passes are the suite's; add --suite")
     rounds = repeats if repeats is not None else (5 if quick else (7 if suite else 15))
-    runner = _run_suite if suite else _run_table
-    text, data, table = runner(device, threads, rounds, quick, dispatch_path is not None)
+    if suite:
+        text, data, table = _run_suite(device, threads, rounds, quick, dispatch_path is not None, passes)
+    else:
+        text, data, table = _run_table(device, threads, rounds, quick)
     click.echo(text)
     _write_outputs(data, table, threads, json_path, dispatch_path)
 
@@ -170,7 +201,7 @@ def _progress_bar():
     return bar, progress
 
 
-def _run_table(device: str, threads, rounds: int, quick: bool, use_table: bool):
+def _run_table(device: str, threads, rounds: int, quick: bool):
     from xraydeconv.reports.bench import format_report, run_report
 
     bar, progress = _progress_bar()
@@ -181,22 +212,24 @@ def _run_table(device: str, threads, rounds: int, quick: bool, use_table: bool):
     return format_report(report), report.as_dict(), {}
 
 
-def _run_suite(device: str, threads, rounds: int, quick: bool, use_table: bool):
+def _run_suite(device: str, threads, rounds: int, quick: bool, use_table: bool, passes: list[str] | None):
     from xraydeconv.ops import pool_dispatch
     from xraydeconv.reports import bench as lib
 
     sizes = lib.SUITE_SIZES[:1] if quick else lib.SUITE_SIZES
     bar, progress = _progress_bar()
     try:
-        rows = lib.run_pool_suite(threads, rounds, sizes, lib.SUITE_BATCHES, progress=progress, device=device)
-        # the other devices' measurements stay in the table
-        table = {k: v for k, v in pool_dispatch.TABLE.items() if not k.startswith(f"{device}/")}
+        rows = lib.run_pool_suite(threads, rounds, sizes, lib.SUITE_BATCHES, progress=progress, device=device,
+                                  passes=passes)
+        # the other devices' measurements stay in the table, and with --passes the other passes' rows
+        table = {k: v for k, v in pool_dispatch.TABLE.items() if passes is not None or not k.startswith(f"{device}/")}
         table.update(lib.dispatch_table(rows, device))
         table = dict(sorted(table.items()))
         if use_table:  # the training steps' auto side runs on the table just measured
             pool_dispatch.TABLE.clear()
             pool_dispatch.TABLE.update(table)
-        rows += lib.run_train_steps(threads=threads, repeats=rounds, progress=progress, device=device)
+        if passes is None or lib.TRAIN_PASS in passes:
+            rows += lib.run_train_steps(threads=threads, repeats=rounds, progress=progress, device=device)
     finally:
         bar.close()
     machine = lib.machine_info(device)

@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -340,6 +340,10 @@ PASSES = ("fwd", "fwd+bwd", "relu+fwd", "relu+fwd+bwd")
 RELU_PASS = "relu_ fwd+bwd"
 # the fused training-mode BatchNorm + ReLU, without and with the 2x2 pool after it (channels-last only)
 BN_PASSES = {False: "bn+relu fwd+bwd", True: "bn+relu+pool fwd+bwd"}
+# each net's training step, kernel and auto against native
+TRAIN_PASS = "train step"
+# every pass the suite can measure, the names its --passes takes
+SUITE_PASSES = (*(f"pool {p}" for p in PASSES), RELU_PASS, *BN_PASSES.values(), TRAIN_PASS)
 # Each call once per round, as a model calls each layer once between other ops. Runs of the same call in a tight
 # loop (time_samples' min_sample_ms) leave the allocator and the caches in a state a model never sees; they moved
 # one-image fwd+bwd ratios by up to 4x either way.
@@ -353,7 +357,7 @@ TRAIN_BATCH = 32
 class SuiteRow:
     """One pool layer shape (or a whole training step) timed with the kernels and with native pooling."""
 
-    what: str  # "pool <one of PASSES>", RELU_PASS or "train step <net> <kernel|auto>"
+    what: str  # "pool <one of PASSES>", RELU_PASS, one of BN_PASSES or "<TRAIN_PASS> <net> <kernel|auto>"
     shape: tuple[int, ...]
     layout: str
     threads: int
@@ -495,9 +499,11 @@ def bn_relu_fns(x: torch.Tensor, pool: bool) -> tuple[Callable[[], object], Call
     return kernel_fn, native_fn
 
 
-def _suite_groups(sizes: Sequence[int], batches: Sequence[int], device: str) -> list:
+def _suite_groups(sizes: Sequence[int], batches: Sequence[int], device: str,
+                  passes: Collection[str] | None = None) -> list:
     """(shape, nets, layouts, [(label, make (kernel, native) calls from the input)]) per shape: every pool layer
-    input in its four passes, every unfused ReLU input, and on the CPU every BatchNorm + ReLU (+ pool) input."""
+    input in its four passes, every unfused ReLU input, and on the CPU every BatchNorm + ReLU (+ pool) input; only
+    the ``passes`` named, if given."""
     groups = [(shape, nets, LAYOUTS, [(f"pool {p}", partial(pool_fns, passes=p)) for p in PASSES])
               for shape, nets in net_pool_shapes(sizes, batches).items()]
     groups += [(shape, nets, LAYOUTS, [(RELU_PASS, relu_fns)])
@@ -506,7 +512,10 @@ def _suite_groups(sizes: Sequence[int], batches: Sequence[int], device: str) -> 
         for pool, label in BN_PASSES.items():
             groups += [(shape, nets, ("channels_last",), [(label, partial(bn_relu_fns, pool=pool))])
                        for shape, nets in net_bn_relu_shapes(pool, sizes, batches).items()]
-    return groups
+    if passes is not None:
+        groups = [(shape, nets, layouts, [p for p in plist if p[0] in passes])
+                  for shape, nets, layouts, plist in groups]
+    return [g for g in groups if g[3]]
 
 
 def run_pool_suite(
@@ -516,15 +525,16 @@ def run_pool_suite(
     batches: Sequence[int] = SUITE_BATCHES,
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
+    passes: Collection[str] | None = None,
 ) -> list[SuiteRow]:
     """Every pool layer shape of the nets, both layouts, forward and forward+backward, with and without a fused
     ReLU in front (:data:`PASSES`); then every unfused ReLU shape, forward+backward (:data:`RELU_PASS`); on the CPU
     every BatchNorm + ReLU (+ pool) shape, channels-last, forward+backward (:data:`BN_PASSES`); float32, on
-    ``device`` ("cpu" or "cuda"; CUDA times with events)."""
+    ``device`` ("cpu" or "cuda"; CUDA times with events). ``passes``: only these labels (of :data:`SUITE_PASSES`)."""
     require_kernels_for(device)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    groups = _suite_groups(sizes, batches, device)  # one input per shape and layout
+    groups = _suite_groups(sizes, batches, device, passes)  # one input per shape and layout
     with thread_counts(threads) as counts:
         for n_threads in counts():
             for shape, nets, layouts, passes in groups:
@@ -592,7 +602,7 @@ def run_train_steps(
                 fns = {side: train_step_fn(name, side, px, x, y) for side in ("kernel", "auto", "native")}
                 t = time_samples(fns, repeats, device)
                 for side in ("kernel", "auto"):
-                    rows.append(SuiteRow(f"train step {name} {side}", tuple(x.shape), "channels_last", n_threads,
+                    rows.append(SuiteRow(f"{TRAIN_PASS} {name} {side}", tuple(x.shape), "channels_last", n_threads,
                                          statistics.median(t[side]), statistics.median(t["native"]),
                                          paired_speedup(t["native"], t[side]), name))
     return rows
