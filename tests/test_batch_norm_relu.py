@@ -44,8 +44,9 @@ def _case(shape, dtype, seed=0, special=False):
     return x.to(dtype).contiguous(memory_format=CL), w, b, stats
 
 
-def _run(fused: bool, pool: bool, x, w, b, stats, momentum=0.1, grad_layout=CL):
-    """(out, [switches], grads of x, w, b, running mean, running var) through the op or through torch."""
+def _run(fused: bool, pool: bool, x, w, b, stats, momentum=0.1, grad_layout=CL, grad_sign=None):
+    """(out, [switches], grads of x, w, b, running mean, running var) through the op or through torch;
+    ``grad_sign``: a gradient of signed zeros of that sign instead of a random one."""
     x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
     rm, rv = (s.clone() for s in stats)
     if fused:
@@ -55,6 +56,8 @@ def _run(fused: bool, pool: bool, x, w, b, stats, momentum=0.1, grad_layout=CL):
         out = (F.max_pool2d(y, 2), ops.switch_pool2d(y.detach(), 2)[1]) if pool else y
     y = out[0] if pool else out
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=y.dtype)
+    if grad_sign is not None:
+        grad = torch.zeros_like(grad) * grad_sign
     y.backward(grad.contiguous(memory_format=grad_layout))
     extra = [out[1]] if pool else []
     return [y.detach(), *extra, x.grad, w.grad, b.grad, rm, rv]
@@ -73,6 +76,16 @@ def test_equals_torch_bit_for_bit(pool, dtype, threads, shape):
         got, want = _run(True, pool, *args), _run(False, pool, *args)
     finally:
         torch.set_num_threads(before)
+    assert all(_bits(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["bn_relu", "bn_relu_pool"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_negative_zero_gradient_gives_torchs_bits(pool, dtype):
+    # torch's pool backward adds the pooled gradient into zeros, so a -0 arrives as +0; the gradient of a constant
+    # channel (variance 0) and of every other channel then carries that sign through grad_x
+    args = _case((4, 16, 6, 6), dtype, special=True)
+    got, want = (_run(fused, pool, *args, grad_sign=-1.0) for fused in (True, False))
     assert all(_bits(g, w) for g, w in zip(got, want))
 
 

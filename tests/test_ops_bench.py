@@ -118,10 +118,16 @@ def test_net_bn_relu_shapes_are_the_batchnorm_inputs_before_a_relu():
 
 
 def test_bn_relu_fns_give_the_same_gradients_both_ways():
+    from torch.profiler import ProfilerActivity, profile
+
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     for pool in (False, True):
         kernel, native = bench_lib.bn_relu_fns(x, pool)
         assert all(torch.equal(a, b) for a, b in zip(kernel(), native()))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        bench_lib.bn_relu_fns(x, False)[0]()
+    # the gradient arrives fresh, as in a training step: grad_x is written over it
+    assert "xraydeconv::batch_norm_relu_backward_" in {e.name for e in prof.events()}
 
 
 def test_pool_suite_rows_and_train_steps():
@@ -230,6 +236,8 @@ def test_cli_suite_passes_measure_only_those_and_keep_the_other_table_rows(tmp_p
 def test_cli_suite_rejects_an_unknown_pass():
     result = CliRunner().invoke(bench, ["--suite", "--passes", "pool fwd,conv"])
     assert result.exit_code == 2 and "conv is not a suite pass" in result.output
+    result = CliRunner().invoke(bench, ["--suite", "--passes", "conv,gemm"])
+    assert result.exit_code == 2 and "not suite passes: conv, gemm" in result.output
 
 
 @pytest.mark.parametrize(
@@ -237,6 +245,7 @@ def test_cli_suite_rejects_an_unknown_pass():
     [
         (["--write-dispatch", "t.py"], "comes from --suite"),
         (["--passes", "pool fwd"], "add --suite"),
+        (["--suite", "--device", "cuda", "--passes", "pool fwd,bn+relu fwd+bwd"], "CPU kernels"),
     ],
 )
 def test_cli_suite_option_errors(args, message, monkeypatch):

@@ -261,11 +261,12 @@ struct PooledRows {
   const T* xs;
   const T* ab;
   int64_t H, W, C, OH, OW;
-  // the pooled gradient of element j (channel c) where the switch is a or b, else +0
+  // the pooled gradient of element j (channel c) where the switch is a or b, else +0; + 0 as torch's pool
+  // backward adds it into zeros (a -0 gradient arrives as +0)
   template <bool F>
   XD_ALWAYS_INLINE T masked(int64_t j, int64_t c, int a, int b) const {
     const bool here = sw[j] == a || sw[j] == b;
-    return here && !(madd<F>(xs[j], ab[c], ab[C + c]) <= T(0)) ? grad[j] : T(0);
+    return here && !(madd<F>(xs[j], ab[c], ab[C + c]) <= T(0)) ? grad[j] + T(0) : T(0);
   }
   struct Cursor {
     int64_t n, h, w;

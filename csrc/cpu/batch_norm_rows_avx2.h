@@ -75,12 +75,13 @@ XD_TARGET_AVX2_ONLY inline void dense_grad_row(const float* x, const float* grad
 }
 
 // The pooled gradient of channels c..c+7 where `here` and ReLU kept the pooled value (fma(xs, alpha, beta) > 0 or
-// NaN: the value at the switch), else +0.
+// NaN: the value at the switch), else +0; + 0 as torch's pool backward adds it into zeros (-0 arrives as +0).
 XD_TARGET_AVX2_ONLY inline __m256 pooled_grad8(const float* grad, const float* xs, const float* ab, int64_t C,
                                                int64_t c, __m256 here) {
   const __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(xs + c), _mm256_loadu_ps(ab + c), _mm256_loadu_ps(ab + C + c));
   const __m256 off = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_LE_OQ);
-  return _mm256_and_ps(_mm256_andnot_ps(off, here), _mm256_loadu_ps(grad + c));
+  const __m256 g = _mm256_add_ps(_mm256_loadu_ps(grad + c), _mm256_setzero_ps());
+  return _mm256_and_ps(_mm256_andnot_ps(off, here), g);
 }
 
 // Lanes whose switch (8 bytes at sw) is `a` or `b` (-1: none).

@@ -32,10 +32,10 @@ def _passes(ctx: click.Context, param: click.Parameter, value: str | None) -> li
     from xraydeconv.reports.bench import SUITE_PASSES
 
     names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in SUITE_PASSES]
-    if not names or unknown:
-        raise click.BadParameter(f"{', '.join(unknown) or repr(value)} is not a suite pass; use some of: "
-                                 + ", ".join(SUITE_PASSES))
+    unknown = [n for n in names if n not in SUITE_PASSES] or ([] if names else [repr(value)])
+    if unknown:
+        what = f"{unknown[0]} is not a suite pass" if len(unknown) == 1 else f"not suite passes: {', '.join(unknown)}"
+        raise click.BadParameter(f"{what}; use some of: " + ", ".join(SUITE_PASSES))
     return names
 
 
@@ -76,7 +76,7 @@ def _file_option(flag: str, dest: str, help_text: str):
     callback=_passes,
     metavar="PASS[,PASS...]",
     help="With --suite: measure only these passes, e.g. 'bn+relu fwd+bwd,bn+relu+pool fwd+bwd' or 'train step' "
-    "(all by default); --write-dispatch then replaces only their rows of the table.",
+    "(all by default); --write-dispatch then adds or overwrites only the classes those rows measure.",
 )
 @_file_option(
     "--write-dispatch",
@@ -138,10 +138,7 @@ def bench(
       xraydeconv bench --suite --threads 1,2 --passes 'bn+relu fwd+bwd,bn+relu+pool fwd+bwd'
     """
     _check_arguments(device, suite, json_path, dispatch_path)
-    if passes is not None and not suite:
-        from xraydeconv.errors import UserError
-
-        raise UserError(f"--passes {','.join(passes)}: passes are the suite's; add --suite")
+    _check_passes(device, suite, passes)
     rounds = repeats if repeats is not None else (5 if quick else (7 if suite else 15))
     if suite:
         text, data, table = _run_suite(device, threads, rounds, quick, dispatch_path is not None, passes)
@@ -171,6 +168,20 @@ def _check_arguments(device: str, suite: bool, json_path: Path | None, dispatch_
             check_output_file(path)
     if dispatch_path is not None and not suite:
         raise UserError(f"--write-dispatch {dispatch_path}: the dispatch table comes from --suite; add it")
+
+
+def _check_passes(device: str, suite: bool, passes: list[str] | None) -> None:
+    from xraydeconv.errors import UserError
+    from xraydeconv.reports.bench import BN_PASSES
+
+    if passes is None:
+        return
+    if not suite:
+        raise UserError(f"--passes {','.join(passes)}: passes are the suite's; add --suite")
+    cpu_only = [p for p in passes if p in BN_PASSES.values()]
+    if device != "cpu" and cpu_only:
+        raise UserError(f"--passes {','.join(cpu_only)}: the BatchNorm ops are CPU kernels; drop it or use "
+                        "--device cpu")
 
 
 def _write_outputs(data: dict, table: dict, threads: list[int] | None, json_path: Path | None,

@@ -481,7 +481,8 @@ def relu_fns(x: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object
 def bn_relu_fns(x: torch.Tensor, pool: bool) -> tuple[Callable[[], object], Callable[[], object]]:
     """(kernel, native) calls of a training-mode BatchNorm then ReLU (then, with ``pool``, a 2x2/s2 max pool) of ``x``,
     forward and backward into x, weight and bias: ``xraydeconv.ops.batch_norm_relu`` (``batch_norm_relu_pool2d``)
-    against ``F.batch_norm``, ``torch.relu_`` (and ``F.max_pool2d``)."""
+    against ``F.batch_norm``, ``torch.relu_`` (and ``F.max_pool2d``); then ``* 2``, whose backward hands the op a fresh
+    gradient that nothing else holds, as a conv's backward does (``batch_norm_relu`` then writes grad_x over it)."""
     c = x.shape[1]
     xg = x.detach().clone().requires_grad_(True)
     w, b = (torch.randn(c, device=x.device).requires_grad_(True) for _ in range(2))
@@ -490,11 +491,11 @@ def bn_relu_fns(x: torch.Tensor, pool: bool) -> tuple[Callable[[], object], Call
     grad = torch.randn_like(F.max_pool2d(x, 2, 2) if pool else x)
 
     def kernel_fn() -> object:
-        return torch.autograd.grad(op(xg, w, b, *stats, 0.1, 1e-5)[0], (xg, w, b), grad)
+        return torch.autograd.grad(op(xg, w, b, *stats, 0.1, 1e-5)[0] * 2.0, (xg, w, b), grad)
 
     def native_fn() -> object:
         y = torch.relu_(F.batch_norm(xg, *stats, w, b, True, 0.1, 1e-5))
-        return torch.autograd.grad(F.max_pool2d(y, 2, 2) if pool else y, (xg, w, b), grad)
+        return torch.autograd.grad((F.max_pool2d(y, 2, 2) if pool else y) * 2.0, (xg, w, b), grad)
 
     return kernel_fn, native_fn
 
