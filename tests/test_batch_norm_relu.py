@@ -66,8 +66,9 @@ def _run(fused: bool, pool: bool, x, w, b, stats, momentum=0.1, grad_layout=CL, 
 @pytest.mark.parametrize("pool", [False, True], ids=["bn_relu", "bn_relu_pool"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-# (3, 16, 5, 6): torch's 2 threads split a row inside a pool window, and a pool drops the last row
-@pytest.mark.parametrize("shape", [(8, 16, 12, 10), (3, 32, 9, 7), (2, 128, 4, 4), (3, 16, 5, 6)])
+# (3, 16, 5, 6): torch's 2 threads split a row inside a pool window, and a pool drops the last row; (1, 16, 4, 7):
+# 3 threads split inside a window and at the column a pool drops
+@pytest.mark.parametrize("shape", [(8, 16, 12, 10), (3, 32, 9, 7), (2, 128, 4, 4), (3, 16, 5, 6), (1, 16, 4, 7)])
 def test_equals_torch_bit_for_bit(pool, dtype, threads, shape):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
