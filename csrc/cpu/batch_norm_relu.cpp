@@ -108,9 +108,12 @@ inline int64_t torch_vector_bytes() {
 
 inline bool torch_uses_fma() { return torch_vector_bytes() > 0; }
 
-// alpha = invstd * weight and beta = bias - mean * alpha per channel: [alpha | beta], 2C values.
+// alpha = invstd * weight and beta = bias - mean * alpha per channel: [alpha | beta], 2C values, from (C,) tensors.
 template <typename T>
-std::vector<T> affine(const T* mean, const T* invstd, const T* weight, const T* bias, int64_t C) {
+std::vector<T> affine(const Tensor& mean_t, const Tensor& invstd_t, const Tensor& weight_t, const Tensor& bias_t) {
+  const T *mean = mean_t.data_ptr<T>(), *invstd = invstd_t.data_ptr<T>();
+  const T *weight = weight_t.data_ptr<T>(), *bias = bias_t.data_ptr<T>();
+  const int64_t C = mean_t.numel();
   const bool f = torch_uses_fma();
   std::vector<T> ab(2 * C);
   for (int64_t c = 0; c < C; ++c) {
@@ -516,8 +519,7 @@ Tensor relu_output(const Tensor& x, const Tensor& weight, const Tensor& bias, co
                    const Tensor& invstd) {
   Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu", [&] {
-    const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
-                                     weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), x.size(1));
+    const auto ab = affine<scalar_t>(mean, invstd, weight, bias);
     parallel_rows(x.numel() / x.size(1), grain_rows(x.size(1)),
                   ForwardJob<scalar_t>{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), ab.data(), x.size(1)});
   });
@@ -544,8 +546,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_relu_pool2d_cpu(co
   Tensor sw = at::empty({N, C, H / 2, W / 2}, x.options().dtype(at::kByte).memory_format(cl));
   Tensor xs = at::empty_like(out);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_pool2d", [&] {
-    const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
-                                     weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C);
+    const auto ab = affine<scalar_t>(mean, invstd, weight, bias);
     parallel_rows(N * (H / 2), grain_rows(W * C * 2),
                   PoolJob<scalar_t>{x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(),
                                     xs.data_ptr<scalar_t>(), ab.data(), H, W, C});
@@ -565,8 +566,7 @@ std::tuple<Tensor, Tensor, Tensor> dense_fallback(const Tensor& grad, const Tens
 // batch_norm_relu's backward for a gradient laid out as x.
 std::tuple<Tensor, Tensor, Tensor> dense_backward(const Tensor& grad, const Tensor& bias, const BackwardArgs& a) {
   return AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "batch_norm_relu_backward", [&] {
-    const auto ab = affine<scalar_t>(a.mean.data_ptr<scalar_t>(), a.invstd.data_ptr<scalar_t>(),
-                                     a.weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), a.x.size(1));
+    const auto ab = affine<scalar_t>(a.mean, a.invstd, a.weight, bias);
     const DenseRows<scalar_t> rows{grad.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), ab.data(), a.x.size(1)};
     return backward<scalar_t>(rows, a);
   });
@@ -612,8 +612,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_backward_cpu(const Tensor& gr
               "batch_norm_relu_backward: switches must be uint8 and x_at_switches of x's dtype");
   const Tensor g = grad.contiguous(cl), sw = switches->contiguous(cl), xs = x_at_switches->contiguous(cl);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_relu_backward", [&] {
-    const auto ab = affine<scalar_t>(mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
-                                     weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), C);
+    const auto ab = affine<scalar_t>(mean, invstd, weight, bias);
     const PooledRows<scalar_t> rows{g.data_ptr<scalar_t>(), sw.data_ptr<uint8_t>(), xs.data_ptr<scalar_t>(),
                                     ab.data(), H, W, C, H / 2, W / 2};
     return backward<scalar_t>(rows, args);

@@ -538,10 +538,10 @@ def run_pool_suite(
     groups = _suite_groups(sizes, batches, device, passes)  # one input per shape and layout
     with thread_counts(threads) as counts:
         for n_threads in counts():
-            for shape, nets, layouts, passes in groups:
+            for shape, nets, layouts, shape_passes in groups:
                 for layout in layouts:
                     x = _input(shape, layout, device, gen)
-                    for label, make in passes:
+                    for label, make in shape_passes:
                         if progress is not None:
                             progress(f"{label} {shape} {layout} {n_threads}t")
                         t = time_samples(dict(zip(("kernel", "native"), make(x))), repeats, device,
