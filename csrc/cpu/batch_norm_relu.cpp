@@ -159,10 +159,7 @@ struct ForwardJob {
   XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
 #if XD_MULTIVERSION
     if constexpr (kRows8<T, F>) {
-      if (C % 8 == 0) {
-        for (int64_t i = b; i < e; ++i) bn_avx2::forward_row(x + i * C, ab, C, out + i * C);
-        return;
-      }
+      if (C % 8 == 0) return bn_avx2::forward_rows(x, ab, C, b, e, out);
     }
 #endif
     for (int64_t i = b; i < e; ++i) {
@@ -246,13 +243,14 @@ struct DenseRows {
   XD_ALWAYS_INLINE void fill(const Cursor&, int64_t i, T* XD_RESTRICT g) const {
     const T* xi = x + i * C;
     const T* gi = grad + i * C;
-#if XD_MULTIVERSION
-    if constexpr (kRows8<T, F>) {
-      if (C % 8 == 0) return bn_avx2::dense_grad_row(xi, gi, ab, C, g);
-    }
-#endif
     for (int64_t c = 0; c < C; ++c) g[c] = madd<F>(xi[c], ab[c], ab[C + c]) <= T(0) ? T(0) : gi[c];
   }
+#if XD_MULTIVERSION
+  // grad_x of rows [b, e) (float32, C a multiple of 8, FMA).
+  XD_TARGET_FMA void input_avx2(const T*, int64_t b, int64_t e, const bn_avx2::InputConsts& q, T* gx) const {
+    bn_avx2::dense_input(x, grad, q, C, b, e, gx);
+  }
+#endif
 };
 
 // ... rebuilt from the pooled gradient: the pooled gradient at its switch position where ReLU kept the pooled value
@@ -291,13 +289,26 @@ struct PooledRows {
     }
     const uint8_t pos = static_cast<uint8_t>((h & 1) * 2 + (w & 1));
     const int64_t j = ((n * OH + h / 2) * OW + w / 2) * C;
-#if XD_MULTIVERSION
-    if constexpr (kRows8<T, F>) {
-      if (C % 8 == 0) return bn_avx2::pooled_grad_row(grad + j, sw + j, xs + j, ab, pos, C, g);
-    }
-#endif
     for (int64_t c = 0; c < C; ++c) g[c] = masked<F>(j + c, c, pos, -1);
   }
+#if XD_MULTIVERSION
+  // Pooled row (n, oh) from window 0.
+  bn_avx2::PooledRow pooled_row(int64_t n, int64_t oh) const {
+    const int64_t j = (n * OH + oh) * OW * C;
+    return {grad + j, sw + j, xs + j};
+  }
+  // grad_x of rows [b, e) (float32, C a multiple of 8, FMA), a full-size row's columns at a time.
+  XD_TARGET_FMA void input_avx2(const T* x, int64_t b, int64_t e, const bn_avx2::InputConsts& q, T* gx) const {
+    for (int64_t i = b; i < e;) {
+      const int64_t n = i / (W * H), h = (i / W) % H, w0 = i % W, w1 = std::min(W, w0 + (e - i));
+      const int64_t row = (n * H + h) * W * C;
+      const bool pooled = h < 2 * OH;
+      bn_avx2::pooled_input(pooled_row(n, pooled ? h / 2 : 0), pooled, OW, static_cast<int>(h & 1) * 2, x + row, q,
+                            C, w0, w1, gx + row);
+      i += w1 - w0;
+    }
+  }
+#endif
 };
 
 // This thread's rows of the (2, threads, C) sums buffer, added to in a private copy (neighbouring threads' rows share
@@ -338,18 +349,15 @@ struct DenseSumsJob {
     ThreadSums<T> sums(buf, nt, C);
     T* XD_RESTRICT s = sums.sum();
     T* XD_RESTRICT d = sums.dotp();
+#if XD_MULTIVERSION
+    if constexpr (kRows8<T, F>) {
+      if (C % 8 == 0) return bn_avx2::dense_sums(x, rows.grad, rows.ab, mean, C, b, e, s, d);
+    }
+#endif
     std::vector<T> g(C);
     for (int64_t i = b; i < e; ++i) {
       rows.template fill<F>({}, i, g.data());
       const T* xi = x + i * C;
-#if XD_MULTIVERSION
-      if constexpr (kRows8<T, F>) {
-        if (C % 8 == 0) {
-          bn_avx2::sums_row(g.data(), xi, mean, C, s, d);
-          continue;
-        }
-      }
-#endif
       for (int64_t c = 0; c < C; ++c) {
         s[c] = s[c] + g[c];
         d[c] = madd<F>(xi[c] - mean[c], g[c], d[c]);
@@ -376,17 +384,14 @@ struct PooledSumsJob {
     if (h >= 2 * p.OH) return;
     const int64_t end = std::min(w1, 2 * p.OW);
     const int dh = static_cast<int>(h & 1) * 2;
+#if XD_MULTIVERSION
+    if constexpr (kRows8<T, F>) {
+      if (C % 8 == 0) return bn_avx2::pooled_sums(p.pooled_row(n, h / 2), p.ab, mean, C, dh, w0, end, s, d);
+    }
+#endif
     for (int64_t pw = w0 / 2; 2 * pw < end; ++pw) {
       const int a = 2 * pw >= w0 ? dh : -1, b = 2 * pw + 1 < end ? dh + 1 : -1;
       const int64_t j = ((n * p.OH + h / 2) * p.OW + pw) * C;
-#if XD_MULTIVERSION
-      if constexpr (kRows8<T, F>) {
-        if (C % 8 == 0) {
-          bn_avx2::window_sums(p.grad + j, p.sw + j, p.xs + j, p.ab, mean, a, b, C, s, d);
-          continue;
-        }
-      }
-#endif
       for (int64_t c = 0; c < C; ++c) {
         const T g = p.template masked<F>(j + c, c, a, b);
         s[c] = s[c] + g;
@@ -444,20 +449,17 @@ struct InputJob {
   int64_t C, whole;  // whole: the channels in whole vectors of torch's kernel
   template <bool F>
   XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
+#if XD_MULTIVERSION
+    if constexpr (kRows8<T, F>) {
+      if (C % 8 == 0 && whole == C) return rows.input_avx2(x, b, e, {rows.ab, mean, k, gm, invstd, weight}, gx);
+    }
+#endif
     std::vector<T> g(C);
     auto at = rows.cursor(b);
     for (int64_t i = b; i < e; ++i, rows.advance(at)) {
       rows.template fill<F>(at, i, g.data());
       const T* xi = x + i * C;
       T* o = gx + i * C;  // may be the incoming gradient's row, read (by fill) before it is written
-#if XD_MULTIVERSION
-      if constexpr (kRows8<T, F>) {
-        if (C % 8 == 0 && whole == C) {
-          bn_avx2::input_row(g.data(), xi, mean, k, gm, invstd, weight, C, o);
-          continue;
-        }
-      }
-#endif
       for (int64_t c = 0; c < whole; ++c) {
         o[c] = madd<F>(-(xi[c] - mean[c]), k[c], g[c] - gm[c]) * invstd[c] * weight[c];
       }
