@@ -81,6 +81,35 @@ def test_equals_torch_bit_for_bit(pool, dtype, threads, shape):
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["bn_relu", "bn_relu_pool"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_blocks_of_8_and_16_channels_give_each_channel_the_same_bits(pool, threads):
+    # The float32 kernels take channels 32, 16 and 8 at a time, and every lane is one channel: the first 24 channels
+    # of a 48-channel map (one block of 32, one of 16) come out as a 24-channel map gives them (16, then 8), which
+    # auto never fuses (torch's own sums differ past its last whole vector; the op's grad_x follows torch there).
+    x, w, b, stats = _case((3, 48, 6, 5), torch.float32, special=True)
+    grad = torch.randn(3, 48, 3 if pool else 6, 2 if pool else 5, generator=torch.Generator().manual_seed(9))
+
+    def run(c):
+        xc = x[:, :c].contiguous(memory_format=CL).requires_grad_()
+        wc, bc = (t[:c].clone().requires_grad_() for t in (w, b))
+        rm, rv = (s[:c].clone() for s in stats)
+        out = (batch_norm_relu_pool2d if pool else batch_norm_relu)(xc, wc, bc, rm, rv, 0.1, 1e-5)
+        y = out[0] if pool else out
+        y.backward(grad[:, :c].contiguous(memory_format=CL))
+        return [y.detach(), *([out[1]] if pool else []), xc.grad, wc.grad, bc.grad, rm, rv]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        narrow, wide = run(24), run(48)
+    finally:
+        torch.set_num_threads(before)
+    for i, (n, w_) in enumerate(zip(narrow, wide)):
+        upto = 16 if n is narrow[-5] else 24  # grad_x past channel 16 rounds as torch's masked last vector does
+        assert _bits(n[:, :upto] if n.dim() > 1 else n[:upto], w_[:, :upto] if w_.dim() > 1 else w_[:upto]), i
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["bn_relu", "bn_relu_pool"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_negative_zero_gradient_gives_torchs_bits(pool, dtype):
     # torch's pool backward adds the pooled gradient into zeros, so a -0 arrives as +0; the gradient of a constant
