@@ -62,12 +62,10 @@ void check_input(const Tensor& x, const Tensor& weight, const Tensor& bias, cons
   }
 }
 
-// The batch's mean and 1 / sqrt(var + eps) as torch's training-mode batch_norm saves them; running stats updated.
-std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Tensor& running_mean, const Tensor& running_var,
-                                       double momentum, double eps) {
-  auto [mean, var] = at::batch_norm_update_stats(x, running_mean, running_var, momentum);
+// 1 / sqrt(var + eps) of the batch's (biased) variance, as torch's training-mode batch_norm saves it.
+Tensor inverse_std(const Tensor& var, double eps) {
   Tensor invstd = at::empty_like(var);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_stats", [&] {
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "inverse_std", [&] {
     const scalar_t* v = var.data_ptr<scalar_t>();
     scalar_t* out = invstd.data_ptr<scalar_t>();
     for (int64_t c = 0; c < var.numel(); ++c) {
@@ -75,7 +73,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Tensor& running_me
       out[c] = (vd != 0 || eps != 0) ? static_cast<scalar_t>(1.0 / std::sqrt(vd + eps)) : scalar_t(0);
     }
   });
-  return {mean, invstd};
+  return invstd;
 }
 
 template <typename T>
@@ -514,6 +512,88 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Rows& rows, const BackwardArgs
   }
   if (a.mask[2]) gb = sum;
   return {gx, gw, gb};
+}
+
+#if XD_MULTIVERSION
+// torch's channels-last batch statistics' sums into this thread's row of a (threads, C) buffer over at::parallel_for's
+// chunks of rows (grain 1), in a private copy of the row (float32, C a multiple of 8, FMA): of x, or of
+// (x - mean)^2 when mean is given.
+struct StatsJob {
+  const float* x;
+  const float* mean;
+  float* buf;
+  int nt;
+  int64_t C;
+  template <bool F>
+  XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid < nt, "batch_norm_relu: thread ", tid, " of ", nt);
+    std::vector<float> row(buf + tid * C, buf + (tid + 1) * C);
+    if constexpr (kRows8<float, F>) {
+      bn_avx2::stats_sums(x, mean, C, b, e, row.data());
+    } else {
+      TORCH_CHECK(false, "batch_norm_relu: the statistics' rows need FMA");
+    }
+    std::copy(row.begin(), row.end(), buf + tid * C);
+  }
+};
+
+// The thread rows of buf added per channel in double, as torch adds them.
+std::vector<double> thread_totals(const std::vector<float>& buf, int nt, int64_t C) {
+  std::vector<double> out(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int t = 0; t < nt; ++t) out[c] += buf[t * C + c];
+  }
+  return out;
+}
+
+// torch.batch_norm_update_stats on a channels-last float32 map with more rows than threads: the mean, the biased
+// variance and the running-stat update with torch's operations and rounding (mean = double total / N; var = var_sum
+// / N in float; running stats in float, the unbiased variance's term in double).
+std::tuple<Tensor, Tensor> update_stats_f32(const Tensor& x, const Tensor& running_mean, const Tensor& running_var,
+                                            double momentum) {
+  const int64_t C = x.size(1), N = x.numel() / C;
+  const int nt = at::get_num_threads();
+  std::vector<float> buf(nt * C, 0.0f);
+  parallel_rows(N, 1, StatsJob{x.data_ptr<float>(), nullptr, buf.data(), nt, C});
+  Tensor mean = at::empty({C}, x.options()), var = at::empty({C}, x.options());
+  float* m = mean.data_ptr<float>();
+  const std::vector<double> sum = thread_totals(buf, nt, C);
+  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>(sum[c] / N);
+  std::fill(buf.begin(), buf.end(), 0.0f);
+  parallel_rows(N, 1, StatsJob{x.data_ptr<float>(), m, buf.data(), nt, C});
+  const std::vector<double> var_total = thread_totals(buf, nt, C);
+  float *v = var.data_ptr<float>(), *rm = running_mean.data_ptr<float>(), *rv = running_var.data_ptr<float>();
+  const float mo = static_cast<float>(momentum);
+  for (int64_t c = 0; c < C; ++c) {
+    const float var_sum = static_cast<float>(var_total[c]);
+    v[c] = var_sum / N;
+    rm[c] = mo * m[c] + (1 - mo) * rm[c];
+    const double unbiased = var_sum / (N - 1);
+    rv[c] = static_cast<float>(mo * unbiased + (1 - mo) * rv[c]);
+  }
+  return {mean, var};
+}
+#endif
+
+// The batch's mean and 1 / sqrt(var + eps) as torch's training-mode batch_norm saves them; running stats updated.
+// torch's own batch_norm_update_stats, or for float32 maps under its vectorised kernels the same operations with the
+// sums held in registers (update_stats_f32).
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& x, const Tensor& running_mean, const Tensor& running_var,
+                                       double momentum, double eps) {
+#if XD_MULTIVERSION
+  const int64_t C = x.size(1);
+  const bool own = x.scalar_type() == at::kFloat && C % 8 == 0 && torch_uses_fma() &&
+                   x.numel() / C > at::get_num_threads() && running_mean.scalar_type() == at::kFloat &&
+                   running_var.scalar_type() == at::kFloat && running_mean.is_contiguous() &&
+                   running_var.is_contiguous();
+  if (own) {
+    auto [mean, var] = update_stats_f32(x, running_mean, running_var, momentum);
+    return {mean, inverse_std(var, eps)};
+  }
+#endif
+  auto [mean, var] = at::batch_norm_update_stats(x, running_mean, running_var, momentum);
+  return {mean, inverse_std(var, eps)};
 }
 
 // relu(x * alpha + beta) for the batch statistics (mean, invstd).

@@ -116,6 +116,46 @@ XD_TARGET_AVX2_ONLY inline void dense_sums(const float* x, const float* grad, co
   }
 }
 
+// The batch statistics' sums of one block over rows [b, e), as torch's channels-last kernel adds them: sum += x,
+// or with the mean (VAR) sum = fma(x - mean, x - mean, sum), its vectorised `y + (x - mean) * (x - mean)`.
+template <int NB, bool VAR>
+XD_TARGET_AVX2_ONLY inline void stats_block(const float* x, const float* mean, int64_t C, int64_t c, int64_t b,
+                                            int64_t e, float* sum) {
+  Lanes<NB> s, mu;
+  s.load(sum + c);
+  if constexpr (VAR) mu.load(mean + c);
+  for (int64_t i = b; i < e; ++i) {
+    for (int k = 0; k < NB; ++k) {
+      const __m256 xv = _mm256_loadu_ps(x + i * C + c + 8 * k);
+      if constexpr (VAR) {
+        const __m256 d = _mm256_sub_ps(xv, mu.v[k]);
+        s.v[k] = _mm256_fmadd_ps(d, d, s.v[k]);
+      } else {
+        s.v[k] = _mm256_add_ps(xv, s.v[k]);
+      }
+    }
+  }
+  s.store(sum + c);
+}
+
+// The statistics' sums over rows [b, e) (C a multiple of 8): of x, or (mean not null) of (x - mean)^2.
+XD_TARGET_AVX2_ONLY inline void stats_sums(const float* x, const float* mean, int64_t C, int64_t b, int64_t e,
+                                           float* sum) {
+  for (int64_t t = b; t < e; t += tile_rows(C)) {
+    const int64_t te = std::min(e, t + tile_rows(C));
+    int64_t c = 0;
+    if (mean == nullptr) {
+      for (; c + 32 <= C; c += 32) stats_block<4, false>(x, mean, C, c, t, te, sum);
+      for (; c + 16 <= C; c += 16) stats_block<2, false>(x, mean, C, c, t, te, sum);
+      for (; c < C; c += 8) stats_block<1, false>(x, mean, C, c, t, te, sum);
+    } else {
+      for (; c + 32 <= C; c += 32) stats_block<4, true>(x, mean, C, c, t, te, sum);
+      for (; c + 16 <= C; c += 16) stats_block<2, true>(x, mean, C, c, t, te, sum);
+      for (; c < C; c += 8) stats_block<1, true>(x, mean, C, c, t, te, sum);
+    }
+  }
+}
+
 // grad_x's per-channel constants: fma(-(x - mean), k, g - gm) * invstd * weight, and ReLU's alpha and beta.
 struct InputConsts {
   const float *ab, *mean, *k, *gm, *invstd, *weight;
