@@ -2,7 +2,8 @@
 // maps: the layers conv -> BatchNorm -> ReLU (-> pool) of a CNN's training step, in fewer passes over memory.
 //
 // The values are torch's bit for bit. The batch statistics and the running-stat update are torch's own
-// (at::batch_norm_update_stats); everything else repeats torch's channels-last CPU kernels operation for operation,
+// (at::batch_norm_update_stats) or, for float32 under its vectorised kernels, its operations with the sums held in
+// registers; everything else repeats torch's channels-last CPU kernels operation for operation,
 // with a fused multiply-add wherever torch's vectorised (AVX2, AVX-512) build has one and nowhere in its baseline
 // build: y = fma(x, alpha, beta) with alpha = invstd * weight and beta = fma(-mean, alpha, bias); ReLU as
 // clamp_min; the backward's sum(g) and dotp = fma(x - mean, g, dotp) in per-thread buffers over the row chunks

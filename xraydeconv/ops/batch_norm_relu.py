@@ -6,11 +6,11 @@ writes ReLU's masked gradient (and before it the unpooled one) before BatchNorm'
 is applied as BatchNorm's output is written, the pool reads x once and writes only the pooled values, switches and
 x at the switches, and the backward rebuilds each row's masked gradient as it needs it; with the pool, the backward's
 sums read x at the switches (where alone the gradient is nonzero) instead of all of x. The batch statistics and running
-stats are torch's own (``torch.batch_norm_update_stats``); the rest repeats torch's channels-last CPU kernels
-operation for operation, so values, running stats and gradients equal ``F.relu(F.batch_norm(...))`` (then
-``F.max_pool2d``) bit for bit: tested over 1 and 2 threads, float32 and float64, with torch's AVX-512, AVX2 and
-baseline kernels, for channel counts that are a multiple of 16 (torch's last partial vector rounds differently in
-float64; :func:`fuses_exactly` says when).
+stats repeat ``torch.batch_norm_update_stats`` (float32 under torch's vectorised kernels; torch's own op otherwise),
+the rest torch's channels-last CPU kernels, operation for operation, so values, running stats and gradients equal
+``F.relu(F.batch_norm(...))`` (then ``F.max_pool2d``) bit for bit: tested over 1 and 2 threads, float32 and float64,
+with torch's AVX-512, AVX2 and baseline kernels, for channel counts that are a multiple of 16 (torch's last partial
+vector rounds differently in float64; :func:`fuses_exactly` says when).
 
 CPU kernels only (``csrc/cpu/batch_norm_relu.cpp``), C++ autograd, fake tensors registered here.
 """
