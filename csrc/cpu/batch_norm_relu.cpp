@@ -271,6 +271,15 @@ struct PooledRows {
   struct Cursor {
     int64_t n, h, w;
   };
+  // fn(n, h, w0, w1) for the pieces of full-size rows (n, h), columns [w0, w1), that rows [b, e) cover, in order.
+  template <typename Fn>
+  XD_ALWAYS_INLINE void segments(int64_t b, int64_t e, Fn&& fn) const {
+    for (int64_t i = b; i < e;) {
+      const int64_t w0 = i % W, w1 = std::min(W, w0 + (e - i));
+      fn(i / (W * H), (i / W) % H, w0, w1);
+      i += w1 - w0;
+    }
+  }
   Cursor cursor(int64_t i) const { return {i / (W * H), (i / W) % H, i % W}; }
   XD_ALWAYS_INLINE void advance(Cursor& k) const {
     if (++k.w < W) return;
@@ -298,14 +307,12 @@ struct PooledRows {
   }
   // grad_x of rows [b, e) (float32, C a multiple of 8, FMA), a full-size row's columns at a time.
   XD_TARGET_FMA void input_avx2(const T* x, int64_t b, int64_t e, const bn_avx2::InputConsts& q, T* gx) const {
-    for (int64_t i = b; i < e;) {
-      const int64_t n = i / (W * H), h = (i / W) % H, w0 = i % W, w1 = std::min(W, w0 + (e - i));
+    segments(b, e, [&](int64_t n, int64_t h, int64_t w0, int64_t w1) {
       const int64_t row = (n * H + h) * W * C;
       const bool pooled = h < 2 * OH;
       bn_avx2::pooled_input(pooled_row(n, pooled ? h / 2 : 0), pooled, OW, static_cast<int>(h & 1) * 2, x + row, q,
                             C, w0, w1, gx + row);
-      i += w1 - w0;
-    }
+    });
   }
 #endif
 };
@@ -401,12 +408,9 @@ struct PooledSumsJob {
   template <bool F>
   XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
     ThreadSums<T> sums(buf, nt, C);
-    const int64_t W = rows.W, H = rows.H;
-    for (int64_t i = b; i < e;) {
-      const int64_t w0 = i % W, w1 = std::min(W, w0 + (e - i));
-      segment<F>(i / (W * H), (i / W) % H, w0, w1, sums.sum(), sums.dotp());
-      i += w1 - w0;
-    }
+    rows.segments(b, e, [&](int64_t n, int64_t h, int64_t w0, int64_t w1) {
+      segment<F>(n, h, w0, w1, sums.sum(), sums.dotp());
+    });
   }
 };
 
@@ -419,17 +423,26 @@ PooledSumsJob<T> sums_job(const PooledRows<T>& rows, const T*, const T* mean, T*
   return {rows, mean, buf, nt, C};
 }
 
+// Each channel's thread rows of a (threads, C) buffer added in torch's accumulation type (double), as torch adds
+// them.
+template <typename T>
+std::vector<at::acc_type<T, false>> thread_totals(const T* buf, int nt, int64_t C) {
+  std::vector<at::acc_type<T, false>> out(C, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int t = 0; t < nt; ++t) out[c] += buf[t * C + c];
+  }
+  return out;
+}
+
 template <typename T, typename Rows>
 void backward_sums(const Rows& rows, const T* x, const T* mean, int64_t N, int64_t C, T* sum, T* dotp) {
   const int nt = at::get_num_threads();
   std::vector<T> buf(2 * nt * C, T(0));
   parallel_rows(N, 1, sums_job<T>(rows, x, mean, buf.data(), nt, C));
-  for (int64_t c = 0; c < C; ++c) {  // the thread rows added in double
-    at::acc_type<T, false> s = 0, d = 0;
-    for (int t = 0; t < nt; ++t) s += buf[t * C + c];
-    for (int t = 0; t < nt; ++t) d += buf[(nt + t) * C + c];
-    sum[c] = static_cast<T>(s);
-    dotp[c] = static_cast<T>(d);
+  const auto s = thread_totals(buf.data(), nt, C), d = thread_totals(buf.data() + nt * C, nt, C);
+  for (int64_t c = 0; c < C; ++c) {
+    sum[c] = static_cast<T>(s[c]);
+    dotp[c] = static_cast<T>(d[c]);
   }
 }
 
@@ -517,8 +530,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Rows& rows, const BackwardArgs
 
 #if XD_MULTIVERSION
 // torch's channels-last batch statistics' sums into this thread's row of a (threads, C) buffer over at::parallel_for's
-// chunks of rows (grain 1), in a private copy of the row (float32, C a multiple of 8, FMA): of x, or of
-// (x - mean)^2 when mean is given.
+// chunks of rows (grain 1) (float32, C a multiple of 8, FMA): of x, or of (x - mean)^2 when mean is given. The sums
+// stay in registers over a tile of rows, so threads touch their neighbouring rows once per tile.
 struct StatsJob {
   const float* x;
   const float* mean;
@@ -529,24 +542,13 @@ struct StatsJob {
   XD_ALWAYS_INLINE void run(int64_t b, int64_t e) const {
     const int tid = at::get_thread_num();
     TORCH_CHECK(tid < nt, "batch_norm_relu: thread ", tid, " of ", nt);
-    std::vector<float> row(buf + tid * C, buf + (tid + 1) * C);
     if constexpr (kRows8<float, F>) {
-      bn_avx2::stats_sums(x, mean, C, b, e, row.data());
+      bn_avx2::stats_sums(x, mean, C, b, e, buf + tid * C);
     } else {
       TORCH_CHECK(false, "batch_norm_relu: the statistics' rows need FMA");
     }
-    std::copy(row.begin(), row.end(), buf + tid * C);
   }
 };
-
-// The thread rows of buf added per channel in double, as torch adds them.
-std::vector<double> thread_totals(const std::vector<float>& buf, int nt, int64_t C) {
-  std::vector<double> out(C, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    for (int t = 0; t < nt; ++t) out[c] += buf[t * C + c];
-  }
-  return out;
-}
 
 // torch.batch_norm_update_stats on a channels-last float32 map with more rows than threads: the mean, the biased
 // variance and the running-stat update with torch's operations and rounding (mean = double total / N; var = var_sum
@@ -559,11 +561,11 @@ std::tuple<Tensor, Tensor> update_stats_f32(const Tensor& x, const Tensor& runni
   parallel_rows(N, 1, StatsJob{x.data_ptr<float>(), nullptr, buf.data(), nt, C});
   Tensor mean = at::empty({C}, x.options()), var = at::empty({C}, x.options());
   float* m = mean.data_ptr<float>();
-  const std::vector<double> sum = thread_totals(buf, nt, C);
+  const std::vector<double> sum = thread_totals(buf.data(), nt, C);
   for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>(sum[c] / N);
   std::fill(buf.begin(), buf.end(), 0.0f);
   parallel_rows(N, 1, StatsJob{x.data_ptr<float>(), m, buf.data(), nt, C});
-  const std::vector<double> var_total = thread_totals(buf, nt, C);
+  const std::vector<double> var_total = thread_totals(buf.data(), nt, C);
   float *v = var.data_ptr<float>(), *rm = running_mean.data_ptr<float>(), *rv = running_var.data_ptr<float>();
   const float mo = static_cast<float>(momentum);
   for (int64_t c = 0; c < C; ++c) {

@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace xraydeconv {
 namespace cpu {
@@ -86,6 +87,16 @@ struct Lanes {
 constexpr int64_t kTileFloats = 1024;
 inline int64_t tile_rows(int64_t C) { return C >= kTileFloats ? 1 : kTileFloats / C; }
 
+// f(std::integral_constant<int, NB>{}, c) for the blocks of 32, 16 and 8 channels (NB = 4, 2, 1 vectors) that cover
+// C, a multiple of 8.
+template <typename F>
+XD_TARGET_AVX2_ONLY XD_ALWAYS_INLINE void channel_blocks(int64_t C, F&& f) {
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) f(std::integral_constant<int, 4>{}, c);
+  for (; c + 16 <= C; c += 16) f(std::integral_constant<int, 2>{}, c);
+  for (; c < C; c += 8) f(std::integral_constant<int, 1>{}, c);
+}
+
 // The backward's sums of one block over rows [b, e): g = ReLU-masked grad, sum += g, dotp = fma(x - mean, g, dotp).
 template <int NB>
 XD_TARGET_AVX2_ONLY inline void dense_sums_block(const float* x, const float* grad, const float* ab,
@@ -104,15 +115,14 @@ XD_TARGET_AVX2_ONLY inline void dense_sums_block(const float* x, const float* gr
   s.store(sum + c), d.store(dotp + c);
 }
 
-// The sums over rows [b, e) of a full-size gradient (C a multiple of 8), two vectors at a time where C allows.
+// The sums over rows [b, e) of a full-size gradient (C a multiple of 8).
 XD_TARGET_AVX2_ONLY inline void dense_sums(const float* x, const float* grad, const float* ab, const float* mean,
                                            int64_t C, int64_t b, int64_t e, float* sum, float* dotp) {
   for (int64_t t = b; t < e; t += tile_rows(C)) {
     const int64_t te = std::min(e, t + tile_rows(C));
-    int64_t c = 0;
-    for (; c + 32 <= C; c += 32) dense_sums_block<4>(x, grad, ab, mean, C, c, t, te, sum, dotp);
-    for (; c + 16 <= C; c += 16) dense_sums_block<2>(x, grad, ab, mean, C, c, t, te, sum, dotp);
-    for (; c < C; c += 8) dense_sums_block<1>(x, grad, ab, mean, C, c, t, te, sum, dotp);
+    channel_blocks(C, [&](auto nb, int64_t c) {
+      dense_sums_block<decltype(nb)::value>(x, grad, ab, mean, C, c, t, te, sum, dotp);
+    });
   }
 }
 
@@ -143,16 +153,10 @@ XD_TARGET_AVX2_ONLY inline void stats_sums(const float* x, const float* mean, in
                                            float* sum) {
   for (int64_t t = b; t < e; t += tile_rows(C)) {
     const int64_t te = std::min(e, t + tile_rows(C));
-    int64_t c = 0;
-    if (mean == nullptr) {
-      for (; c + 32 <= C; c += 32) stats_block<4, false>(x, mean, C, c, t, te, sum);
-      for (; c + 16 <= C; c += 16) stats_block<2, false>(x, mean, C, c, t, te, sum);
-      for (; c < C; c += 8) stats_block<1, false>(x, mean, C, c, t, te, sum);
-    } else {
-      for (; c + 32 <= C; c += 32) stats_block<4, true>(x, mean, C, c, t, te, sum);
-      for (; c + 16 <= C; c += 16) stats_block<2, true>(x, mean, C, c, t, te, sum);
-      for (; c < C; c += 8) stats_block<1, true>(x, mean, C, c, t, te, sum);
-    }
+    channel_blocks(C, [&](auto nb, int64_t c) {
+      constexpr int NB = decltype(nb)::value;
+      mean ? stats_block<NB, true>(x, mean, C, c, t, te, sum) : stats_block<NB, false>(x, mean, C, c, t, te, sum);
+    });
   }
 }
 
@@ -238,10 +242,9 @@ XD_TARGET_AVX2_ONLY inline void pooled_sums_block(const PooledRow& p, const floa
 XD_TARGET_AVX2_ONLY inline void pooled_sums(const PooledRow& p, const float* ab, const float* mean, int64_t C, int dh,
                                             int64_t w0, int64_t end, float* sum, float* dotp) {
   if (w0 >= end) return;
-  int64_t c = 0;
-  for (; c + 32 <= C; c += 32) pooled_sums_block<4>(p, ab, mean, C, c, dh, w0, end, sum, dotp);
-  for (; c + 16 <= C; c += 16) pooled_sums_block<2>(p, ab, mean, C, c, dh, w0, end, sum, dotp);
-  for (; c < C; c += 8) pooled_sums_block<1>(p, ab, mean, C, c, dh, w0, end, sum, dotp);
+  channel_blocks(C, [&](auto nb, int64_t c) {
+    pooled_sums_block<decltype(nb)::value>(p, ab, mean, C, c, dh, w0, end, sum, dotp);
+  });
 }
 
 // grad_x of full-size row h's columns [w0, w1): the pooled gradient enters at the switches (pooled columns below
